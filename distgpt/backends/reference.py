@@ -1,0 +1,199 @@
+"""The reference backend: every op of the GPT-2 training step in plain PyTorch.
+
+This file is the specification. `backends/cuda.py` provides the same functions with the same
+argument order, and every CUDA op is tested against the function of the same name here; each
+function here is tested against torch autograd in float64 (tests/test_reference_ops.py).
+
+Conventions (shared by every backend):
+- Every op writes into outputs the caller preallocated; nothing here allocates a result that
+  outlives the call, so the model's memory is planned once (model/layout.py).
+- Forward and backward of each layer sit side by side.
+- Parameter gradients ACCUMULATE (+=), so gradient-accumulation micro-batches add up; the
+  trainer zeroes them once per optimizer step. Activation gradients OVERWRITE, with one
+  exception: layernorm_backward ADDS into `dinp`, because a layernorm's input is the residual
+  stream, whose gradient also arrives along the skip connection.
+- Shapes: B batch, T time, C channels, NH heads, HS = C // NH, V vocab, Vp padded vocab
+  (V rounded up for the kernels; padded columns never carry loss or gradient).
+- Tensors may live on any device and have any float dtype; statistics (layernorm mean/rstd,
+  attention logsumexp, losses) are kept in the buffers' own dtype here, in fp32 on the GPU.
+"""
+import math
+
+import torch
+
+LAYERNORM_EPS = 1e-5
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+# ---------------------------------------------------------------- encoder: token + position
+def encoder_forward(out, tokens, wte, wpe):
+    """out (B,T,C) = wte[tokens] + wpe[:T]; tokens (B,T) int, wte (Vp,C), wpe (maxT,C)."""
+    T = tokens.shape[1]
+    torch.add(wte[tokens], wpe[:T], out=out)
+
+
+def encoder_backward(dwte, dwpe, dout, tokens):
+    """dwte, dwpe += the scatter of dout (B,T,C) back to the rows that were read."""
+    B, T, C = dout.shape
+    dwpe[:T] += dout.sum(dim=0)
+    dwte.index_add_(0, tokens.reshape(-1), dout.reshape(B * T, C))
+
+
+# ---------------------------------------------------------------- layernorm
+def layernorm_forward(out, mean, rstd, inp, weight, bias):
+    """out (B,T,C) = (inp - mean) * rstd * weight + bias; saves mean, rstd (B,T) for backward."""
+    mu = inp.mean(dim=-1, keepdim=True)
+    centered = inp - mu
+    var = (centered * centered).mean(dim=-1, keepdim=True)  # biased, as GPT-2
+    r = torch.rsqrt(var + LAYERNORM_EPS)
+    out.copy_(centered * r * weight + bias)
+    mean.copy_(mu.squeeze(-1))
+    rstd.copy_(r.squeeze(-1))
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    """dinp += d(inp) (residual stream: see the module note); dweight, dbias += their grads."""
+    C = inp.shape[-1]
+    norm = (inp - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    dbias += dout.reshape(-1, C).sum(dim=0)
+    dweight += (dout * norm).reshape(-1, C).sum(dim=0)
+    dnorm = dout * weight
+    # d/dx of (x - mu) * rstd, with mu and rstd themselves functions of x
+    dx = dnorm - dnorm.mean(dim=-1, keepdim=True) - norm * (dnorm * norm).mean(dim=-1, keepdim=True)
+    dinp += dx * rstd.unsqueeze(-1)
+
+
+def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias):
+    """residual_out = a + b, then its layernorm: the pair every block boundary does. The CUDA
+    backend fuses them into one pass over memory; here it is the composition."""
+    residual_forward(residual_out, a, b)
+    layernorm_forward(ln_out, mean, rstd, residual_out, weight, bias)
+
+
+# ---------------------------------------------------------------- matmul (nn.Linear layout)
+def matmul_forward(out, inp, weight, bias):
+    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC) or no bias."""
+    OC, C = weight.shape
+    out2 = out.view(-1, OC)
+    torch.matmul(inp.reshape(-1, C), weight.t(), out=out2)
+    if bias is not None:
+        out2 += bias
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+    """dinp = dout @ weight (overwrites); dweight += dout^T @ inp; dbias += column sums of dout.
+    dbias may be None (the tied lm head has no bias)."""
+    OC, C = weight.shape
+    dout2 = dout.reshape(-1, OC)
+    torch.matmul(dout2, weight, out=dinp.view(-1, C))
+    dweight += dout2.t() @ inp.reshape(-1, C)
+    if dbias is not None:
+        dbias += dout2.sum(dim=0)
+
+
+# ---------------------------------------------------------------- causal self-attention
+def _split_heads(qkv, n_head):
+    """(B,T,3C) -> q, k, v each (B,NH,T,HS)."""
+    B, T, C3 = qkv.shape
+    HS = C3 // 3 // n_head
+    q, k, v = qkv.view(B, T, 3, n_head, HS).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _causal_scores(q, k):
+    """Scaled scores (B,NH,T,T) with the future masked to -inf."""
+    T, HS = q.shape[-2], q.shape[-1]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(HS))
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf"))
+
+
+def attention_forward(out, lse, qkv, n_head):
+    """out (B,T,C) = causal softmax(q k^T / sqrt(HS)) v; lse (B,NH,T) = log-sum-exp of each
+    score row, all the backward needs to rebuild the probabilities (as fused attention does)."""
+    B, T, C = out.shape
+    q, k, v = _split_heads(qkv, n_head)
+    scores = _causal_scores(q, k)
+    row_lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - row_lse.unsqueeze(-1))
+    out.copy_((probs @ v).transpose(1, 2).reshape(B, T, C))
+    lse.copy_(row_lse)
+
+
+def attention_backward(dqkv, dout, qkv, out, lse, n_head):
+    """dqkv (B,T,3C) = gradient through attention (overwrites), from the forward's out and lse."""
+    B, T, C = dout.shape
+    HS = C // n_head
+    q, k, v = _split_heads(qkv, n_head)
+    probs = torch.exp(_causal_scores(q, k) - lse.unsqueeze(-1))
+    dout_h = dout.view(B, T, n_head, HS).transpose(1, 2)
+    out_h = out.view(B, T, n_head, HS).transpose(1, 2)
+    dv = probs.transpose(-2, -1) @ dout_h
+    dprobs = dout_h @ v.transpose(-2, -1)
+    # softmax backward: sum_j p_ij dp_ij equals dout_i . out_i, which avoids a (T,T) reduction
+    delta = (dout_h * out_h).sum(dim=-1, keepdim=True)
+    dscores = probs * (dprobs - delta) * (1.0 / math.sqrt(HS))
+    dq = dscores @ k
+    dk = dscores.transpose(-2, -1) @ q
+    dqkv.view(B, T, 3, n_head, HS).copy_(torch.stack((dq, dk, dv), dim=0).permute(1, 3, 0, 2, 4))
+
+
+# ---------------------------------------------------------------- GELU (tanh form, as GPT-2)
+def gelu_forward(out, inp):
+    x = inp
+    out.copy_(0.5 * x * (1.0 + torch.tanh(GELU_SCALE * (x + 0.044715 * x * x * x))))
+
+
+def gelu_backward(dinp, inp, dout):
+    """dinp = gelu'(inp) * dout (overwrites; dinp may be the same tensor as dout)."""
+    x = inp
+    inner = GELU_SCALE * (x + 0.044715 * x * x * x)
+    t = torch.tanh(inner)
+    dinner = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+    grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
+    dinp.copy_(grad * dout)
+
+
+# ---------------------------------------------------------------- residual
+def residual_forward(out, a, b):
+    torch.add(a, b, out=out)
+
+
+# ---------------------------------------------------------------- softmax + cross-entropy
+def fused_classifier(logits, losses, targets, vocab_size, dloss):
+    """In one pass: losses (B,T) = -log softmax(logits[..., :V])[target], and logits (B,T,Vp)
+    OVERWRITTEN by dloss * (softmax - onehot(target)) over the first V columns, 0 in the padding.
+    Probabilities are never stored: the logits buffer becomes its own gradient. dloss is the
+    scale of each token's loss in the optimised objective (1 / tokens in the global batch)."""
+    V = vocab_size
+    real = logits[..., :V]
+    log_probs = torch.log_softmax(real, dim=-1)
+    losses.copy_(-log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+    grad = torch.exp(log_probs)
+    grad.scatter_add_(-1, targets.unsqueeze(-1), -torch.ones_like(losses).unsqueeze(-1))
+    real.copy_(grad * dloss)
+    logits[..., V:].zero_()
+
+
+# ---------------------------------------------------------------- AdamW and the gradient norm
+def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale):
+    """One AdamW step over one contiguous slice of the flat buffers (so ZeRO-1 can hand it any
+    shard). m, v are fp32. master is the fp32 copy of param, or None when param is already the
+    master (fp32/fp64 training); with a master, param receives the updated value rounded to its
+    own dtype (the CUDA backend rounds stochastically). grad_scale folds in gradient clipping.
+    Weight decay is decoupled, as in AdamW: w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)."""
+    g = grad.to(m.dtype) * grad_scale
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    m_hat = m / (1.0 - beta1 ** step)
+    v_hat = v / (1.0 - beta2 ** step)
+    w = master if master is not None else param
+    w -= lr * (m_hat / (torch.sqrt(v_hat) + eps) + weight_decay * w)
+    if master is not None:
+        param.copy_(w)
+
+
+def global_norm_squared(out, grad):
+    """out (one-element tensor) = sum of grad**2, in fp32 or better; the caller sums shards."""
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    out.copy_((grad.to(acc) ** 2).sum().reshape(out.shape))

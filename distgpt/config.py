@@ -1,0 +1,197 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore, composed from
+configs/ (config.yaml plus the model/, data/, optim/ and run/ groups), then validated.
+
+Structured schemas make Hydra refuse unknown keys and wrong types; validate() refuses values
+that cannot work, in one line naming the field, before anything is allocated.
+"""
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message is one line naming the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    vocab_size: int = 50257
+    padded_vocab_size: int = 50304  # a multiple of 128, so the lm head tiles evenly
+    block_size: int = 1024  # maximum sequence length (rows of wpe)
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/tinyshakespeare/tinyshakespeare_train_*.bin"  # shard glob
+    val: str = "data/tinyshakespeare/tinyshakespeare_val_*.bin"
+    # what to tokenize into those shards when they do not exist yet: a .txt/.jsonl path, or
+    # 'builtin:tinyshakespeare' (shipped with the package); '' means the shards must exist
+    source: str = "builtin:tinyshakespeare"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (warm-up, stable, decay)
+    warmup_steps: int = 0
+    final_lr_frac: float = 0.1  # lr at the last step, as a fraction of lr
+    decay_frac: float = 0.2  # wsd: the last fraction of steps spent decaying
+    weight_decay: float = 0.1  # on matmul weights and embeddings only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # by global norm; 0 turns clipping off
+
+
+@dataclass
+class TrainConfig:
+    micro_batch: int = 8  # B: sequences per rank per micro-step
+    seq_len: int = 256  # T
+    total_batch_tokens: int = 0  # tokens per optimizer step; 0 = micro_batch * seq_len * world
+    max_steps: int = 300
+    val_every: int = 50  # 0 = never
+    val_steps: int = 10  # micro-batches per validation
+    sample_every: int = 100  # 0 = never
+    sample_tokens: int = 48
+    sample_prompt: str = "\n"
+    checkpoint_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 2  # newest kept; older ones are deleted after a successful save
+    log_every: int = 10
+    recompute: int = 0  # 0 none, 1 GELU, 2 GELU + layernorm (activation memory for time)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backend: str = "reference"  # reference (PyTorch ops) | cuda (our kernels)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # parameters and activations: float32 | bfloat16 | float64
+    seed: int = 1337
+    out_dir: str = "runs"
+    name: str = "${model.name}"  # the run directory is out_dir/name: no timestamps, so every
+    #                               rank of a multi-process run agrees on it
+    resume: str = "auto"  # auto (latest checkpoint in the run directory, if any) | none | a path
+    zero_stage: int = 1  # 0: all-reduce grads; 1: shard AdamW state across ranks
+    wandb: bool = False
+    wandb_project: str = "distgpt"
+
+
+ConfigStore.instance().store(name="distgpt_schema", node=Config)
+
+BACKENDS = ("reference", "cuda")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float64")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
+def config_dir() -> Path:
+    """configs/ inside an installed package, or at the top of a source checkout."""
+    packaged = resources.files("distgpt") / "configs"
+    if packaged.is_dir() and (Path(str(packaged)) / "config.yaml").exists():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def _group_choices(group):
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def load_config(overrides=()) -> Config:
+    """Compose configs/config.yaml with Hydra command-line style overrides and validate it."""
+    overrides = list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            composed = compose(config_name="config", overrides=overrides)
+        cfg = OmegaConf.to_object(composed)
+    except MissingConfigException as exc:
+        raise ConfigError(_missing_preset_message(exc, overrides)) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        # Hydra's own first line is generic ("Could not override 'x'"); OmegaConf's cause
+        # names the key and the schema, which is what the user needs
+        raise ConfigError(f"config: {_first_line(exc.__cause__ or exc)}") from None
+    validate(cfg)
+    return cfg
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    if "full_key:" in text:  # OmegaConf: "Key 'x' not in 'TrainConfig'\n    full_key: train.x"
+        key = text.split("full_key:")[1].split()[0]
+        return f"{key}: {text.splitlines()[0]} (see distgpt/config.py for the fields and types)"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _missing_preset_message(exc, overrides):
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key in ("model", "data", "optim", "run") and value not in _group_choices(key):
+            return (f"config: unknown {key} preset '{value}'; choose one of: "
+                    f"{', '.join(_group_choices(key))}")
+    return f"config: {str(exc).strip().splitlines()[0]}"
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Refuse a configuration that cannot work, naming the field. world_size enters only the
+    batch arithmetic, so the trainer calls this again once it knows the world."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    if m.n_layer < 1 or m.n_head < 1 or m.n_embd < 1:
+        raise ConfigError("model: n_layer, n_head and n_embd must be positive")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_head: {m.n_head} heads do not divide model.n_embd={m.n_embd}; "
+                          f"choose a head count that divides the width")
+    if m.padded_vocab_size < m.vocab_size:
+        raise ConfigError(f"model.padded_vocab_size={m.padded_vocab_size} is smaller than "
+                          f"model.vocab_size={m.vocab_size}")
+    if not 1 <= t.seq_len <= m.block_size:
+        raise ConfigError(f"train.seq_len={t.seq_len} must be in 1..model.block_size={m.block_size}")
+    if t.micro_batch < 1:
+        raise ConfigError(f"train.micro_batch={t.micro_batch} must be at least 1")
+    per_micro_step = t.micro_batch * t.seq_len * world_size
+    if t.total_batch_tokens < 0 or t.total_batch_tokens % per_micro_step:
+        raise ConfigError(
+            f"train.total_batch_tokens={t.total_batch_tokens} is not a multiple of micro_batch x "
+            f"seq_len x world size = {t.micro_batch} x {t.seq_len} x {world_size} = "
+            f"{per_micro_step}; set it to a multiple of {per_micro_step} (or 0 for one micro-step)")
+    if t.max_steps < 1:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be at least 1")
+    if t.recompute not in (0, 1, 2):
+        raise ConfigError(f"train.recompute={t.recompute}: choose 0 (none), 1 (GELU) or 2 (GELU + layernorm)")
+    for name, value, choices in (("backend", cfg.backend, BACKENDS), ("device", cfg.device, DEVICES),
+                                 ("dtype", cfg.dtype, DTYPES), ("optim.schedule", o.schedule, SCHEDULES)):
+        if value not in choices:
+            raise ConfigError(f"{name}='{value}': choose one of {', '.join(choices)}")
+    if cfg.zero_stage not in (0, 1):
+        raise ConfigError(f"zero_stage={cfg.zero_stage}: choose 0 (all-reduce) or 1 (sharded AdamW)")
+    if o.warmup_steps < 0 or not 0.0 <= o.final_lr_frac <= 1.0 or not 0.0 < o.decay_frac <= 1.0:
+        raise ConfigError("optim: warmup_steps >= 0, final_lr_frac in [0, 1] and decay_frac in (0, 1] are required")
+    if o.lr <= 0 or o.grad_clip < 0:
+        raise ConfigError(f"optim: lr={o.lr} must be > 0 and grad_clip={o.grad_clip} >= 0")
+    if cfg.backend == "reference" and cfg.dtype == "bfloat16":
+        raise ConfigError("dtype=bfloat16 needs backend=cuda; the reference backend runs float32 or float64")
+    if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume='{cfg.resume}': no such checkpoint directory; use resume=auto, "
+                          f"resume=none or the path of a checkpoint")
+
+
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step on each rank."""
+    per_micro_step = cfg.train.micro_batch * cfg.train.seq_len * world_size
+    return max(1, cfg.train.total_batch_tokens // per_micro_step)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,168 @@
+"""GPT-2: forward and backward by hand, layer by layer, over a backend's ops (no autograd).
+
+The model owns three planned allocations: the flat parameter buffer, the flat gradient buffer
+(same layout) and the activation plan for (B, T). A training micro-step is
+    loss = model.forward(tokens, targets, dloss); model.backward()
+and gradients accumulate into `model.grads` until the trainer zeroes them. Which backend runs
+the ops (reference PyTorch or our CUDA kernels) is the only thing that changes between CPU and
+GPU runs.
+"""
+import math
+
+import torch
+
+from distgpt.model.layout import (RESIDUAL_PROJECTIONS, ActivationPlan, ParameterLayout,
+                                  layer_tensors)
+
+INIT_STD = 0.02
+
+
+class GPT2:
+    def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
+                 pad_multiple=1):
+        m = model_cfg
+        self.cfg, self.ops, self.recompute = m, backend, recompute
+        self.n_layer, self.n_head, self.n_embd = m.n_layer, m.n_head, m.n_embd
+        self.vocab_size = m.vocab_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.layout = ParameterLayout(m.n_layer, m.n_embd, m.vocab_size, m.padded_vocab_size,
+                                      m.block_size, pad_multiple)
+        self.params = torch.zeros(self.layout.total, dtype=dtype, device=self.device)
+        self.grads = torch.zeros(self.layout.total, dtype=dtype, device=self.device)
+        self.p = self.layout.views(self.params)
+        self.g = self.layout.views(self.grads)
+        self.p_layers = [layer_tensors(self.p, i) for i in range(m.n_layer)]
+        self.g_layers = [layer_tensors(self.g, i) for i in range(m.n_layer)]
+        # statistics (layernorm mean/rstd, attention logsumexp, losses) stay fp32 under bf16
+        stat_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        self.acts = ActivationPlan(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size, B, T,
+                                   recompute, dtype, stat_dtype, self.device)
+        self._saved = None  # (activations view, tokens) of the last forward, for backward
+
+    # ------------------------------------------------------------ parameters
+    def init_weights(self, seed):
+        """GPT-2 initialisation, drawn on the CPU in fp32 in table order from one seeded
+        generator, so every backend, device and dtype starts from the same numbers."""
+        gen = torch.Generator().manual_seed(seed)
+        residual_std = INIT_STD / math.sqrt(2 * self.n_layer)
+        for spec in self.layout.specs:
+            if spec.name.endswith(".bias"):
+                values = torch.zeros(spec.shape)
+            elif "ln_" in spec.name:
+                values = torch.ones(spec.shape)
+            else:
+                std = residual_std if spec.name.endswith(RESIDUAL_PROJECTIONS) else INIT_STD
+                values = torch.randn(spec.shape, generator=gen) * std
+            if spec.name == "transformer.wte.weight":
+                values[self.vocab_size:] = 0  # padded rows: never read, never updated
+            self.p[spec.name].copy_(values)
+
+    def zero_grad(self):
+        self.grads.zero_()
+
+    # ------------------------------------------------------------ forward
+    def forward(self, tokens, targets=None, dloss=0.0):
+        """tokens (b, t) on the model's device, b <= B, t <= T. With targets: returns the mean
+        loss (a 0-d tensor) and leaves dlogits in the logits buffer for backward(), scaled by
+        dloss. Without: leaves logits (b, t, Vp) in `self.logits` and returns None."""
+        ops, P, NH = self.ops, self.p, self.n_head
+        b, t = tokens.shape
+        a = self.acts.view(b, t)
+        ops.encoder_forward(a["encoded"], tokens, P["transformer.wte.weight"],
+                            P["transformer.wpe.weight"])
+        residual = a["encoded"]
+        for layer, lp in enumerate(self.p_layers):
+            ln1, ln2, fch_gelu = (self._act(a, n, layer) for n in ("ln1", "ln2", "fch_gelu"))
+            if layer == 0:
+                ops.layernorm_forward(ln1, a["ln1_mean.0"], a["ln1_rstd.0"], residual,
+                                      lp.ln1_w, lp.ln1_b)
+            # (the previous block already wrote this block's ln1, fused with its residual add)
+            ops.matmul_forward(a[f"qkv.{layer}"], ln1, lp.qkv_w, lp.qkv_b)  # (b, t, 3C)
+            ops.attention_forward(a[f"atty.{layer}"], a[f"att_lse.{layer}"], a[f"qkv.{layer}"], NH)
+            ops.matmul_forward(a["proj_out"], a[f"atty.{layer}"], lp.attproj_w, lp.attproj_b)
+            ops.residual_layernorm_forward(a[f"residual2.{layer}"], ln2, a[f"ln2_mean.{layer}"],
+                                           a[f"ln2_rstd.{layer}"], residual, a["proj_out"],
+                                           lp.ln2_w, lp.ln2_b)
+            ops.matmul_forward(a[f"fch.{layer}"], ln2, lp.fc_w, lp.fc_b)  # (b, t, 4C)
+            ops.gelu_forward(fch_gelu, a[f"fch.{layer}"])
+            ops.matmul_forward(a["proj_out"], fch_gelu, lp.fcproj_w, lp.fcproj_b)
+            # the block's output residual, fused with the next block's ln1 (or the final ln_f)
+            if layer + 1 < self.n_layer:
+                nxt = self.p_layers[layer + 1]
+                ln_out, ln_mean, ln_rstd = (self._act(a, "ln1", layer + 1),
+                                            a[f"ln1_mean.{layer + 1}"], a[f"ln1_rstd.{layer + 1}"])
+                ln_w, ln_b = nxt.ln1_w, nxt.ln1_b
+            else:
+                ln_out, ln_mean, ln_rstd = a["lnf"], a["lnf_mean"], a["lnf_rstd"]
+                ln_w, ln_b = P["transformer.ln_f.weight"], P["transformer.ln_f.bias"]
+            ops.residual_layernorm_forward(a[f"residual3.{layer}"], ln_out, ln_mean, ln_rstd,
+                                           a[f"residual2.{layer}"], a["proj_out"], ln_w, ln_b)
+            residual = a[f"residual3.{layer}"]
+        # tied lm head: logits = lnf @ wte^T over the padded vocabulary
+        ops.matmul_forward(a["logits"], a["lnf"], P["transformer.wte.weight"], None)
+        self.logits = a["logits"]
+        if targets is None:
+            self._saved = None
+            return None
+        ops.fused_classifier(a["logits"], a["losses"], targets, self.vocab_size, dloss)
+        self._saved = (a, tokens)
+        return a["losses"].mean()
+
+    # ------------------------------------------------------------ backward
+    def backward(self):
+        """Gradients of sum(dloss * loss per token) into self.grads (+=), from the last forward."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() with targets first")
+        ops, P, G, NH = self.ops, self.p, self.g, self.n_head
+        a, tokens = self._saved
+        self._saved = None
+        dres, d_C, d_3C, d_4C = a["dresidual"], a["d_C"], a["d_3C"], a["d_4C"]
+        L = self.n_layer
+        # lm head, then ln_f: the first gradient into the residual stream overwrites it
+        ops.matmul_backward(d_C, G["transformer.wte.weight"], None, a["logits"], a["lnf"],
+                            P["transformer.wte.weight"])
+        dres.zero_()
+        ops.layernorm_backward(dres, G["transformer.ln_f.weight"], G["transformer.ln_f.bias"], d_C,
+                               a[f"residual3.{L - 1}"], P["transformer.ln_f.weight"],
+                               a["lnf_mean"], a["lnf_rstd"])
+        for layer in reversed(range(L)):
+            lp, lg = self.p_layers[layer], self.g_layers[layer]
+            residual_in = a["encoded"] if layer == 0 else a[f"residual3.{layer - 1}"]
+            ln1, ln2, fch_gelu = (self._act(a, n, layer) for n in ("ln1", "ln2", "fch_gelu"))
+            self._recompute(a, layer, residual_in, ln1, ln2, fch_gelu)
+            # MLP branch; dres is d(residual3) and flows on unchanged to residual2
+            ops.matmul_backward(d_4C, lg.fcproj_w, lg.fcproj_b, dres, fch_gelu, lp.fcproj_w)
+            ops.gelu_backward(d_4C, a[f"fch.{layer}"], d_4C)
+            ops.matmul_backward(d_C, lg.fc_w, lg.fc_b, d_4C, ln2, lp.fc_w)
+            ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
+                                   lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"])
+            # attention branch; dres is now d(residual2)
+            ops.matmul_backward(d_C, lg.attproj_w, lg.attproj_b, dres, a[f"atty.{layer}"],
+                                lp.attproj_w)
+            ops.attention_backward(d_3C, d_C, a[f"qkv.{layer}"], a[f"atty.{layer}"],
+                                   a[f"att_lse.{layer}"], NH)
+            ops.matmul_backward(d_C, lg.qkv_w, lg.qkv_b, d_3C, ln1, lp.qkv_w)
+            ops.layernorm_backward(dres, lg.ln1_w, lg.ln1_b, d_C, residual_in, lp.ln1_w,
+                                   a[f"ln1_mean.{layer}"], a[f"ln1_rstd.{layer}"])
+        ops.encoder_backward(G["transformer.wte.weight"], G["transformer.wpe.weight"], dres, tokens)
+
+    # ------------------------------------------------------------ helpers
+    def _act(self, a, name, layer):
+        """A per-layer activation, or the one shared buffer when recompute rebuilds it."""
+        return a.get(f"{name}.{layer}", a.get(name))
+
+    def _recompute(self, a, layer, residual_in, ln1, ln2, fch_gelu):
+        """Rebuild what recompute>=1 (GELU) and >=2 (layernorms) did not keep. The saved
+        mean/rstd are rewritten with the same values, so results match recompute=0 exactly."""
+        ops, lp = self.ops, self.p_layers[layer]
+        if self.recompute >= 2:
+            ops.layernorm_forward(ln1, a[f"ln1_mean.{layer}"], a[f"ln1_rstd.{layer}"],
+                                  residual_in, lp.ln1_w, lp.ln1_b)
+            ops.layernorm_forward(ln2, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"],
+                                  a[f"residual2.{layer}"], lp.ln2_w, lp.ln2_b)
+        if self.recompute >= 1:
+            ops.gelu_forward(fch_gelu, a[f"fch.{layer}"])
+
+    @property
+    def num_parameters(self):
+        return self.layout.num_parameters

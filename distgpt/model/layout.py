@@ -1,0 +1,174 @@
+"""Where every tensor of a GPT-2 lives: one parameter table over one flat buffer, and an
+activation plan sized once for (B, T).
+
+The parameter table is the single source of truth for names, shapes, offsets and which tensors
+get weight decay; the flat parameter and gradient buffers, the optimizer's ZeRO-1 shards,
+checkpoints and every export format are all read off it. Names and order follow GPT-2's
+published checkpoint (HF names), shapes follow nn.Linear (out, in), as llm.c stores them.
+"""
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple
+    offset: int  # into the flat buffer, in elements
+    decay: bool  # weight decay applies (matmul weights and embeddings; not biases, not layernorm)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+LAYER_PARAMS = (  # (suffix, shape as a function of C, decays?) in GPT-2's order
+    ("ln_1.weight", lambda C: (C,), False),
+    ("ln_1.bias", lambda C: (C,), False),
+    ("attn.c_attn.weight", lambda C: (3 * C, C), True),
+    ("attn.c_attn.bias", lambda C: (3 * C,), False),
+    ("attn.c_proj.weight", lambda C: (C, C), True),
+    ("attn.c_proj.bias", lambda C: (C,), False),
+    ("ln_2.weight", lambda C: (C,), False),
+    ("ln_2.bias", lambda C: (C,), False),
+    ("mlp.c_fc.weight", lambda C: (4 * C, C), True),
+    ("mlp.c_fc.bias", lambda C: (4 * C,), False),
+    ("mlp.c_proj.weight", lambda C: (C, 4 * C), True),
+    ("mlp.c_proj.bias", lambda C: (C,), False),
+)
+# residual projections: GPT-2 scales their init by 1/sqrt(2 * n_layer)
+RESIDUAL_PROJECTIONS = ("attn.c_proj.weight", "mlp.c_proj.weight")
+# every parameter starts at a multiple of this many elements: 16-byte aligned for bf16 and fp32,
+# so kernels can use 128-bit loads on any tensor
+ALIGN_ELEMENTS = 8
+
+
+class ParameterLayout:
+    """The parameter table for one model shape, with the flat buffer's padded size."""
+
+    def __init__(self, n_layer, n_embd, vocab_size, padded_vocab_size, block_size, pad_multiple=1):
+        C, Vp = n_embd, padded_vocab_size
+        self.n_layer, self.n_embd = n_layer, n_embd
+        self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
+        entries = [("transformer.wte.weight", (Vp, C), True),
+                   ("transformer.wpe.weight", (block_size, C), True)]
+        for layer in range(n_layer):
+            for suffix, shape, decay in LAYER_PARAMS:
+                entries.append((f"transformer.h.{layer}.{suffix}", shape(C), decay))
+        entries += [("transformer.ln_f.weight", (C,), False), ("transformer.ln_f.bias", (C,), False)]
+        self.specs, offset = [], 0
+        for name, shape, decay in entries:
+            offset = -(-offset // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+            spec = ParamSpec(name, tuple(shape), offset, decay)
+            self.specs.append(spec)
+            offset += spec.numel
+        self.used = offset
+        # ZeRO-1 cuts the flat buffer into world-size equal shards: pad rather than change the plan
+        unit = ALIGN_ELEMENTS * pad_multiple
+        self.total = -(-offset // unit) * unit
+        self.by_name = {s.name: s for s in self.specs}
+
+    @property
+    def num_parameters(self) -> int:
+        """GPT-2's own count: real vocabulary rows only, alignment and padding excluded."""
+        padding_rows = (self.padded_vocab_size - self.vocab_size) * self.n_embd
+        return sum(s.numel for s in self.specs) - padding_rows
+
+    def views(self, flat):
+        """name -> view of `flat` with that parameter's shape."""
+        return {s.name: flat[s.offset:s.offset + s.numel].view(s.shape) for s in self.specs}
+
+
+class LayerTensors(NamedTuple):
+    """One transformer block's parameters (or gradients), named as the kernels use them."""
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    attproj_w: torch.Tensor
+    attproj_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    fcproj_w: torch.Tensor
+    fcproj_b: torch.Tensor
+
+
+def layer_tensors(named, layer):
+    return LayerTensors(*(named[f"transformer.h.{layer}.{suffix}"] for suffix, _, _ in LAYER_PARAMS))
+
+
+# ---------------------------------------------------------------- activations
+def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute):
+    """(name, shape, is_statistic) of every activation buffer for a step at (B, T).
+
+    Per-layer buffers are named `name.l`. recompute=1 keeps one shared GELU output that the
+    backward rebuilds from the pre-GELU activations; recompute=2 also shares the layernorm
+    outputs, rebuilt from the saved residual, mean and rstd. The buffers marked as statistics
+    stay in fp32 on the GPU."""
+    C, NH, Vp = n_embd, n_head, padded_vocab_size
+    slots = [("encoded", (B, T, C), False)]
+    per_layer = [("residual2", (B, T, C), False), ("residual3", (B, T, C), False),
+                 ("ln1_mean", (B, T), True), ("ln1_rstd", (B, T), True),
+                 ("ln2_mean", (B, T), True), ("ln2_rstd", (B, T), True),
+                 ("qkv", (B, T, 3 * C), False), ("atty", (B, T, C), False),
+                 ("att_lse", (B, NH, T), True), ("fch", (B, T, 4 * C), False)]
+    shared_or_per_layer = [("fch_gelu", (B, T, 4 * C), recompute >= 1),
+                           ("ln1", (B, T, C), recompute >= 2), ("ln2", (B, T, C), recompute >= 2)]
+    for layer in range(n_layer):
+        slots += [(f"{name}.{layer}", shape, stat) for name, shape, stat in per_layer]
+        slots += [(f"{name}.{layer}", shape, False) for name, shape, shared in shared_or_per_layer
+                  if not shared]
+    slots += [(name, shape, False) for name, shape, shared in shared_or_per_layer if shared]
+    slots += [("lnf", (B, T, C), False), ("lnf_mean", (B, T), True), ("lnf_rstd", (B, T), True),
+              ("logits", (B, T, Vp), False), ("losses", (B, T), True),
+              # scratch: projection outputs before their residual add, and the backward's
+              # running gradients; one copy each, reused by every layer
+              ("proj_out", (B, T, C), False), ("dresidual", (B, T, C), False),
+              ("d_C", (B, T, C), False), ("d_3C", (B, T, 3 * C), False), ("d_4C", (B, T, 4 * C), False)]
+    return slots
+
+
+class ActivationPlan:
+    """All activation buffers for (B, T), carved out of two flat allocations (activations in the
+    compute dtype, statistics in `stat_dtype`) made once. `view(b, t)` hands out the same
+    buffers shaped for a smaller batch or sequence (validation, sampling) without allocating."""
+
+    def __init__(self, n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
+                 dtype, stat_dtype, device):
+        self.B, self.T, self.n_layer = B, T, n_layer
+        self.slots = activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute)
+        self.offsets, sizes = {}, {False: 0, True: 0}
+        for name, shape, stat in self.slots:
+            numel = 1
+            for s in shape:
+                numel *= s
+            self.offsets[name] = (stat, sizes[stat])
+            sizes[stat] += -(-numel // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+        self.numel = sizes[False]
+        self.stat_numel = sizes[True]
+        self.buffers = {False: torch.empty(sizes[False], dtype=dtype, device=device),
+                        True: torch.empty(sizes[True], dtype=stat_dtype, device=device)}
+        self.bytes = sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def view(self, b, t):
+        """name -> tensor for a (b, t) step, b <= B and t <= T. Every shape is (B, T, ...) except
+        the attention statistics, (B, NH, T)."""
+        if b > self.B or t > self.T:
+            raise ValueError(f"batch ({b}, {t}) exceeds the planned ({self.B}, {self.T})")
+        out = {}
+        for name, shape, stat in self.slots:
+            shape = (b, shape[1], t) if name.startswith("att_lse") else (b, t) + tuple(shape[2:])
+            numel = 1
+            for s in shape:
+                numel *= s
+            _, off = self.offsets[name]
+            out[name] = self.buffers[stat][off:off + numel].view(shape)
+        return out
+
