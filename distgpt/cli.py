@@ -1,0 +1,109 @@
+"""`distgpt <command>`: train, prepare, sample.
+
+`train` and `sample` take Hydra overrides (model=gpt2_124m +run=debug_cpu train.max_steps=50);
+`prepare` takes ordinary flags. A user's mistake ends in one line on stderr and exit code 2,
+never a traceback.
+"""
+import argparse
+import sys
+
+USAGE = """distgpt <command> [args]
+
+commands:
+  train   [overrides...]      train a GPT-2 (Hydra overrides: model=gpt2_124m +run=single_gpu ...)
+  prepare INPUT... [--out D]  tokenize .txt/.jsonl into llm.c-format train/val shards
+  sample  CHECKPOINT [flags]  generate text from a checkpoint directory (or a run directory)
+"""
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample}
+    if command not in commands:
+        # `distgpt model=tiny` is a train with overrides
+        if "=" in command:
+            command, rest = "train", argv
+        else:
+            return _fail(f"unknown command '{command}'; choose one of: {', '.join(commands)}")
+    try:
+        return commands[command](rest) or 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; resume=auto continues from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors become one line; bugs keep their traceback
+        if _is_user_error(exc):
+            return _fail(str(exc))
+        raise
+
+
+def _is_user_error(exc):
+    from distgpt.checkpoint import CheckpointError
+    from distgpt.config import ConfigError
+    from distgpt.data.shards import ShardError
+    from distgpt.train import TrainingError
+    return isinstance(exc, (ConfigError, ShardError, CheckpointError, TrainingError,
+                            FileNotFoundError)) or (isinstance(exc, (ValueError, RuntimeError))
+                                                    and getattr(exc, "user_facing", False))
+
+
+def _fail(message):
+    from distgpt.logging import error
+    error(message.strip().splitlines()[0] if message.strip() else "failed")
+    return 2
+
+
+def cmd_train(overrides):
+    from distgpt.config import load_config
+    from distgpt.dist.bootstrap import bootstrap
+    from distgpt.train import Trainer
+    cfg = load_config(overrides)
+    device = resolve_device(cfg)
+    dist = bootstrap(device)
+    Trainer(cfg, dist).run()
+
+
+def resolve_device(cfg):
+    import torch
+    from distgpt.config import ConfigError
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if cfg.backend == "cuda" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu backend=reference "
+                          "(e.g. +run=debug_cpu), or run on a GPU machine")
+    if cfg.backend == "cuda" and device != "cuda":
+        raise ConfigError("backend=cuda runs on device=cuda only; use backend=reference on the CPU")
+    return device
+
+
+def cmd_prepare(args):
+    parser = argparse.ArgumentParser(prog="distgpt prepare",
+                                     description="Tokenize text into llm.c-format token shards.")
+    parser.add_argument("inputs", nargs="+", help=".txt (one document) or .jsonl (one per line) files")
+    parser.add_argument("--out", default="data", help="output directory (default: data)")
+    parser.add_argument("--name", default=None, help="shard name prefix (default: first input's stem)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens kept for validation")
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    parser.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines")
+    parser.add_argument("--tokenizer", default=None, help="GPT-2 rank file (default: the packaged one)")
+    a = parser.parse_args(args)
+    from distgpt.data.prepare import prepare
+    prepare(a.inputs, a.out, name=a.name, val_fraction=a.val_fraction, shard_tokens=a.shard_tokens,
+            text_key=a.text_key, rank_file=a.tokenizer)
+
+
+def cmd_sample(args):
+    parser = argparse.ArgumentParser(prog="distgpt sample", description="Generate text from a checkpoint.")
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--tokens", type=int, default=200, help="how many tokens to generate")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=40, help="0 = no top-k cut")
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args(args)
+    from distgpt.sample import sample_from_checkpoint
+    sample_from_checkpoint(a.checkpoint, a.prompt, a.tokens, a.temperature, a.top_k, a.seed)

@@ -1,0 +1,52 @@
+"""Who am I, how many are we, and how do we talk: built once at start, passed explicitly.
+
+A plain `python`/`distgpt` start is world size 1 and never touches MPI. Under a launcher
+(mpirun, mpiexec, srun --mpi=pmix) the ranks find each other through mpi4py.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+from distgpt.dist.comm import Communicator, LocalComm, MpiComm
+
+# variables that MPI launchers set in every rank's environment
+LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
+                      "HYDRA_CONTROL_FD", "PMI_RANK")
+
+
+@dataclass
+class DistState:
+    rank: int
+    world: int
+    local_rank: int
+    comm: Communicator
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_mpi() -> bool:
+    return any(v in os.environ for v in LAUNCHER_VARIABLES)
+
+
+def bootstrap(device: str) -> DistState:
+    """device: 'cpu' or 'cuda' (already resolved from 'auto' by the caller)."""
+    if not launched_by_mpi():
+        dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        return DistState(0, 1, 0, LocalComm(), dev)
+    from mpi4py import MPI
+    world_comm = MPI.COMM_WORLD
+    local_rank = world_comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    rank, world = world_comm.Get_rank(), world_comm.Get_size()
+    if world == 1:
+        comm = LocalComm()
+    elif device == "cuda":
+        raise RuntimeError("multi-GPU training over NCCL is not available yet in this version; "
+                           "run one GPU per job, or the CPU path (device=cpu) under mpirun")
+    else:
+        comm = MpiComm(world_comm)
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    return DistState(rank, world, local_rank, comm, dev)

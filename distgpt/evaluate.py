@@ -1,0 +1,14 @@
+"""Validation loss over the first `steps` batches of the val shards, averaged over all ranks."""
+import torch
+
+
+def validation_loss(model, loader, steps, comm, device):
+    loader.reset()
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        # dloss 0: the classifier still writes (zero) gradients into the logits buffer; nothing
+        # else of the training state is touched
+        total += model.forward(x.to(device), y.to(device), dloss=0.0).to(torch.float64)
+    comm.all_reduce(total)
+    return total.item() / (steps * comm.world)

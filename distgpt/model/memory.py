@@ -1,0 +1,35 @@
+"""The memory a run will take, from its shape alone, before anything is allocated."""
+import torch
+
+from distgpt.model.layout import ALIGN_ELEMENTS, ParameterLayout, activation_slots
+
+
+def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage):
+    """[(buffer, bytes)] for one rank: parameters, gradients, optimizer state, activations."""
+    m = model_cfg
+    layout = ParameterLayout(m.n_layer, m.n_embd, m.vocab_size, m.padded_vocab_size,
+                             m.block_size, pad_multiple=world)
+    elt = torch.empty((), dtype=dtype).element_size()
+    state_elt = 8 if dtype == torch.float64 else 4
+    shard = layout.total // world if zero_stage == 1 else layout.total
+    has_master = dtype not in (torch.float32, torch.float64)
+    act_elems = {False: 0, True: 0}
+    for _, shape, stat in activation_slots(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size,
+                                           B, T, recompute):
+        numel = 1
+        for s in shape:
+            numel *= s
+        act_elems[stat] += -(-numel // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+    return [("parameters", layout.total * elt),
+            ("gradients", layout.total * elt),
+            (f"AdamW m, v{' + fp32 master' if has_master else ''} (1/{world if zero_stage == 1 else 1} of the model)",
+             shard * state_elt * (3 if has_master else 2)),
+            (f"activations (B={B}, T={T}, recompute={recompute})",
+             act_elems[False] * elt + act_elems[True] * max(elt, 4))]
+
+
+def format_estimate(rows):
+    total = sum(b for _, b in rows)
+    lines = [f"  {name:<58} {b / 2**30:9.3f} GiB" for name, b in rows]
+    lines.append(f"  {'total (planned, before library workspaces)':<58} {total / 2**30:9.3f} GiB")
+    return "memory plan per rank:\n" + "\n".join(lines), total

@@ -1,0 +1,113 @@
+"""AdamW over the flat parameter buffer, sharded across ranks (ZeRO-1), and the LR schedules.
+
+zero_stage=0: every rank all-reduces the whole gradient and updates every parameter.
+zero_stage=1: the flat gradient is reduce-scattered, each rank keeps fp32 master weights and
+the two moments for its 1/world slice only, updates that slice, and the updated working
+weights are all-gathered. The slice boundaries cut straight through tensors; the parameter
+table says which pieces of the slice get weight decay.
+"""
+import math
+
+import torch
+
+
+def learning_rate(step, max_steps, o):
+    """LR for optimizer step `step` (0-based) of `max_steps`, under OptimConfig `o`."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    min_lr = o.lr * o.final_lr_frac
+    if o.schedule == "wsd":  # warm-up, stable at lr, then linear decay over the last decay_frac
+        decay_start = max(o.warmup_steps, max_steps - math.ceil(o.decay_frac * max_steps))
+        if step < decay_start:
+            return o.lr
+        progress = (step - decay_start) / max(1, max_steps - 1 - decay_start)
+        return o.lr - min(1.0, progress) * (o.lr - min_lr)
+    progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - 1 - o.warmup_steps))
+    if o.schedule == "linear":
+        return o.lr - progress * (o.lr - min_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - min_lr)  # cosine
+
+
+class ShardedAdamW:
+    def __init__(self, model, comm, optim_cfg, zero_stage, backend):
+        self.model, self.comm, self.cfg, self.ops = model, comm, optim_cfg, backend
+        self.zero_stage = zero_stage
+        total = model.layout.total  # a multiple of the world size (layout pads it)
+        if zero_stage == 1:
+            size = total // comm.world
+            self.lo, self.hi = comm.rank * size, (comm.rank + 1) * size
+        else:
+            self.lo, self.hi = 0, total
+        params, device = model.params, model.params.device
+        # moments and master in fp32; a float64 model (tests) keeps float64 throughout
+        state_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
+        n = self.hi - self.lo
+        self.m = torch.zeros(n, dtype=state_dtype, device=device)
+        self.v = torch.zeros(n, dtype=state_dtype, device=device)
+        self.master = None if params.dtype == state_dtype else params[self.lo:self.hi].to(state_dtype)
+        self.segments = self._segments()
+        self.norm_sq = torch.zeros(1, dtype=state_dtype, device=device)
+        self.step_count = 0
+
+    def _segments(self):
+        """(start, end, decays) pieces of the parameter table inside [lo, hi), shard-relative."""
+        out = []
+        for spec in self.model.layout.specs:
+            start, end = max(self.lo, spec.offset), min(self.hi, spec.offset + spec.numel)
+            if start < end:
+                out.append((start - self.lo, end - self.lo, spec.decay))
+        return out
+
+    @property
+    def state_bytes(self):
+        extra = 0 if self.master is None else self.master.numel() * self.master.element_size()
+        return 2 * self.m.numel() * self.m.element_size() + extra
+
+    def reduce_gradients(self):
+        grads = self.model.grads
+        if self.zero_stage == 1:
+            self.comm.reduce_scatter(grads[self.lo:self.hi], grads)
+        else:
+            self.comm.all_reduce(grads)
+
+    def step(self, lr):
+        """Reduce gradients, clip by the global norm, update this rank's slice, share the new
+        weights. Returns the global gradient norm before clipping (a float)."""
+        self.reduce_gradients()
+        grad_shard = self.model.grads[self.lo:self.hi]
+        self.ops.global_norm_squared(self.norm_sq, grad_shard)
+        if self.zero_stage == 1:
+            self.comm.all_reduce(self.norm_sq)
+        norm = math.sqrt(self.norm_sq.item())
+        clip = self.cfg.grad_clip
+        grad_scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
+        self.step_count += 1
+        params = self.model.params[self.lo:self.hi]
+        o = self.cfg
+        for start, end, decays in self.segments:
+            master = None if self.master is None else self.master[start:end]
+            self.ops.adamw_update(params[start:end], grad_shard[start:end], self.m[start:end],
+                                  self.v[start:end], master, lr, o.beta1, o.beta2, o.eps,
+                                  o.weight_decay if decays else 0.0, self.step_count, grad_scale)
+        if self.zero_stage == 1:
+            self.comm.all_gather(self.model.params, params)
+        return norm
+
+    def state_dict(self):
+        state = {"m": self.m, "v": self.v}
+        if self.master is not None:
+            state["master"] = self.master
+        return state, {"step": self.step_count, "lo": self.lo, "hi": self.hi,
+                       "total": self.model.layout.total, "zero_stage": self.zero_stage}
+
+    def load_state_dict(self, tensors, meta):
+        if (meta["lo"], meta["hi"]) != (self.lo, self.hi):
+            raise ValueError(f"optimizer shard [{meta['lo']}, {meta['hi']}) does not match this "
+                             f"rank's [{self.lo}, {self.hi}); resume with the same world size and zero_stage")
+        self.m.copy_(tensors["m"])
+        self.v.copy_(tensors["v"])
+        if self.master is not None:
+            self.master.copy_(tensors["master"])
+        self.step_count = meta["step"]

@@ -1,0 +1,222 @@
+"""The training loop: data -> forward -> backward -> reduce -> AdamW -> log/eval/checkpoint.
+
+Everything is sized and allocated in Trainer.__init__; `run()` only moves data through it.
+"""
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from distgpt import checkpoint
+from distgpt.backends import get_backend
+from distgpt.config import accumulation_steps, to_yaml, validate
+from distgpt.data.prepare import prepare
+from distgpt.data.shards import ShardedLoader, read_shard, shard_paths
+from distgpt.data.tokenizer import EOT_TOKEN, decode, encode
+from distgpt.evaluate import validation_loss
+from distgpt.logging import RunLogger, format_duration
+from distgpt.model import memory
+from distgpt.model.gpt2 import GPT2
+from distgpt.optim import ShardedAdamW, learning_rate
+from distgpt.sample import generate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+BUILTIN_PREFIX = "builtin:"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, finished run, ...); the message says why and what to do."""
+
+
+class Trainer:
+    def __init__(self, cfg, dist):
+        validate(cfg, dist.world)
+        self.cfg, self.dist = cfg, dist
+        t = cfg.train
+        self.B, self.T = t.micro_batch, t.seq_len
+        self.accum = accumulation_steps(cfg, dist.world)
+        self.tokens_per_step = self.B * self.T * dist.world * self.accum
+        self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.log = RunLogger(self.run_dir, cfg, dist.is_main,
+                             OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+        # data first: a missing or bad shard fails before any memory is taken
+        ensure_shards(cfg.data, dist, self.log)
+        self.train_loader = ShardedLoader(cfg.data.train, self.B, self.T, dist.rank, dist.world, self.accum)
+        self.val_loader = ShardedLoader(cfg.data.val, self.B, self.T, dist.rank, dist.world, 1)
+        self.val_steps = self._val_steps_that_fit()
+        dtype = DTYPES[cfg.dtype]
+        plan, planned_bytes = memory.format_estimate(memory.estimate(
+            cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage))
+        self.log.info(plan)
+        check_fits(planned_bytes, dist.device)
+        self.backend = get_backend(cfg.backend)
+        self.model = GPT2(cfg.model, self.backend, self.B, self.T, dtype, dist.device,
+                          t.recompute, pad_multiple=dist.world)
+        self.log.info(f"model {cfg.model.name}: {self.model.num_parameters:,} parameters | "
+                      f"{self.tokens_per_step:,} tokens/step = {dist.world} rank(s) x {self.accum} "
+                      f"micro-steps x B={self.B} x T={self.T} | backend {cfg.backend} ({cfg.dtype})")
+        self.step, self.tokens_seen = 0, 0
+        resume_from = self._checkpoint_to_resume()
+        if resume_from is None:
+            self.model.init_weights(cfg.seed)  # same seed on every rank: same weights, no broadcast
+        else:
+            checkpoint.load_weights(resume_from, self.model)
+        self.optimizer = ShardedAdamW(self.model, dist.comm, cfg.optim, cfg.zero_stage, self.backend)
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.loss_sum = torch.zeros(1, dtype=torch.float64, device=dist.device)
+
+    # ------------------------------------------------------------ start and resume
+    def _checkpoint_to_resume(self):
+        choice = None
+        if self.dist.is_main:
+            if self.cfg.resume == "auto":
+                choice = checkpoint.find_latest(self.run_dir)
+            elif self.cfg.resume != "none":
+                choice = Path(self.cfg.resume)
+            elif checkpoint.find_latest(self.run_dir) is not None:
+                raise TrainingError(f"run directory {self.run_dir} already holds checkpoints; use "
+                                    f"resume=auto to continue it, or another name= for a new run")
+        # rank 0 decides, so every rank loads the same checkpoint
+        choice = self.dist.comm.broadcast_object(None if choice is None else str(choice))
+        return None if choice is None else Path(choice)
+
+    def _resume(self, path):
+        state = checkpoint.load_state(path)
+        if state["world"] != self.dist.world:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} was written by {state['world']} rank(s), this run has "
+                f"{self.dist.world}; resume it with the same number of ranks")
+        checkpoint.load_optimizer(path, self.optimizer, self.dist.rank)
+        self.train_loader.load_state_dict(state["train_loader"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.log.info(f"resumed from {path} at step {self.step}")
+
+    def _val_steps_that_fit(self):
+        """Validation reads distinct batches only: cap val_steps at what the val shards hold."""
+        want = self.cfg.train.val_steps
+        available = sum(len(read_shard(p)) for p in shard_paths(self.cfg.data.val))
+        fit = max(1, (available - 1) // (self.B * self.T * self.dist.world))
+        if want > fit:
+            self.log.info(f"note: the val shards hold {fit} batches; validating on {fit}, not train.val_steps={want}")
+        return min(want, fit)
+
+    # ------------------------------------------------------------ the loop
+    def run(self):
+        t = self.cfg.train
+        if self.step >= t.max_steps:
+            raise TrainingError(f"run {self.run_dir} already finished {self.step} of train.max_steps="
+                                f"{t.max_steps} steps; raise train.max_steps to go on, or set name= for a new run")
+        if self.step == 0 and t.val_every > 0:
+            self.evaluate()
+        started, started_step = time.time(), self.step
+        while self.step < t.max_steps:
+            step_start = time.time()
+            loss, lr, norm = self.train_step()
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            step_s = time.time() - step_start
+            done = self.step - started_step
+            eta = (time.time() - started) / done * (t.max_steps - self.step)
+            self.log.log_step(self.step, t.max_steps, loss, lr, norm, self.tokens_per_step / step_s,
+                              1000 * step_s, eta, self.tokens_seen)
+            last = self.step == t.max_steps
+            if t.val_every > 0 and (self.step % t.val_every == 0 or last):
+                self.evaluate()
+            if t.sample_every > 0 and (self.step % t.sample_every == 0 or last):
+                self.sample()
+            if (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or last:
+                self.save()
+        self.log.info(f"done: {self.step} steps in {format_duration(time.time() - started)}; "
+                      f"checkpoints in {checkpoint.checkpoint_root(self.run_dir)}")
+        self.log.close()
+
+    def train_step(self):
+        """One optimizer step over the global batch; returns (mean loss, lr, grad norm)."""
+        model, device = self.model, self.dist.device
+        model.zero_grad()
+        self.loss_sum.zero_()
+        # each token's loss enters the objective with weight 1 / (tokens in the global batch);
+        # the gradient reduction sums over ranks, so this is the mean over all of them
+        dloss = 1.0 / self.tokens_per_step
+        for _ in range(self.accum):
+            x, y = self.train_loader.next_batch()
+            self.loss_sum += model.forward(x.to(device), y.to(device), dloss)
+            model.backward()
+        lr = learning_rate(self.step, self.cfg.train.max_steps, self.cfg.optim)
+        norm = self.optimizer.step(lr)
+        self.dist.comm.all_reduce(self.loss_sum)
+        loss = self.loss_sum.item() / (self.accum * self.dist.world)
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            raise TrainingError(f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
+                                f"lower optim.lr or raise optim.warmup_steps, then resume from the last checkpoint")
+        return loss, lr, norm
+
+    def evaluate(self):
+        loss = validation_loss(self.model, self.val_loader, self.val_steps, self.dist.comm, self.dist.device)
+        self.log.log_eval(self.step, loss, self.tokens_seen)
+        return loss
+
+    def sample(self):
+        if not self.dist.is_main:
+            return
+        t = self.cfg.train
+        prompt = [EOT_TOKEN] + encode(t.sample_prompt)
+        tokens = generate(self.model, prompt, t.sample_tokens, temperature=1.0, top_k=40,
+                          seed=self.cfg.seed + self.step)  # seeded by step: resumable
+        self.log.log_sample(self.step, decode(tokens[1:]))
+
+    def save(self):
+        state = {"train_loader": self.train_loader.state_dict(), "tokens_seen": self.tokens_seen,
+                 "config": to_yaml(self.cfg), "dtype": self.cfg.dtype, "model": self.cfg.model.name}
+        path = checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, state, self.dist,
+                               keep=self.cfg.train.keep_checkpoints)
+        self.log.info(f"checkpoint {path}")
+
+
+# ---------------------------------------------------------------- helpers
+def ensure_shards(data_cfg, dist, log):
+    """Shards that are missing but have a `source` are made from it (rank 0; the others wait)."""
+    try:
+        shard_paths(data_cfg.train)
+        shard_paths(data_cfg.val)
+        return
+    except FileNotFoundError:
+        if not data_cfg.source:
+            raise
+    if dist.is_main:
+        source = data_cfg.source
+        if source.startswith(BUILTIN_PREFIX):
+            source = builtin_text(source[len(BUILTIN_PREFIX):])
+        out_dir = Path(data_cfg.train).parent
+        name = Path(data_cfg.train).name.split("_train")[0]
+        log.info(f"preparing shards in {out_dir} from {data_cfg.source}")
+        prepare([str(source)], str(out_dir), name=name, progress=False)
+    dist.comm.barrier()
+    shard_paths(data_cfg.train)  # the pattern must now match, else its error names it
+    shard_paths(data_cfg.val)
+
+
+def builtin_text(name):
+    from importlib import resources
+    path = resources.files("distgpt.assets") / f"{name}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"data.source: no builtin text '{name}'; the package ships 'tinyshakespeare'")
+    return Path(str(path))
+
+
+def check_fits(planned_bytes, device):
+    """Stop before allocating when the plan cannot fit in the device's free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"GPU {device.index}"
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        where = "this machine"
+    if planned_bytes > free:
+        raise TrainingError(f"the plan needs {planned_bytes / 2**30:.1f} GiB but {where} has "
+                            f"{free / 2**30:.1f} GiB free; lower train.micro_batch, raise "
+                            f"train.recompute, or use more ranks with zero_stage=1")

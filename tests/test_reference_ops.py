@@ -1,0 +1,189 @@
+"""Each reference op against torch autograd in float64, on fresh random inputs.
+
+Forward outputs are compared with the textbook formula; backward outputs with autograd of that
+formula, including the accumulate (+=) / overwrite contract of each gradient."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distgpt.backends import reference as ops
+
+# float64: both sides differ only in rounding order (~1e-15); 1e-10 catches any wrong term
+TOLERANCES = {"forward": 1e-10, "backward": 1e-10}
+f64 = dict(dtype=torch.float64)
+
+
+def check(name, got, want, kind):
+    err = ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+    assert err <= TOLERANCES[kind], f"{name}: relative error {err:.3e} over {TOLERANCES[kind]:.0e}"
+
+
+def poisoned(*shape):
+    return torch.full(shape, float("nan"), **f64)
+
+
+@pytest.mark.parametrize("B,T,C,Vp", [(2, 5, 8, 16), (3, 7, 12, 24)])
+def test_encoder(B, T, C, Vp):
+    tokens = torch.randint(0, Vp - 3, (B, T))
+    tokens[0, :2] = tokens[1, 0]  # repeated tokens must add their gradients
+    wte = torch.randn(Vp, C, **f64, requires_grad=True)
+    wpe = torch.randn(T + 3, C, **f64, requires_grad=True)
+    out = poisoned(B, T, C)
+    ops.encoder_forward(out, tokens, wte.detach(), wpe.detach())
+    want = wte[tokens] + wpe[:T]
+    check("encoder out", out, want, "forward")
+    dout = torch.randn(B, T, C, **f64)
+    want.backward(dout)
+    dwte, dwpe = torch.randn(Vp, C, **f64), torch.randn(T + 3, C, **f64)  # prior contents
+    dwte0, dwpe0 = dwte.clone(), dwpe.clone()
+    ops.encoder_backward(dwte, dwpe, dout, tokens)
+    check("dwte", dwte - dwte0, wte.grad, "backward")
+    check("dwpe", dwpe - dwpe0, wpe.grad, "backward")
+
+
+@pytest.mark.parametrize("B,T,C", [(2, 3, 16), (1, 9, 40)])
+def test_layernorm(B, T, C):
+    x = torch.randn(B, T, C, **f64, requires_grad=True)
+    w = torch.randn(C, **f64, requires_grad=True)
+    b = torch.randn(C, **f64, requires_grad=True)
+    out, mean, rstd = poisoned(B, T, C), poisoned(B, T), poisoned(B, T)
+    ops.layernorm_forward(out, mean, rstd, x.detach(), w.detach(), b.detach())
+    want = F.layer_norm(x, (C,), w, b, eps=ops.LAYERNORM_EPS)
+    check("ln out", out, want, "forward")
+    check("ln mean", mean, x.detach().mean(-1), "forward")
+    check("ln rstd", rstd, 1 / torch.sqrt(x.detach().var(-1, unbiased=False) + ops.LAYERNORM_EPS), "forward")
+    dout = torch.randn(B, T, C, **f64)
+    want.backward(dout)
+    dx, dw, db = (torch.randn_like(t.detach()) for t in (x, w, b))
+    dx0, dw0, db0 = dx.clone(), dw.clone(), db.clone()
+    ops.layernorm_backward(dx, dw, db, dout, x.detach(), w.detach(), mean, rstd)
+    check("ln dinp (+=)", dx - dx0, x.grad, "backward")
+    check("ln dweight", dw - dw0, w.grad, "backward")
+    check("ln dbias", db - db0, b.grad, "backward")
+
+
+def test_residual_layernorm_is_the_composition():
+    B, T, C = 2, 4, 8
+    a, b = torch.randn(B, T, C, **f64), torch.randn(B, T, C, **f64)
+    w, bias = torch.randn(C, **f64), torch.randn(C, **f64)
+    res, ln, mean, rstd = poisoned(B, T, C), poisoned(B, T, C), poisoned(B, T), poisoned(B, T)
+    ops.residual_layernorm_forward(res, ln, mean, rstd, a, b, w, bias)
+    check("residual", res, a + b, "forward")
+    check("ln of residual", ln, F.layer_norm(a + b, (C,), w, bias, eps=ops.LAYERNORM_EPS), "forward")
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("B,T,C,OC", [(2, 3, 8, 24), (1, 5, 16, 4)])
+def test_matmul(B, T, C, OC, with_bias):
+    x = torch.randn(B, T, C, **f64, requires_grad=True)
+    w = torch.randn(OC, C, **f64, requires_grad=True)
+    b = torch.randn(OC, **f64, requires_grad=True) if with_bias else None
+    out = poisoned(B, T, OC)
+    ops.matmul_forward(out, x.detach(), w.detach(), None if b is None else b.detach())
+    want = F.linear(x, w, b)
+    check("matmul out", out, want, "forward")
+    dout = torch.randn(B, T, OC, **f64)
+    want.backward(dout)
+    dx = torch.randn(B, T, C, **f64)  # overwritten
+    dw = torch.randn(OC, C, **f64)
+    dw0 = dw.clone()
+    db = torch.randn(OC, **f64) if with_bias else None
+    db0 = None if db is None else db.clone()
+    ops.matmul_backward(dx, dw, db, dout, x.detach(), w.detach())
+    check("matmul dinp (=)", dx, x.grad, "backward")
+    check("matmul dweight (+=)", dw - dw0, w.grad, "backward")
+    if with_bias:
+        check("matmul dbias (+=)", db - db0, b.grad, "backward")
+
+
+@pytest.mark.parametrize("B,T,NH,HS", [(2, 6, 2, 4), (1, 11, 3, 8)])
+def test_attention(B, T, NH, HS):
+    C = NH * HS
+    qkv = torch.randn(B, T, 3 * C, **f64, requires_grad=True)
+    out, lse = poisoned(B, T, C), poisoned(B, NH, T)
+    ops.attention_forward(out, lse, qkv.detach(), NH)
+    q, k, v = (z.view(B, T, NH, HS).transpose(1, 2) for z in qkv.split(C, dim=-1))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    check("attention out", out, want, "forward")
+    scores = (q @ k.transpose(-2, -1)).detach() / math.sqrt(HS)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    check("attention lse", lse, torch.logsumexp(scores, -1), "forward")
+    dout = torch.randn(B, T, C, **f64)
+    want.backward(dout)
+    dqkv = poisoned(B, T, 3 * C)
+    ops.attention_backward(dqkv, dout, qkv.detach(), out, lse, NH)
+    check("attention dqkv", dqkv, qkv.grad, "backward")
+
+
+def test_gelu():
+    x = torch.randn(3, 5, 16, **f64, requires_grad=True) * 3
+    x.retain_grad()
+    out = poisoned(3, 5, 16)
+    ops.gelu_forward(out, x.detach())
+    want = F.gelu(x, approximate="tanh")
+    check("gelu out", out, want, "forward")
+    dout = torch.randn(3, 5, 16, **f64)
+    want.backward(dout)
+    d = dout.clone()
+    ops.gelu_backward(d, x.detach(), d)  # in place, as the model calls it
+    check("gelu dinp", d, x.grad, "backward")
+
+
+@pytest.mark.parametrize("V,Vp", [(50, 64), (37, 37)])
+def test_fused_classifier(V, Vp):
+    B, T = 2, 5
+    logits = torch.randn(B, T, Vp, **f64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T))
+    dloss = 1.0 / (B * T)
+    buf, losses = logits.detach().clone(), poisoned(B, T)
+    ops.fused_classifier(buf, losses, targets, V, dloss)
+    per_token = F.cross_entropy(logits[..., :V].reshape(-1, V), targets.reshape(-1), reduction="none")
+    check("losses", losses.reshape(-1), per_token, "forward")
+    (per_token.sum() * dloss).backward()
+    check("dlogits (in place)", buf, logits.grad, "backward")
+    assert buf[..., V:].abs().sum().item() == 0.0
+
+
+def test_adamw_matches_torch_adamw_with_and_without_master():
+    n, steps = 64, 5
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.95, 1e-8, 0.1
+    start = torch.randn(n, **f64)
+    ref = torch.nn.Parameter(start.clone())
+    torch_opt = torch.optim.AdamW([ref], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    ours = start.clone()
+    m, v = torch.zeros(n, **f64), torch.zeros(n, **f64)
+    # master variant: a float32 working copy updated from a float64 master
+    master, working = start.clone(), start.float()
+    m2, v2 = torch.zeros(n, **f64), torch.zeros(n, **f64)
+    for step in range(1, steps + 1):
+        g = torch.randn(n, **f64)
+        ref.grad = g.clone()
+        torch_opt.step()
+        ops.adamw_update(ours, g, m, v, None, lr, b1, b2, eps, wd, step, 1.0)
+        ops.adamw_update(working, g.float(), m2, v2, master, lr, b1, b2, eps, wd, step, 1.0)
+    # torch computes p*(1 - lr*wd) - lr*update, ours p - lr*(update + wd*p): the same AdamW
+    check("adamw vs torch.optim.AdamW", ours, ref.detach(), "forward")
+    assert torch.equal(working, master.float())
+
+
+def test_adamw_follows_the_written_formula_exactly():
+    n = 32
+    lr, b1, b2, eps, wd, step, scale = 3e-3, 0.8, 0.9, 1e-8, 0.05, 3, 0.5
+    p, g = torch.randn(n, **f64), torch.randn(n, **f64)
+    m, v = torch.rand(n, **f64), torch.rand(n, **f64)
+    gs = g * scale
+    m_new, v_new = b1 * m + (1 - b1) * gs, b2 * v + (1 - b2) * gs * gs
+    want = p - lr * ((m_new / (1 - b1 ** step)) / (torch.sqrt(v_new / (1 - b2 ** step)) + eps) + wd * p)
+    ops.adamw_update(p, g, m, v, None, lr, b1, b2, eps, wd, step, scale)
+    check("adamw param", p, want, "forward")
+    check("adamw m", m, m_new, "forward")
+    check("adamw v", v, v_new, "forward")
+
+
+def test_global_norm_squared():
+    g = torch.randn(1000, **f64)
+    out = torch.zeros(1, **f64)
+    ops.global_norm_squared(out, g)
+    check("norm^2", out, (g * g).sum().reshape(1), "forward")
