@@ -56,10 +56,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch: int = 8  # B: sequences per rank per micro-step
-    seq_len: int = 256  # T
+    micro_batch: int = 4  # B: sequences per rank per micro-step
+    seq_len: int = 1024  # T
     total_batch_tokens: int = 0  # tokens per optimizer step; 0 = micro_batch * seq_len * world
     max_steps: int = 300
+    stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (to fit
+    #                      a job's time slot; resume=auto goes on); 0 = run to max_steps
     val_every: int = 50  # 0 = never
     val_steps: int = 10  # micro-batches per validation
     sample_every: int = 100  # 0 = never
@@ -166,6 +168,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"train.total_batch_tokens={t.total_batch_tokens} is not a multiple of micro_batch x "
             f"seq_len x world size = {t.micro_batch} x {t.seq_len} x {world_size} = "
             f"{per_micro_step}; set it to a multiple of {per_micro_step} (or 0 for one micro-step)")
+    if t.stop_after < 0:
+        raise ConfigError(f"train.stop_after={t.stop_after} must be >= 0 (0 runs to train.max_steps)")
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be at least 1")
     if t.recompute not in (0, 1, 2):

@@ -113,7 +113,9 @@ class Trainer:
         if self.step == 0 and t.val_every > 0:
             self.evaluate()
         started, started_step = time.time(), self.step
-        while self.step < t.max_steps:
+        end = t.max_steps if t.stop_after == 0 else min(t.max_steps, self.step + t.stop_after)
+        done = 0
+        while self.step < end:
             step_start = time.time()
             loss, lr, norm = self.train_step()
             self.step += 1
@@ -128,9 +130,9 @@ class Trainer:
                 self.evaluate()
             if t.sample_every > 0 and (self.step % t.sample_every == 0 or last):
                 self.sample()
-            if (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or last:
+            if (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or self.step == end:
                 self.save()
-        self.log.info(f"done: {self.step} steps in {format_duration(time.time() - started)}; "
+        self.log.info(f"{'done' if self.step == t.max_steps else 'stopped'}: at step {self.step}, {done} steps in {format_duration(time.time() - started)}; "
                       f"checkpoints in {checkpoint.checkpoint_root(self.run_dir)}")
         self.log.close()
 

@@ -182,13 +182,18 @@ def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay,
     master (fp32/fp64 training); with a master, param receives the updated value rounded to its
     own dtype (the CUDA backend rounds stochastically). grad_scale folds in gradient clipping.
     Weight decay is decoupled, as in AdamW: w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)."""
-    g = grad.to(m.dtype) * grad_scale
+    g = grad.to(m.dtype)
+    if grad_scale != 1.0:
+        g = g * grad_scale
     m.mul_(beta1).add_(g, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    m_hat = m / (1.0 - beta1 ** step)
-    v_hat = v / (1.0 - beta2 ** step)
+    # in place where possible: this runs over every parameter each step
+    denom = v.div(1.0 - beta2 ** step).sqrt_().add_(eps)
+    update = m.div(1.0 - beta1 ** step).div_(denom)
     w = master if master is not None else param
-    w -= lr * (m_hat / (torch.sqrt(v_hat) + eps) + weight_decay * w)
+    if weight_decay:
+        update.add_(w, alpha=weight_decay)
+    w.add_(update, alpha=-lr)
     if master is not None:
         param.copy_(w)
 

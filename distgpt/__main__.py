@@ -1,0 +1,3 @@
+from distgpt.cli import main
+import sys
+sys.exit(main())
