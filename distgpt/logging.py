@@ -3,6 +3,7 @@
 Every other rank gets a RunLogger that does nothing, so callers never test the rank."""
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ class RunLogger:
         import wandb
         id_file = self.run_dir / "wandb_id.txt"
         # one W&B run per distgpt run: a resumed run appends to the same id
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         return wandb.init(project=cfg.wandb_project, name=cfg.name, id=run_id, resume="allow",
                           dir=str(self.run_dir), config=config_dict, mode=_wandb_mode())

@@ -159,3 +159,15 @@ def test_schedules():
     assert learning_rate(80, 100, o) == 1.0
     assert learning_rate(99, 100, o) == pytest.approx(0.1)
     assert 0.1 < learning_rate(90, 100, o) < 1.0
+
+
+def test_wandb_logs_offline_into_the_run_directory(tmp_path, shards, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # no key, no mode: offline by itself
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials either
+    args = [*SMALL, *shards, f"out_dir={tmp_path}", "name=wb", "wandb=true", "train.max_steps=2",
+            "train.val_every=2", "train.micro_batch=2", "train.seq_len=32"]
+    assert main(["train", *args]) == 0
+    run_id = (tmp_path / "wb" / "wandb_id.txt").read_text().strip()
+    offline = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
