@@ -13,6 +13,7 @@ commands:
   train   [overrides...]      train a GPT-2 (Hydra overrides: model=gpt2_124m +run=single_gpu ...)
   prepare INPUT... [--out D]  tokenize .txt/.jsonl into llm.c-format train/val shards
   sample  CHECKPOINT [flags]  generate text from a checkpoint directory (or a run directory)
+  bench   [--model M --batch B]  time the CUDA training step (tokens/s, MFU, memory)
 """
 
 
@@ -22,7 +23,7 @@ def main(argv=None):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample}
+    commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "bench": cmd_bench}
     if command not in commands:
         # `distgpt model=tiny` is a train with overrides
         if "=" in command:
@@ -107,3 +108,8 @@ def cmd_sample(args):
     a = parser.parse_args(args)
     from distgpt.sample import sample_from_checkpoint
     sample_from_checkpoint(a.checkpoint, a.prompt, a.tokens, a.temperature, a.top_k, a.seed)
+
+
+def cmd_bench(args):
+    from distgpt.bench import main as bench_main
+    return bench_main(args)

@@ -38,6 +38,8 @@ class GPT2:
         self.acts = ActivationPlan(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size, B, T,
                                    recompute, dtype, stat_dtype, self.device)
         self._saved = None  # (activations view, tokens) of the last forward, for backward
+        if hasattr(backend, "plan"):  # kernels reserve their scratch once, here
+            backend.plan(B, T, m.n_embd, self.device)
 
     # ------------------------------------------------------------ parameters
     def init_weights(self, seed):

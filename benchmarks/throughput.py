@@ -1,0 +1,57 @@
+"""distgpt against the PyTorch baseline, same GPU, same shapes, one call; a table at the end.
+
+    python benchmarks/throughput.py gpt2_124m:64 gpt2_350m:32 gpt2_1558m:16 [--steps 30]
+
+Each measurement runs in its own process, so peak memory is each one's own."""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from distgpt.bench import summarize
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        print(f"FAILED: {' '.join(cmd)}\n" + "\n".join(tail), file=sys.stderr)
+        return None
+    return summarize(json.loads(lines[-1]))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("configs", nargs="+", help="model:batch, e.g. gpt2_124m:64")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--recompute", type=int, default=0)
+    p.add_argument("--no-baseline", action="store_true")
+    a = p.parse_args()
+    rows = []
+    for item in a.configs:
+        model, batch = item.split(":")
+        common = ["--model", model, "--batch", batch, "--seq", str(a.seq), "--steps", str(a.steps)]
+        ours = run([sys.executable, "-m", "distgpt", "bench", *common, "--recompute", str(a.recompute), "--json"])
+        base = None if a.no_baseline else run([sys.executable, str(HERE / "torch_baseline.py"), *common])
+        rows.append((model, batch, ours, base))
+        for r in (ours, base):
+            if r:
+                print(json.dumps(r), flush=True)
+    print(f"\n| model | B | impl | ms/step | tok/s | MFU | device GB | torch peak GB | speed ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model, batch, ours, base in rows:
+        for r in (ours, base):
+            if r is None:
+                continue
+            ratio = f"{ours['tok_s'] / base['tok_s']:.3f}" if ours and base and r is ours else ""
+            print(f"| {model} | {batch} | {r['impl']} | {1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | "
+                  f"{100 * r['mfu']:.1f}% | {r['device_used_gb']:.1f} | {r['torch_peak_gb']:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

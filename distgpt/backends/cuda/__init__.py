@@ -1,0 +1,34 @@
+"""The CUDA backend: the reference backend's functions, same names and arguments, over our
+kernels (kernels/*.cu, one module per layer kind here), cuBLASLt matmuls and cuDNN attention.
+bf16 parameters, activations and gradients; fp32 statistics, master weights and moments.
+
+`plan(...)` reserves every kernel's scratch once, before the first step."""
+import torch
+
+if not torch.cuda.is_available():
+    raise ModuleNotFoundError("no CUDA GPU is visible")
+
+from distgpt.backends.cuda import adamw, bias, classifier, encoder, gelu, layernorm, norm  # noqa: E402
+from distgpt.backends.cuda.adamw import adamw_update  # noqa: E402,F401
+from distgpt.backends.cuda.attention import attention_backward, attention_forward  # noqa: E402,F401
+from distgpt.backends.cuda.classifier import fused_classifier  # noqa: E402,F401
+from distgpt.backends.cuda.encoder import encoder_backward, encoder_forward  # noqa: E402,F401
+from distgpt.backends.cuda.gelu import gelu_backward, gelu_forward  # noqa: E402,F401
+from distgpt.backends.cuda.layernorm import (layernorm_backward, layernorm_forward,  # noqa: E402,F401
+                                             residual_forward, residual_layernorm_forward)
+from distgpt.backends.cuda.matmul import matmul_backward, matmul_forward  # noqa: E402,F401
+from distgpt.backends.cuda.norm import global_norm_squared  # noqa: E402,F401
+
+
+def plan(B, T, C, device):
+    """Reserve the scratch of every kernel module for steps up to (B, T) at width C."""
+    for module in (encoder, layernorm, bias, gelu, classifier, adamw, norm):
+        if hasattr(module, "plan"):
+            _call_plan(module, B, T, C, device)
+
+
+def _call_plan(module, B, T, C, device):
+    import inspect
+    params = inspect.signature(module.plan).parameters
+    kwargs = {name: value for name, value in dict(B=B, T=T, C=C, device=device).items() if name in params}
+    module.plan(**kwargs)

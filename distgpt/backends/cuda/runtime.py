@@ -1,0 +1,89 @@
+"""Compiling and launching our kernels from Python.
+
+Each kernels/<name>.cu is compiled once per process by NVRTC through CuPy's RawModule for the
+current device's architecture (CuPy caches the binary on disk, so later processes skip the
+compile). Kernels run on torch's current stream over torch-allocated memory: arguments are
+raw device pointers, so no copy and no CuPy allocation is involved.
+
+DISTGPT_CUDA_DEBUG=1 synchronises after every launch and names the kernel that failed.
+"""
+import functools
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEBUG = os.environ.get("DISTGPT_CUDA_DEBUG", "0") not in ("", "0")
+
+
+def kernels_dir() -> Path:
+    packaged = resources.files("distgpt") / "kernels"
+    if packaged.is_dir() and any(Path(str(packaged)).glob("*.cu")):
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[3] / "kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy():
+    try:
+        import cupy
+    except ImportError as exc:
+        raise RuntimeError(f"backend=cuda needs CuPy ({exc}); pip install the cuda12 or cuda13 extra") from None
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def module(name):
+    """The compiled RawModule of kernels/<name>.cu for the current device."""
+    cupy = _cupy()
+    major, minor = torch.cuda.get_device_capability()
+    source = (kernels_dir() / f"{name}.cu").read_text()
+    options = ("-std=c++17", f"-arch=sm_{major}{minor}", f"-I{kernels_dir()}", "-DNDEBUG")
+    mod = cupy.RawModule(code=source, options=options, name_expressions=None)
+    mod.compile()
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(module_name, function):
+    return module(module_name).get_function(function)
+
+
+def ptr(tensor):
+    """A tensor's device address as a kernel argument (None -> a null pointer)."""
+    return np.uint64(0 if tensor is None else tensor.data_ptr())
+
+
+def i32(x):
+    return np.int32(x)
+
+
+def u32(x):
+    return np.uint32(x & 0xFFFFFFFF)
+
+
+def f32(x):
+    return np.float32(x)
+
+
+def launch(module_name, function, grid, block, args, shared_mem=0):
+    """Launch kernels/<module_name>.cu:<function> on torch's current stream."""
+    cupy = _cupy()
+    fn = kernel(module_name, function)
+    if shared_mem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = shared_mem
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    grid = grid if isinstance(grid, tuple) else (grid,)
+    block = block if isinstance(block, tuple) else (block,)
+    fn(grid, block, args, shared_mem=shared_mem, stream=stream)
+    if DEBUG:
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as exc:
+            raise RuntimeError(f"CUDA kernel {module_name}.cu:{function} failed: {exc}") from None
+
+
+def ceil_div(a, b):
+    return -(-a // b)

@@ -1,0 +1,90 @@
+// Helpers shared by every distgpt kernel. Compiled at run time by NVRTC (through CuPy), once per
+// process and cached on disk by CuPy, with -arch for the device at hand.
+//
+// floatX is the storage type of parameters, activations and gradients (bf16); statistics and
+// optimizer state are fp32. Packed128 moves 16 bytes (8 bf16 or 4 fp32) per load/store, the
+// widest access a thread can issue: memory-bound kernels should read and write through it.
+#pragma once
+#include <cuda_bf16.h>
+
+typedef __nv_bfloat16 floatX;
+
+template <class T>
+struct alignas(16) Packed128 {
+    static constexpr int size = 16 / sizeof(T);
+    T v[size];
+    __device__ static Packed128 zeros() {
+        Packed128 p;
+        for (int i = 0; i < size; i++) p.v[i] = (T)0.0f;
+        return p;
+    }
+    __device__ T& operator[](int i) { return v[i]; }
+    __device__ const T& operator[](int i) const { return v[i]; }
+};
+typedef Packed128<floatX> x128;
+typedef Packed128<float> f128;
+
+// 16-byte load through the read-only cache path / plain store; p must be 16-byte aligned
+template <class T>
+__device__ __forceinline__ Packed128<T> load128(const T* p) {
+    return *reinterpret_cast<const Packed128<T>*>(p);
+}
+template <class T>
+__device__ __forceinline__ Packed128<T> load128cs(const T* p) {  // streaming: read once
+    Packed128<T> out;
+    *reinterpret_cast<int4*>(&out) = __ldcs(reinterpret_cast<const int4*>(p));
+    return out;
+}
+template <class T>
+__device__ __forceinline__ void store128(T* p, Packed128<T> v) {
+    *reinterpret_cast<Packed128<T>*>(p) = v;
+}
+template <class T>
+__device__ __forceinline__ void store128cs(T* p, Packed128<T> v) {  // streaming: not re-read soon
+    __stcs(reinterpret_cast<int4*>(p), *reinterpret_cast<int4*>(&v));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    return v;
+}
+
+// Sum over the whole block, same result in every thread; the order of additions is fixed by
+// the thread layout, so the result is deterministic. `shared` holds at least 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+    v = warp_sum(v);
+    __syncthreads();  // `shared` may still be read by a previous call
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < warps ? shared[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* shared) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < warps ? shared[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// Round fp32 to bf16 stochastically: add random bits below bf16's precision, then truncate.
+// Unbiased in expectation, so tiny AdamW updates are not lost to round-to-nearest.
+// `seed` mixes with the element index, so results are deterministic for a given seed.
+__device__ __forceinline__ unsigned int hash_u32(unsigned int x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+__device__ __forceinline__ floatX stochastic_round_bf16(float value, unsigned int random) {
+    unsigned int bits = __float_as_uint(value);
+    if ((bits & 0x7f800000U) == 0x7f800000U) return __float2bfloat16_rn(value);  // inf / nan
+    bits += random & 0xffffU;
+    bits &= 0xffff0000U;
+    return __float2bfloat16_rz(__uint_as_float(bits));
+}
