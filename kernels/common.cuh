@@ -7,6 +7,14 @@
 #pragma once
 #include <cuda_bf16.h>
 
+// NVRTC compiles without the host math headers: define what kernels use from them
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef FLT_MAX
+#define FLT_MAX 3.402823466e+38f
+#endif
+
 typedef __nv_bfloat16 floatX;
 
 template <class T>
