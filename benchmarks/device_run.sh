@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the device tool): install what its image lacks, run the gpu tests,
 # then the throughput table against the PyTorch baseline. Logs go to $OUT; the table prints last.
-#   STAGE=tests|bench|all  benchmarks/device_run.sh gpt2_124m:64 gpt2_350m:32 gpt2_1558m:16
+#   STAGE=tests|bench|parity|all  benchmarks/device_run.sh gpt2_124m:64 gpt2_350m:32 gpt2_1558m:16
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
@@ -13,9 +13,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [ "$STAGE" != bench ]; then
+if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
   python3 -m pytest -q -m gpu -p no:cacheprovider tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
 fi
-if [ "$STAGE" != tests ] && [ $# -gt 0 ]; then
+if [ "$STAGE" = parity ] || [ "$STAGE" = all ]; then
+  python3 benchmarks/parity_124m.py 2>&1 | tee "$OUT/parity.log" | tail -30
+fi
+if { [ "$STAGE" = bench ] || [ "$STAGE" = all ]; } && [ $# -gt 0 ]; then
   python3 benchmarks/throughput.py "$@" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 fi
