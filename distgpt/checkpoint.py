@@ -127,15 +127,48 @@ def load_weights(path, model):
         view.copy_(weights[name])
 
 
-def load_optimizer(path, optimizer, rank):
+def load_optimizer(path, optimizer, rank, saved_world):
+    """Fill this rank's AdamW slice from a checkpoint written by `saved_world` ranks. The flat
+    layout's offsets do not depend on the world size (only its end padding does), so a slice
+    of any new sharding is copied from whichever saved shards overlap it: 1 -> N, N -> 1 and
+    zero_stage changes all re-shard the same way."""
+    path = Path(path)
+    if saved_world == optimizer.comm.world:
+        tensors, meta = _load_optimizer_file(path, rank)
+        if (meta["lo"], meta["hi"]) == (optimizer.lo, optimizer.hi):
+            optimizer.load_state_dict(tensors, meta)
+            return
+    # the part of this rank's slice that holds parameters; the padding after them stays zero
+    want_lo, want_hi = optimizer.lo, min(optimizer.hi, optimizer.model.layout.used)
+    covered, step = 0, None
+    for saved_rank in range(saved_world):
+        tensors, meta = _load_optimizer_file(path, saved_rank)
+        lo, hi = max(meta["lo"], want_lo), min(meta["hi"], want_hi)
+        if lo >= hi:
+            continue
+        for name in ("m", "v", "master"):
+            ours = getattr(optimizer, name)
+            if ours is None:
+                continue
+            if name not in tensors:
+                raise CheckpointError(f"checkpoint {path}: no fp32 master weights in "
+                                      f"{optimizer_file(saved_rank)}; resume with the dtype it was written with")
+            ours[lo - optimizer.lo:hi - optimizer.lo].copy_(tensors[name][lo - meta["lo"]:hi - meta["lo"]])
+        covered += hi - lo
+        step = meta["step"]
+        if covered >= want_hi - want_lo and meta["zero_stage"] == 0:
+            break  # zero_stage 0 shards each hold everything: one is enough
+    if step is None or covered < want_hi - want_lo:
+        raise CheckpointError(f"checkpoint {path}: its {saved_world} optimizer shard(s) do not cover "
+                              f"elements [{want_lo}, {want_hi}); the checkpoint is incomplete")
+    optimizer.step_count = step
+
+
+def _load_optimizer_file(path, rank):
     file = Path(path) / optimizer_file(rank)
     tensors = _load(file)
     with safe_open(str(file), framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    try:
-        optimizer.load_state_dict(tensors, meta)
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {file}: {exc}") from None
+        return tensors, json.loads(f.metadata()["meta"])
 
 
 def _load(file):

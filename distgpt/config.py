@@ -63,7 +63,7 @@ class TrainConfig:
     stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (to fit
     #                      a job's time slot; resume=auto goes on); 0 = run to max_steps
     val_every: int = 50  # 0 = never
-    val_steps: int = 10  # micro-batches per validation
+    val_steps: int = 10  # global batches (train.total_batch_tokens each) per validation
     sample_every: int = 100  # 0 = never
     sample_tokens: int = 48
     sample_prompt: str = "\n"

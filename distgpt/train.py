@@ -45,7 +45,9 @@ class Trainer:
         # data first: a missing or bad shard fails before any memory is taken
         ensure_shards(cfg.data, dist, self.log)
         self.train_loader = ShardedLoader(cfg.data.train, self.B, self.T, dist.rank, dist.world, self.accum)
-        self.val_loader = ShardedLoader(cfg.data.val, self.B, self.T, dist.rank, dist.world, 1)
+        # a validation step reads one global batch, like a training step: the same val tokens
+        # whatever the number of ranks
+        self.val_loader = ShardedLoader(cfg.data.val, self.B, self.T, dist.rank, dist.world, self.accum)
         self.val_steps = self._val_steps_that_fit()
         dtype = DTYPES[cfg.dtype]
         plan, planned_bytes = memory.format_estimate(memory.estimate(
@@ -86,20 +88,23 @@ class Trainer:
 
     def _resume(self, path):
         state = checkpoint.load_state(path)
-        if state["world"] != self.dist.world:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {path} was written by {state['world']} rank(s), this run has "
-                f"{self.dist.world}; resume it with the same number of ranks")
-        checkpoint.load_optimizer(path, self.optimizer, self.dist.rank)
-        self.train_loader.load_state_dict(state["train_loader"])
+        if state["dtype"] != self.cfg.dtype:
+            raise checkpoint.CheckpointError(f"checkpoint {path} holds a {state['dtype']} run, this run is "
+                                             f"{self.cfg.dtype}; resume with dtype={state['dtype']}")
+        checkpoint.load_optimizer(path, self.optimizer, self.dist.rank, state["world"])
+        try:
+            self.train_loader.load_state_dict(state["train_loader"])
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: {exc}") from None
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.log.info(f"resumed from {path} at step {self.step}")
+        moved = f" (written by {state['world']} rank(s), re-sharded)" if state["world"] != self.dist.world else ""
+        self.log.info(f"resumed from {path} at step {self.step}{moved}")
 
     def _val_steps_that_fit(self):
         """Validation reads distinct batches only: cap val_steps at what the val shards hold."""
         want = self.cfg.train.val_steps
         available = sum(len(read_shard(p)) for p in shard_paths(self.cfg.data.val))
-        fit = max(1, (available - 1) // (self.B * self.T * self.dist.world))
+        fit = max(1, (available - 1) // self.tokens_per_step)
         if want > fit:
             self.log.info(f"note: the val shards hold {fit} batches; validating on {fit}, not train.val_steps={want}")
         return min(want, fit)
@@ -158,7 +163,8 @@ class Trainer:
         return loss, lr, norm
 
     def evaluate(self):
-        loss = validation_loss(self.model, self.val_loader, self.val_steps, self.dist.comm, self.dist.device)
+        loss = validation_loss(self.model, self.val_loader, self.val_steps * self.accum, self.dist.comm,
+                               self.dist.device)
         self.log.log_eval(self.step, loss, self.tokens_seen)
         return loss
 
