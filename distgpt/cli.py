@@ -63,7 +63,7 @@ def cmd_train(overrides):
     from distgpt.train import Trainer
     cfg = load_config(overrides)
     device = resolve_device(cfg)
-    dist = bootstrap(device)
+    dist = bootstrap(device, nccl_timeout_s=cfg.comm_timeout_s)
     Trainer(cfg, dist).run()
 
 

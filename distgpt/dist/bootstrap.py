@@ -32,10 +32,13 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in LAUNCHER_VARIABLES)
 
 
-def bootstrap(device: str) -> DistState:
-    """device: 'cpu' or 'cuda' (already resolved from 'auto' by the caller)."""
+def bootstrap(device: str, nccl_timeout_s: float = 600.0) -> DistState:
+    """device: 'cpu' or 'cuda' (already resolved from 'auto' by the caller). One rank per GPU:
+    each takes GPU `local_rank` of its node."""
     if not launched_by_mpi():
         dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        if device == "cuda":
+            torch.cuda.set_device(dev)
         return DistState(0, 1, 0, LocalComm(), dev)
     from mpi4py import MPI
     world_comm = MPI.COMM_WORLD
@@ -44,9 +47,16 @@ def bootstrap(device: str) -> DistState:
     if world == 1:
         comm = LocalComm()
     elif device == "cuda":
-        raise RuntimeError("multi-GPU training over NCCL is not available yet in this version; "
-                           "run one GPU per job, or the CPU path (device=cpu) under mpirun")
+        comm = None  # built below, once this rank has its GPU
     else:
         comm = MpiComm(world_comm)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"rank {rank} has local rank {local_rank} but this node shows "
+                               f"{torch.cuda.device_count()} GPU(s); start at most one rank per GPU")
+        torch.cuda.set_device(dev)
+        if world > 1:
+            from distgpt.dist.nccl import NcclComm
+            comm = NcclComm(world_comm, dev, timeout_s=nccl_timeout_s)
     return DistState(rank, world, local_rank, comm, dev)

@@ -1,0 +1,107 @@
+"""NcclComm: the communicator for GPUs, over NCCL through CuPy's binding.
+
+Rank 0 makes the NCCL unique id, MPI broadcasts it, every rank builds its communicator. Each
+collective is enqueued on torch's current stream (the stream the step runs on), so it orders
+with our kernels without host synchronisation.
+
+A rank that dies or hangs must not leave the others waiting forever: every collective records
+what it is and when it started; a watchdog thread aborts the communicator if the host has been
+waiting on one longer than `timeout_s`, and the process exits non-zero naming the rank and the
+operation. (NCCL itself reports asynchronous errors through ncclCommGetAsyncError, checked at
+each collective.)
+"""
+import os
+import sys
+import threading
+import time
+
+import torch
+
+from distgpt.dist.comm import Communicator
+
+_NCCL_DTYPES = {torch.float32: "NCCL_FLOAT32", torch.bfloat16: "NCCL_BFLOAT16",
+                torch.float16: "NCCL_FLOAT16", torch.float64: "NCCL_FLOAT64", torch.int64: "NCCL_INT64"}
+_NCCL_ENUM = {"NCCL_FLOAT16": 6, "NCCL_FLOAT32": 7, "NCCL_FLOAT64": 8, "NCCL_BFLOAT16": 9, "NCCL_INT64": 4}
+
+
+class NcclError(RuntimeError):
+    pass
+
+
+class NcclComm(Communicator):
+    def __init__(self, mpi_comm, device, timeout_s=600.0):
+        from cupy.cuda import nccl
+        self._nccl, self.mpi = nccl, mpi_comm
+        self.rank, self.world = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        self.device, self.timeout_s = device, timeout_s
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        uid = mpi_comm.bcast(uid, root=0)
+        with torch.cuda.device(device):
+            self.comm = nccl.NcclCommunicator(self.world, uid, self.rank)
+        self._pending = None  # (operation, start time) while the host waits on a collective
+        self._lock = threading.Lock()
+        if timeout_s > 0:
+            threading.Thread(target=self._watchdog, daemon=True, name="nccl-watchdog").start()
+
+    # ------------------------------------------------------------ failure handling
+    def _watchdog(self):
+        while True:
+            time.sleep(min(5.0, self.timeout_s / 4))
+            with self._lock:
+                pending = self._pending
+            if pending and time.time() - pending[1] > self.timeout_s:
+                print(f"distgpt: error: rank {self.rank}: NCCL {pending[0]} did not complete within "
+                      f"{self.timeout_s:.0f} s (another rank died or hangs); aborting the communicator. "
+                      f"Resume with resume=auto once every rank is healthy", file=sys.stderr, flush=True)
+                try:
+                    self.comm.abort()
+                finally:
+                    os._exit(3)
+
+    def _run(self, name, fn):
+        """Enqueue a collective and wait for it, so the watchdog can see a hang. Waiting costs
+        little: the trainer synchronises on each step's loss anyway."""
+        with self._lock:
+            self._pending = (name, time.time())
+        try:
+            fn(torch.cuda.current_stream(self.device).cuda_stream)
+            torch.cuda.current_stream(self.device).synchronize()
+            error = self.comm.check_async_error() if hasattr(self.comm, "check_async_error") else None
+            if error:
+                raise NcclError(f"rank {self.rank}: NCCL {name} failed asynchronously (code {error})")
+        except self._nccl.NcclError as exc:
+            raise NcclError(f"rank {self.rank}: NCCL {name} failed: {exc}") from None
+        finally:
+            with self._lock:
+                self._pending = None
+
+    def _dtype(self, tensor):
+        name = _NCCL_DTYPES.get(tensor.dtype)
+        if name is None:
+            raise NcclError(f"NCCL: unsupported dtype {tensor.dtype}")
+        return getattr(self._nccl, name, _NCCL_ENUM[name])
+
+    # ------------------------------------------------------------ collectives
+    def all_reduce(self, tensor):
+        self._run("all_reduce", lambda s: self.comm.allReduce(
+            tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtype(tensor), self._nccl.NCCL_SUM, s))
+
+    def reduce_scatter(self, out, tensor):
+        # in place when out is this rank's slice of tensor (NCCL allows exactly that layout)
+        self._run("reduce_scatter", lambda s: self.comm.reduceScatter(
+            tensor.data_ptr(), out.data_ptr(), out.numel(), self._dtype(tensor), self._nccl.NCCL_SUM, s))
+
+    def all_gather(self, out, tensor):
+        self._run("all_gather", lambda s: self.comm.allGather(
+            tensor.data_ptr(), out.data_ptr(), tensor.numel(), self._dtype(tensor), s))
+
+    def broadcast(self, tensor, root=0):
+        self._run("broadcast", lambda s: self.comm.bcast(
+            tensor.data_ptr(), tensor.numel(), self._dtype(tensor), root, s))
+
+    def broadcast_object(self, obj, root=0):
+        return self.mpi.bcast(obj, root=root)
+
+    def barrier(self):
+        torch.cuda.current_stream(self.device).synchronize()
+        self.mpi.Barrier()
