@@ -1,0 +1,88 @@
+// Bias gradient of a linear layer: dbias (OC) += column sums of dout (N, OC)   (ACCUMULATES)
+//
+// Deterministic without atomics, in two phases through a planned fp32 scratch:
+//   phase 1  block (x, y) owns 256 columns (x) and one contiguous range of rows (y). Lane l of
+//            each warp holds 8 columns (one 16-byte load per row); warp w sums rows w, w+8, ...
+//            of the range in order; then warp 0 adds the 8 warps' sums in order 0..7 and writes
+//            them to partials[y, columns] (fp32).
+//   phase 2  each column sums partials[0..RB) in a fixed order (see the kernel) and adds the
+//            total into the bf16 dbias once.
+// Python chooses RB (row ranges) so that phase 1 has a few blocks per SM whatever OC is; the
+// order of additions depends only on (N, OC) and the SM count, so reruns are bitwise equal.
+#include "common.cuh"
+
+#define BIAS_WARPS 8   // warps per phase-1 block, each on its own rows
+#define RED_Y 16       // rows of warps in the phase-2 reduction
+
+__device__ __forceinline__ void add_row(float (&acc)[8], const x128& d) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] += __bfloat162float(d[j]);
+}
+
+extern "C" __global__ void __launch_bounds__(BIAS_WARPS * 32)
+bias_backward_kernel(float* partials, const floatX* dout, int N, int OC, int rows_per_block) {
+    __shared__ f128 sums[BIAS_WARPS][2][32];  // [warp][half of the 8 columns][lane]
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int c = (blockIdx.x * 32 + lane) * 8;
+    const bool active = c < OC;  // the last 256-column tile may be partial
+    const int row_begin = blockIdx.y * rows_per_block;
+    const int row_end = min(N, row_begin + rows_per_block);
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+    if (active) {
+        const floatX* col = dout + c;
+        int r = row_begin + warp;
+        // four rows' loads in flight before their adds, which stay in row order
+        for (; r + 3 * BIAS_WARPS < row_end; r += 4 * BIAS_WARPS) {
+            const x128 d0 = load128(col + (long long)r * OC);
+            const x128 d1 = load128(col + (long long)(r + BIAS_WARPS) * OC);
+            const x128 d2 = load128(col + (long long)(r + 2 * BIAS_WARPS) * OC);
+            const x128 d3 = load128(col + (long long)(r + 3 * BIAS_WARPS) * OC);
+            add_row(acc, d0); add_row(acc, d1); add_row(acc, d2); add_row(acc, d3);
+        }
+        for (; r < row_end; r += BIAS_WARPS) add_row(acc, load128(col + (long long)r * OC));
+    }
+    f128 lo, hi;
+#pragma unroll
+    for (int j = 0; j < 4; j++) { lo[j] = acc[j]; hi[j] = acc[4 + j]; }
+    sums[warp][0][lane] = lo;
+    sums[warp][1][lane] = hi;
+    __syncthreads();
+    if (warp != 0 || !active) return;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        f128 t = sums[0][h][lane];
+        for (int v = 1; v < BIAS_WARPS; v++) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) t[j] += sums[v][h][lane][j];
+        }
+        store128(partials + (long long)blockIdx.y * OC + c + 4 * h, t);
+    }
+}
+
+// Phase 2: 4 columns per thread; warp row y sums partial rows y, y+RED_Y, ... in order, then
+// thread row 0 adds the RED_Y sums in order 0..RED_Y-1 and adds the total into dbias.
+extern "C" __global__ void __launch_bounds__(32 * RED_Y)
+bias_backward_reduce_kernel(floatX* dbias, const float* partials, int RB, int OC) {
+    __shared__ f128 tile[RED_Y][32];
+    const int col4 = blockIdx.x * 32 + threadIdx.x, OC4 = OC / 4;
+    f128 acc = f128::zeros();
+    if (col4 < OC4) {
+        for (int p = threadIdx.y; p < RB; p += RED_Y) {
+            const f128 v = load128(partials + (long long)p * OC + col4 * 4);
+#pragma unroll
+            for (int j = 0; j < 4; j++) acc[j] += v[j];
+        }
+    }
+    tile[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y != 0 || col4 >= OC4) return;
+    for (int y = 1; y < RED_Y; y++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[j] += tile[y][threadIdx.x][j];
+    }
+    floatX* dst = dbias + col4 * 4;
+#pragma unroll
+    for (int j = 0; j < 4; j++) dst[j] = __float2bfloat16_rn(__bfloat162float(dst[j]) + acc[j]);
+}

@@ -1,0 +1,45 @@
+// GELU, tanh form (GPT-2's): forward and backward side by side, 8 elements per thread through
+// 16-byte loads and stores, fp32 arithmetic.
+//
+//   forward   out  = 0.5 x (1 + tanh(s (x + 0.044715 x^3))),  s = sqrt(2 / pi)      (overwrites)
+//   backward  dinp = gelu'(x) * dout                                                 (overwrites)
+//
+// gelu_backward may run in place (dinp == dout, as the model does for the 4C buffer): each
+// thread reads its 8 elements of inp and dout before it writes the same 8 of dinp, and no
+// pointer is __restrict__, so the compiler cannot reorder across the alias.
+#include "common.cuh"
+
+#define GELU_SCALE 0.7978845608028654f  // sqrt(2 / pi), reference.GELU_SCALE
+#define GELU_CUBIC 0.044715f
+
+extern "C" __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, long long n8) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    const x128 x = load128(inp + i * 8);
+    x128 o;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float v = __bfloat162float(x[j]);
+        const float t = tanhf(GELU_SCALE * (v + GELU_CUBIC * v * v * v));
+        o[j] = __float2bfloat16_rn(0.5f * v * (1.0f + t));
+    }
+    store128(out + i * 8, o);
+}
+
+// gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) s (1 + 3 * 0.044715 x^2),  t = tanh(s (x + 0.044715 x^3))
+extern "C" __global__ void gelu_backward_kernel(floatX* dinp, const floatX* inp, const floatX* dout, long long n8) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    const x128 x = load128(inp + i * 8);
+    const x128 g = load128(dout + i * 8);
+    x128 o;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float v = __bfloat162float(x[j]);
+        const float t = tanhf(GELU_SCALE * (v + GELU_CUBIC * v * v * v));
+        const float dinner = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * v * v);
+        const float grad = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * dinner;
+        o[j] = __float2bfloat16_rn(grad * __bfloat162float(g[j]));
+    }
+    store128(dinp + i * 8, o);
+}

@@ -1,0 +1,280 @@
+// LayerNorm forward and backward, the fused residual add + LayerNorm, and the residual add.
+//
+//   layernorm_forward           out = (x - mean) * rstd * w + b; mean, rstd (B*T) fp32  (overwrites)
+//   residual_layernorm_forward  residual = bf16(a + b), then the layernorm of that bf16 residual
+//   residual_forward            out = bf16(a + b)
+//   layernorm_backward          dinp += dx (residual stream), dweight += , dbias +=   (ACCUMULATE)
+//
+// One warp per row of C channels; lane l holds the 16-byte chunks (k*32 + l)*8, k < CH, in
+// registers. CH = ceil(C / 256) is a template parameter, so the arrays stay in registers (indexed
+// only by unrolled constants) and narrow models use few registers: each kernel exists as
+// <name>_<CH> for CH = 1..7 (C <= 1792 covers GPT-2 XL's 1600); Python picks one by C. The variance is the mean of
+// (x - mean)^2 over the registers (two passes, no E[x^2] - E[x]^2 cancellation).
+//
+// residual_layernorm_forward must give bitwise the same ln_out/mean/rstd as residual_forward then
+// layernorm_forward (backward with recompute=2 rebuilds layernorms with layernorm_forward): both
+// kernels normalise through the one function normalize_row, on the same bf16 values, with
+// explicitly rounded intrinsics (__fadd_rn, __fmaf_rn, ...) that the compiler never contracts or
+// reorders, so inlining into either kernel cannot change a bit.
+//
+// layernorm_backward is deterministic without atomics: phase 1 runs a fixed grid (from the SM
+// count); each warp takes rows warp_id, warp_id + warps_in_grid, ... and keeps its own fp32
+// dweight/dbias sums in shared memory; the block adds its warps in order 0..7 and writes 2*C
+// partials. Phase 2 sums the blocks' partials in a fixed order and adds into dweight/dbias.
+#include "common.cuh"
+
+#define LN_EPS 1e-5f          // reference.LAYERNORM_EPS
+#define LN_MAX_CHUNKS 7       // 16-byte chunks per lane: C <= 7 * 32 * 8
+#define LN_FWD_WARPS 8        // rows per block in the forward kernels
+#define LN_BWD_WARPS 8        // warps per block in the backward (2 blocks per SM)
+#define RED_Y 16              // rows of warps in the partial-sum reduction
+
+__device__ __forceinline__ bool chunk_on(int k, int lane, int C) { return (k * 32 + lane) * 8 < C; }
+
+// An empty asm that claims to change v: the compiler must then redo the bf16 -> fp32 conversions of
+// v after it rather than keep 8 converted floats per chunk alive from an earlier pass (which cost
+// twice the registers and made the CH = 6, 7 backward spill). Emits no instruction.
+__device__ __forceinline__ void opaque(x128& v) {
+    unsigned int* u = reinterpret_cast<unsigned int*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) asm volatile("" : "+r"(u[i]));
+}
+
+// Mean, rstd and the normalised output of one row whose bf16 values x are in registers.
+// CH (chunks per lane, ceil(C / 256)) only bounds the unrolled loops: chunks past C are skipped,
+// so every CH gives the same bits for the same row.
+template <int CH>
+__device__ __forceinline__ void normalize_row(x128 (&x)[CH], floatX* out_row,
+                                              float* mean_out, float* rstd_out,
+                                              const floatX* weight, const floatX* bias, int C, int lane) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CH; k++) {
+        if (!chunk_on(k, lane, C)) continue;
+#pragma unroll
+        for (int j = 0; j < 8; j++) sum = __fadd_rn(sum, __bfloat162float(x[k][j]));
+    }
+    const float mean = __fdiv_rn(warp_sum(sum), (float)C);
+#pragma unroll
+    for (int k = 0; k < CH; k++) opaque(x[k]);
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CH; k++) {
+        if (!chunk_on(k, lane, C)) continue;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float d = __fsub_rn(__bfloat162float(x[k][j]), mean);
+            sq = __fmaf_rn(d, d, sq);
+        }
+    }
+    const float rstd = rsqrtf(__fadd_rn(__fdiv_rn(warp_sum(sq), (float)C), LN_EPS));
+#pragma unroll
+    for (int k = 0; k < CH; k++) opaque(x[k]);
+#pragma unroll
+    for (int k = 0; k < CH; k++) {
+        if (!chunk_on(k, lane, C)) continue;
+        const int c = (k * 32 + lane) * 8;
+        const x128 w = load128(weight + c), b = load128(bias + c);
+        x128 o;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float n = __fmul_rn(__fsub_rn(__bfloat162float(x[k][j]), mean), rstd);
+            o[j] = __float2bfloat16_rn(__fmaf_rn(n, __bfloat162float(w[j]), __bfloat162float(b[j])));
+        }
+        store128(out_row + c, o);
+    }
+    if (lane == 0) {
+        *mean_out = mean;
+        *rstd_out = rstd;
+    }
+}
+
+template <int CH>
+__device__ __forceinline__ void layernorm_forward_impl(floatX* out, float* mean, float* rstd,
+                                                       const floatX* inp, const floatX* weight,
+                                                       const floatX* bias, int N, int C) {
+    const int lane = threadIdx.x % 32, row = blockIdx.x * LN_FWD_WARPS + threadIdx.x / 32;
+    if (row >= N) return;
+    const long long base = (long long)row * C;
+    x128 x[CH];
+#pragma unroll
+    for (int k = 0; k < CH; k++)
+        if (chunk_on(k, lane, C)) x[k] = load128(inp + base + (k * 32 + lane) * 8);
+    normalize_row<CH>(x, out + base, mean + row, rstd + row, weight, bias, C, lane);
+}
+
+__device__ __forceinline__ x128 add_bf16(const x128& a, const x128& b) {
+    x128 s;
+#pragma unroll
+    for (int j = 0; j < 8; j++) s[j] = __float2bfloat16_rn(__fadd_rn(__bfloat162float(a[j]), __bfloat162float(b[j])));
+    return s;
+}
+
+template <int CH>
+__device__ __forceinline__ void residual_layernorm_forward_impl(floatX* residual_out, floatX* ln_out,
+                                                                float* mean, float* rstd, const floatX* a,
+                                                                const floatX* b, const floatX* weight,
+                                                                const floatX* bias, int N, int C) {
+    const int lane = threadIdx.x % 32, row = blockIdx.x * LN_FWD_WARPS + threadIdx.x / 32;
+    if (row >= N) return;
+    const long long base = (long long)row * C;
+    x128 x[CH];
+#pragma unroll
+    for (int k = 0; k < CH; k++) {
+        if (!chunk_on(k, lane, C)) continue;
+        const long long at = base + (k * 32 + lane) * 8;
+        x[k] = add_bf16(load128(a + at), load128(b + at));
+        store128(residual_out + at, x[k]);
+    }
+    normalize_row<CH>(x, ln_out + base, mean + row, rstd + row, weight, bias, C, lane);
+}
+
+// out = bf16(a + b), 8 elements per thread; n8 = number of 16-byte chunks. The same add_bf16 as
+// the fused kernel, so both write the same residual.
+extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* a, const floatX* b, long long n8) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    store128(out + i * 8, add_bf16(load128(a + i * 8), load128(b + i * 8)));
+}
+
+// Phase 1. Shared memory: per warp, C floats of dweight sums then C floats of dbias sums, stored
+// as float4 slots s = h*C8 + c8 (channels c8*8 + h*4 .. +3), so the 32 lanes of a warp touch 32
+// consecutive float4 (no bank conflicts). Each lane only ever touches its own slots, so the row
+// loop needs no barrier. partials: (gridDim.x, 2C) fp32, dweight then dbias. The weight is
+// re-read per row from L1 rather than held in registers (holding it spilled at CH = 7).
+// PREFETCH loads the row's dinp together with inp and dout, so a row costs one memory round trip
+// instead of two: 73 vs 79 us at B*T = 32768, C = 768 on an H100. At CH = 7 it would spill (128
+// registers, the cap for 2 blocks of 256 threads per SM) and gained nothing (91 vs 93 us), so the
+// CH = 7 kernel loads dinp in pass 2.
+template <int CH, bool PREFETCH>
+__device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* partials, const floatX* dout,
+                                                        const floatX* inp, const floatX* weight,
+                                                        const float* mean, const float* rstd, int N, int C) {
+    extern __shared__ float smem[];  // LN_BWD_WARPS * 2 * C floats
+    f128* slots = reinterpret_cast<f128*>(smem);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, C4 = C / 4, C8 = C / 8;
+    for (int i = threadIdx.x; i < LN_BWD_WARPS * 2 * C4; i += blockDim.x) slots[i] = f128::zeros();
+    __syncthreads();
+    f128* dw_acc = slots + warp * 2 * C4;
+    f128* db_acc = dw_acc + C4;
+    const float inv_C = 1.0f / (float)C;
+    for (int row = blockIdx.x * LN_BWD_WARPS + warp; row < N; row += gridDim.x * LN_BWD_WARPS) {
+        const long long base = (long long)row * C;
+        x128 x[CH], g[CH], di[CH];
+#pragma unroll
+        for (int k = 0; k < CH; k++) {
+            if (!chunk_on(k, lane, C)) continue;
+            x[k] = load128(inp + base + (k * 32 + lane) * 8);
+            g[k] = load128(dout + base + (k * 32 + lane) * 8);
+            if (PREFETCH) di[k] = load128(dinp + base + (k * 32 + lane) * 8);
+        }
+        const float m = mean[row], r = rstd[row];
+        // pass 1: the two row sums dx needs, and this row's share of dweight and dbias
+        float sum_dn = 0.0f, sum_dn_n = 0.0f;
+#pragma unroll
+        for (int k = 0; k < CH; k++) {
+            if (!chunk_on(k, lane, C)) continue;
+            const int c8 = k * 32 + lane;
+            const x128 w = load128(weight + c8 * 8);
+            f128 dw0 = dw_acc[c8], dw1 = dw_acc[C8 + c8], db0 = db_acc[c8], db1 = db_acc[C8 + c8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float n = (__bfloat162float(x[k][j]) - m) * r;
+                const float d = __bfloat162float(g[k][j]);
+                const float dn = d * __bfloat162float(w[j]);
+                sum_dn += dn;
+                sum_dn_n += dn * n;
+                if (j < 4) { dw0[j] += d * n; db0[j] += d; }
+                else { dw1[j - 4] += d * n; db1[j - 4] += d; }
+            }
+            dw_acc[c8] = dw0; dw_acc[C8 + c8] = dw1; db_acc[c8] = db0; db_acc[C8 + c8] = db1;
+        }
+        const float mean_dn = warp_sum(sum_dn) * inv_C, mean_dn_n = warp_sum(sum_dn_n) * inv_C;
+        // pass 2: dx = (dn - mean(dn) - n * mean(dn * n)) * rstd, expanded with n = (x - m) * r to
+        // dx = d * (w * r) - x * a + b, a = r^2 * mean(dn * n), b = m * a - mean(dn) * r: fewer
+        // operations, and none the compiler could share with pass 1 and keep alive in registers
+        const float a = r * r * mean_dn_n, b = m * a - mean_dn * r;
+#pragma unroll
+        for (int k = 0; k < CH; k++) { opaque(x[k]); opaque(g[k]); if (PREFETCH) opaque(di[k]); }
+#pragma unroll
+        for (int k = 0; k < CH; k++) {
+            if (!chunk_on(k, lane, C)) continue;
+            const int c8 = k * 32 + lane;
+            const x128 w = load128(weight + c8 * 8);
+            floatX* dst = dinp + base + c8 * 8;
+            x128 acc = PREFETCH ? di[k] : load128(dst);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float dx = fmaf(__bfloat162float(g[k][j]), __bfloat162float(w[j]) * r,
+                                      fmaf(__bfloat162float(x[k][j]), -a, b));
+                acc[j] = __float2bfloat16_rn(__bfloat162float(acc[j]) + dx);
+            }
+            store128(dst, acc);
+        }
+    }
+    __syncthreads();
+    // the block's partials: warps added in order 0, 1, ..., LN_BWD_WARPS-1
+    for (int s = threadIdx.x; s < 2 * C4; s += blockDim.x) {
+        f128 t = slots[s];
+        for (int v = 1; v < LN_BWD_WARPS; v++) {
+            const f128 u = slots[v * 2 * C4 + s];
+#pragma unroll
+            for (int j = 0; j < 4; j++) t[j] += u[j];
+        }
+        const int array = s / C4, rest = s % C4, h = rest / C8, c8 = rest % C8;  // s -> channel
+        store128(partials + (long long)blockIdx.x * 2 * C + array * C + c8 * 8 + h * 4, t);
+    }
+}
+
+// The extern "C" entry points, one set per CH (NVRTC looks kernels up by these names).
+#define LAYERNORM_KERNELS(CH)                                                                          \
+    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32) layernorm_forward_kernel_##CH(     \
+        floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight,               \
+        const floatX* bias, int N, int C) {                                                            \
+        layernorm_forward_impl<CH>(out, mean, rstd, inp, weight, bias, N, C);                          \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32) residual_layernorm_forward_kernel_##CH( \
+        floatX* residual_out, floatX* ln_out, float* mean, float* rstd, const floatX* a,              \
+        const floatX* b, const floatX* weight, const floatX* bias, int N, int C) {                    \
+        residual_layernorm_forward_impl<CH>(residual_out, ln_out, mean, rstd, a, b, weight, bias, N, C); \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2) layernorm_backward_kernel_##CH( \
+        floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
+        const float* mean, const float* rstd, int N, int C) {                                          \
+        layernorm_backward_impl<CH, (CH < 7)>(dinp, partials, dout, inp, weight, mean, rstd, N, C);    \
+    }
+LAYERNORM_KERNELS(1)
+LAYERNORM_KERNELS(2)
+LAYERNORM_KERNELS(3)
+LAYERNORM_KERNELS(4)
+LAYERNORM_KERNELS(5)
+LAYERNORM_KERNELS(6)
+LAYERNORM_KERNELS(7)
+
+// Phase 2: column j of the (P, 2C) partials, 4 columns per thread: warp row y sums blocks
+// y, y+RED_Y, ... in order, then thread row 0 adds the RED_Y sums in order 0..RED_Y-1 and adds
+// the total into dweight (j < C) or dbias (j >= C).
+extern "C" __global__ void __launch_bounds__(32 * RED_Y)
+layernorm_backward_reduce_kernel(floatX* dweight, floatX* dbias, const float* partials, int P, int C) {
+    __shared__ f128 tile[RED_Y][32];
+    const int col4 = blockIdx.x * 32 + threadIdx.x, M4 = 2 * C / 4;
+    f128 acc = f128::zeros();
+    if (col4 < M4) {
+        for (int p = threadIdx.y; p < P; p += RED_Y) {
+            const f128 v = load128(partials + (long long)p * 2 * C + col4 * 4);
+#pragma unroll
+            for (int j = 0; j < 4; j++) acc[j] += v[j];
+        }
+    }
+    tile[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y != 0 || col4 >= M4) return;
+    for (int y = 1; y < RED_Y; y++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[j] += tile[y][threadIdx.x][j];
+    }
+    const int col = col4 * 4;
+    floatX* dst = col < C ? dweight + col : dbias + (col - C);
+#pragma unroll
+    for (int j = 0; j < 4; j++) dst[j] = __float2bfloat16_rn(__bfloat162float(dst[j]) + acc[j]);
+}
