@@ -48,7 +48,9 @@ class ShardedAdamW:
         self.v = torch.zeros(n, dtype=state_dtype, device=device)
         self.master = None if params.dtype == state_dtype else params[self.lo:self.hi].to(state_dtype)
         self.segments = self._segments()
-        self.norm_sq = torch.zeros(1, dtype=state_dtype, device=device)
+        # one slot per rank for the squared norm of each shard's slice (see global_grad_norm)
+        self.norm_parts = torch.zeros(comm.world, dtype=state_dtype, device=device)
+        self.shard_size = total // comm.world
         self.step_count = 0
 
     def _segments(self):
@@ -77,10 +79,7 @@ class ShardedAdamW:
         weights. Returns the global gradient norm before clipping (a float)."""
         self.reduce_gradients()
         grad_shard = self.model.grads[self.lo:self.hi]
-        self.ops.global_norm_squared(self.norm_sq, grad_shard)
-        if self.zero_stage == 1:
-            self.comm.all_reduce(self.norm_sq)
-        norm = math.sqrt(self.norm_sq.item())
+        norm = self.global_grad_norm()
         clip = self.cfg.grad_clip
         grad_scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
         self.step_count += 1
@@ -94,6 +93,26 @@ class ShardedAdamW:
         if self.zero_stage == 1:
             self.comm.all_gather(self.model.params, params)
         return norm
+
+    def global_grad_norm(self):
+        """sqrt of the sum over the world-size slices of the flat gradient of their squared
+        norms, added in rank order. zero_stage=1 ranks each compute their own slice's part and
+        share it (an all-reduce of otherwise-zero slots, exact whatever the reduction order);
+        zero_stage=0 ranks compute every part themselves. Both sum the same numbers in the same
+        order, so the clipping, and therefore training, is bitwise the same in both stages."""
+        grads, size = self.model.grads, self.shard_size
+        if self.zero_stage == 1:
+            self.norm_parts.zero_()
+            rank = self.comm.rank
+            self.ops.global_norm_squared(self.norm_parts[rank:rank + 1], grads[self.lo:self.hi])
+            self.comm.all_reduce(self.norm_parts)
+        else:
+            for r in range(self.comm.world):
+                self.ops.global_norm_squared(self.norm_parts[r:r + 1], grads[r * size:(r + 1) * size])
+        total = 0.0
+        for part in self.norm_parts.tolist():
+            total += part
+        return math.sqrt(total)
 
     def state_dict(self):
         state = {"m": self.m, "v": self.v}
