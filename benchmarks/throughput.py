@@ -1,6 +1,8 @@
 """distgpt against the PyTorch baseline, same GPU, same shapes, one call; a table at the end.
 
-    python benchmarks/throughput.py gpt2_124m:64 gpt2_350m:32 gpt2_1558m:16 [--steps 30]
+    python benchmarks/throughput.py gpt2_124m:64:2 gpt2_350m:32 gpt2_1558m:16:2 [--steps 30]
+
+(model:batch[:recompute]; recompute defaults to --recompute)
 
 Each measurement runs in its own process, so peak memory is each one's own."""
 import argparse
@@ -26,7 +28,7 @@ def run(cmd):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("configs", nargs="+", help="model:batch, e.g. gpt2_124m:64")
+    p.add_argument("configs", nargs="+", help="model:batch[:recompute], e.g. gpt2_124m:64:1")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--recompute", type=int, default=0)
@@ -34,22 +36,23 @@ def main():
     a = p.parse_args()
     rows = []
     for item in a.configs:
-        model, batch = item.split(":")
+        model, batch, *rest = item.split(":")
+        recompute = rest[0] if rest else str(a.recompute)
         common = ["--model", model, "--batch", batch, "--seq", str(a.seq), "--steps", str(a.steps)]
-        ours = run([sys.executable, "-m", "distgpt", "bench", *common, "--recompute", str(a.recompute), "--json"])
+        ours = run([sys.executable, "-m", "distgpt", "bench", *common, "--recompute", recompute, "--json"])
         base = None if a.no_baseline else run([sys.executable, str(HERE / "torch_baseline.py"), *common])
         rows.append((model, batch, ours, base))
         for r in (ours, base):
             if r:
                 print(json.dumps(r), flush=True)
-    print(f"\n| model | B | impl | ms/step | tok/s | MFU | device GB | torch peak GB | speed ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | B | impl | recompute | ms/step | tok/s | MFU | device GB | torch peak GB | speed ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model, batch, ours, base in rows:
         for r in (ours, base):
             if r is None:
                 continue
             ratio = f"{ours['tok_s'] / base['tok_s']:.3f}" if ours and base and r is ours else ""
-            print(f"| {model} | {batch} | {r['impl']} | {1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | "
+            print(f"| {model} | {batch} | {r['impl']} | {r['recompute']} | {1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | "
                   f"{100 * r['mfu']:.1f}% | {r['device_used_gb']:.1f} | {r['torch_peak_gb']:.1f} | {ratio} |")
 
 

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from distgpt.model.layout import ALIGN_ELEMENTS
+
 
 def learning_rate(step, max_steps, o):
     """LR for optimizer step `step` (0-based) of `max_steps`, under OptimConfig `o`."""
@@ -54,12 +56,19 @@ class ShardedAdamW:
         self.step_count = 0
 
     def _segments(self):
-        """(start, end, decays) pieces of the parameter table inside [lo, hi), shard-relative."""
+        """(start, end, decays) pieces of the parameter table inside [lo, hi), shard-relative,
+        neighbours with the same decay merged: the alignment gaps between tensors hold zeros
+        that stay zero under AdamW, so a merged segment updates exactly the same values."""
         out = []
-        for spec in self.model.layout.specs:
+        for spec in sorted(self.model.layout.specs, key=lambda s: s.offset):
             start, end = max(self.lo, spec.offset), min(self.hi, spec.offset + spec.numel)
-            if start < end:
-                out.append((start - self.lo, end - self.lo, spec.decay))
+            if start >= end:
+                continue
+            start, end = start - self.lo, end - self.lo
+            if out and out[-1][2] == spec.decay and start - out[-1][1] < ALIGN_ELEMENTS:
+                out[-1] = (out[-1][0], end, spec.decay)
+            else:
+                out.append((start, end, spec.decay))
         return out
 
     @property
@@ -89,7 +98,8 @@ class ShardedAdamW:
             master = None if self.master is None else self.master[start:end]
             self.ops.adamw_update(params[start:end], grad_shard[start:end], self.m[start:end],
                                   self.v[start:end], master, lr, o.beta1, o.beta2, o.eps,
-                                  o.weight_decay if decays else 0.0, self.step_count, grad_scale)
+                                  o.weight_decay if decays else 0.0, self.step_count, grad_scale,
+                                  seed=self.lo + start)
         if self.zero_stage == 1:
             self.comm.all_gather(self.model.params, params)
         return norm

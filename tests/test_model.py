@@ -85,9 +85,12 @@ def test_presets_have_gpt2_parameter_counts(preset, count):
     m = load_config([f"model={preset}"]).model
     layout = ParameterLayout(m.n_layer, m.n_embd, m.vocab_size, m.padded_vocab_size, m.block_size)
     assert layout.num_parameters == count
-    # every tensor starts 16-byte aligned and none overlaps the next
-    for a, b in zip(layout.specs, layout.specs[1:]):
+    # every tensor starts 16-byte aligned and none overlaps the next in the buffer
+    by_offset = sorted(layout.specs, key=lambda s: s.offset)
+    for a, b in zip(by_offset, by_offset[1:]):
         assert a.offset % 8 == 0 and a.offset + a.numel <= b.offset
+    # tensors with weight decay come first, so AdamW needs one launch per kind
+    assert [s.decay for s in by_offset] == sorted((s.decay for s in by_offset), reverse=True)
 
 
 def test_layout_pads_to_a_multiple_of_the_world_size():

@@ -176,11 +176,13 @@ def fused_classifier(logits, losses, targets, vocab_size, dloss):
 
 
 # ---------------------------------------------------------------- AdamW and the gradient norm
-def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale):
+def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale, seed=0):
     """One AdamW step over one contiguous slice of the flat buffers (so ZeRO-1 can hand it any
     shard). m, v are fp32. master is the fp32 copy of param, or None when param is already the
     master (fp32/fp64 training); with a master, param receives the updated value rounded to its
     own dtype (the CUDA backend rounds stochastically). grad_scale folds in gradient clipping.
+    The CUDA backend's stochastic rounding draws from (seed, step, index); the reference rounds
+    to nearest (seed is unused here).
     Weight decay is decoupled, as in AdamW: w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)."""
     g = grad.to(m.dtype)
     if grad_scale != 1.0:

@@ -12,6 +12,13 @@ from typing import NamedTuple
 import torch
 
 
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
@@ -21,10 +28,7 @@ class ParamSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return _numel(self.shape)
 
 
 LAYER_PARAMS = (  # (suffix, shape as a function of C, decays?) in GPT-2's order
@@ -61,12 +65,15 @@ class ParameterLayout:
             for suffix, shape, decay in LAYER_PARAMS:
                 entries.append((f"transformer.h.{layer}.{suffix}", shape(C), decay))
         entries += [("transformer.ln_f.weight", (C,), False), ("transformer.ln_f.bias", (C,), False)]
-        self.specs, offset = [], 0
-        for name, shape, decay in entries:
+        # Offsets group the tensors that get weight decay before those that do not, so AdamW
+        # covers the flat buffer in two launches instead of one per tensor (580 at 1558M).
+        # `specs` itself stays in GPT-2's order: initialisation and exports walk it.
+        offsets, offset = {}, 0
+        for name, shape, decay in sorted(entries, key=lambda e: not e[2]):
             offset = -(-offset // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
-            spec = ParamSpec(name, tuple(shape), offset, decay)
-            self.specs.append(spec)
-            offset += spec.numel
+            offsets[name] = offset
+            offset += _numel(shape)
+        self.specs = [ParamSpec(name, tuple(shape), offsets[name], decay) for name, shape, decay in entries]
         self.used = offset
         # ZeRO-1 cuts the flat buffer into world-size equal shards: pad rather than change the plan
         unit = ALIGN_ELEMENTS * pad_multiple

@@ -9,6 +9,9 @@ import torch
 
 ATTENTION = torch.ops.aten._scaled_dot_product_cudnn_attention
 ATTENTION_BACKWARD = torch.ops.aten._scaled_dot_product_cudnn_attention_backward
+# the forward's dropout RNG state (philox seed, offset): meaningless without dropout, but the
+# backward op takes them as tensors, so the first forward's are kept and handed back
+_philox = {}
 
 
 def _heads(qkv, n_head):
@@ -25,6 +28,7 @@ def attention_forward(out, lse, qkv, n_head):
     result = ATTENTION(q, k, v, None, True, 0.0, True, False)
     out.view(B, T, n_head, C // n_head).copy_(result[0].transpose(1, 2))
     lse.copy_(result[1].view(B, n_head, T))
+    _philox.setdefault(qkv.device, (result[6], result[7], result[1].dim()))
 
 
 def attention_backward(dqkv, dout, qkv, out, lse, n_head):
@@ -34,9 +38,10 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head):
     q, k, v = _heads(qkv, n_head)
     o = out.view(B, T, n_head, HS).transpose(1, 2)
     do = dout.view(B, T, n_head, HS).transpose(1, 2)
-    empty = torch.empty(0, device=qkv.device)
-    dq, dk, dv = ATTENTION_BACKWARD(do, q, k, v, o, lse.unsqueeze(-1), empty, empty, empty,
-                                    empty, empty, T, T, 0.0, True)
+    seed, offset, lse_dims = _philox[qkv.device]
+    stats = lse.unsqueeze(-1) if lse_dims == 4 else lse
+    # no bias and no variable-length sequences: None, as torch's own autograd passes them
+    dq, dk, dv = ATTENTION_BACKWARD(do, q, k, v, o, stats, seed, offset, None, None, None, T, T, 0.0, True)
     dq_heads = dqkv.view(B, T, 3, n_head, HS)
     dq_heads[:, :, 0].copy_(dq.transpose(1, 2))
     dq_heads[:, :, 1].copy_(dk.transpose(1, 2))

@@ -68,13 +68,19 @@ def f32(x):
     return np.float32(x)
 
 
+@functools.lru_cache(maxsize=64)
+def _stream(handle):
+    """CuPy's view of a torch stream, made once per stream (not once per launch)."""
+    return _cupy().cuda.ExternalStream(handle)
+
+
 def launch(module_name, function, grid, block, args, shared_mem=0):
     """Launch kernels/<module_name>.cu:<function> on torch's current stream."""
     cupy = _cupy()
     fn = kernel(module_name, function)
     if shared_mem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = shared_mem
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    stream = _stream(torch.cuda.current_stream().cuda_stream)
     grid = grid if isinstance(grid, tuple) else (grid,)
     block = block if isinstance(block, tuple) else (block,)
     fn(grid, block, args, shared_mem=shared_mem, stream=stream)

@@ -1,0 +1,70 @@
+"""AdamW on our kernel (kernels/adamw.cu): one fp32 update over one contiguous slice of the flat
+buffers, as ShardedAdamW hands them out (a parameter tensor, or the part of one inside this
+rank's ZeRO-1 shard: the start is 16-byte aligned, the length is anything).
+
+bf16 parameters keep an fp32 master copy: the update runs on the master and the bf16 parameter
+receives it stochastically rounded, with noise drawn from (seed, step, index). The caller passes
+seed = the slice's absolute offset in the flat buffer, so each element's noise depends only on its
+position and step, and ZeRO-0 and ZeRO-1 round identically. fp32 parameters are their own master
+(master=None). No scratch, so no plan()."""
+import functools
+
+import numpy as np
+import torch
+
+from distgpt.backends.cuda.runtime import ceil_div, f32, launch, ptr, u32
+
+MODULE = "adamw"
+THREADS = 256       # ADAMW_THREADS in adamw.cu
+BLOCKS_PER_SM = 4   # ptxas: 55-60 registers, so 4 blocks of 256 threads fit an SM
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _check(op, name, t, dtypes, n):
+    if t.dtype not in dtypes:
+        raise ValueError(f"{op}: {name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if not t.is_cuda or not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be a contiguous CUDA tensor")
+    if t.data_ptr() % 16:
+        raise ValueError(f"{op}: {name} must start 16-byte aligned (a multiple of 8 elements into its buffer)")
+    if t.numel() != n:
+        raise ValueError(f"{op}: {name} has {t.numel()} elements, param has {n}")
+
+
+def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale, seed=0):
+    """One AdamW step over one slice; m, v (and master) fp32, updated in place; param bf16 receives
+    the stochastically rounded master, or is fp32 and itself the master (master=None)."""
+    op = "adamw_update"
+    n = param.numel()
+    _check(op, "param", param, (torch.bfloat16, torch.float32), n)
+    _check(op, "grad", grad, (param.dtype,), n)
+    _check(op, "m", m, (torch.float32,), n)
+    _check(op, "v", v, (torch.float32,), n)
+    if param.dtype == torch.bfloat16:
+        if master is None:
+            raise ValueError(f"{op}: a bf16 param needs its fp32 master copy (master is None)")
+        _check(op, "master", master, (torch.float32,), n)
+    elif master is not None:
+        raise ValueError(f"{op}: an fp32 param is its own master: pass master=None")
+    if int(step) < 1:
+        raise ValueError(f"{op}: step={step} must be >= 1 (the bias corrections divide by 1 - beta^step)")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"{op}: beta1={beta1}, beta2={beta2} must be in [0, 1)")
+    if n == 0:
+        return
+    # the scalars in double on the host, each rounded once to fp32
+    scalars = (f32(lr), f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
+               f32(1.0 / (1.0 - beta1 ** step)), f32(1.0 / (1.0 - beta2 ** step)), f32(eps),
+               f32(weight_decay), f32(grad_scale), u32(int(seed)), u32(int(step)))
+    # at least one block: with n < 8 the whole slice is the scalar tail
+    grid = max(1, min(ceil_div(n // 8, THREADS), BLOCKS_PER_SM * _sm_count(param.device.index)))
+    if param.dtype == torch.bfloat16:
+        launch(MODULE, "adamw_kernel_bf16", grid, THREADS,
+               (ptr(param), ptr(grad), ptr(m), ptr(v), ptr(master), np.int64(n)) + scalars)
+    else:
+        launch(MODULE, "adamw_kernel_fp32", grid, THREADS,
+               (ptr(param), ptr(grad), ptr(m), ptr(v), np.int64(n)) + scalars)

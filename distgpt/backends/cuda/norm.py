@@ -1,0 +1,45 @@
+"""The squared L2 norm of a bf16 gradient slice on our kernels (kernels/norm.cu), for clipping by
+the global norm: out (1,) fp32 = sum of grad**2, OVERWRITTEN (the optimizer adds the shards'
+parts itself, in rank order).
+
+Deterministic without atomics: phase 1 runs a fixed grid of 2 blocks per SM (independent of the
+length, so reruns add in the same order) that writes one fp32 partial per block into scratch
+planned once; phase 2, one block, sums the partials in a fixed order and writes out."""
+import numpy as np
+import torch
+
+from distgpt.backends.cuda.runtime import i32, launch, ptr
+
+MODULE = "norm"
+THREADS = 512        # NORM_THREADS in norm.cu
+RED_THREADS = 256    # NORM_RED_THREADS
+BLOCKS_PER_SM = 2    # 1024 threads per SM, each with 4 16-byte loads in flight
+
+_plan = {}  # "P": phase-1 blocks, "partials": (P,) fp32
+
+
+def plan(device):
+    """Reserve the phase-1 partials: (2 * SMs,) fp32, about 1 KB on a 132-SM H100."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    P = BLOCKS_PER_SM * sms
+    _plan.update(P=P, partials=torch.empty(P, dtype=torch.float32, device=device))
+
+
+def global_norm_squared(out, grad):
+    """out (one-element fp32 tensor) = sum of grad**2 over the bf16 slice `grad` (any length)."""
+    op = "global_norm_squared"
+    if grad.dtype != torch.bfloat16:
+        raise ValueError(f"{op}: grad must be torch.bfloat16, got {grad.dtype}")
+    if not grad.is_cuda or not grad.is_contiguous():
+        raise ValueError(f"{op}: grad must be a contiguous CUDA tensor")
+    if grad.data_ptr() % 16:
+        raise ValueError(f"{op}: grad must start 16-byte aligned (a multiple of 8 elements into its buffer)")
+    if out.dtype != torch.float32 or out.numel() != 1 or not out.is_cuda:
+        raise ValueError(f"{op}: out must be a one-element fp32 CUDA tensor, got {out.dtype} {tuple(out.shape)}")
+    if "P" not in _plan:
+        raise RuntimeError(f"{op}: call norm.plan(device) (backends.cuda.plan) before the first step")
+    P, partials = _plan["P"], _plan["partials"]
+    if partials.device != grad.device:
+        raise RuntimeError(f"{op}: partials were planned on {partials.device}, grad is on {grad.device}")
+    launch(MODULE, "global_norm_squared_kernel", P, THREADS, (ptr(partials), ptr(grad), np.int64(grad.numel())))
+    launch(MODULE, "global_norm_squared_reduce_kernel", 1, RED_THREADS, (ptr(out), ptr(partials), i32(P)))

@@ -1,0 +1,264 @@
+"""Our CUDA classifier, AdamW and gradient-norm kernels against the reference backend run in fp64
+on the same inputs (upcast), at several sizes including odd lengths and slices inside bigger
+buffers. Overwritten outputs are poisoned with NaN first; every op run twice on the same inputs
+must give bitwise equal results."""
+import pytest
+import torch
+
+from distgpt.backends import reference
+from gpu_check import assert_close, requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+# (atol, rtol) per compared tensor, |got - want| <= atol + rtol * |want|, want in fp64.
+# - losses: fp32 max + log(sum of ~5e4 exps) over bf16 logits; the sum's rounding is ~1e-6
+#   relative, so the loss (~11 for GPT-2's vocabulary) is off by a few 1e-6 absolute: 1e-5 both ways.
+# - dlogits: one rounding to bf16 (2^-9 relative) of an fp32 value within ~1e-6 of the exact one,
+#   which may round to the neighbouring bf16 (2^-8 ~ 4e-3): rtol 1e-2. atol is 1e-3 * dloss
+#   (DLOSS_SCALED), for probabilities so small that exp underflows to fp32 subnormals.
+# - AdamW, inputs at the scales of adamw_inputs (grad ~1e-2, m ~1e-3, v ~1e-4, w ~2e-2): every
+#   step is one or two fp32 roundings (~6e-8 relative each) of the fp64 result, plus the fp32
+#   rounding of the hyperparameters: rtol 1e-6. atol covers results near 0 after cancellation:
+#   ~2 ulp of the terms that cancelled (m: ulp(1e-3) ~ 1e-10; master: ulp(2e-2) ~ 2e-9).
+# - norm: fp32 sums of squares, each thread's running sum over few terms, then fixed-order tree
+#   sums: ~1e-6 relative at 4e7 elements; 1e-5 leaves 10x.
+TOLERANCES = {
+    "losses": (1e-5, 1e-5),
+    "dlogits": (1e-3, 1e-2),
+    "adamw_m": (1e-9, 1e-6),
+    "adamw_v": (1e-15, 1e-6),
+    "adamw_master": (1e-8, 1e-6),
+    "norm": (0.0, 1e-5),
+}
+DLOSS_SCALED = {"dlogits"}
+# Stochastic rounding: mean rounding error in bf16 ulps over >= 1e6 elements. Each element's error
+# has standard deviation <= 0.5 ulp, so the mean's is <= 5e-4 ulp: 0.01 is 20 sigma, yet 25x
+# smaller than round-to-nearest's bias on the directed test (0.25 ulp).
+SR_MEAN_ULPS = 0.01
+
+CLASSIFIER_SHAPES = [(2, 64, 50257, 50304), (1, 7, 65, 72), (3, 5, 1000, 1024), (2, 3, 512, 512), (4, 33, 4097, 4104)]
+SIZES = [1, 7, 8, 4099, 1_000_003]
+HYPER = [dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=7, grad_scale=0.5),
+         dict(lr=6e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, grad_scale=1.0)]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from distgpt.backends.cuda import adamw, classifier, norm
+    norm.plan("cuda")
+    torch.manual_seed(0)
+    return {"classifier": classifier, "adamw": adamw, "norm": norm}
+
+
+def check(name, got, want, scale=1.0):
+    atol, rtol = TOLERANCES[name]
+    return assert_close(name, got, want, atol * scale if name in DLOSS_SCALED else atol, rtol)
+
+
+def twice_equal(fn, buffers):
+    """Run fn on two clones of the same starting buffers: every result bitwise equal."""
+    runs = []
+    for _ in range(2):
+        clones = [b.clone() for b in buffers]
+        fn(*clones)
+        runs.append(clones)
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"buffer {i} differs between two identical runs"
+
+
+# ---------------------------------------------------------------- classifier
+def classifier_inputs(B, T, V, Vp):
+    """Spread logits with NaN in the padding (must never be read), one row whose target dominates
+    (loss ~ 0), and targets at both ends of the vocabulary."""
+    logits = (torch.randn(B, T, Vp, device="cuda") * 4).to(torch.bfloat16)
+    logits[..., V:] = float("nan")
+    targets = torch.randint(0, V, (B, T), device="cuda")
+    targets.view(-1)[0], targets.view(-1)[-1] = 0, V - 1
+    logits.view(-1, Vp)[-1, V - 1] = 40.0
+    return logits, targets
+
+
+@pytest.mark.parametrize("B,T,V,Vp", CLASSIFIER_SHAPES)
+@pytest.mark.parametrize("dloss_kind", ["mean", "zero"])
+def test_fused_classifier(ops, B, T, V, Vp, dloss_kind):
+    dloss = 1.0 / (B * T) if dloss_kind == "mean" else 0.0
+    logits0, targets = classifier_inputs(B, T, V, Vp)
+    logits, losses = logits0.clone(), torch.full((B, T), float("nan"), device="cuda")
+    ops["classifier"].fused_classifier(logits, losses, targets, V, dloss)
+    want_logits, want_losses = logits0.double(), torch.empty(B, T, dtype=torch.float64, device="cuda")
+    reference.fused_classifier(want_logits, want_losses, targets, V, dloss)
+    check("losses", losses, want_losses)
+    if dloss:
+        check("dlogits", logits[..., :V], want_logits[..., :V], scale=dloss)
+    else:  # validation: zeros everywhere (a relative budget around 0 would be 0 / 0)
+        assert (logits == 0).all(), "dloss = 0 must leave an all-zero gradient"
+    assert (logits[..., V:] == 0).all(), "padding columns of dlogits must be exactly 0"
+    twice_equal(lambda lg, ls: ops["classifier"].fused_classifier(lg, ls, targets, V, dloss),
+                [logits0, torch.full((B, T), float("nan"), device="cuda")])
+
+
+def test_fused_classifier_bad_target_gives_nan_loss(ops):
+    logits, targets = classifier_inputs(1, 4, 65, 72)
+    targets[0, 1] = 65  # == V: out of range
+    losses = torch.zeros(1, 4, device="cuda")
+    ops["classifier"].fused_classifier(logits, losses, targets, 65, 0.25)
+    assert torch.isnan(losses[0, 1]) and torch.isfinite(losses[0, [0, 2, 3]]).all()
+
+
+# ---------------------------------------------------------------- AdamW
+def adamw_inputs(n, pad=0):
+    """(param, grad, m, v, master), each n + 2 * pad long: bf16 grad, fp32 m, v >= 0 and master
+    at the scales the tolerances assume, and the bf16 param poisoned (the update overwrites it)."""
+    N = n + 2 * pad
+    grad = (torch.randn(N, device="cuda") * 1e-2).to(torch.bfloat16)
+    m, v = torch.randn(N, device="cuda") * 1e-3, torch.rand(N, device="cuda") * 1e-4
+    master = torch.randn(N, device="cuda") * 2e-2
+    param = torch.full((N,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    return param, grad, m, v, master
+
+
+def adamw_reference(grad, m, v, master, h):
+    """The reference in fp64 with master as its own param: returns (m, v, master)."""
+    m64, v64, w64 = m.double(), v.double(), master.double()
+    reference.adamw_update(w64, grad.double(), m64, v64, None, **_args(h))
+    return m64, v64, w64
+
+
+def _args(h):
+    return dict(lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"], weight_decay=h["weight_decay"],
+                step=h["step"], grad_scale=h["grad_scale"])
+
+
+def ulp_and_check_neighbours(param, master):
+    """param (bf16) must be master truncated toward zero, or the next bf16 away from zero (only
+    when master is not a bf16 itself). Returns |param| - |master| in units of that bf16 gap: in
+    [-1, 1], > 0 where it rounded away from zero; its mean is 0 for unbiased rounding."""
+    bits = master.view(torch.int32)
+    down_bits = bits & -65536  # clear the 16 bits bf16 drops: rounds toward zero
+    down, up = down_bits.view(torch.float32), (down_bits + 65536).view(torch.float32)
+    p = param.float()
+    ok = (p == down) | (((bits & 65535) != 0) & (p == up))
+    bad = int((~ok).sum())
+    assert bad == 0, f"{bad} params are not a bf16 neighbour of their master, e.g. index {int((~ok).nonzero()[0])}"
+    return (p.double().abs() - master.double().abs()) / (up.double() - down.double()).abs()
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("h", HYPER, ids=["decay_clip", "plain_step1"])
+def test_adamw_update(ops, n, h):
+    param, grad, m, v, master = adamw_inputs(n)
+    m0, v0, master0 = m.clone(), v.clone(), master.clone()
+    ops["adamw"].adamw_update(param, grad, m, v, master, **_args(h), seed=123)
+    want_m, want_v, want_w = adamw_reference(grad, m0, v0, master0, h)
+    check("adamw_m", m, want_m)
+    check("adamw_v", v, want_v)
+    check("adamw_master", master, want_w)
+    err = ulp_and_check_neighbours(param, master)
+    if n >= 1_000_000:
+        mean = float(err.mean())
+        assert abs(mean) < SR_MEAN_ULPS, f"stochastic rounding biased: mean error {mean:.4f} ulp"
+    twice_equal(lambda *b: ops["adamw"].adamw_update(*b, **_args(h), seed=123), [param, grad, m0, v0, master0])
+
+
+@pytest.mark.parametrize("n", [4099, 1_000_003])
+def test_adamw_slice_leaves_the_rest_untouched(ops, n):
+    pad = 24  # the slice starts 24 elements in: 16-byte aligned in the bf16 and fp32 buffers
+    bufs = adamw_inputs(n, pad)
+    bufs[0].fill_(1.5)  # param outside the slice must keep this
+    before = [b.clone() for b in bufs]
+    param, grad, m, v, master = (b[pad:pad + n] for b in bufs)
+    ops["adamw"].adamw_update(param, grad, m, v, master, **_args(HYPER[0]), seed=pad)
+    for name, b, b0 in zip(("param", "grad", "m", "v", "master"), bufs, before):
+        outside_same = torch.equal(b[:pad], b0[:pad]) and torch.equal(b[pad + n:], b0[pad + n:])
+        assert outside_same, f"{name} written outside the slice"
+    want_m, want_v, want_w = adamw_reference(grad, before[2][pad:pad + n], before[3][pad:pad + n],
+                                             before[4][pad:pad + n], HYPER[0])
+    check("adamw_m", m, want_m)
+    check("adamw_v", v, want_v)
+    check("adamw_master", master, want_w)
+    ulp_and_check_neighbours(param, master)
+
+
+def test_adamw_stochastic_rounding_is_unbiased(ops):
+    """lr = 0 keeps master fixed at 1/4 of a bf16 gap past a bf16 value (in magnitude): rounding to
+    nearest would always round back (mean error -0.25 ulp); stochastic rounding goes away from
+    zero 1 time in 4 (mean 0)."""
+    n = 1_000_000
+    base = torch.randn(n, device="cuda").to(torch.bfloat16).float()
+    master = (base.view(torch.int32) | 0x4000).view(torch.float32)  # low 16 bits = 1/4 of the gap
+    master0 = master.clone()
+    param = torch.full((n,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    zeros = torch.zeros(n, device="cuda")
+    ops["adamw"].adamw_update(param, zeros.to(torch.bfloat16), zeros.clone(), zeros.clone(), master,
+                              0.0, 0.9, 0.95, 1e-8, 0.0, 3, 1.0, seed=0)
+    assert torch.equal(master, master0), "lr = 0 must leave master unchanged"
+    err = ulp_and_check_neighbours(param, master)
+    up = float((err > 0).double().mean())
+    assert abs(up - 0.25) < 0.01, f"rounded away from zero {up:.4f} of the time, expected 0.25"
+    assert abs(float(err.mean())) < SR_MEAN_ULPS, f"mean rounding error {float(err.mean()):.4f} ulp"
+
+
+def test_adamw_seed(ops):
+    """The same seed rounds identically; another seed rounds differently somewhere, master the same."""
+    start = adamw_inputs(4099)
+
+    def run(seed):
+        bufs = [b.clone() for b in start]
+        ops["adamw"].adamw_update(*bufs, **_args(HYPER[0]), seed=seed)
+        return bufs
+
+    a, b, c = run(5), run(5), run(6)
+    assert torch.equal(a[0], b[0]), "same seed, different bf16 params"
+    assert torch.equal(a[4], c[4]), "the seed must not change the fp32 master"
+    assert not torch.equal(a[0], c[0]), "a different seed rounded every element the same way"
+
+
+def test_adamw_split_slices_match_one_slice(ops):
+    """Cut like a ZeRO-1 shard boundary, with seed = each piece's offset: bitwise the same as one call."""
+    n, cut = 1_000_003, 8 * 12345
+    whole = adamw_inputs(n)
+    pieces = [b.clone() for b in whole]
+    ops["adamw"].adamw_update(*whole, **_args(HYPER[0]), seed=1000)
+    ops["adamw"].adamw_update(*(b[:cut] for b in pieces), **_args(HYPER[0]), seed=1000)
+    ops["adamw"].adamw_update(*(b[cut:] for b in pieces), **_args(HYPER[0]), seed=1000 + cut)
+    for name, a, b in zip(("param", "grad", "m", "v", "master"), whole, pieces):
+        assert torch.equal(a, b), f"{name} differs between one slice and two"
+
+
+def test_adamw_fp32_param_is_its_own_master(ops):
+    _, grad, m, v, w = adamw_inputs(4099)
+    grad, m0, v0, w0 = grad.float(), m.clone(), v.clone(), w.clone()
+    ops["adamw"].adamw_update(w, grad, m, v, None, **_args(HYPER[0]))
+    want_m, want_v, want_w = adamw_reference(grad, m0, v0, w0, HYPER[0])
+    check("adamw_m", m, want_m)
+    check("adamw_master", w, want_w)
+    param, grad, m, v, _ = adamw_inputs(16)
+    with pytest.raises(ValueError, match="master"):
+        ops["adamw"].adamw_update(param, grad, m, v, None, **_args(HYPER[0]))
+
+
+# ---------------------------------------------------------------- global gradient norm
+@pytest.mark.parametrize("n", [0] + SIZES + [40_000_001])
+def test_global_norm_squared(ops, n):
+    grad = torch.randn(n, device="cuda").to(torch.bfloat16)
+    out = torch.full((1,), float("nan"), device="cuda")
+    ops["norm"].global_norm_squared(out, grad)
+    if n == 0:
+        assert out.item() == 0.0
+        return
+    want = torch.empty(1, dtype=torch.float64, device="cuda")
+    reference.global_norm_squared(want, grad.double())
+    check("norm", out, want)
+    twice_equal(lambda o: ops["norm"].global_norm_squared(o, grad), [out])
+
+
+def test_global_norm_squared_of_a_slice(ops):
+    """A slice 8 elements into a buffer whose other elements are NaN: none of them may be read."""
+    n = 1_000_003
+    buf = torch.full((n + 24,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    buf[8:8 + n] = torch.randn(n, device="cuda").to(torch.bfloat16)
+    out = torch.full((1,), float("nan"), device="cuda")
+    ops["norm"].global_norm_squared(out, buf[8:8 + n])
+    want = torch.empty(1, dtype=torch.float64, device="cuda")
+    reference.global_norm_squared(want, buf[8:8 + n].double())
+    check("norm", out, want)
