@@ -67,10 +67,13 @@ def twenty_steps():
     model = build(cuda, torch.bfloat16)
     opt = ShardedAdamW(model, LocalComm(), OptimConfig(lr=1e-3), 1, cuda)
     gen = torch.Generator(device="cuda").manual_seed(7)
+    # two fixed batches, alternating: random tokens hold nothing to learn, but these can be
+    # memorised, so the loss must fall
+    batches = [tuple(torch.randint(0, SHAPE.vocab_size, (B, T), device="cuda", generator=gen)
+                     for _ in range(2)) for _ in range(2)]
     losses = []
-    for _ in range(20):
-        x = torch.randint(0, SHAPE.vocab_size, (B, T), device="cuda", generator=gen)
-        y = torch.randint(0, SHAPE.vocab_size, (B, T), device="cuda", generator=gen)
+    for step in range(20):
+        x, y = batches[step % 2]
         model.zero_grad()
         losses.append(model.forward(x, y, 1.0 / (B * T)).item())
         model.backward()
@@ -82,4 +85,4 @@ def test_twenty_steps_are_bitwise_deterministic():
     first, second = twenty_steps(), twenty_steps()
     assert first[0] == second[0], "losses differ between identical runs"
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
-    assert first[0][-1] < first[0][0]  # and it learns (the same random batch stream)
+    assert first[0][-1] < first[0][0] - 0.5  # and it learns: memorising the two batches
