@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     raise ModuleNotFoundError("no CUDA GPU is visible")
 
-from distgpt.backends.cuda import adamw, bias, classifier, encoder, gelu, layernorm, norm  # noqa: E402
+from distgpt.backends.cuda import bias, encoder, layernorm, norm  # noqa: E402
 from distgpt.backends.cuda.adamw import adamw_update  # noqa: E402,F401
 from distgpt.backends.cuda.attention import attention_backward, attention_forward  # noqa: E402,F401
 from distgpt.backends.cuda.classifier import fused_classifier  # noqa: E402,F401
@@ -21,14 +21,9 @@ from distgpt.backends.cuda.norm import global_norm_squared  # noqa: E402,F401
 
 
 def plan(B, T, C, device):
-    """Reserve the scratch of every kernel module for steps up to (B, T) at width C."""
-    for module in (encoder, layernorm, bias, gelu, classifier, adamw, norm):
-        if hasattr(module, "plan"):
-            _call_plan(module, B, T, C, device)
-
-
-def _call_plan(module, B, T, C, device):
-    import inspect
-    params = inspect.signature(module.plan).parameters
-    kwargs = {name: value for name, value in dict(B=B, T=T, C=C, device=device).items() if name in params}
-    module.plan(**kwargs)
+    """Reserve every kernel's scratch once, for steps up to (B, T) at width C. GELU, the
+    classifier and AdamW need none."""
+    encoder.plan(B, T, C, device)  # token sort buffers
+    layernorm.plan(B, T, C, device)  # per-block dweight/dbias partials
+    bias.plan(B, T, C, device)  # per-block bias-gradient partials
+    norm.plan(device)  # per-block squared-norm partials

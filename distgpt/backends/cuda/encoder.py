@@ -7,7 +7,7 @@ run's dout rows in position order and adds them into the token's row (see encode
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.runtime import ceil_div, i32, launch, ptr
+from distgpt.backends.cuda.runtime import check_tensor, ceil_div, i32, launch, ptr
 
 MODULE = "encoder"
 THREADS = 256
@@ -25,13 +25,6 @@ def plan(B, T, C, device):
     _plan["order"] = torch.empty(B * T, dtype=torch.int64, device=device)
 
 
-def _check(op, name, t, dtype=torch.bfloat16):
-    if t.dtype != dtype:
-        raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
-    if not t.is_cuda or not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be a contiguous CUDA tensor")
-    if t.data_ptr() % 16:
-        raise ValueError(f"{op}: {name} must be 16-byte aligned for 128-bit access")
 
 
 def _check_shapes(op, C, T, wte, wpe, tokens):
@@ -53,8 +46,8 @@ def encoder_forward(out, tokens, wte, wpe):
     C = wte.shape[1]
     _check_shapes(op, C, T, wte, wpe, tokens)
     for name, t in (("out", out), ("wte", wte), ("wpe", wpe)):
-        _check(op, name, t)
-    _check(op, "tokens", tokens, torch.int64)
+        check_tensor(op, name, t)
+    check_tensor(op, "tokens", tokens, torch.int64)
     if out.shape != (B, T, C):
         raise ValueError(f"{op}: out {tuple(out.shape)} must be (B, T, C) = {(B, T, C)}")
     if B * T == 0:
@@ -70,8 +63,8 @@ def encoder_backward(dwte, dwpe, dout, tokens):
     B, T, C = dout.shape
     _check_shapes(op, C, T, dwte, dwpe, tokens)
     for name, t in (("dwte", dwte), ("dwpe", dwpe), ("dout", dout)):
-        _check(op, name, t)
-    _check(op, "tokens", tokens, torch.int64)
+        check_tensor(op, name, t)
+    check_tensor(op, "tokens", tokens, torch.int64)
     if tokens.shape != (B, T):
         raise ValueError(f"{op}: tokens {tuple(tokens.shape)} must be (B, T) = {(B, T)} like dout")
     if "BT" not in _plan:

@@ -13,7 +13,7 @@ torch's layer_norm 70 us), residual_layernorm_forward 55 us, layernorm_backward 
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.runtime import ceil_div, i32, launch, ptr
+from distgpt.backends.cuda.runtime import check_tensor, ceil_div, i32, launch, ptr
 
 MODULE = "layernorm"
 CHUNK = 256          # channels one warp covers per 16-byte step (32 lanes x 8 bf16)
@@ -40,13 +40,6 @@ def _check_width(op, C):
         raise ValueError(f"{op}: C={C} must be a multiple of 8 in [8, {MAX_C}] (16-byte rows held in registers)")
 
 
-def _check(op, name, t, dtype=torch.bfloat16):
-    if t.dtype != dtype:
-        raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
-    if not t.is_cuda or not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be a contiguous CUDA tensor")
-    if t.data_ptr() % 16:
-        raise ValueError(f"{op}: {name} must be 16-byte aligned for 128-bit access")
 
 
 def _check_row_op(op, rows_like, stats, params):
@@ -57,15 +50,15 @@ def _check_row_op(op, rows_like, stats, params):
     _check_width(op, C)
     N = t0.numel() // C
     for name, t in rows_like:
-        _check(op, name, t)
+        check_tensor(op, name, t)
         if t.shape != t0.shape:
             raise ValueError(f"{op}: {name} {tuple(t.shape)} must match {name0} {tuple(t0.shape)}")
     for name, t in stats:
-        _check(op, name, t, torch.float32)
+        check_tensor(op, name, t, torch.float32)
         if t.numel() != N:
             raise ValueError(f"{op}: {name} has {t.numel()} elements, one per row needs {N}")
     for name, t in params:
-        _check(op, name, t)
+        check_tensor(op, name, t)
         if t.shape != (C,):
             raise ValueError(f"{op}: {name} {tuple(t.shape)} must be (C,) = ({C},)")
     return N, C
@@ -98,7 +91,7 @@ def residual_forward(out, a, b):
     """out = a + b, elementwise in bf16 (any shape whose size is a multiple of 8)."""
     op = "residual_forward"
     for name, t in (("out", out), ("a", a), ("b", b)):
-        _check(op, name, t)
+        check_tensor(op, name, t)
         if t.shape != out.shape:
             raise ValueError(f"{op}: {name} {tuple(t.shape)} must match out {tuple(out.shape)}")
     if out.numel() % 8:

@@ -76,7 +76,6 @@ def _stream(handle):
 
 def launch(module_name, function, grid, block, args, shared_mem=0):
     """Launch kernels/<module_name>.cu:<function> on torch's current stream."""
-    cupy = _cupy()
     fn = kernel(module_name, function)
     if shared_mem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = shared_mem
@@ -89,6 +88,17 @@ def launch(module_name, function, grid, block, args, shared_mem=0):
             torch.cuda.synchronize()
         except RuntimeError as exc:
             raise RuntimeError(f"CUDA kernel {module_name}.cu:{function} failed: {exc}") from None
+
+
+def check_tensor(op, name, t, dtype=torch.bfloat16):
+    """One-line errors for what the kernels assume: dtype, a contiguous CUDA tensor, and a
+    16-byte aligned start (128-bit loads)."""
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+    if not t.is_cuda or not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be a contiguous CUDA tensor")
+    if t.data_ptr() % 16:
+        raise ValueError(f"{op}: {name} must be 16-byte aligned for 128-bit access")
 
 
 def ceil_div(a, b):
