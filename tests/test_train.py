@@ -171,3 +171,16 @@ def test_wandb_logs_offline_into_the_run_directory(tmp_path, shards, monkeypatch
     run_id = (tmp_path / "wb" / "wandb_id.txt").read_text().strip()
     offline = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
+
+
+def test_sample_streams_text_from_a_run(tmp_path, shards, capsys):
+    args = [*SMALL, *shards, f"out_dir={tmp_path}", "name=s", "train.val_every=0", "train.max_steps=2",
+            "train.micro_batch=2", "train.seq_len=32"]
+    assert main(["train", *args]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "s"), "--prompt", "ROMEO:", "--tokens", "8", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("ROMEO:") and len(first.strip()) > len("ROMEO:")
+    assert main(["sample", str(tmp_path / "s"), "--prompt", "ROMEO:", "--tokens", "8", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first  # seeded: the same text again
+    assert main(["sample", str(tmp_path / "nothing")]) == 2
