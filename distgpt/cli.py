@@ -46,9 +46,7 @@ def _is_user_error(exc):
     from distgpt.config import ConfigError
     from distgpt.data.shards import ShardError
     from distgpt.train import TrainingError
-    return isinstance(exc, (ConfigError, ShardError, CheckpointError, TrainingError,
-                            FileNotFoundError)) or (isinstance(exc, (ValueError, RuntimeError))
-                                                    and getattr(exc, "user_facing", False))
+    return isinstance(exc, (ConfigError, ShardError, CheckpointError, TrainingError, FileNotFoundError))
 
 
 def _fail(message):

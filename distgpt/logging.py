@@ -27,7 +27,6 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.log_every = cfg.train.log_every
         self.wandb = None
-        self._started = time.time()
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)

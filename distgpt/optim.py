@@ -71,11 +71,6 @@ class ShardedAdamW:
                 out.append((start, end, spec.decay))
         return out
 
-    @property
-    def state_bytes(self):
-        extra = 0 if self.master is None else self.master.numel() * self.master.element_size()
-        return 2 * self.m.numel() * self.m.element_size() + extra
-
     def reduce_gradients(self):
         grads = self.model.grads
         if self.zero_stage == 1:

@@ -78,7 +78,6 @@ class ParameterLayout:
         # ZeRO-1 cuts the flat buffer into world-size equal shards: pad rather than change the plan
         unit = ALIGN_ELEMENTS * pad_multiple
         self.total = -(-offset // unit) * unit
-        self.by_name = {s.name: s for s in self.specs}
 
     @property
     def num_parameters(self) -> int:
@@ -142,6 +141,16 @@ def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute
     return slots
 
 
+def pack_slots(slots):
+    """Offsets of each slot in its flat buffer (activations or statistics), each start aligned,
+    and the two buffers' sizes in elements: the one sizing rule the plan and the estimate share."""
+    offsets, sizes = {}, {False: 0, True: 0}
+    for name, shape, stat in slots:
+        offsets[name] = (stat, sizes[stat])
+        sizes[stat] += -(-_numel(shape) // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+    return offsets, sizes
+
+
 class ActivationPlan:
     """All activation buffers for (B, T), carved out of two flat allocations (activations in the
     compute dtype, statistics in `stat_dtype`) made once. `view(b, t)` hands out the same
@@ -151,18 +160,9 @@ class ActivationPlan:
                  dtype, stat_dtype, device):
         self.B, self.T, self.n_layer = B, T, n_layer
         self.slots = activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute)
-        self.offsets, sizes = {}, {False: 0, True: 0}
-        for name, shape, stat in self.slots:
-            numel = 1
-            for s in shape:
-                numel *= s
-            self.offsets[name] = (stat, sizes[stat])
-            sizes[stat] += -(-numel // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
-        self.numel = sizes[False]
-        self.stat_numel = sizes[True]
+        self.offsets, sizes = pack_slots(self.slots)
         self.buffers = {False: torch.empty(sizes[False], dtype=dtype, device=device),
                         True: torch.empty(sizes[True], dtype=stat_dtype, device=device)}
-        self.bytes = sum(b.numel() * b.element_size() for b in self.buffers.values())
 
     def view(self, b, t):
         """name -> tensor for a (b, t) step, b <= B and t <= T. Every shape is (B, T, ...) except
@@ -172,10 +172,7 @@ class ActivationPlan:
         out = {}
         for name, shape, stat in self.slots:
             shape = (b, shape[1], t) if name.startswith("att_lse") else (b, t) + tuple(shape[2:])
-            numel = 1
-            for s in shape:
-                numel *= s
             _, off = self.offsets[name]
-            out[name] = self.buffers[stat][off:off + numel].view(shape)
+            out[name] = self.buffers[stat][off:off + _numel(shape)].view(shape)
         return out
 

@@ -1,7 +1,7 @@
 """The memory a run will take, from its shape alone, before anything is allocated."""
 import torch
 
-from distgpt.model.layout import ALIGN_ELEMENTS, ParameterLayout, activation_slots
+from distgpt.model.layout import ParameterLayout, activation_slots, pack_slots
 
 
 def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage):
@@ -13,13 +13,8 @@ def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage):
     state_elt = 8 if dtype == torch.float64 else 4
     shard = layout.total // world if zero_stage == 1 else layout.total
     has_master = dtype not in (torch.float32, torch.float64)
-    act_elems = {False: 0, True: 0}
-    for _, shape, stat in activation_slots(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size,
-                                           B, T, recompute):
-        numel = 1
-        for s in shape:
-            numel *= s
-        act_elems[stat] += -(-numel // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+    _, act_elems = pack_slots(activation_slots(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size,
+                                               B, T, recompute))
     return [("parameters", layout.total * elt),
             ("gradients", layout.total * elt),
             (f"AdamW m, v{' + fp32 master' if has_master else ''} (1/{world if zero_stage == 1 else 1} of the model)",
