@@ -30,3 +30,14 @@ def assert_close(name, got, want, atol, rtol):
                                f"{want.flatten()[worst]:.6g}, {used.max():.2f}x its budget "
                                f"(atol {atol}, rtol {rtol})")
     return float(used.max())
+
+
+def twice_equal(fn, buffers):
+    """Run fn on two clones of the same starting buffers: every result bitwise equal."""
+    runs = []
+    for _ in range(2):
+        clones = [b.clone() for b in buffers]
+        fn(*clones)
+        runs.append(clones)
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"buffer {i} differs between two identical runs"

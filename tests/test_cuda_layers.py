@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distgpt.backends import reference
-from gpu_check import assert_close, requires_gpu
+from gpu_check import assert_close, requires_gpu, twice_equal
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -73,17 +73,6 @@ def check_accumulated(name, got, before, increment):
     if name in SCALED:
         atol *= float(increment.abs().max())
     return assert_close(name, got, before.double() + increment.double(), atol, rtol)
-
-
-def twice_equal(fn, buffers):
-    """Run fn on two clones of the same starting buffers: every result bitwise equal."""
-    runs = []
-    for _ in range(2):
-        clones = [b.clone() for b in buffers]
-        fn(*clones)
-        runs.append(clones)
-    for i, (a, b) in enumerate(zip(*runs)):
-        assert torch.equal(a, b), f"buffer {i} differs between two identical runs"
 
 
 def skewed_tokens(B, T):

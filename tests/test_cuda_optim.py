@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distgpt.backends import reference
-from gpu_check import assert_close, requires_gpu
+from gpu_check import assert_close, requires_gpu, twice_equal
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -53,17 +53,6 @@ def ops():
 def check(name, got, want, scale=1.0):
     atol, rtol = TOLERANCES[name]
     return assert_close(name, got, want, atol * scale if name in DLOSS_SCALED else atol, rtol)
-
-
-def twice_equal(fn, buffers):
-    """Run fn on two clones of the same starting buffers: every result bitwise equal."""
-    runs = []
-    for _ in range(2):
-        clones = [b.clone() for b in buffers]
-        fn(*clones)
-        runs.append(clones)
-    for i, (a, b) in enumerate(zip(*runs)):
-        assert torch.equal(a, b), f"buffer {i} differs between two identical runs"
 
 
 # ---------------------------------------------------------------- classifier
