@@ -2,6 +2,8 @@
 # One call on a GPU machine (the device tool): install what its image lacks, run the gpu tests,
 # then the throughput table against the PyTorch baseline. Logs go to $OUT; the table prints last.
 #   STAGE=tests|bench|parity|all  benchmarks/device_run.sh gpt2_124m:64 gpt2_350m:32 gpt2_1558m:16
+#   STAGE=scaling GPUS="1 2 4"    benchmarks/device_run.sh gpt2_124m:64:2 gpt2_1558m:16:2   (mpirun, NCCL)
+#   STAGE=drill                   benchmarks/device_run.sh        (kill/hang/resume + socket transport, 2 GPUs)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
@@ -21,4 +23,12 @@ if [ "$STAGE" = parity ] || [ "$STAGE" = all ]; then
 fi
 if { [ "$STAGE" = bench ] || [ "$STAGE" = all ]; } && [ $# -gt 0 ]; then
   python3 benchmarks/throughput.py "$@" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+fi
+if [ "$STAGE" = scaling ] && [ $# -gt 0 ]; then
+  python3 benchmarks/scaling.py "$@" --gpus ${GPUS:-1 2} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/scaling.log"
+fi
+if [ "$STAGE" = drill ]; then
+  python3 benchmarks/failure_drill.py --gpu --transport --out /tmp/drill --steps 40 --fault-at 20 \
+      --checkpoint-every 10 --timeout 30 2>&1 | tee "$OUT/drill.log"
+  cp /tmp/drill/*.log "$OUT/" 2>/dev/null
 fi

@@ -1,9 +1,12 @@
-"""`distgpt bench`: time distgpt's full training step on synthetic tokens.
+"""`distgpt bench`: time distgpt's full training step on synthetic tokens, on one GPU or,
+under mpirun, on every rank's GPU with NCCL and ZeRO-1.
 
-One step = forward + backward + gradient norm + AdamW, the same calls the trainer makes. After
-warm-up, each step is timed with CUDA events and the median is reported, with tokens/s, MFU as
-llm.c counts it, and peak memory both as the device sees it (cudaMemGetInfo) and as torch's
-allocator saw it."""
+One step = `accum` micro-steps of forward + backward, then gradient reduction, global norm,
+AdamW and the weight all-gather: the calls the trainer makes. After warm-up each step is
+timed with CUDA events; a step's time is the slowest rank's, and the median over steps is
+reported with tokens/s (all ranks), MFU as llm.c counts it, and memory per GPU both as the
+device sees it (cudaMemGetInfo) and as torch's allocator saw it. With several ranks it also
+times the step's collectives alone (reduce-scatter + all-gather of the flat buffers)."""
 import argparse
 import json
 import statistics
@@ -23,57 +26,96 @@ def peak_flops():
     return next((v for k, v in PEAK_FLOPS.items() if k in name), 989e12)
 
 
-def measure_distgpt(model_name, B, T, steps, warmup, recompute):
+def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
-    from distgpt.dist.comm import LocalComm
+    from distgpt.dist.bootstrap import bootstrap
     from distgpt.model.gpt2 import GPT2
     from distgpt.optim import ShardedAdamW
 
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
                        "backend=cuda", "device=cuda", "dtype=bfloat16"])
+    dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s)
     backend = get_backend("cuda")
     torch.cuda.reset_peak_memory_stats()
-    model = GPT2(cfg.model, backend, B, T, torch.bfloat16, "cuda", recompute)
+    model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
+                 pad_multiple=dist.world)
     model.init_weights(cfg.seed)
-    optimizer = ShardedAdamW(model, LocalComm(), cfg.optim, 1, backend)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randint(0, cfg.model.vocab_size, (B, T), device="cuda", generator=gen)
-    y = torch.randint(0, cfg.model.vocab_size, (B, T), device="cuda", generator=gen)
+    optimizer = ShardedAdamW(model, dist.comm, cfg.optim, zero_stage, backend)
+    gen = torch.Generator(device=dist.device).manual_seed(1000 + dist.rank)  # each rank its own tokens
+    x = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
+    y = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
+    dloss = 1.0 / (accum * B * T * dist.world)
     times, losses = [], []
     for i in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         model.zero_grad()
-        loss = model.forward(x, y, 1.0 / (B * T))
-        model.backward()
+        loss = torch.zeros((), device=dist.device)
+        for micro in range(accum):
+            loss += model.forward(x[micro], y[micro], dloss)
+            model.backward()
         optimizer.step(1e-4)
         end.record()
         torch.cuda.synchronize()
-        losses.append(loss.item())
+        losses.append(loss.item() / accum)
         if i >= warmup:
             times.append(start.elapsed_time(end) / 1000)
+    comm_s = time_collectives(model, optimizer, dist) if dist.world > 1 else 0.0
     free, total = torch.cuda.mem_get_info()
+    ranks = _gather(dist, {"times": times, "device_used_gb": (total - free) / 1e9,
+                           "torch_peak_gb": torch.cuda.max_memory_allocated() / 1e9, "comm_s": comm_s})
+    slowest = [max(r["times"][i] for r in ranks) for i in range(steps)]
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
-            "step_s": statistics.median(times), "steps": steps,
+            "accum": accum, "world": dist.world, "zero_stage": zero_stage,
+            "step_s": statistics.median(slowest), "steps": steps,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
-            "device_used_gb": (total - free) / 1e9, "torch_peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-            "first_loss": losses[0], "last_loss": losses[-1]}
+            "device_used_gb": max(r["device_used_gb"] for r in ranks),
+            "torch_peak_gb": max(r["torch_peak_gb"] for r in ranks),
+            "comm_s": max(r["comm_s"] for r in ranks),
+            "first_loss": losses[0], "last_loss": losses[-1], "is_main": dist.is_main}
+
+
+def time_collectives(model, optimizer, dist, repeats=10):
+    """Median time of one step's collectives alone: the gradient reduce-scatter (all-reduce at
+    zero_stage 0) and, at zero_stage 1, the all-gather of the updated weights."""
+    samples = []
+    for _ in range(repeats):
+        dist.comm.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        optimizer.reduce_gradients()
+        if optimizer.zero_stage == 1:
+            dist.comm.all_gather(model.params, model.params[optimizer.lo:optimizer.hi])
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1000)
+    return statistics.median(samples)
+
+
+def _gather(dist, record):
+    if dist.world == 1:
+        return [record]
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.allgather(record)
 
 
 def summarize(result):
-    tokens = result["B"] * result["T"]
+    tokens = result["B"] * result["T"] * result.get("accum", 1) * result.get("world", 1)
     result["tok_s"] = tokens / result["step_s"]
-    result["mfu"] = result["tok_s"] * model_flops_per_token(
+    result["mfu"] = result["tok_s"] / result.get("world", 1) * model_flops_per_token(
         result["num_params"], result["n_layer"], result["n_embd"], result["T"]) / peak_flops()
     return result
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="distgpt bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="distgpt bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2_124m")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="micro-batch per GPU")
     p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--zero-stage", type=int, default=1, choices=(0, 1))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--recompute", type=int, default=0)
@@ -81,11 +123,17 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise RuntimeError("distgpt bench needs an NVIDIA GPU")
-    r = summarize(measure_distgpt(a.model, a.batch, a.seq, a.steps, a.warmup, a.recompute))
+    r = summarize(measure_distgpt(a.model, a.batch, a.seq, a.steps, a.warmup, a.recompute,
+                                  a.accum, a.zero_stage))
+    if not r.pop("is_main"):
+        return 0
     if a.json:
-        print(json.dumps(r))
+        print(json.dumps(r), flush=True)
     else:
-        print(f"{r['model']} B={r['B']} T={r['T']}: {r['step_s'] * 1000:.1f} ms/step, "
-              f"{r['tok_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, device memory {r['device_used_gb']:.1f} GB "
-              f"(torch peak {r['torch_peak_gb']:.1f} GB), loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+        per_gpu = f" ({r['tok_s'] / r['world']:,.0f} per GPU)" if r["world"] > 1 else ""
+        comm = f", collectives {r['comm_s'] * 1000:.1f} ms" if r["world"] > 1 else ""
+        print(f"{r['model']} {r['world']} GPU(s) B={r['B']} T={r['T']} accum={r['accum']}: "
+              f"{r['step_s'] * 1000:.1f} ms/step, {r['tok_s']:,.0f} tok/s{per_gpu}, MFU {100 * r['mfu']:.1f}%, "
+              f"device memory {r['device_used_gb']:.1f} GB/GPU (torch peak {r['torch_peak_gb']:.1f} GB){comm}, "
+              f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}", flush=True)
     return 0

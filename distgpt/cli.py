@@ -37,7 +37,7 @@ def main(argv=None):
         return 130
     except Exception as exc:  # user-facing errors become one line; bugs keep their traceback
         if _is_user_error(exc):
-            return _fail(str(exc))
+            return _fail(str(exc), _same_on_every_rank(exc))
         raise
 
 
@@ -49,9 +49,23 @@ def _is_user_error(exc):
     return isinstance(exc, (ConfigError, ShardError, CheckpointError, TrainingError, FileNotFoundError))
 
 
-def _fail(message):
+def _same_on_every_rank(exc):
+    from distgpt.config import ConfigError
+    return isinstance(exc, ConfigError)
+
+
+def _fail(message, same_on_every_rank=True):
+    """A config mistake is met by every rank alike, so rank 0 alone reports it; anything
+    else (a file missing on one node, one rank's optimizer shard) is reported by each rank
+    that meets it, with its rank."""
+    from distgpt.dist.bootstrap import launcher_rank
     from distgpt.logging import error
-    error(message.strip().splitlines()[0] if message.strip() else "failed")
+    line = message.strip().splitlines()[0] if message.strip() else "failed"
+    rank = launcher_rank()
+    if rank == 0:
+        error(line)
+    elif not same_on_every_rank:
+        error(f"rank {rank}: {line}")
     return 2
 
 
@@ -61,7 +75,7 @@ def cmd_train(overrides):
     from distgpt.train import Trainer
     cfg = load_config(overrides)
     device = resolve_device(cfg)
-    dist = bootstrap(device, nccl_timeout_s=cfg.comm_timeout_s)
+    dist = bootstrap(device, comm_timeout_s=cfg.comm_timeout_s)
     Trainer(cfg, dist).run()
 
 

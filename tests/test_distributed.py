@@ -102,3 +102,21 @@ def test_two_rank_checkpoint_resumes_on_other_world_sizes(runs, ranks_after):
     assert loss[:4] == loss2[:4]  # the same 2-rank run up to the checkpoint
     assert loss == pytest.approx(loss2, rel=RTOL_ACROSS_LAYOUTS)
     assert val == pytest.approx(val2, rel=RTOL_ACROSS_LAYOUTS)
+
+
+@pytest.mark.slow
+def test_failure_drill_kill_hang_and_resume(tmp_path):
+    """benchmarks/failure_drill.py on CPUs: SIGKILL of rank 1 ends the job non-zero at once;
+    SIGSTOP of rank 1 (a hang) is ended by rank 0's watchdog within comm_timeout_s, naming the
+    rank and the operation; resume=auto after the kill reproduces the uninterrupted losses
+    bit for bit. The same script runs the drill on GPUs (NCCL) with --gpu."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "failure_drill.py"
+    env = dict(os.environ, PYTHONPATH=str(script.parent.parent))
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "drill"), "--timeout", "8"],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {r["run"]: r for r in map(json.loads, (x for x in proc.stdout.splitlines() if x.startswith("{")))}
+    assert runs["killed"]["rc"] != 0 and runs["killed"]["ended_after_s"] <= 8 + 5
+    assert runs["hung"]["rc"] == 3 and runs["hung"]["ended_after_s"] <= 8 + 15
+    assert "rank 0: MPI" in runs["hung"]["watchdog_message"]
+    assert runs["resumed"]["bitwise_equal"] and runs["resumed"]["steps_equal_to_full"] == 20

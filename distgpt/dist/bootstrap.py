@@ -32,7 +32,16 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in LAUNCHER_VARIABLES)
 
 
-def bootstrap(device: str, nccl_timeout_s: float = 600.0) -> DistState:
+def launcher_rank() -> int:
+    """This process's rank as the launcher set it, readable before MPI starts (so a config
+    error, found before bootstrap, is printed by rank 0 alone)."""
+    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def bootstrap(device: str, comm_timeout_s: float = 600.0) -> DistState:
     """device: 'cpu' or 'cuda' (already resolved from 'auto' by the caller). One rank per GPU:
     each takes GPU `local_rank` of its node."""
     if not launched_by_mpi():
@@ -49,7 +58,7 @@ def bootstrap(device: str, nccl_timeout_s: float = 600.0) -> DistState:
     elif device == "cuda":
         comm = None  # built below, once this rank has its GPU
     else:
-        comm = MpiComm(world_comm)
+        comm = MpiComm(world_comm, timeout_s=comm_timeout_s)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -58,5 +67,5 @@ def bootstrap(device: str, nccl_timeout_s: float = 600.0) -> DistState:
         torch.cuda.set_device(dev)
         if world > 1:
             from distgpt.dist.nccl import NcclComm
-            comm = NcclComm(world_comm, dev, timeout_s=nccl_timeout_s)
+            comm = NcclComm(world_comm, dev, timeout_s=comm_timeout_s)
     return DistState(rank, world, local_rank, comm, dev)

@@ -10,6 +10,12 @@ LocalComm is world size 1 (everything is a copy or nothing); MpiComm moves CPU t
 mpi4py, so the whole trainer runs under `mpirun` on a laptop and in CI. The trainer never
 knows which one it holds.
 """
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -35,6 +41,50 @@ class Communicator:
 
     def barrier(self):
         raise NotImplementedError
+
+
+class CollectiveWatchdog:
+    """Ends this process when the host has waited on one collective longer than `timeout_s`.
+
+    A rank that died or hangs leaves its peers blocked inside a collective, where no Python
+    code runs; so a daemon thread watches the clock. When it fires it prints one line naming
+    the rank and the operation, calls `abort` (NCCL: abort the communicator so the GPU stops
+    waiting) and exits with code 3; mpirun / srun then end the remaining ranks."""
+
+    EXIT_CODE = 3
+
+    def __init__(self, rank, timeout_s, transport, abort=None):
+        self.rank, self.timeout_s, self.transport, self.abort = rank, timeout_s, transport, abort
+        self._pending = None  # (operation, start time) while the host waits on a collective
+        self._lock = threading.Lock()
+        if timeout_s > 0:
+            threading.Thread(target=self._watch, daemon=True, name="collective-watchdog").start()
+
+    @contextmanager
+    def waiting_on(self, operation):
+        with self._lock:
+            self._pending = (operation, time.monotonic())
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pending = None
+
+    def _watch(self):
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            with self._lock:
+                pending = self._pending
+            if pending and time.monotonic() - pending[1] > self.timeout_s:
+                print(f"distgpt: error: rank {self.rank}: {self.transport} {pending[0]} did not complete "
+                      f"within comm_timeout_s={self.timeout_s:g} s (another rank died or hangs); "
+                      f"stopping every rank. Resume with resume=auto once all ranks are healthy",
+                      file=sys.stderr, flush=True)
+                try:
+                    if self.abort is not None:
+                        self.abort()
+                finally:
+                    os._exit(self.EXIT_CODE)
 
 
 class LocalComm(Communicator):
@@ -64,11 +114,13 @@ class LocalComm(Communicator):
 class MpiComm(Communicator):
     """CPU tensors over MPI. Each collective names itself in any error it raises."""
 
-    def __init__(self, mpi_comm):
+    def __init__(self, mpi_comm, timeout_s=0.0):
         from mpi4py import MPI
         self._MPI = MPI
         self.comm = mpi_comm
         self.rank, self.world = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        # mpi4py releases the GIL inside blocking MPI calls, so the watchdog thread runs
+        self.watchdog = CollectiveWatchdog(self.rank, timeout_s, "MPI")
 
     def _np(self, tensor):
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
@@ -78,22 +130,28 @@ class MpiComm(Communicator):
         return tensor.numpy()
 
     def all_reduce(self, tensor):
-        self.comm.Allreduce(self._MPI.IN_PLACE, self._np(tensor), op=self._MPI.SUM)
+        with self.watchdog.waiting_on("all_reduce"):
+            self.comm.Allreduce(self._MPI.IN_PLACE, self._np(tensor), op=self._MPI.SUM)
 
     def reduce_scatter(self, out, tensor):
         recv = np.empty(out.numel(), dtype=self._np(out).dtype)
-        self.comm.Reduce_scatter_block(self._np(tensor), recv, op=self._MPI.SUM)
+        with self.watchdog.waiting_on("reduce_scatter"):
+            self.comm.Reduce_scatter_block(self._np(tensor), recv, op=self._MPI.SUM)
         out.copy_(torch.from_numpy(recv))
 
     def all_gather(self, out, tensor):
         send = self._np(tensor).copy()  # tensor may alias out
-        self.comm.Allgather(send, self._np(out))
+        with self.watchdog.waiting_on("all_gather"):
+            self.comm.Allgather(send, self._np(out))
 
     def broadcast(self, tensor, root=0):
-        self.comm.Bcast(self._np(tensor), root=root)
+        with self.watchdog.waiting_on("broadcast"):
+            self.comm.Bcast(self._np(tensor), root=root)
 
     def broadcast_object(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
+        with self.watchdog.waiting_on("broadcast_object"):
+            return self.comm.bcast(obj, root=root)
 
     def barrier(self):
-        self.comm.Barrier()
+        with self.watchdog.waiting_on("barrier"):
+            self.comm.Barrier()

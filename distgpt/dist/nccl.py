@@ -4,20 +4,14 @@ Rank 0 makes the NCCL unique id, MPI broadcasts it, every rank builds its commun
 collective is enqueued on torch's current stream (the stream the step runs on), so it orders
 with our kernels without host synchronisation.
 
-A rank that dies or hangs must not leave the others waiting forever: every collective records
-what it is and when it started; a watchdog thread aborts the communicator if the host has been
-waiting on one longer than `timeout_s`, and the process exits non-zero naming the rank and the
-operation. (NCCL itself reports asynchronous errors through ncclCommGetAsyncError, checked at
-each collective.)
+A rank that dies or hangs must not leave the others waiting forever: the host waits for each
+collective under a CollectiveWatchdog, which aborts the communicator and exits naming the rank
+and the operation once comm_timeout_s has passed. NCCL's asynchronous errors are checked after
+each collective.
 """
-import os
-import sys
-import threading
-import time
-
 import torch
 
-from distgpt.dist.comm import Communicator
+from distgpt.dist.comm import CollectiveWatchdog, Communicator
 
 _NCCL_DTYPES = {torch.float32: "NCCL_FLOAT32", torch.bfloat16: "NCCL_BFLOAT16",
                 torch.float16: "NCCL_FLOAT16", torch.float64: "NCCL_FLOAT64", torch.int64: "NCCL_INT64"}
@@ -38,42 +32,21 @@ class NcclComm(Communicator):
         uid = mpi_comm.bcast(uid, root=0)
         with torch.cuda.device(device):
             self.comm = nccl.NcclCommunicator(self.world, uid, self.rank)
-        self._pending = None  # (operation, start time) while the host waits on a collective
-        self._lock = threading.Lock()
-        if timeout_s > 0:
-            threading.Thread(target=self._watchdog, daemon=True, name="nccl-watchdog").start()
-
-    # ------------------------------------------------------------ failure handling
-    def _watchdog(self):
-        while True:
-            time.sleep(min(5.0, self.timeout_s / 4))
-            with self._lock:
-                pending = self._pending
-            if pending and time.time() - pending[1] > self.timeout_s:
-                print(f"distgpt: error: rank {self.rank}: NCCL {pending[0]} did not complete within "
-                      f"{self.timeout_s:.0f} s (another rank died or hangs); aborting the communicator. "
-                      f"Resume with resume=auto once every rank is healthy", file=sys.stderr, flush=True)
-                try:
-                    self.comm.abort()
-                finally:
-                    os._exit(3)
+        self.watchdog = CollectiveWatchdog(self.rank, timeout_s, "NCCL", abort=self.comm.abort)
 
     def _run(self, name, fn):
         """Enqueue a collective and wait for it, so the watchdog can see a hang. Waiting costs
         little: the trainer synchronises on each step's loss anyway."""
-        with self._lock:
-            self._pending = (name, time.time())
+        stream = torch.cuda.current_stream(self.device)
         try:
-            fn(torch.cuda.current_stream(self.device).cuda_stream)
-            torch.cuda.current_stream(self.device).synchronize()
+            with self.watchdog.waiting_on(name):
+                fn(stream.cuda_stream)
+                stream.synchronize()
             error = self.comm.check_async_error() if hasattr(self.comm, "check_async_error") else None
             if error:
                 raise NcclError(f"rank {self.rank}: NCCL {name} failed asynchronously (code {error})")
         except self._nccl.NcclError as exc:
             raise NcclError(f"rank {self.rank}: NCCL {name} failed: {exc}") from None
-        finally:
-            with self._lock:
-                self._pending = None
 
     def _dtype(self, tensor):
         name = _NCCL_DTYPES.get(tensor.dtype)
@@ -100,8 +73,10 @@ class NcclComm(Communicator):
             tensor.data_ptr(), tensor.numel(), self._dtype(tensor), root, s))
 
     def broadcast_object(self, obj, root=0):
-        return self.mpi.bcast(obj, root=root)
+        with self.watchdog.waiting_on("broadcast_object (MPI)"):
+            return self.mpi.bcast(obj, root=root)
 
     def barrier(self):
         torch.cuda.current_stream(self.device).synchronize()
-        self.mpi.Barrier()
+        with self.watchdog.waiting_on("barrier (MPI)"):
+            self.mpi.Barrier()
