@@ -26,7 +26,8 @@ from pathlib import Path
 
 CPU_RUN = ["+run=debug_cpu", "model.n_layer=2", "model.n_embd=64", "model.n_head=2",
            "train.micro_batch=2", "train.seq_len=32", "train.sample_every=0", "train.val_every=0"]
-GPU_RUN = ["+run=single_gpu", "train.micro_batch=8", "train.seq_len=1024", "train.recompute=1",
+# deterministic=true: the run must resume bit for bit (cuDNN's attention backward would not)
+GPU_RUN = ["+run=single_gpu", "deterministic=true", "train.micro_batch=8", "train.seq_len=1024", "train.recompute=1",
            "train.sample_every=0", "train.val_every=0"]
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # two ranks talking as two nodes would: no NVLink/PCIe peer access, no shared memory, TCP over lo

@@ -21,7 +21,8 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 def bench(model, batch, recompute, gpus, a):
     args = [sys.executable, "-m", "distgpt", "bench", "--model", model, "--batch", batch,
             "--recompute", recompute, "--seq", str(a.seq), "--steps", str(a.steps),
-            "--accum", str(a.accum), "--zero-stage", str(a.zero_stage), "--json"]
+            "--accum", str(a.accum), "--zero-stage", str(a.zero_stage), "--json",
+            *(["--deterministic"] if a.deterministic else [])]
     env = dict(os.environ, **NCCL_ENV)
     if gpus > 1:
         mpirun = shutil.which("mpirun")
@@ -44,6 +45,7 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--deterministic", action="store_true")
     a = p.parse_args()
     rows = []
     for item in a.configs:
@@ -58,11 +60,11 @@ def main():
             base = r if gpus == min(a.gpus) else base
             scale = r["tok_s"] / base["tok_s"] * min(a.gpus) if base else float("nan")
             rows.append((model, batch, recompute, gpus, r, scale))
-    print(f"\n| model | B | recompute | accum | GPUs | ms/step | tok/s (all) | tok/s per GPU | MFU | "
+    print(f"\n| model | B | recompute | deterministic | accum | GPUs | ms/step | tok/s (all) | tok/s per GPU | MFU | "
           f"device GB/GPU | torch peak GB | collectives ms | scaling vs {min(a.gpus)} |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, batch, recompute, gpus, r, scale in rows:
-        print(f"| {model} | {batch} | {recompute} | {r['accum']} | {gpus} | {1000 * r['step_s']:.1f} | "
+        print(f"| {model} | {batch} | {recompute} | {a.deterministic} | {r['accum']} | {gpus} | {1000 * r['step_s']:.1f} | "
               f"{r['tok_s']:,.0f} | {r['tok_s'] / gpus:,.0f} | {100 * r['mfu']:.1f}% | {r['device_used_gb']:.1f} | "
               f"{r['torch_peak_gb']:.1f} | {1000 * r['comm_s']:.1f} | {scale:.3f} |")
 

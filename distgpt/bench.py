@@ -26,7 +26,8 @@ def peak_flops():
     return next((v for k, v in PEAK_FLOPS.items() if k in name), 989e12)
 
 
-def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None):
+def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
+                    deterministic=False):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.dist.bootstrap import bootstrap
@@ -37,6 +38,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                        "backend=cuda", "device=cuda", "dtype=bfloat16"])
     dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s)
     backend = get_backend("cuda")
+    backend.set_deterministic_attention(deterministic)
     torch.cuda.reset_peak_memory_stats()
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
                  pad_multiple=dist.world)
@@ -67,7 +69,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                            "torch_peak_gb": torch.cuda.max_memory_allocated() / 1e9, "comm_s": comm_s})
     slowest = [max(r["times"][i] for r in ranks) for i in range(steps)]
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
-            "accum": accum, "world": dist.world, "zero_stage": zero_stage,
+            "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
             "step_s": statistics.median(slowest), "steps": steps,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
@@ -119,12 +121,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--recompute", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="the bitwise-reproducible attention backward")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise RuntimeError("distgpt bench needs an NVIDIA GPU")
     r = summarize(measure_distgpt(a.model, a.batch, a.seq, a.steps, a.warmup, a.recompute,
-                                  a.accum, a.zero_stage))
+                                  a.accum, a.zero_stage, deterministic=a.deterministic))
     if not r.pop("is_main"):
         return 0
     if a.json:

@@ -10,7 +10,8 @@ if not torch.cuda.is_available():
 
 from distgpt.backends.cuda import bias, encoder, layernorm, norm  # noqa: E402
 from distgpt.backends.cuda.adamw import adamw_update  # noqa: E402,F401
-from distgpt.backends.cuda.attention import attention_backward, attention_forward  # noqa: E402,F401
+from distgpt.backends.cuda.attention import (attention_backward, attention_forward,  # noqa: E402,F401
+                                             set_deterministic_attention)
 from distgpt.backends.cuda.classifier import fused_classifier  # noqa: E402,F401
 from distgpt.backends.cuda.encoder import encoder_backward, encoder_forward  # noqa: E402,F401
 from distgpt.backends.cuda.gelu import gelu_backward, gelu_forward  # noqa: E402,F401
