@@ -113,6 +113,41 @@ def load_state(path):
                               f"point resume= at an earlier checkpoint") from None
 
 
+def resolve(path):
+    """A checkpoint directory as given, or a run directory's latest checkpoint."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with one")
+    return latest
+
+
+def config_of(path):
+    """The run's Config, as the checkpoint recorded it."""
+    from omegaconf import OmegaConf
+
+    from distgpt.config import Config
+    state = load_state(path)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"])))
+
+
+def inference_model(path, batch=1):
+    """A GPT2 holding a checkpoint's weights (a run directory: its latest), fp32 on the reference
+    ops, on the GPU when there is one, planned for `batch` rows of up to block_size tokens."""
+    import torch
+
+    from distgpt.backends import reference
+    from distgpt.model.gpt2 import GPT2
+    path = resolve(path)
+    cfg = config_of(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = GPT2(cfg.model, reference, batch, cfg.model.block_size, torch.float32, device)
+    load_weights(path, model)
+    return model
+
+
 def load_weights(path, model):
     """Copy the named weights of a checkpoint into the model's flat buffer."""
     file = Path(path) / MODEL_FILE

@@ -14,6 +14,7 @@ commands:
   prepare INPUT... [--out D]  tokenize .txt/.jsonl into llm.c-format train/val shards
   sample  CHECKPOINT [flags]  generate text from a checkpoint directory (or a run directory)
   bench   [--model M --batch B]  time the CUDA training step (tokens/s, MFU, memory)
+  eval    hellaswag RUN_OR_CKPT  HellaSwag accuracy of a checkpoint (acc, acc_norm)
 """
 
 
@@ -23,7 +24,8 @@ def main(argv=None):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "bench": cmd_bench}
+    commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "bench": cmd_bench,
+                "eval": cmd_eval}
     if command not in commands:
         # `distgpt model=tiny` is a train with overrides
         if "=" in command:
@@ -120,6 +122,19 @@ def cmd_sample(args):
     a = parser.parse_args(args)
     from distgpt.sample import sample_from_checkpoint
     sample_from_checkpoint(a.checkpoint, a.prompt, a.tokens, a.temperature, a.top_k, a.seed)
+
+
+def cmd_eval(args):
+    from distgpt.hellaswag import DEFAULT_PATH, SOURCE_URL
+    parser = argparse.ArgumentParser(prog="distgpt eval", description="Evaluate a checkpoint.",
+                                     epilog=f"HellaSwag's val set: {SOURCE_URL}")
+    parser.add_argument("task", choices=["hellaswag"])
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    parser.add_argument("--file", default=DEFAULT_PATH, help=f"the HellaSwag .jsonl (default: {DEFAULT_PATH})")
+    parser.add_argument("--limit", type=int, default=0, help="score the first N items only (0 = all)")
+    a = parser.parse_args(args)
+    from distgpt.hellaswag import evaluate_checkpoint
+    evaluate_checkpoint(a.checkpoint, a.file, a.limit)
 
 
 def cmd_bench(args):

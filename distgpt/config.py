@@ -70,6 +70,8 @@ class TrainConfig:
     checkpoint_every: int = 100  # 0 = only at the end
     keep_checkpoints: int = 2  # newest kept; older ones are deleted after a successful save
     log_every: int = 10
+    hellaswag_every: int = 0  # steps between HellaSwag evaluations (hellaswag_path); 0 = never
+    hellaswag_limit: int = 0  # items per evaluation; 0 = all 10,042
     recompute: int = 0  # 0 none, 1 GELU, 2 GELU + layernorm (activation memory for time)
 
 
@@ -93,6 +95,7 @@ class Config:
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
     wandb: bool = False
     wandb_project: str = "distgpt"
+    hellaswag_path: str = "data/hellaswag_val.jsonl"  # HellaSwag's val set (see `distgpt eval --help`)
 
 
 ConfigStore.instance().store(name="distgpt_schema", node=Config)

@@ -27,6 +27,7 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.log_every = cfg.train.log_every
         self.wandb = None
+        self.sample_rows = []
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -52,18 +53,20 @@ class RunLogger:
         self.metrics.flush()
 
     def log_step(self, step, max_steps, loss, lr, grad_norm, tokens_per_s, step_ms, eta_s,
-                 tokens_seen):
+                 tokens_seen, extra=None):
+        """extra: more per-step numbers (on GPUs: mfu, memory_gb), logged alike."""
         if not self.enabled:
             return
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "step_ms": step_ms, "tokens": tokens_seen,
-                  "time": time.time()}
+                  **(extra or {}), "time": time.time()}
         self._record(record)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
         if step % self.log_every == 0 or step == max_steps or step == 1:
+            mfu = f" | MFU {100 * record['mfu']:.1f}%" if "mfu" in record else ""
             print(f"step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
-                  f"{step_ms:.0f} ms | {tokens_per_s:,.0f} tok/s | ETA {format_duration(eta_s)}",
+                  f"{step_ms:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu} | ETA {format_duration(eta_s)}",
                   flush=True)
 
     def log_eval(self, step, val_loss, tokens_seen):
@@ -74,13 +77,25 @@ class RunLogger:
             self.wandb.log({"val_loss": val_loss}, step=step)
         print(f"step {step:>6} | val loss {val_loss:.4f}", flush=True)
 
+    def log_hellaswag(self, step, result, tokens_seen):
+        if not self.enabled:
+            return
+        record = {"step": step, "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"],
+                  "hellaswag_count": result["count"], "tokens": tokens_seen}
+        self._record({**record, "time": time.time()})
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        print(f"step {step:>6} | hellaswag acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} "
+              f"({result['count']} items)", flush=True)
+
     def log_sample(self, step, text):
         if not self.enabled:
             return
         self._record({"step": step, "sample": text, "time": time.time()})
         if self.wandb is not None:
             import wandb
-            self.wandb.log({"samples": wandb.Table(columns=["step", "text"], data=[[step, text]])},
+            self.sample_rows.append([step, text])  # the table grows: each logged version holds all samples
+            self.wandb.log({"samples": wandb.Table(columns=["step", "text"], data=list(self.sample_rows))},
                            step=step)
         print(f"---- sample at step {step} ----\n{text}\n----", flush=True)
 

@@ -36,27 +36,11 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, see
 def sample_from_checkpoint(path, prompt, max_new_tokens, temperature, top_k, seed):
     """`distgpt sample`: load a checkpoint (or a run directory's latest) and stream text."""
     import sys
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
 
     from distgpt import checkpoint
-    from distgpt.backends import reference
-    from distgpt.config import Config
     from distgpt.data.tokenizer import EOT_TOKEN, decode, encode
-    from distgpt.model.gpt2 import GPT2
 
-    path = Path(path)
-    if not (path / checkpoint.STATE_FILE).exists():
-        latest = checkpoint.find_latest(path)
-        if latest is None:
-            raise checkpoint.CheckpointError(f"{path}: neither a checkpoint nor a run directory with one")
-        path = latest
-    state = checkpoint.load_state(path)
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"])))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GPT2(cfg.model, reference, 1, cfg.model.block_size, torch.float32, device)
-    checkpoint.load_weights(path, model)
+    model = checkpoint.inference_model(path, batch=1)
     prompt_tokens = [EOT_TOKEN] + encode(prompt)
     printed, made = "", []
 

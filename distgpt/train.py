@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from distgpt import checkpoint
+from distgpt import checkpoint, hellaswag
 from distgpt.backends import get_backend
 from distgpt.config import accumulation_steps, to_yaml, validate
 from distgpt.data.prepare import prepare
@@ -49,6 +49,8 @@ class Trainer:
         # whatever the number of ranks
         self.val_loader = ShardedLoader(cfg.data.val, self.B, self.T, dist.rank, dist.world, self.accum)
         self.val_steps = self._val_steps_that_fit()
+        self.hellaswag_items = (hellaswag.load_items(cfg.hellaswag_path, t.hellaswag_limit)
+                                if t.hellaswag_every > 0 else None)
         dtype = DTYPES[cfg.dtype]
         plan, planned_bytes = memory.format_estimate(memory.estimate(
             cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage))
@@ -118,6 +120,8 @@ class Trainer:
                                 f"{t.max_steps} steps; raise train.max_steps to go on, or set name= for a new run")
         if self.step == 0 and t.val_every > 0:
             self.evaluate()
+        if self.step == 0 and t.hellaswag_every > 0:
+            self.evaluate_hellaswag()
         started, started_step = time.time(), self.step
         end = t.max_steps if t.stop_after == 0 else min(t.max_steps, self.step + t.stop_after)
         done = 0
@@ -130,10 +134,12 @@ class Trainer:
             done = self.step - started_step
             eta = (time.time() - started) / done * (t.max_steps - self.step)
             self.log.log_step(self.step, t.max_steps, loss, lr, norm, self.tokens_per_step / step_s,
-                              1000 * step_s, eta, self.tokens_seen)
+                              1000 * step_s, eta, self.tokens_seen, self._gpu_stats(self.tokens_per_step / step_s))
             last = self.step == t.max_steps
             if t.val_every > 0 and (self.step % t.val_every == 0 or last):
                 self.evaluate()
+            if t.hellaswag_every > 0 and (self.step % t.hellaswag_every == 0 or last):
+                self.evaluate_hellaswag()
             if t.sample_every > 0 and (self.step % t.sample_every == 0 or last):
                 self.sample()
             if (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or self.step == end:
@@ -168,6 +174,21 @@ class Trainer:
                                self.dist.device)
         self.log.log_eval(self.step, loss, self.tokens_seen)
         return loss
+
+    def _gpu_stats(self, tokens_per_s):
+        """MFU (llm.c's count, per GPU) and this rank's peak allocated memory; none on the CPU."""
+        if self.dist.device.type != "cuda":
+            return {}
+        from distgpt.bench import model_flops_per_token, peak_flops
+        m = self.cfg.model
+        flops = model_flops_per_token(self.model.num_parameters, m.n_layer, m.n_embd, self.T)
+        return {"mfu": tokens_per_s / self.dist.world * flops / peak_flops(),
+                "memory_gb": torch.cuda.max_memory_allocated(self.dist.device) / 1e9}
+
+    def evaluate_hellaswag(self):
+        result = hellaswag.evaluate(self.model, self.hellaswag_items, self.dist.comm)
+        self.log.log_hellaswag(self.step, result, self.tokens_seen)
+        return result
 
     def sample(self):
         if not self.dist.is_main:
