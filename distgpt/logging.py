@@ -27,13 +27,14 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.log_every = cfg.train.log_every
         self.wandb = None
-        self.sample_rows = []
+        self.samples = {}  # step -> text, for the W&B table
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = open(self.run_dir / "metrics.jsonl", "a")
         if cfg.wandb:
             self.wandb = self._start_wandb(cfg, config_dict)
+            self.samples = self._earlier_samples()
 
     def _start_wandb(self, cfg, config_dict):
         import wandb
@@ -43,6 +44,15 @@ class RunLogger:
         id_file.write_text(run_id + "\n")
         return wandb.init(project=cfg.wandb_project, name=cfg.name, id=run_id, resume="allow",
                           dir=str(self.run_dir), config=config_dict, mode=_wandb_mode())
+
+    def _earlier_samples(self):
+        """A resumed run's table starts from the samples already in metrics.jsonl."""
+        samples = {}
+        for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if "sample" in record:
+                samples[record["step"]] = record["sample"]
+        return samples
 
     def info(self, message):
         if self.enabled:
@@ -94,9 +104,9 @@ class RunLogger:
         self._record({"step": step, "sample": text, "time": time.time()})
         if self.wandb is not None:
             import wandb
-            self.sample_rows.append([step, text])  # the table grows: each logged version holds all samples
-            self.wandb.log({"samples": wandb.Table(columns=["step", "text"], data=list(self.sample_rows))},
-                           step=step)
+            self.samples[step] = text  # the table grows: each logged version holds every sample so far
+            rows = [[s, t] for s, t in sorted(self.samples.items())]
+            self.wandb.log({"samples": wandb.Table(columns=["step", "text"], data=rows)}, step=step)
         print(f"---- sample at step {step} ----\n{text}\n----", flush=True)
 
     def close(self):

@@ -161,16 +161,39 @@ def test_schedules():
     assert 0.1 < learning_rate(90, 100, o) < 1.0
 
 
-def test_wandb_logs_offline_into_the_run_directory(tmp_path, shards, monkeypatch):
+HELLASWAG = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellaswag_val.jsonl"
+
+
+@pytest.mark.skipif(not HELLASWAG.exists(), reason="needs ../shared/data/hellaswag_val.jsonl")
+def test_wandb_logs_offline_and_reads_back(tmp_path, shards, monkeypatch):
+    """No key, no mode: W&B logs offline into the run directory. What it logged, read back from
+    its own log file: the config, every step's loss (equal to metrics.jsonl), val loss,
+    HellaSwag and the samples table; a resumed run continues the same W&B run id."""
+    from wandb_records import config, history
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)  # no key, no mode: offline by itself
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials either
-    args = [*SMALL, *shards, f"out_dir={tmp_path}", "name=wb", "wandb=true", "train.max_steps=2",
-            "train.val_every=2", "train.micro_batch=2", "train.seq_len=32"]
-    assert main(["train", *args]) == 0
+    args = [*SMALL, *shards, f"out_dir={tmp_path}", "name=wb", "wandb=true", "train.max_steps=4",
+            "train.val_every=2", "train.sample_every=2", "train.hellaswag_every=2", "train.hellaswag_limit=4",
+            f"hellaswag_path={HELLASWAG}", "train.micro_batch=2", "train.seq_len=32"]
+    assert main(["train", *args, "train.stop_after=2"]) == 0
+    assert main(["train", *args]) == 0  # resume=auto: steps 3 and 4
     run_id = (tmp_path / "wb" / "wandb_id.txt").read_text().strip()
-    offline = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, twice opened
+    logs = [next(r.glob("*.wandb")) for r in runs]
+    assert config(logs[0])["model"]["n_layer"] == 2 and config(logs[0])["train"]["max_steps"] == 4
+    rows = history(logs[0]) + history(logs[1])
+    steps, _ = read_metrics(tmp_path / "wb")
+    logged = {r["_step"]: r["loss"] for r in rows if "loss" in r}
+    assert logged == {r["step"]: r["loss"] for r in steps} and sorted(logged) == [1, 2, 3, 4]
+    assert sorted(r["_step"] for r in rows if "val_loss" in r) == [0, 2, 4]
+    hs = [r for r in rows if "hellaswag_acc_norm" in r]
+    assert [r["_step"] for r in hs] == [0, 2, 4] and all(r["hellaswag_count"] == 4 for r in hs)
+    tables = [r for r in rows if r.get("samples/_type") == "table-file"]
+    assert [t["samples/nrows"] for t in tables] == [1, 2]  # step 4's table holds both samples
+    table = json.loads(next(runs[1].glob("files/media/table/samples_4_*.table.json")).read_text())
+    assert table["columns"] == ["step", "text"] and [row[0] for row in table["data"]] == [2, 4]
 
 
 def test_sample_streams_text_from_a_run(tmp_path, shards, capsys):
