@@ -15,6 +15,7 @@ commands:
   sample  CHECKPOINT [flags]  generate text from a checkpoint directory (or a run directory)
   bench   [--model M --batch B]  time the CUDA training step (tokens/s, MFU, memory)
   eval    hellaswag RUN_OR_CKPT  HellaSwag accuracy of a checkpoint (acc, acc_norm)
+  plot    RUN_DIR... [--out F]   a PNG of loss, val loss, lr, tokens/s, HellaSwag for several runs
 """
 
 
@@ -25,7 +26,7 @@ def main(argv=None):
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "bench": cmd_bench,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "plot": cmd_plot}
     if command not in commands:
         # `distgpt model=tiny` is a train with overrides
         if "=" in command:
@@ -135,6 +136,11 @@ def cmd_eval(args):
     a = parser.parse_args(args)
     from distgpt.hellaswag import evaluate_checkpoint
     evaluate_checkpoint(a.checkpoint, a.file, a.limit)
+
+
+def cmd_plot(args):
+    from distgpt.plot import main as plot_main
+    return plot_main(args)
 
 
 def cmd_bench(args):
