@@ -55,7 +55,7 @@ def ending_losses(model, rows):
         for i, (tokens, _) in enumerate(chunk):
             batch[i, :len(tokens)] = torch.tensor(tokens)  # padding sits after the row: causal, unread
         batch = batch.to(model.device)
-        model.forward(batch[:, :-1])
+        model.forward(batch[:, :-1].contiguous())  # the kernels read contiguous token rows
         logits = model.logits[:len(chunk), :t, :model.vocab_size]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
         losses = F.cross_entropy(logits.reshape(-1, model.vocab_size), batch[:, 1:].reshape(-1),
