@@ -16,6 +16,7 @@ commands:
   bench   [--model M --batch B]  time the CUDA training step (tokens/s, MFU, memory)
   eval    hellaswag RUN_OR_CKPT  HellaSwag accuracy of a checkpoint (acc, acc_norm)
   plot    RUN_DIR... [--out F]   a PNG of loss, val loss, lr, tokens/s, HellaSwag for several runs
+  export  RUN_OR_CKPT --format hf|llmc --out PATH   weights for transformers or llm.c
 """
 
 
@@ -26,7 +27,7 @@ def main(argv=None):
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "bench": cmd_bench,
-                "eval": cmd_eval, "plot": cmd_plot}
+                "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export}
     if command not in commands:
         # `distgpt model=tiny` is a train with overrides
         if "=" in command:
@@ -48,8 +49,10 @@ def _is_user_error(exc):
     from distgpt.checkpoint import CheckpointError
     from distgpt.config import ConfigError
     from distgpt.data.shards import ShardError
+    from distgpt.interop.hf import FormatError
     from distgpt.train import TrainingError
-    return isinstance(exc, (ConfigError, ShardError, CheckpointError, TrainingError, FileNotFoundError))
+    return isinstance(exc, (ConfigError, ShardError, CheckpointError, TrainingError, FileNotFoundError,
+                            FormatError))
 
 
 def _same_on_every_rank(exc):
@@ -141,6 +144,18 @@ def cmd_eval(args):
 def cmd_plot(args):
     from distgpt.plot import main as plot_main
     return plot_main(args)
+
+
+def cmd_export(args):
+    parser = argparse.ArgumentParser(prog="distgpt export", description="Write a checkpoint's weights for "
+                                     "Hugging Face transformers (a GPT2LMHeadModel directory) or llm.c (a model .bin).")
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    parser.add_argument("--format", choices=("hf", "llmc"), required=True)
+    parser.add_argument("--out", required=True, help="hf: a directory; llmc: a .bin file")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    a = parser.parse_args(args)
+    from distgpt.interop import export
+    print(f"wrote {export(a.checkpoint, a.format, a.out, a.dtype)}")
 
 
 def cmd_bench(args):

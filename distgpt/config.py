@@ -88,6 +88,8 @@ class Config:
     out_dir: str = "runs"
     name: str = "${model.name}"  # the run directory is out_dir/name: no timestamps, so every
     #                               rank of a multi-process run agrees on it
+    init_from: str = ""  # start a new run from pretrained weights: hf:DIR (a GPT-2 save_pretrained
+    #                      directory) or llmc:FILE (an llm.c model .bin); '' = GPT-2's random init
     resume: str = "auto"  # auto (latest checkpoint in the run directory, if any) | none | a path
     zero_stage: int = 1  # 0: all-reduce grads; 1: shard AdamW state across ranks
     deterministic: bool = False  # backend=cuda: bitwise-reproducible runs and resumes, through a
@@ -192,6 +194,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim: lr={o.lr} must be > 0 and grad_clip={o.grad_clip} >= 0")
     if cfg.backend == "reference" and cfg.dtype == "bfloat16":
         raise ConfigError("dtype=bfloat16 needs backend=cuda; the reference backend runs float32 or float64")
+    if cfg.init_from and cfg.init_from.partition(":")[0] not in ("hf", "llmc"):
+        raise ConfigError(f"init_from='{cfg.init_from}': write hf:DIR (Hugging Face GPT-2) or llmc:FILE (llm.c .bin)")
     if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume='{cfg.resume}': no such checkpoint directory; use resume=auto, "
                           f"resume=none or the path of a checkpoint")

@@ -65,7 +65,9 @@ class Trainer:
                       f"micro-steps x B={self.B} x T={self.T} | backend {cfg.backend} ({cfg.dtype})")
         self.step, self.tokens_seen = 0, 0
         resume_from = self._checkpoint_to_resume()
-        if resume_from is None:
+        if resume_from is None and cfg.init_from:
+            self._load_pretrained(cfg.init_from)  # every rank reads the same file
+        elif resume_from is None:
             self.model.init_weights(cfg.seed)  # same seed on every rank: same weights, no broadcast
         else:
             checkpoint.load_weights(resume_from, self.model)
@@ -88,6 +90,14 @@ class Trainer:
         # rank 0 decides, so every rank loads the same checkpoint
         choice = self.dist.comm.broadcast_object(None if choice is None else str(choice))
         return None if choice is None else Path(choice)
+
+    def _load_pretrained(self, spec):
+        from distgpt import interop
+        file_cfg, named = interop.load_pretrained(spec)
+        interop.check_matches(self.cfg.model, file_cfg, spec)
+        for name, view in self.model.p.items():
+            view.copy_(named[name])
+        self.log.info(f"initialised from {spec}")
 
     def _resume(self, path):
         state = checkpoint.load_state(path)
