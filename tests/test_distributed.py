@@ -120,3 +120,14 @@ def test_failure_drill_kill_hang_and_resume(tmp_path):
     assert runs["hung"]["rc"] == 3 and runs["hung"]["ended_after_s"] <= 8 + 15
     assert "rank 0: MPI" in runs["hung"]["watchdog_message"]
     assert runs["resumed"]["bitwise_equal"] and runs["resumed"]["steps_equal_to_full"] == 20
+
+
+def test_a_config_error_under_mpirun_is_printed_once(tmp_path):
+    """Every rank meets the same bad config; rank 0 alone says so, and every rank exits 2."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable, "-m", "distgpt", "train",
+                           "+run=debug_cpu", "model.n_head=3", f"out_dir={tmp_path}"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distgpt: error:")]
+    assert len(errors) == 1 and "model.n_head" in errors[0], proc.stderr[-2000:]
