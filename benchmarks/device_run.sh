@@ -4,6 +4,7 @@
 #   STAGE=tests|bench|parity|all  benchmarks/device_run.sh gpt2_124m:64 gpt2_350m:32 gpt2_1558m:16
 #   STAGE=scaling GPUS="1 2 4"    benchmarks/device_run.sh gpt2_124m:64:2 gpt2_1558m:16:2   (mpirun, NCCL)
 #   STAGE=drill                   benchmarks/device_run.sh        (kill/hang/resume + socket transport, 2 GPUs)
+#   STAGE=profile [TRACE=1]       benchmarks/device_run.sh gpt2_124m:64:2 gpt2_1558m:16:2   (kernel time per step)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
@@ -26,6 +27,15 @@ if { [ "$STAGE" = bench ] || [ "$STAGE" = all ]; } && [ $# -gt 0 ]; then
 fi
 if [ "$STAGE" = scaling ] && [ $# -gt 0 ]; then
   python3 benchmarks/scaling.py "$@" --gpus ${GPUS:-1 2} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/scaling.log"
+fi
+if [ "$STAGE" = profile ] && [ $# -gt 0 ]; then
+  for item in "$@"; do  # model:batch[:recompute], recompute 0 when left out (as throughput.py)
+    IFS=: read -r model batch recompute <<< "$item"
+    trace=()
+    [ "${TRACE:-0}" = 1 ] && trace=(--profile-trace "$OUT/trace_${model}_${batch}.json")
+    python3 -m distgpt bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" --profile \
+        "${trace[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/profile_${model}_${batch}.log"
+  done
 fi
 if [ "$STAGE" = drill ]; then
   python3 benchmarks/failure_drill.py --gpu --transport --out /tmp/drill --steps 40 --fault-at 20 \

@@ -6,10 +6,15 @@ AdamW and the weight all-gather: the calls the trainer makes. After warm-up each
 timed with CUDA events; a step's time is the slowest rank's, and the median over steps is
 reported with tokens/s (all ranks), MFU as llm.c counts it, and memory per GPU both as the
 device sees it (cudaMemGetInfo) and as torch's allocator saw it. With several ranks it also
-times the step's collectives alone (reduce-scatter + all-gather of the flat buffers)."""
+times the step's collectives alone (reduce-scatter + all-gather of the flat buffers).
+
+With --profile, a few more steps then run under torch.profiler and the kernel time per step is
+printed by category and by kernel, with the GPU idle time between launches (distgpt/profile.py).
+They run after everything above is measured, so the profiler never touches the timed numbers."""
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -27,11 +32,12 @@ def peak_flops():
 
 
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
-                    deterministic=False):
+                    deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.dist.bootstrap import bootstrap
     from distgpt.model.gpt2 import GPT2
+    from distgpt.model.micro_step import MicroStep
     from distgpt.optim import ShardedAdamW
 
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
@@ -48,16 +54,22 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     x = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
     y = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
     dloss = 1.0 / (accum * B * T * dist.world)
+
+    micro_step = MicroStep(model, use_graph=cuda_graphs)
+
+    def step():
+        model.zero_grad()
+        loss = torch.zeros((), device=dist.device)
+        for micro in range(accum):
+            loss += micro_step(x[micro], y[micro], dloss)
+        optimizer.step(1e-4)
+        return loss
+
     times, losses = [], []
     for i in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        model.zero_grad()
-        loss = torch.zeros((), device=dist.device)
-        for micro in range(accum):
-            loss += model.forward(x[micro], y[micro], dloss)
-            model.backward()
-        optimizer.step(1e-4)
+        loss = step()
         end.record()
         torch.cuda.synchronize()
         losses.append(loss.item() / accum)
@@ -65,17 +77,25 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
             times.append(start.elapsed_time(end) / 1000)
     comm_s = time_collectives(model, optimizer, dist) if dist.world > 1 else 0.0
     free, total = torch.cuda.mem_get_info()
+    torch_peak_gb = torch.cuda.max_memory_allocated() / 1e9
+    profile = None
+    if profile_steps:  # last, when every number above is taken; every rank steps (collectives)
+        from distgpt.profile import profile_step_kernels
+        profile = profile_step_kernels(step, profile_steps, profile_trace if dist.is_main else None)
     ranks = _gather(dist, {"times": times, "device_used_gb": (total - free) / 1e9,
-                           "torch_peak_gb": torch.cuda.max_memory_allocated() / 1e9, "comm_s": comm_s})
+                           "torch_peak_gb": torch_peak_gb, "comm_s": comm_s})
     slowest = [max(r["times"][i] for r in ranks) for i in range(steps)]
+    if profile is not None:
+        profile["timed_step_ms"] = 1000 * statistics.median(times)  # this rank's, as the profile is
+    extra = {} if profile is None else {"profile": profile}
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "step_s": statistics.median(slowest), "steps": steps,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
             "torch_peak_gb": max(r["torch_peak_gb"] for r in ranks),
             "comm_s": max(r["comm_s"] for r in ranks),
-            "first_loss": losses[0], "last_loss": losses[-1], "is_main": dist.is_main}
+            "first_loss": losses[0], "last_loss": losses[-1], "is_main": dist.is_main, **extra}
 
 
 def time_collectives(model, optimizer, dist, repeats=10):
@@ -122,12 +142,26 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--recompute", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="the bitwise-reproducible attention backward")
+    p.add_argument("--no-graphs", action="store_true", help="launch every kernel from Python (no CUDA graph)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile a few more: kernel time per step by category "
+                        "and by kernel, and the GPU idle time (rank 0's)")
+    p.add_argument("--profile-steps", type=int, default=5, metavar="K", help="steps to profile (default 5)")
+    p.add_argument("--profile-trace", metavar="PATH",
+                   help="also write rank 0's chrome trace of the profiled steps (implies --profile)")
     a = p.parse_args(argv)
+    if a.profile_steps < 1:
+        p.error("--profile-steps must be at least 1")
+    if a.profile_trace and not Path(a.profile_trace).resolve().parent.is_dir():
+        p.error(f"--profile-trace: no directory {Path(a.profile_trace).resolve().parent}")
     if not torch.cuda.is_available():
         raise RuntimeError("distgpt bench needs an NVIDIA GPU")
+    profile_steps = a.profile_steps if a.profile or a.profile_trace else 0
     r = summarize(measure_distgpt(a.model, a.batch, a.seq, a.steps, a.warmup, a.recompute,
-                                  a.accum, a.zero_stage, deterministic=a.deterministic))
+                                  a.accum, a.zero_stage, deterministic=a.deterministic,
+                                  profile_steps=profile_steps, profile_trace=a.profile_trace,
+                                  cuda_graphs=not a.no_graphs))
     if not r.pop("is_main"):
         return 0
     if a.json:
@@ -139,4 +173,12 @@ def main(argv=None):
               f"{r['step_s'] * 1000:.1f} ms/step, {r['tok_s']:,.0f} tok/s{per_gpu}, MFU {100 * r['mfu']:.1f}%, "
               f"device memory {r['device_used_gb']:.1f} GB/GPU (torch peak {r['torch_peak_gb']:.1f} GB){comm}, "
               f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}", flush=True)
+        if "profile" in r:
+            from distgpt.profile import format_profile
+            rank = " (rank 0)" if r["world"] > 1 else ""
+            print(f"\nKernel time per step on {torch.cuda.get_device_name()}{rank}, "
+                  f"{r['profile']['steps']} steps under torch.profiler after the timed ones:\n", flush=True)
+            print(format_profile(r["profile"]), flush=True)
+            if a.profile_trace:
+                print(f"chrome trace: {a.profile_trace}", flush=True)
     return 0

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from distgpt.data.tokenizer import encode
 
@@ -55,11 +54,11 @@ def ending_losses(model, rows):
         for i, (tokens, _) in enumerate(chunk):
             batch[i, :len(tokens)] = torch.tensor(tokens)  # padding sits after the row: causal, unread
         batch = batch.to(model.device)
-        model.forward(batch[:, :-1].contiguous())  # the kernels read contiguous token rows
-        logits = model.logits[:len(chunk), :t, :model.vocab_size]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-        losses = F.cross_entropy(logits.reshape(-1, model.vocab_size), batch[:, 1:].reshape(-1),
-                                 reduction="none").view(len(chunk), t)
+        # the model's own per-token losses (fp32 on the GPU, fp64 stays fp64): the full logits
+        # are never held; dloss 0 computes no gradient. Padding targets are token 0, a valid
+        # id; their losses are never read. The kernels read contiguous token rows.
+        model.forward(batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), dloss=0.0)
+        losses = model.token_losses
         for i, (tokens, n) in enumerate(chunk):
             ending = losses[i, len(tokens) - 1 - n:len(tokens) - 1]  # predictions of the ending's tokens
             sums.append(float(ending.sum()))

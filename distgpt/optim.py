@@ -52,6 +52,9 @@ class ShardedAdamW:
         self.segments = self._segments()
         # one slot per rank for the squared norm of each shard's slice (see global_grad_norm)
         self.norm_parts = torch.zeros(comm.world, dtype=state_dtype, device=device)
+        # the global norm and the clipping factor, computed on the device (no host sync in step)
+        self.norm = torch.zeros(1, dtype=torch.float64, device=device)
+        self.grad_scale = torch.ones(1, dtype=torch.float32, device=device)
         self.shard_size = total // comm.world
         self.step_count = 0
 
@@ -80,12 +83,12 @@ class ShardedAdamW:
 
     def step(self, lr):
         """Reduce gradients, clip by the global norm, update this rank's slice, share the new
-        weights. Returns the global gradient norm before clipping (a float)."""
+        weights. Returns the global gradient norm before clipping as a one-element fp64 tensor
+        on the device: the clipping scale is computed there too, so the whole step is queued
+        without waiting for the GPU (read it with float() once the step's work is queued)."""
         self.reduce_gradients()
         grad_shard = self.model.grads[self.lo:self.hi]
-        norm = self.global_grad_norm()
-        clip = self.cfg.grad_clip
-        grad_scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
+        self.global_grad_norm()
         self.step_count += 1
         params = self.model.params[self.lo:self.hi]
         o = self.cfg
@@ -93,18 +96,19 @@ class ShardedAdamW:
             master = None if self.master is None else self.master[start:end]
             self.ops.adamw_update(params[start:end], grad_shard[start:end], self.m[start:end],
                                   self.v[start:end], master, lr, o.beta1, o.beta2, o.eps,
-                                  o.weight_decay if decays else 0.0, self.step_count, grad_scale,
+                                  o.weight_decay if decays else 0.0, self.step_count, self.grad_scale,
                                   seed=self.lo + start)
         if self.zero_stage == 1:
             self.comm.all_gather(self.model.params, params)
-        return norm
+        return self.norm
 
     def global_grad_norm(self):
-        """sqrt of the sum over the world-size slices of the flat gradient of their squared
-        norms, added in rank order. zero_stage=1 ranks each compute their own slice's part and
-        share it (an all-reduce of otherwise-zero slots, exact whatever the reduction order);
-        zero_stage=0 ranks compute every part themselves. Both sum the same numbers in the same
-        order, so the clipping, and therefore training, is bitwise the same in both stages."""
+        """self.norm = sqrt of the sum over the world-size slices of the flat gradient of their
+        squared norms, added in rank order, and self.grad_scale = the clipping factor, both on
+        the device. zero_stage=1 ranks each compute their own slice's part and share it (an
+        all-reduce of otherwise-zero slots, exact whatever the reduction order); zero_stage=0
+        ranks compute every part themselves. Both sum the same numbers in the same order, so the
+        clipping, and therefore training, is bitwise the same in both stages."""
         grads, size = self.model.grads, self.shard_size
         if self.zero_stage == 1:
             self.norm_parts.zero_()
@@ -114,10 +118,8 @@ class ShardedAdamW:
         else:
             for r in range(self.comm.world):
                 self.ops.global_norm_squared(self.norm_parts[r:r + 1], grads[r * size:(r + 1) * size])
-        total = 0.0
-        for part in self.norm_parts.tolist():
-            total += part
-        return math.sqrt(total)
+        self.ops.clip_scale(self.grad_scale, self.norm, self.norm_parts, self.cfg.grad_clip)
+        return self.norm
 
     def state_dict(self):
         state = {"m": self.m, "v": self.v}

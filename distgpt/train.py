@@ -20,6 +20,7 @@ from distgpt.evaluate import validation_loss
 from distgpt.logging import RunLogger, format_duration
 from distgpt.model import memory
 from distgpt.model.gpt2 import GPT2
+from distgpt.model.micro_step import MicroStep
 from distgpt.optim import ShardedAdamW, learning_rate
 from distgpt.sample import generate
 
@@ -72,6 +73,7 @@ class Trainer:
         else:
             checkpoint.load_weights(resume_from, self.model)
         self.optimizer = ShardedAdamW(self.model, dist.comm, cfg.optim, cfg.zero_stage, self.backend)
+        self.micro_step = MicroStep(self.model, use_graph=t.cuda_graphs and cfg.backend == "cuda")
         if resume_from is not None:
             self._resume(resume_from)
         self.loss_sum = torch.zeros(1, dtype=torch.float64, device=dist.device)
@@ -160,20 +162,20 @@ class Trainer:
 
     def train_step(self):
         """One optimizer step over the global batch; returns (mean loss, lr, grad norm)."""
-        model, device = self.model, self.dist.device
-        model.zero_grad()
+        self.model.zero_grad()
         self.loss_sum.zero_()
         # each token's loss enters the objective with weight 1 / (tokens in the global batch);
         # the gradient reduction sums over ranks, so this is the mean over all of them
         dloss = 1.0 / self.tokens_per_step
         for _ in range(self.accum):
             x, y = self.train_loader.next_batch()
-            self.loss_sum += model.forward(x.to(device), y.to(device), dloss)
-            model.backward()
+            self.loss_sum += self.micro_step(x, y, dloss)  # forward + backward (a CUDA graph on GPUs)
         lr = learning_rate(self.step, self.cfg.train.max_steps, self.cfg.optim)
         norm = self.optimizer.step(lr)
         self.dist.comm.all_reduce(self.loss_sum)
+        # the step's only wait for the GPU: everything above is queued by now
         loss = self.loss_sum.item() / (self.accum * self.dist.world)
+        norm = float(norm)
         if not math.isfinite(loss) or not math.isfinite(norm):
             raise TrainingError(f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
                                 f"lower optim.lr or raise optim.warmup_steps, then resume from the last checkpoint")

@@ -111,9 +111,12 @@ __device__ __forceinline__ void adamw_impl(T* param, const T* grad, float* m, fl
 
 #define ADAMW_ARGS                                                                                  \
     long long n, float lr, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, \
-        float inv_bc1, float inv_bc2, float eps, float wd, float grad_scale, unsigned int seed,    \
-        unsigned int step
-#define ADAMW_HYPER {lr, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bc1, inv_bc2, eps, wd, grad_scale}
+        float inv_bc1, float inv_bc2, float eps, float wd, float grad_scale,                        \
+        const float* grad_scale_ptr, unsigned int seed, unsigned int step
+// the clipping scale comes from the device when the optimizer computed it there (no host sync
+// between the gradient norm and the update), else from the argument
+#define ADAMW_HYPER {lr, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bc1, inv_bc2, eps, wd, \
+                     grad_scale_ptr ? *grad_scale_ptr : grad_scale}
 
 extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)
 adamw_kernel_bf16(floatX* param, const floatX* grad, float* m, float* v, float* master, ADAMW_ARGS) {

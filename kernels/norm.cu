@@ -68,3 +68,17 @@ global_norm_squared_reduce_kernel(float* out, const float* partials, int P) {
     const float total = block_sum(acc, red);
     if (threadIdx.x == 0) out[0] = total;
 }
+
+// The clipping scale from the per-rank squared norms, on the device so the update needs no host
+// round trip: norm[0] = sqrt(sum of parts[0..n) in order), summed and rooted in double exactly as
+// the host did before (so training is bitwise unchanged), and
+// scale[0] = clip / (norm + 1e-6) when 0 < clip < norm, else 1, rounded once to fp32.
+extern "C" __global__ void clip_scale_kernel(float* scale, double* norm, const float* parts, int n_parts,
+                                             double clip) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double total = 0.0;
+    for (int r = 0; r < n_parts; r++) total += (double)parts[r];
+    const double value = sqrt(total);
+    norm[0] = value;
+    scale[0] = (clip > 0.0 && value > clip) ? (float)(clip / (value + 1e-6)) : 1.0f;
+}

@@ -94,6 +94,96 @@ def test_fused_classifier_bad_target_gives_nan_loss(ops):
     assert torch.isnan(losses[0, 1]) and torch.isfinite(losses[0, [0, 2, 3]]).all()
 
 
+# ---------------------------------------------------------------- lm head + classifier in chunks
+# (rows N, chunk rows R, C, V, Vp): GPT-2's vocabulary in 3 chunks (the last one partial); 5
+# chunks of 8 rows, the last of 5; exactly one chunk; a scratch with more rows than the step
+LM_HEAD_SHAPES = [(1000, 384, 768, 50257, 50304), (37, 8, 32, 1000, 1024), (64, 64, 64, 65, 72),
+                  (48, 64, 64, 65, 72)]
+
+
+def lm_head_tolerances(name, chunks):
+    """(atol, rtol) for the CUDA lm_head_loss against the reference in fp64 on the same bf16
+    inputs, at the scales of lm_head_inputs (logits ~ N(0, 2)); atol is in units of the scale
+    lm_head_scale gives. Set from an fp32/bf16 emulation of the kernels' roundings (worst over
+    4 seeds of these shapes: 41% of the losses budget, 37% of dlnf's, 30% of dwte's):
+    - losses: the logits are rounded to bf16 (2^-9 relative) before the softmax, which moves the
+      target's logit and the log-sum-exp by up to |logit| * 2^-9 (|logit| <= ~12): measured 1.8e-2
+      absolute at most; 3e-2 + 5e-3 relative.
+    - dlnf = dlogits @ wte, scale dloss * max|wte|: dlogits carry the bf16 logits' softmax error
+      (~1e-2 relative) plus their own bf16 rounding, and the sum over V cancels (sum of
+      p - onehot is 0): measured <= 5e-3 of the scale; 1.5e-2 of it, and 1e-2 relative.
+    - dwte += dlogits^T @ lnf, scale dloss * max|lnf|: the same dlogits error (measured <= 6e-3
+      of the scale) plus one bf16 rounding of the running sum per chunk (2^-9 of partial sums
+      of a few times the scale each): 1e-2 + 2^-8 per chunk of the scale, and 1e-2 relative."""
+    return {"losses": (3e-2, 5e-3), "dlnf": (1.5e-2, 1e-2),
+            "dwte": (1e-2 + chunks * 2 ** -8, 1e-2)}[name]
+
+
+@pytest.fixture
+def lm_head_cuda():
+    from distgpt.backends import cuda
+
+    def planned(N, C):  # the matmuls' scratch, as the model's plan() makes it
+        cuda.matmul.plan(1, N, C, "cuda")
+        return cuda
+    return planned
+
+
+def lm_head_inputs(N, C, V, Vp):
+    """lnf ~ N(0, 1) as a layernorm gives; wte scaled so logits ~ N(0, 2), its padding rows
+    random too (they must get no gradient); targets at both ends of the vocabulary; a prior
+    dwte of the gradient's own size (it must accumulate)."""
+    lnf = torch.randn(N, C, device="cuda").to(torch.bfloat16)
+    wte = (torch.randn(Vp, C, device="cuda") * 2 / C ** 0.5).to(torch.bfloat16)
+    targets = torch.randint(0, V, (N,), device="cuda")
+    targets[0], targets[-1] = 0, V - 1
+    dwte0 = (torch.randn(Vp, C, device="cuda") * 1e-3 / N ** 0.5).to(torch.bfloat16)
+    return lnf, wte, targets, dwte0
+
+
+@pytest.mark.parametrize("N,R,C,V,Vp", LM_HEAD_SHAPES)
+@pytest.mark.parametrize("dloss_kind", ["mean", "zero"])
+def test_lm_head_loss(lm_head_cuda, N, R, C, V, Vp, dloss_kind):
+    cuda = lm_head_cuda(N, C)
+    dloss = 1.0 / N if dloss_kind == "mean" else 0.0
+    lnf, wte, targets, dwte0 = lm_head_inputs(N, C, V, Vp)
+    nan = dict(dtype=torch.bfloat16, device="cuda")
+    losses0 = torch.full((N,), float("nan"), device="cuda")
+    # dlnf is overwritten when there is a gradient; with dloss 0 it must keep its contents
+    dlnf0 = torch.full((N, C), float("nan"), **nan) if dloss else torch.randn(N, C, **nan)
+    scratch0 = torch.full((R, Vp), float("nan"), **nan)
+    losses, dlnf, dwte, scratch = losses0.clone(), dlnf0.clone(), dwte0.clone(), scratch0.clone()
+    cuda.lm_head_loss(losses, dlnf, dwte, lnf, wte, targets, V, dloss, scratch)
+    f64 = dict(dtype=torch.float64, device="cuda")
+    want_losses, want_dlnf, want_dwte = torch.empty(N, **f64), torch.empty(N, C, **f64), dwte0.double()
+    reference.lm_head_loss(want_losses, want_dlnf, want_dwte, lnf.double(), wte.double(), targets, V,
+                           dloss, torch.empty(R, Vp, **f64))
+    chunks = -(-N // R)
+    assert_close("lm head losses", losses, want_losses, *lm_head_tolerances("losses", chunks))
+    if dloss:
+        for name, got, want, scale in (("dlnf", dlnf, want_dlnf, dloss * wte.double().abs().max()),
+                                       ("dwte", dwte, want_dwte, dloss * lnf.double().abs().max())):
+            atol, rtol = lm_head_tolerances(name, chunks)
+            assert_close(f"lm head {name}", got, want, atol * float(scale), rtol)
+        assert torch.equal(dwte[V:], dwte0[V:]), "padded vocabulary rows of dwte must not change"
+    else:
+        assert torch.equal(dlnf, dlnf0) and torch.equal(dwte, dwte0), "dloss 0 must leave dlnf, dwte untouched"
+    twice_equal(lambda ls, dl, dw, sc: cuda.lm_head_loss(ls, dl, dw, lnf, wte, targets, V, dloss, sc),
+                [losses0, dlnf0, dwte0, torch.zeros_like(scratch0)])  # rows past N stay unwritten: not NaN
+
+
+def test_lm_head_logits(lm_head_cuda):
+    """Sampling's lm head: the matmul alone, into a (b, t, Vp) view of the scratch."""
+    cuda = lm_head_cuda(24, 64)
+    lnf, wte, _, _ = lm_head_inputs(24, 64, 65, 72)
+    scratch = torch.full((30, 72), float("nan"), dtype=torch.bfloat16, device="cuda")
+    logits = scratch[:24].view(2, 12, 72)
+    cuda.lm_head_logits(logits, lnf.view(2, 12, 64), wte)
+    # fp32 accumulation rounded once to bf16: 2^-9 relative, 1e-2 leaves a margin for the sum
+    assert_close("lm head logits", logits, lnf.double().view(2, 12, 64) @ wte.double().t(), 1e-3, 1e-2)
+    assert scratch[24:].isnan().all(), "rows past the view must not be written"
+
+
 # ---------------------------------------------------------------- AdamW
 def adamw_inputs(n, pad=0):
     """(param, grad, m, v, master), each n + 2 * pad long: bf16 grad, fp32 m, v >= 0 and master

@@ -98,6 +98,33 @@ def test_matmul(B, T, C, OC, with_bias):
         check("matmul dbias (+=)", db - db0, b.grad, "backward")
 
 
+def test_matmul_with_gelu():
+    """The MLP's fused forms: fc writes its pre-activation and gelu of it; the fc projection's
+    backward hands back the gradient of that pre-activation (through gelu')."""
+    B, T, C = 2, 3, 8
+    x = torch.randn(B, T, C, **f64, requires_grad=True)
+    w_fc = torch.randn(4 * C, C, **f64, requires_grad=True)
+    b_fc = torch.randn(4 * C, **f64, requires_grad=True)
+    w_proj = torch.randn(C, 4 * C, **f64, requires_grad=True)
+    b_proj = torch.randn(C, **f64, requires_grad=True)
+    pre, act = poisoned(B, T, 4 * C), poisoned(B, T, 4 * C)
+    ops.matmul_forward(pre, x.detach(), w_fc.detach(), b_fc.detach(), gelu_out=act)
+    want_pre = F.linear(x, w_fc, b_fc)
+    want_pre.retain_grad()
+    want_act = F.gelu(want_pre, approximate="tanh")
+    check("fc pre-activation", pre, want_pre, "forward")
+    check("fc gelu", act, want_act, "forward")
+    y = F.linear(want_act, w_proj, b_proj)
+    dout = torch.randn(B, T, C, **f64)
+    y.backward(dout)
+    dpre = poisoned(B, T, 4 * C)
+    dw, db = torch.zeros(C, 4 * C, **f64), torch.zeros(C, **f64)
+    ops.matmul_backward(dpre, dw, db, dout, act, w_proj.detach(), gelu_inp=pre)
+    check("fcproj dgelu input (=)", dpre, want_pre.grad, "backward")
+    check("fcproj dweight", dw, w_proj.grad, "backward")
+    check("fcproj dbias", db, b_proj.grad, "backward")
+
+
 @pytest.mark.parametrize("B,T,NH,HS", [(2, 6, 2, 4), (1, 11, 3, 8)])
 def test_attention(B, T, NH, HS):
     C = NH * HS
@@ -144,6 +171,53 @@ def test_fused_classifier(V, Vp):
     (per_token.sum() * dloss).backward()
     check("dlogits (in place)", buf, logits.grad, "backward")
     assert buf[..., V:].abs().sum().item() == 0.0
+
+
+def lm_head_inputs(B, T, C, V, Vp):
+    """lnf, wte (padding rows random too: the op must ignore them), targets at both vocab ends."""
+    lnf = torch.randn(B, T, C, **f64, requires_grad=True)
+    wte = torch.randn(Vp, C, **f64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T))
+    targets.view(-1)[0], targets.view(-1)[-1] = 0, V - 1
+    return lnf, wte, targets
+
+
+# 12 rows: 5 rows a chunk does not divide them (5, 5, 2), 12 is exactly one chunk, and a scratch
+# of 16 rows holds more than the step has (a smaller (b, t) view of a bigger plan)
+@pytest.mark.parametrize("R", [5, 12, 16])
+@pytest.mark.parametrize("V,Vp", [(50, 64), (37, 37)])
+def test_lm_head_loss_in_chunks(R, V, Vp):
+    B, T, C = 3, 4, 8
+    lnf, wte, targets = lm_head_inputs(B, T, C, V, Vp)
+    dloss = 1.0 / (B * T)
+    losses, dlnf, scratch = poisoned(B, T), poisoned(B, T, C), poisoned(R, Vp)
+    dwte = torch.randn(Vp, C, **f64)  # prior contents: the gradient accumulates
+    dwte0 = dwte.clone()
+    ops.lm_head_loss(losses, dlnf, dwte, lnf.detach(), wte.detach(), targets, V, dloss, scratch)
+    per_token = F.cross_entropy((lnf @ wte[:V].t()).reshape(-1, V), targets.reshape(-1), reduction="none")
+    check("lm head losses", losses.reshape(-1), per_token, "forward")
+    (per_token.sum() * dloss).backward()
+    check("lm head dlnf (=)", dlnf, lnf.grad, "backward")
+    check("lm head dwte (+=)", dwte - dwte0, wte.grad, "backward")
+    assert torch.equal(dwte[V:], dwte0[V:]), "padded vocabulary rows must get exactly no gradient"
+
+
+def test_lm_head_loss_with_dloss_zero_computes_losses_only():
+    B, T, C, V, Vp = 2, 5, 8, 50, 64
+    lnf, wte, targets = lm_head_inputs(B, T, C, V, Vp)
+    losses, dlnf, dwte = poisoned(B, T), torch.randn(B, T, C, **f64), torch.randn(Vp, C, **f64)
+    dlnf0, dwte0 = dlnf.clone(), dwte.clone()
+    ops.lm_head_loss(losses, dlnf, dwte, lnf.detach(), wte.detach(), targets, V, 0.0, poisoned(3, Vp))
+    per_token = F.cross_entropy((lnf @ wte[:V].t()).reshape(-1, V), targets.reshape(-1), reduction="none")
+    check("lm head losses (dloss 0)", losses.reshape(-1), per_token.detach(), "forward")
+    assert torch.equal(dlnf, dlnf0) and torch.equal(dwte, dwte0), "dloss 0 must leave dlnf, dwte untouched"
+
+
+def test_lm_head_logits():
+    lnf, wte = torch.randn(2, 3, 8, **f64), torch.randn(24, 8, **f64)
+    out = poisoned(2, 3, 24)
+    ops.lm_head_logits(out, lnf, wte)
+    check("lm head logits", out, lnf @ wte.t(), "forward")
 
 
 def test_adamw_matches_torch_adamw_with_and_without_master():

@@ -1,6 +1,6 @@
 """The reference backend: every op of the GPT-2 training step in plain PyTorch.
 
-This file is the specification. `backends/cuda.py` provides the same functions with the same
+This file is the specification. `backends/cuda/` provides the same functions with the same
 argument order, and every CUDA op is tested against the function of the same name here; each
 function here is tested against torch autograd in float64 (tests/test_reference_ops.py).
 
@@ -71,24 +71,30 @@ def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, b
 
 
 # ---------------------------------------------------------------- matmul (nn.Linear layout)
-def matmul_forward(out, inp, weight, bias):
-    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC) or no bias."""
+def matmul_forward(out, inp, weight, bias, gelu_out=None):
+    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC) or no bias. With gelu_out,
+    also gelu_out = gelu(out): the MLP's fc layer, whose pre-activation the backward needs."""
     OC, C = weight.shape
     out2 = out.view(-1, OC)
     torch.matmul(inp.reshape(-1, C), weight.t(), out=out2)
     if bias is not None:
         out2 += bias
+    if gelu_out is not None:
+        gelu_forward(gelu_out, out)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
     """dinp = dout @ weight (overwrites); dweight += dout^T @ inp; dbias += column sums of dout.
-    dbias may be None (the tied lm head has no bias)."""
+    dbias may be None (the tied lm head has no bias). With gelu_inp, this layer's input was
+    gelu(gelu_inp) and dinp is the gradient of gelu_inp instead: (dout @ weight) * gelu'(gelu_inp)."""
     OC, C = weight.shape
     dout2 = dout.reshape(-1, OC)
     torch.matmul(dout2, weight, out=dinp.view(-1, C))
     dweight += dout2.t() @ inp.reshape(-1, C)
     if dbias is not None:
         dbias += dout2.sum(dim=0)
+    if gelu_inp is not None:
+        gelu_backward(dinp, gelu_inp, dinp)
 
 
 # ---------------------------------------------------------------- causal self-attention
@@ -179,6 +185,39 @@ def fused_classifier(logits, losses, targets, vocab_size, dloss):
     logits[..., V:].zero_()
 
 
+# ---------------------------------------------------------------- the tied lm head + classifier
+def lm_head_logits(logits, lnf, wte):
+    """logits (..., Vp) = lnf (..., C) @ wte (Vp, C)^T: the lm head alone, for sampling."""
+    matmul_forward(logits, lnf, wte, None)
+
+
+def lm_head_loss(losses, dlnf, dwte, lnf, wte, targets, vocab_size, dloss, logits):
+    """The tied lm head, softmax + cross-entropy and the lm head's backward, chunk by chunk, so
+    the whole (B, T, Vp) logits never exist (as in cut-cross-entropy). The B*T rows of lnf
+    (B,T,C) go R = logits.shape[0] at a time through the (R, Vp) scratch `logits`; per chunk:
+        logits_chunk = lnf_chunk @ wte^T                      (matmul_forward)
+        losses_chunk, logits_chunk <- fused_classifier(...)   (now dloss * (softmax - onehot))
+        dlnf_chunk = dlogits_chunk @ wte                      (OVERWRITES)
+        dwte += dlogits_chunk^T @ lnf_chunk                   (ACCUMULATES)
+    losses (B,T) are overwritten; dlnf (B,T,C) is the gradient into ln_f's output. dwte
+    accumulates once per chunk: in bf16 that is one rounding per chunk, as with gradient
+    accumulation across micro-steps (the fp32 sum inside each matmul is rounded once).
+    dloss == 0 (evaluation) computes the losses only: the two backward matmuls are skipped and
+    dlnf and dwte are left untouched (the scratch is left holding zeros)."""
+    Vp, C = wte.shape
+    R = logits.shape[0]
+    x, dx = lnf.reshape(-1, C), dlnf.view(-1, C)
+    loss_rows, target_rows = losses.view(-1), targets.reshape(-1)
+    N = x.shape[0]
+    for start in range(0, N, R):
+        rows = slice(start, min(start + R, N))
+        chunk = logits[:rows.stop - start]  # (n, Vp), n <= R rows of the scratch
+        matmul_forward(chunk, x[rows], wte, None)
+        fused_classifier(chunk, loss_rows[rows], target_rows[rows], vocab_size, dloss)
+        if dloss != 0:
+            matmul_backward(dx[rows], dwte, None, chunk, x[rows], wte)
+
+
 # ---------------------------------------------------------------- AdamW and the gradient norm
 def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale, seed=0):
     """One AdamW step over one contiguous slice of the flat buffers (so ZeRO-1 can hand it any
@@ -189,6 +228,8 @@ def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay,
     to nearest (seed is unused here).
     Weight decay is decoupled, as in AdamW: w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)."""
     g = grad.to(m.dtype)
+    if isinstance(grad_scale, torch.Tensor):  # the optimizer's device-side clipping scale
+        grad_scale = grad_scale.item()
     if grad_scale != 1.0:
         g = g * grad_scale
     m.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -208,3 +249,14 @@ def global_norm_squared(out, grad):
     """out (one-element tensor) = sum of grad**2, in fp32 or better; the caller sums shards."""
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     out.copy_((grad.to(acc) ** 2).sum().reshape(out.shape))
+
+
+def clip_scale(scale, norm, parts, clip):
+    """norm (one element) = sqrt(sum of parts in order, in double); scale (one element) =
+    clip / (norm + 1e-6) when 0 < clip < norm, else 1: the clipping factor of the gradient."""
+    total = 0.0
+    for part in parts.tolist():
+        total += part
+    value = math.sqrt(total)
+    norm.fill_(value)
+    scale.fill_(clip / (value + 1e-6) if clip > 0 and value > clip else 1.0)

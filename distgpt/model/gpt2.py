@@ -3,23 +3,25 @@
 The model owns three planned allocations: the flat parameter buffer, the flat gradient buffer
 (same layout) and the activation plan for (B, T). A training micro-step is
     loss = model.forward(tokens, targets, dloss); model.backward()
-and gradients accumulate into `model.grads` until the trainer zeroes them. Which backend runs
-the ops (reference PyTorch or our CUDA kernels) is the only thing that changes between CPU and
-GPU runs.
+and gradients accumulate into `model.grads` until the trainer zeroes them. As in llm.c, the lm
+head's backward runs inside forward(), chunk by chunk so that the (B, T, Vp) logits never exist:
+forward() with targets already adds the lm head's part of wte's gradient, and backward() starts
+at ln_f. Which backend runs the ops (reference PyTorch or our CUDA kernels) is the only thing
+that changes between CPU and GPU runs.
 """
 import math
 
 import torch
 
-from distgpt.model.layout import (RESIDUAL_PROJECTIONS, ActivationPlan, ParameterLayout,
-                                  layer_tensors)
+from distgpt.model.layout import (CLASSIFIER_CHUNK_ROWS, RESIDUAL_PROJECTIONS, ActivationPlan,
+                                  ParameterLayout, layer_tensors)
 
 INIT_STD = 0.02
 
 
 class GPT2:
     def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
-                 pad_multiple=1):
+                 pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS):
         m = model_cfg
         self.cfg, self.ops, self.recompute = m, backend, recompute
         self.n_layer, self.n_head, self.n_embd = m.n_layer, m.n_head, m.n_embd
@@ -36,10 +38,12 @@ class GPT2:
         # statistics (layernorm mean/rstd, attention logsumexp, losses) stay fp32 under bf16
         stat_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         self.acts = ActivationPlan(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size, B, T,
-                                   recompute, dtype, stat_dtype, self.device)
+                                   recompute, dtype, stat_dtype, self.device, classifier_chunk_rows)
         self._saved = None  # (activations view, tokens) of the last forward, for backward
+        self.logits = None  # (b, t, Vp) after a forward without targets
+        self.token_losses = None  # (b, t) losses of each position after a forward with targets
         if hasattr(backend, "plan"):  # kernels reserve their scratch once, here
-            backend.plan(B, T, m.n_embd, self.device)
+            backend.plan(B, T, m.n_embd, m.n_head, self.device)
 
     # ------------------------------------------------------------ parameters
     def init_weights(self, seed):
@@ -64,9 +68,13 @@ class GPT2:
 
     # ------------------------------------------------------------ forward
     def forward(self, tokens, targets=None, dloss=0.0):
-        """tokens (b, t) on the model's device, b <= B, t <= T. With targets: returns the mean
-        loss (a 0-d tensor) and leaves dlogits in the logits buffer for backward(), scaled by
-        dloss. Without: leaves logits (b, t, Vp) in `self.logits` and returns None."""
+        """tokens (b, t) on the model's device, b <= B, t <= T. With targets (b, t): returns the
+        mean loss (a 0-d tensor), leaves each position's loss in `self.token_losses` (b, t) and
+        runs the lm head's backward for the objective sum(dloss * loss per token): wte's
+        gradient accumulates here, dlnf waits for backward(). dloss 0 (evaluation) computes
+        the losses only. Without targets: leaves logits (b, t, Vp) in `self.logits` and
+        returns None; only b * t <= R rows fit in the logits chunk (R >= T: see
+        layout.classifier_rows)."""
         ops, P, NH = self.ops, self.p, self.n_head
         b, t = tokens.shape
         a = self.acts.view(b, t)
@@ -85,8 +93,9 @@ class GPT2:
             ops.residual_layernorm_forward(a[f"residual2.{layer}"], ln2, a[f"ln2_mean.{layer}"],
                                            a[f"ln2_rstd.{layer}"], residual, a["proj_out"],
                                            lp.ln2_w, lp.ln2_b)
-            ops.matmul_forward(a[f"fch.{layer}"], ln2, lp.fc_w, lp.fc_b)  # (b, t, 4C)
-            ops.gelu_forward(fch_gelu, a[f"fch.{layer}"])
+            # fc and its GELU in one op (one matmul epilogue on the GPU): fch keeps the
+            # pre-activation for the backward, fch_gelu feeds the projection
+            ops.matmul_forward(a[f"fch.{layer}"], ln2, lp.fc_w, lp.fc_b, gelu_out=fch_gelu)  # (b, t, 4C)
             ops.matmul_forward(a["proj_out"], fch_gelu, lp.fcproj_w, lp.fcproj_b)
             # the block's output residual, fused with the next block's ln1 (or the final ln_f)
             if layer + 1 < self.n_layer:
@@ -100,13 +109,27 @@ class GPT2:
             ops.residual_layernorm_forward(a[f"residual3.{layer}"], ln_out, ln_mean, ln_rstd,
                                            a[f"residual2.{layer}"], a["proj_out"], ln_w, ln_b)
             residual = a[f"residual3.{layer}"]
-        # tied lm head: logits = lnf @ wte^T over the padded vocabulary
-        ops.matmul_forward(a["logits"], a["lnf"], P["transformer.wte.weight"], None)
-        self.logits = a["logits"]
+        # tied lm head: logits = lnf @ wte^T over the padded vocabulary, R rows at a time
+        # through the (R, Vp) scratch
+        wte, logits = P["transformer.wte.weight"], a["logits"]
         if targets is None:
-            self._saved = None
+            R = logits.shape[0]
+            if b * t > R:
+                raise ValueError(f"forward without targets: {b} x {t} = {b * t} rows of logits do not "
+                                 f"fit the planned logits chunk of {R} rows; pass targets to get "
+                                 f"each position's loss (token_losses), or run fewer rows at once")
+            self.logits = logits[:b * t].view(b, t, -1)
+            ops.lm_head_logits(self.logits, a["lnf"], wte)
+            self._saved, self.token_losses = None, None
             return None
-        ops.fused_classifier(a["logits"], a["losses"], targets, self.vocab_size, dloss)
+        # losses and the lm head's backward, chunk by chunk: dwte accumulates now, and dlnf goes
+        # to d_C, backward scratch that nothing writes between here and backward()'s first op,
+        # ln_f's layernorm_backward, which reads it
+        ops.lm_head_loss(a["losses"], a["d_C"], self.g["transformer.wte.weight"], a["lnf"], wte,
+                         targets, self.vocab_size, dloss, logits)
+        if dloss == 0:  # no gradient was computed: a backward() after evaluation adds exact zeros
+            a["d_C"].zero_()
+        self.logits, self.token_losses = None, a["losses"]
         self._saved = (a, tokens)
         return a["losses"].mean()
 
@@ -120,9 +143,8 @@ class GPT2:
         self._saved = None
         dres, d_C, d_3C, d_4C = a["dresidual"], a["d_C"], a["d_3C"], a["d_4C"]
         L = self.n_layer
-        # lm head, then ln_f: the first gradient into the residual stream overwrites it
-        ops.matmul_backward(d_C, G["transformer.wte.weight"], None, a["logits"], a["lnf"],
-                            P["transformer.wte.weight"])
+        # ln_f, from the dlnf the forward's lm_head_loss left in d_C (the lm head's own backward
+        # ran there); the first gradient into the residual stream overwrites it
         dres.zero_()
         ops.layernorm_backward(dres, G["transformer.ln_f.weight"], G["transformer.ln_f.bias"], d_C,
                                a[f"residual3.{L - 1}"], P["transformer.ln_f.weight"],
@@ -133,8 +155,10 @@ class GPT2:
             ln1, ln2, fch_gelu = (self._act(a, n, layer) for n in ("ln1", "ln2", "fch_gelu"))
             self._recompute(a, layer, residual_in, ln1, ln2, fch_gelu)
             # MLP branch; dres is d(residual3) and flows on unchanged to residual2
-            ops.matmul_backward(d_4C, lg.fcproj_w, lg.fcproj_b, dres, fch_gelu, lp.fcproj_w)
-            ops.gelu_backward(d_4C, a[f"fch.{layer}"], d_4C)
+            # d_4C is the gradient of fc's pre-activation: the projection's input gradient
+            # times gelu'(fch), fused (the dGELU epilogue on the GPU)
+            ops.matmul_backward(d_4C, lg.fcproj_w, lg.fcproj_b, dres, fch_gelu, lp.fcproj_w,
+                                gelu_inp=a[f"fch.{layer}"])
             ops.matmul_backward(d_C, lg.fc_w, lg.fc_b, d_4C, ln2, lp.fc_w)
             ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
                                    lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"])

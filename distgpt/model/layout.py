@@ -111,14 +111,32 @@ def layer_tensors(named, layer):
 
 
 # ---------------------------------------------------------------- activations
-def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute):
+# The lm head + softmax + cross-entropy run over the B*T rows in chunks of at most this many
+# (as in cut-cross-entropy), so the whole (B, T, Vp) logits never exist: one (R, Vp) chunk is
+# the only vocabulary-wide buffer. 8192 rows keep the three lm-head matmuls of a chunk large
+# (8192 x 768 x 50304 is ~0.6 TFLOP each at 124M, where cuBLAS runs at full speed) while the
+# chunk is 8192 x 50304 bf16 = 0.8 GB, against 6.6 GB for the whole batch at B=64, T=1024.
+CLASSIFIER_CHUNK_ROWS = 8192
+
+
+def classifier_rows(B, T, chunk_rows=CLASSIFIER_CHUNK_ROWS):
+    """R, the rows of the (R, Vp) logits scratch: chunk_rows, but at least T, so that a (1, T)
+    forward without targets (sampling) holds all its logits at once, and at most B*T (B=8,
+    T=1024 is one chunk, the whole batch)."""
+    return min(B * T, max(T, chunk_rows))
+
+
+def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
+                     chunk_rows=CLASSIFIER_CHUNK_ROWS):
     """(name, shape, is_statistic) of every activation buffer for a step at (B, T).
 
     Per-layer buffers are named `name.l`. recompute=1 keeps one shared GELU output that the
     backward rebuilds from the pre-GELU activations; recompute=2 also shares the layernorm
     outputs, rebuilt from the saved residual, mean and rstd. The buffers marked as statistics
-    stay in fp32 on the GPU."""
+    stay in fp32 on the GPU. `logits` is the lm head's (R, Vp) chunk scratch, R =
+    classifier_rows(B, T, chunk_rows), whatever the step's (b, t)."""
     C, NH, Vp = n_embd, n_head, padded_vocab_size
+    R = classifier_rows(B, T, chunk_rows)
     slots = [("encoded", (B, T, C), False)]
     per_layer = [("residual2", (B, T, C), False), ("residual3", (B, T, C), False),
                  ("ln1_mean", (B, T), True), ("ln1_rstd", (B, T), True),
@@ -133,9 +151,10 @@ def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute
                   if not shared]
     slots += [(name, shape, False) for name, shape, shared in shared_or_per_layer if shared]
     slots += [("lnf", (B, T, C), False), ("lnf_mean", (B, T), True), ("lnf_rstd", (B, T), True),
-              ("logits", (B, T, Vp), False), ("losses", (B, T), True),
+              ("logits", (R, Vp), False), ("losses", (B, T), True),
               # scratch: projection outputs before their residual add, and the backward's
-              # running gradients; one copy each, reused by every layer
+              # running gradients; one copy each, reused by every layer (d_C also carries
+              # the lm head's dlnf from the forward to the start of the backward)
               ("proj_out", (B, T, C), False), ("dresidual", (B, T, C), False),
               ("d_C", (B, T, C), False), ("d_3C", (B, T, 3 * C), False), ("d_4C", (B, T, 4 * C), False)]
     return slots
@@ -157,21 +176,25 @@ class ActivationPlan:
     buffers shaped for a smaller batch or sequence (validation, sampling) without allocating."""
 
     def __init__(self, n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
-                 dtype, stat_dtype, device):
+                 dtype, stat_dtype, device, chunk_rows=CLASSIFIER_CHUNK_ROWS):
         self.B, self.T, self.n_layer = B, T, n_layer
-        self.slots = activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute)
+        self.slots = activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
+                                      chunk_rows)
         self.offsets, sizes = pack_slots(self.slots)
         self.buffers = {False: torch.empty(sizes[False], dtype=dtype, device=device),
                         True: torch.empty(sizes[True], dtype=stat_dtype, device=device)}
 
     def view(self, b, t):
-        """name -> tensor for a (b, t) step, b <= B and t <= T. Every shape is (B, T, ...) except
-        the attention statistics, (B, NH, T)."""
+        """name -> tensor for a (b, t) step, b <= B and t <= T. Every shape is (b, t, ...) except
+        the attention statistics, (b, NH, t), and the logits chunk, (R, Vp) whatever (b, t)."""
         if b > self.B or t > self.T:
             raise ValueError(f"batch ({b}, {t}) exceeds the planned ({self.B}, {self.T})")
         out = {}
         for name, shape, stat in self.slots:
-            shape = (b, shape[1], t) if name.startswith("att_lse") else (b, t) + tuple(shape[2:])
+            if name.startswith("att_lse"):
+                shape = (b, shape[1], t)
+            elif name != "logits":
+                shape = (b, t) + tuple(shape[2:])
             _, off = self.offsets[name]
             out[name] = self.buffers[stat][off:off + _numel(shape)].view(shape)
         return out

@@ -57,9 +57,18 @@ def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay,
     if n == 0:
         return
     # the scalars in double on the host, each rounded once to fp32
+    # grad_scale: a float, or a one-element fp32 CUDA tensor the kernel reads itself (the
+    # optimizer's clipping scale, computed on the device: no host sync before the update)
+    if isinstance(grad_scale, torch.Tensor):
+        if grad_scale.dtype != torch.float32 or grad_scale.numel() != 1 or not grad_scale.is_cuda:
+            raise ValueError(f"{op}: a tensor grad_scale must be one fp32 CUDA element, got {grad_scale.dtype} "
+                             f"{tuple(grad_scale.shape)}")
+        scale_value, scale_ptr = 1.0, ptr(grad_scale)
+    else:
+        scale_value, scale_ptr = float(grad_scale), ptr(None)
     scalars = (f32(lr), f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
                f32(1.0 / (1.0 - beta1 ** step)), f32(1.0 / (1.0 - beta2 ** step)), f32(eps),
-               f32(weight_decay), f32(grad_scale), u32(int(seed)), u32(int(step)))
+               f32(weight_decay), f32(scale_value), scale_ptr, u32(int(seed)), u32(int(step)))
     # at least one block: with n < 8 the whole slice is the scalar tail
     grid = max(1, min(ceil_div(n // 8, THREADS), BLOCKS_PER_SM * _sm_count(param.device.index)))
     if param.dtype == torch.bfloat16:

@@ -1,4 +1,5 @@
-"""Softmax + cross-entropy fused with its backward on our kernel (kernels/classifier.cu).
+"""The tied lm head and softmax + cross-entropy fused with its backward, on our kernel
+(kernels/classifier.cu) between cuBLAS matmuls.
 
 fused_classifier overwrites `losses` (fp32) and overwrites the bf16 logits in place with
 dloss * (softmax - onehot(target)) over the first V columns and exact zeros in the padding
@@ -6,9 +7,13 @@ dloss * (softmax - onehot(target)) over the first V columns and exact zeros in t
 vectors (the last real vector masked at V), pass 2 the gradient. Deterministic: fixed-order block
 reductions, no atomics. With dloss == 0 (validation) the kernel still writes the gradient, all
 zeros, so the buffer is never left holding logits. A target outside [0, V) gives a NaN loss.
-No scratch, so no plan()."""
+
+lm_head_loss runs the lm head, the classifier and the lm head's backward over chunks of rows
+through the model's planned (R, Vp) logits scratch, so the whole (B, T, Vp) logits never exist
+(see the reference for the contract). No scratch of its own, so no plan()."""
 import torch
 
+from distgpt.backends.cuda.matmul import matmul_backward, matmul_forward
 from distgpt.backends.cuda.runtime import f32, i32, launch, ptr
 
 MODULE = "classifier"
@@ -45,3 +50,44 @@ def fused_classifier(logits, losses, targets, vocab_size, dloss):
         return
     launch(MODULE, "fused_classifier_kernel", N, THREADS,
            (ptr(logits), ptr(losses), ptr(targets), i32(V), i32(Vp), f32(dloss)))
+
+
+def lm_head_logits(logits, lnf, wte):
+    """logits (..., Vp) = lnf (..., C) @ wte (Vp, C)^T: the lm head alone, for sampling."""
+    matmul_forward(logits, lnf, wte, None)
+
+
+def lm_head_loss(losses, dlnf, dwte, lnf, wte, targets, vocab_size, dloss, logits):
+    """Per chunk of R = logits.shape[0] rows of lnf (B,T,C), through the (R, Vp) scratch:
+    logits_chunk = lnf_chunk @ wte^T; fused_classifier writes losses_chunk (fp32) and turns
+    the chunk into dloss * (softmax - onehot); dlnf_chunk = dlogits_chunk @ wte (overwrites);
+    dwte += dlogits_chunk^T @ lnf_chunk. cuBLAS sums each chunk's dwte product in fp32 and
+    rounds once into the bf16 dwte, so dwte takes one bf16 rounding per chunk (8 at 124M,
+    B=64, T=1024), like gradient accumulation across micro-steps. Chunks run in a fixed order:
+    deterministic. dloss == 0 (evaluation): losses only, dlnf and dwte untouched."""
+    op = "lm_head_loss"
+    Vp, C = wte.shape
+    R = logits.shape[0]
+    if logits.dim() != 2 or logits.shape[1] != Vp:
+        raise ValueError(f"{op}: logits scratch {tuple(logits.shape)} must be (R, Vp={Vp})")
+    _check(op, "logits", logits, torch.bfloat16)
+    for name, t, dtype in (("lnf", lnf, torch.bfloat16), ("dlnf", dlnf, torch.bfloat16),
+                           ("dwte", dwte, torch.bfloat16), ("losses", losses, torch.float32),
+                           ("targets", targets, torch.int64)):
+        _check(op, name, t, dtype)
+    if tuple(dwte.shape) != (Vp, C) or lnf.shape[-1] != C or tuple(dlnf.shape) != tuple(lnf.shape):
+        raise ValueError(f"{op}: lnf {tuple(lnf.shape)}, dlnf {tuple(dlnf.shape)} and dwte "
+                         f"{tuple(dwte.shape)} must be (..., C={C}), the same, and (Vp={Vp}, C)")
+    x, dx = lnf.view(-1, C), dlnf.view(-1, C)
+    loss_rows, target_rows = losses.view(-1), targets.view(-1)
+    N = x.shape[0]
+    if loss_rows.numel() != N or target_rows.numel() != N:
+        raise ValueError(f"{op}: losses {tuple(losses.shape)} and targets {tuple(targets.shape)} "
+                         f"must hold one entry per row of lnf ({N})")
+    for start in range(0, N, R):
+        stop = min(start + R, N)
+        chunk = logits[:stop - start]  # the scratch's first rows: contiguous, 16-byte aligned
+        matmul_forward(chunk, x[start:stop], wte, None)
+        fused_classifier(chunk, loss_rows[start:stop], target_rows[start:stop], vocab_size, dloss)
+        if dloss != 0:
+            matmul_backward(dx[start:stop], dwte, None, chunk, x[start:stop], wte)

@@ -1,30 +1,235 @@
-"""Matmuls through cuBLAS(Lt), called through torch with preallocated outputs.
+"""Matmuls through cuBLASLt with fused epilogues, called through nvmath-python's cuBLASLt bindings
+into buffers we own.
 
-These are the one op family where a library is the best tool: cuBLASLt reaches 680-707
-TFLOP/s on the H100's GPT-2 shapes. The forward bias add rides in cuBLASLt's epilogue
-(torch.addmm with a 1-D bias takes that path); the weight gradient accumulates in place with
-beta = 1 (cuBLAS sums in fp32 before the single rounding to bf16); the bias gradient is our
-deterministic column-sum kernel (bias.cu)."""
+Why cuBLASLt directly: it reaches 680-707 TFLOP/s on the H100's GPT-2 shapes, and its epilogues
+do in the matmul what would otherwise be separate passes over the (B, T, 4C) activations:
+- fc forward (GELU_AUX_BIAS): out = inp @ W^T + b written as the pre-activation (the backward
+  needs it) and gelu(out) in the same kernel;
+- fc projection backward (DGELU): dinp = (dout @ W) * gelu'(pre-activation);
+- every weight gradient (BGRADB): dW += dout^T @ inp and the bias gradient (the column sums of
+  dout) from the same pass over dout.
+torch.mm/addmm reach none of these from Python, and nvmath's high-level Matmul allocates its
+auxiliary outputs on every call, hence the bindings.
+
+Row-major to column-major: cuBLASLt is column-major, and a row-major (R, K) matrix is the same
+memory as a column-major (K, R) one. So every product below is written transposed:
+    out (N, OC) = inp (N, C) @ W (OC, C)^T   is   out^T (OC, N) = W^T @ inp^T
+with M = OC, so a bias along OC is cuBLASLt's bias along M.
+
+A plan (descriptor, layouts, the heuristic's best algorithm) is made once per shape, epilogue and
+pointer alignment, and reused for every layer; the per-call work is setting the epilogue's
+pointers and one cublasLtMatmul on torch's current stream, with one workspace planned up front.
+Nothing is allocated in the step, so a step can be captured in a CUDA graph.
+
+The bias gradient is written (not accumulated) by the epilogue, in bf16 (cuBLASLt takes no fp32
+bias beside bf16 operands), into a scratch vector that is then added to the bf16 gradient.
+Deterministic: a fixed algorithm per plan and no atomics in cuBLASLt's reductions."""
+import numpy as np
 import torch
 
-from distgpt.backends.cuda.bias import bias_backward
+from distgpt.backends.cuda.runtime import check_tensor
+
+# cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
+CUDA_R_32F, CUDA_R_16BF = 0, 14
+COMPUTE_32F = 68
+OP_N, OP_T = 0, 1
+WORKSPACE_BYTES = 32 * 2**20  # what NVIDIA recommends for Hopper's cuBLASLt kernels
+MAX_ALIGN = 256
+# cuBLASLt 13 refuses an fp32 bias gradient beside bf16 operands ("unsupported config of bias
+# pointer type", H100, 2026-11-22): it writes bf16, added to the bf16 gradient (two roundings)
+BIAS_GRAD_FP32 = False
 
 
-def matmul_forward(out, inp, weight, bias):
-    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC) or no bias."""
-    OC, C = weight.shape
-    out2, inp2 = out.view(-1, OC), inp.reshape(-1, C)
-    if bias is None:
-        torch.mm(inp2, weight.t(), out=out2)
-    else:
-        torch.addmm(bias, inp2, weight.t(), out=out2)
+def _bindings():
+    try:
+        from nvmath.bindings import cublasLt
+    except ImportError as exc:
+        raise RuntimeError(f"backend=cuda needs nvmath-python for cuBLASLt ({exc}); pip install the "
+                           f"cuda12 or cuda13 extra") from None
+    return cublasLt
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
-    """dinp = dout @ weight (overwrites); dweight += dout^T @ inp; dbias += column sums of dout."""
-    OC, C = weight.shape
-    dout2, inp2 = dout.reshape(-1, OC), inp.reshape(-1, C)
-    torch.mm(dout2, weight, out=dinp.view(-1, C))
-    dweight.addmm_(dout2.t(), inp2)
-    if dbias is not None:
-        bias_backward(dbias, dout2)
+def _alignment(t):
+    p = t.data_ptr()
+    return MAX_ALIGN if p % MAX_ALIGN == 0 else p & -p
+
+
+class _Plan:
+    """One cuBLASLt problem: descriptor, the four layouts and the chosen algorithm."""
+
+    def __init__(self, lt, handle, workspace_bytes, key, pointers):
+        (epilogue, transa, transb, m, n, k, lda, ldb, ldd, aux_ld, bias_fp32, aligns) = key
+        self.lt = lt
+        self._pointer = np.zeros(1, dtype=np.uint64)
+        A = lt.MatmulDescAttribute
+        self.desc = lt.matmul_desc_create(COMPUTE_32F, CUDA_R_32F)
+        self._set(A.TRANSA, np.int32(transa))
+        self._set(A.TRANSB, np.int32(transb))
+        self._set(A.EPILOGUE, np.uint32(epilogue))
+        if aux_ld:
+            self._set(A.EPILOGUE_AUX_LD, np.int64(aux_ld))
+        if bias_fp32:
+            self._set(A.BIAS_DATA_TYPE, np.int32(CUDA_R_32F))
+        # cuBLASLt checks the epilogue's inputs when it picks an algorithm: point them at real
+        # buffers (each call re-points them at its own)
+        for attr, tensor in pointers.items():
+            self.set_pointer(attr, tensor)
+        rows_a, cols_a = (m, k) if transa == OP_N else (k, m)
+        rows_b, cols_b = (k, n) if transb == OP_N else (n, k)
+        self.a = lt.matrix_layout_create(CUDA_R_16BF, rows_a, cols_a, lda)
+        self.b = lt.matrix_layout_create(CUDA_R_16BF, rows_b, cols_b, ldb)
+        self.d = lt.matrix_layout_create(CUDA_R_16BF, m, n, ldd)
+        pref = lt.matmul_preference_create()
+        P = lt.MatmulPreferenceAttribute
+        self._set_pref(pref, P.MAX_WORKSPACE_BYTES, np.uint64(workspace_bytes))
+        for attr, value in zip((P.MIN_ALIGNMENT_A_BYTES, P.MIN_ALIGNMENT_B_BYTES,
+                                P.MIN_ALIGNMENT_C_BYTES, P.MIN_ALIGNMENT_D_BYTES), aligns):
+            self._set_pref(pref, attr, np.uint32(value))
+        self.heuristic = lt.MatmulHeuristicResult(1)
+        found = np.zeros(1, dtype=np.int32)
+        lt.matmul_algo_get_heuristic(handle, self.desc, self.a, self.b, self.d, self.d, pref, 1,
+                                     self.heuristic.ptr, found.ctypes.data)
+        lt.matmul_preference_destroy(pref)
+        if found[0] == 0:
+            raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue}, m={m} n={n} k={k}, "
+                               f"alignments {aligns}")
+        self.algo = self.heuristic.ptr  # the algo is the struct's first member
+        self.workspace_needed = int(self.heuristic.workspace_size)
+
+    def _set(self, attr, value):
+        value = np.array(value)  # a 0-d array: its buffer is what the C call reads
+        self.lt.matmul_desc_set_attribute(self.desc, attr, value.ctypes.data, value.nbytes)
+
+    def _set_pref(self, pref, attr, value):
+        value = np.array(value)
+        self.lt.matmul_preference_set_attribute(pref, attr, value.ctypes.data, value.nbytes)
+
+    def set_pointer(self, attr, tensor):
+        self._pointer[0] = tensor.data_ptr()
+        self.lt.matmul_desc_set_attribute(self.desc, attr, self._pointer.ctypes.data, 8)
+
+
+class Matmuls:
+    """The cuBLASLt handle, the workspace, the bias-gradient scratch and the plan cache."""
+
+    def __init__(self):
+        self.lt = None
+        self.plans = {}
+        self.workspace = None
+        self.dbias = None
+        self._one = np.ones(1, dtype=np.float32)
+        self._zero = np.zeros(1, dtype=np.float32)
+
+    def plan(self, B, T, C, device):
+        """The workspace (32 MiB) and the fp32 bias-gradient scratch (4C, the widest bias)."""
+        self.lt = _bindings()
+        self.handle = self.lt.create()
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.dbias = torch.empty(4 * C, dtype=torch.float32 if BIAS_GRAD_FP32 else torch.bfloat16, device=device)
+
+    @property
+    def scratch_bytes(self):
+        return WORKSPACE_BYTES + (0 if self.dbias is None else self.dbias.numel() * 4)
+
+    def _require_plan(self, op):
+        if self.lt is None:
+            raise RuntimeError(f"{op}: call plan(B, T, C, device) (backends.cuda.plan) before the first step")
+
+    def _get(self, key, pointers):
+        """The plan for `key`, with the epilogue's pointers (attribute -> tensor) set."""
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = _Plan(self.lt, self.handle, WORKSPACE_BYTES, key, pointers)
+        else:
+            for attr, tensor in pointers.items():
+                plan.set_pointer(attr, tensor)
+        return plan
+
+    def _run(self, plan, a, b, d, beta):
+        alpha_ptr = self._one.ctypes.data
+        beta_ptr = (self._one if beta else self._zero).ctypes.data
+        self.lt.matmul(self.handle, plan.desc, alpha_ptr, a.data_ptr(), plan.a, b.data_ptr(), plan.b,
+                       beta_ptr, d.data_ptr(), plan.d, d.data_ptr(), plan.d, plan.algo,
+                       self.workspace.data_ptr(), WORKSPACE_BYTES, torch.cuda.current_stream().cuda_stream)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, out, inp, weight, bias, gelu_out=None):
+        """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias; with gelu_out also gelu(out)."""
+        OC, C = weight.shape
+        N = inp.numel() // C
+        for name, t in (("out", out), ("inp", inp), ("weight", weight)):
+            check_tensor("matmul_forward", name, t)
+        if N == 0:
+            return
+        self._require_plan("matmul_forward")
+        Lt = self.lt.Epilogue
+        result = out if gelu_out is None else gelu_out
+        if gelu_out is not None:
+            if bias is None:
+                raise ValueError("matmul_forward: the fused GELU form needs a bias (GPT-2's fc has one)")
+            check_tensor("matmul_forward", "gelu_out", gelu_out)
+            epilogue = Lt.GELU_AUX_BIAS
+        else:
+            epilogue = Lt.DEFAULT if bias is None else Lt.BIAS
+        key = (int(epilogue), OP_T, OP_N, OC, N, C, C, C, OC, OC if gelu_out is not None else 0, False,
+               tuple(_alignment(t) for t in (weight, inp, result, result)))
+        A = self.lt.MatmulDescAttribute
+        pointers = {}
+        if bias is not None:
+            check_tensor("matmul_forward", "bias", bias)
+            pointers[A.BIAS_POINTER] = bias
+        if gelu_out is not None:
+            pointers[A.EPILOGUE_AUX_POINTER] = out  # the pre-activation is the aux output
+        plan = self._get(key, pointers)
+        self._run(plan, weight, inp, result, beta=False)
+
+    # ---------------------------------------------------------------- backward
+    def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
+        """dinp = dout @ weight (overwrites; times gelu'(gelu_inp) when given); dweight += dout^T @
+        inp; dbias += the column sums of dout (from the weight-gradient matmul's epilogue)."""
+        OC, C = weight.shape
+        N = dout.numel() // OC
+        for name, t in (("dinp", dinp), ("dweight", dweight), ("dout", dout), ("inp", inp), ("weight", weight)):
+            check_tensor("matmul_backward", name, t)
+        if N == 0:
+            return
+        self._require_plan("matmul_backward")
+        E, A = self.lt.Epilogue, self.lt.MatmulDescAttribute
+        # dinp^T (C, N) = W^T-as-stored (C, OC) @ dout^T (OC, N)
+        epilogue = E.DEFAULT if gelu_inp is None else E.DGELU
+        key = (int(epilogue), OP_N, OP_N, C, N, OC, C, OC, C, C if gelu_inp is not None else 0, False,
+               tuple(_alignment(t) for t in (weight, dout, dinp, dinp)))
+        pointers = {}
+        if gelu_inp is not None:
+            check_tensor("matmul_backward", "gelu_inp", gelu_inp)
+            pointers[A.EPILOGUE_AUX_POINTER] = gelu_inp
+        plan = self._get(key, pointers)
+        self._run(plan, weight, dout, dinp, beta=False)
+        # dW^T (C, OC) += inp^T (C, N) @ dout (N, OC); BGRADB sums op(B) = dout over N
+        epilogue = E.DEFAULT if dbias is None else E.BGRADB
+        key = (int(epilogue), OP_N, OP_T, C, OC, N, C, OC, C, 0, dbias is not None and BIAS_GRAD_FP32,
+               tuple(_alignment(t) for t in (inp, dout, dweight, dweight)))
+        pointers = {}
+        if dbias is not None:
+            check_tensor("matmul_backward", "dbias", dbias)
+            scratch = self.dbias[:OC]
+            pointers[A.BIAS_POINTER] = scratch
+        plan = self._get(key, pointers)
+        self._run(plan, inp, dout, dweight, beta=True)
+        if dbias is not None:
+            dbias.add_(scratch)
+
+
+_default = Matmuls()
+
+
+def plan(B, T, C, device):
+    _default.plan(B, T, C, device)
+
+
+def matmul_forward(out, inp, weight, bias, gelu_out=None):
+    _default.forward(out, inp, weight, bias, gelu_out)
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
+    _default.backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp)

@@ -43,3 +43,15 @@ def global_norm_squared(out, grad):
         raise RuntimeError(f"{op}: partials were planned on {partials.device}, grad is on {grad.device}")
     launch(MODULE, "global_norm_squared_kernel", P, THREADS, (ptr(partials), ptr(grad), np.int64(grad.numel())))
     launch(MODULE, "global_norm_squared_reduce_kernel", 1, RED_THREADS, (ptr(out), ptr(partials), i32(P)))
+
+
+def clip_scale(scale, norm, parts, clip):
+    """On the device: norm (one fp64 element) = sqrt(sum of parts in order), scale (one fp32
+    element) = clip / (norm + 1e-6) when 0 < clip < norm, else 1. parts: (world,) fp32."""
+    op = "clip_scale"
+    if parts.dtype != torch.float32 or not parts.is_cuda or not parts.is_contiguous():
+        raise ValueError(f"{op}: parts must be a contiguous fp32 CUDA tensor, got {parts.dtype}")
+    if scale.dtype != torch.float32 or scale.numel() != 1 or norm.dtype != torch.float64 or norm.numel() != 1:
+        raise ValueError(f"{op}: scale must be one fp32 element and norm one fp64 element")
+    launch(MODULE, "clip_scale_kernel", 1, 32, (ptr(scale), ptr(norm), ptr(parts), i32(parts.numel()),
+                                                np.float64(clip)))

@@ -1,0 +1,83 @@
+"""One training micro-step (forward with targets, then backward), run eagerly or replayed as a
+CUDA graph.
+
+Why a graph: a GPT-2 step is about 25 launches per layer (300 at 124M, 1200 at 1558M), each
+costing the host 5-20 us in Python. At small batches the GPU finishes a kernel before the host
+has launched the next, and waits (7.8 ms a step at 124M B=64 before graphs, most of the gap to
+llm.c at B=8 and 16). A captured graph replays every launch from one call.
+
+What makes the step capturable: every buffer is planned (parameters, gradients, activations,
+kernel and library scratch), so the addresses a graph bakes in stay valid; the tokens of each
+micro-step are copied into planned device buffers (`tokens`, `targets`) before the replay; no
+op syncs with the host. What a replay cannot change is baked in at capture: the batch shape
+and dloss (both fixed for a run), so a change of either captures a new graph.
+
+Sequence: the first call runs eagerly (kernels compile, cuBLASLt and cuDNN plans are made),
+the second captures and then replays (a capture only records), later calls replay. Replays are
+the same kernels on the same addresses, so results are bitwise those of the eager step.
+"""
+import torch
+
+
+class MicroStep:
+    def __init__(self, model, use_graph):
+        self.model = model
+        self.use_graph = bool(use_graph) and model.device.type == "cuda"
+        B, T = model.acts.B, model.acts.T
+        self.tokens = torch.zeros((B, T), dtype=torch.int64, device=model.device)
+        self.targets = torch.zeros((B, T), dtype=torch.int64, device=model.device)
+        self.graph, self.graph_key, self.loss, self.calls = None, None, None, 0
+        self.device = model.device
+        if self.device.type == "cuda":
+            # two pinned host slots, so a batch's host-to-device copy is asynchronous (a copy from
+            # pageable memory would hold the host until the GPU reached it, every micro-step)
+            self.pinned = [torch.empty((2, B * T), dtype=torch.int64).pin_memory() for _ in range(2)]
+            self.copied = [torch.cuda.Event(), torch.cuda.Event()]
+            self.slot = 0
+
+    def __call__(self, x, y, dloss):
+        """Forward + backward of one micro-batch (x, y: (b, t) int64, on the device or pinned
+        host memory); gradients accumulate into model.grads. Returns the mean loss as a 0-d
+        device tensor (the graph's static output when replaying: read it before the next call)."""
+        b, t = x.shape
+        # the planned buffers' first b*t tokens, contiguous as the kernels read them
+        tokens = self.tokens.view(-1)[:b * t].view(b, t)
+        targets = self.targets.view(-1)[:b * t].view(b, t)
+        if x.device.type == "cpu" and self.device.type == "cuda":
+            self._stage(x, y, tokens, targets)
+        else:
+            tokens.copy_(x)
+            targets.copy_(y)
+        if not self.use_graph:
+            return self._eager(tokens, targets, dloss)
+        key = (b, t, float(dloss))
+        if key != self.graph_key:
+            self.graph, self.graph_key, self.calls = None, key, 0
+        self.calls += 1
+        if self.calls == 1:
+            return self._eager(tokens, targets, dloss)
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the collective watchdog's thread may query CUDA during the capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.loss = self._eager(tokens, targets, dloss)
+        self.graph.replay()
+        return self.loss
+
+    def _eager(self, tokens, targets, dloss):
+        loss = self.model.forward(tokens, targets, dloss)
+        self.model.backward()
+        return loss
+
+    def _stage(self, x, y, tokens, targets):
+        """CPU batch -> pinned slot -> device buffers, without waiting for the GPU (a slot is
+        reused two micro-steps later, once its previous copy has completed)."""
+        slot, n = self.slot, x.numel()
+        self.slot ^= 1
+        self.copied[slot].synchronize()
+        host = self.pinned[slot]
+        host[0, :n].copy_(x.reshape(-1))
+        host[1, :n].copy_(y.reshape(-1))
+        tokens.view(-1).copy_(host[0, :n], non_blocking=True)
+        targets.view(-1).copy_(host[1, :n], non_blocking=True)
+        self.copied[slot].record()

@@ -1,0 +1,100 @@
+"""cuBLASLt matmuls with their epilogues (bias, GELU + aux, dGELU, bias gradient) against the
+reference backend in fp32 on the same bf16 inputs. Overwritten outputs are poisoned with NaN;
+accumulated ones start from random values and are compared as before + reference increment."""
+import pytest
+import torch
+
+from distgpt.backends import reference
+from gpu_check import assert_close, requires_gpu, twice_equal
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+# (atol, rtol): the products sum K = C (forward) or N (weight gradient) O(1) terms in fp32, so
+# they differ from the reference's by summation order, ~sqrt(K) * 6e-8 relative to sqrt(K), far
+# below the final bf16 rounding (2^-9 relative, 2^-8 at a neighbouring value): rtol 1e-2. atol
+# covers results near 0 after cancellation, scaled by sqrt(K) (the size of a sum of K O(1) terms).
+# The bias gradient sums N O(1) rows in fp32, added to bf16 once: the same budget.
+# GELU in the epilogue is the tanh form (GPT-2's), compared with the reference's; it adds one
+# fp32 evaluation (~1e-6) before the same bf16 rounding.
+RTOL = 1e-2
+ATOL_PER_SQRT_K = 2e-3
+
+# (N rows, C in, OC out): 768 -> 2304 is GPT-2 124M's qkv, 1600 -> 6400 the 1558M fc; 111 rows
+# and OC = 24 are the awkward sizes (not multiples of any tile)
+SHAPES = [(111, 64, 24), (512, 768, 2304), (256, 1600, 6400), (1024, 3072, 768)]
+
+
+@pytest.fixture(scope="module")
+def mm():
+    from distgpt.backends.cuda.matmul import Matmuls
+    m = Matmuls()
+    m.plan(8, 1024, 1600, "cuda")
+    torch.manual_seed(0)
+    return m
+
+
+def bf16(*shape, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(torch.bfloat16)
+
+
+def nan(*shape):
+    return torch.full(shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+
+
+def atol(K):
+    return ATOL_PER_SQRT_K * K ** 0.5
+
+
+@pytest.mark.parametrize("N,C,OC", SHAPES)
+@pytest.mark.parametrize("form", ["plain", "bias", "gelu"])
+def test_forward(mm, N, C, OC, form):
+    inp, weight = bf16(N, C), bf16(OC, C, scale=C ** -0.5)
+    bias = None if form == "plain" else bf16(OC)
+    out, gelu_out = nan(N, OC), (nan(N, OC) if form == "gelu" else None)
+    mm.forward(out, inp, weight, bias, gelu_out)
+    want, want_gelu = torch.empty(N, OC, device="cuda"), torch.empty(N, OC, device="cuda")
+    reference.matmul_forward(want, inp.float(), weight.float(), None if bias is None else bias.float(),
+                             gelu_out=None if gelu_out is None else want_gelu)
+    assert_close(f"out ({form})", out, want, 2e-3, RTOL)  # weights scaled by C^-1/2: O(1) results
+    if gelu_out is not None:
+        # compared with gelu of the reference pre-activation: the bf16 rounding of out is not in it
+        assert_close("gelu_out", gelu_out, want_gelu, 2e-3, RTOL)
+
+
+@pytest.mark.parametrize("N,C,OC", SHAPES)
+@pytest.mark.parametrize("form", ["plain", "bias", "dgelu"])
+def test_backward(mm, N, C, OC, form):
+    dout, inp, weight = bf16(N, OC), bf16(N, C), bf16(OC, C, scale=OC ** -0.5)
+    gelu_inp = bf16(N, C) if form == "dgelu" else None
+    dinp = nan(N, C)
+    dweight0, dbias0 = bf16(OC, C), (bf16(OC) if form != "plain" else None)
+    dweight, dbias = dweight0.clone(), (None if dbias0 is None else dbias0.clone())
+    mm.backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp)
+    want_dinp = torch.empty(N, C, device="cuda")
+    want_dw = torch.zeros(OC, C, device="cuda")
+    want_db = None if dbias is None else torch.zeros(OC, device="cuda")
+    reference.matmul_backward(want_dinp, want_dw, want_db, dout.float(), inp.float(), weight.float(),
+                              gelu_inp=None if gelu_inp is None else gelu_inp.float())
+    assert_close(f"dinp ({form})", dinp, want_dinp, 2e-3, RTOL)
+    assert_close("dweight (+=)", dweight, dweight0.float() + want_dw, atol(N), RTOL)
+    if dbias is not None:
+        assert_close("dbias (+=)", dbias, dbias0.float() + want_db, atol(N), RTOL)
+
+
+def test_backward_deterministic(mm):
+    N, C, OC = 2048, 768, 3072
+    dout, inp, weight, gelu_inp = bf16(N, OC), bf16(N, C), bf16(OC, C), bf16(N, C)
+    twice_equal(lambda dinp, dw, db: mm.backward(dinp, dw, db, dout, inp, weight, gelu_inp),
+                [nan(N, C), bf16(OC, C), bf16(OC)])
+
+
+def test_no_allocation_after_plan(mm):
+    N, C, OC = 512, 768, 3072
+    inp, weight, bias = bf16(N, C), bf16(OC, C), bf16(OC)
+    pre, act = nan(N, OC), nan(N, OC)
+    mm.forward(pre, inp, weight, bias, act)  # first call makes the plans
+    before = torch.cuda.memory_allocated()
+    for _ in range(3):
+        mm.forward(pre, inp, weight, bias, act)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
