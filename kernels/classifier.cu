@@ -5,29 +5,176 @@
 //                      logits[row, c] = 0                                     for V <= c < Vp
 //
 // One block per row of Vp bf16 logits (Vp a multiple of 8, so every row starts 16-byte aligned).
-// Probabilities are never stored: the logits buffer becomes its own gradient.
-//   pass 1  each thread walks vectors tid, tid + blockDim, ... of the first ceil(V/8) vectors
+// Probabilities are never stored: the logits buffer becomes its own gradient. Two kernels with
+// the same arithmetic; Python picks one per call:
+//
+//   fused_classifier_smem_kernel   the row's real vectors (ceil(V/8) x 16 bytes: 100,528 bytes for
+//       GPT-2's V = 50257) are copied once into dynamic shared memory and the gradient is computed
+//       from there: 1 read + 1 write of the row. Used whenever the row fits the device's opt-in
+//       shared memory per block (H100 227 KB, A100 163 KB). Two blocks fit on an H100 SM
+//       (2 x ~101.7 KB of 228 KB), so one block's reductions and arithmetic overlap the other's
+//       memory traffic. The copy is cp.async (global -> shared, no registers, L2 only), CLS_STAGES
+//       vectors in flight per thread: each thread waits only for its next vector, so pass 1 starts
+//       on the first bytes while the rest of the row is still arriving.
+//   fused_classifier_kernel   the fallback for rows that do not fit: reads the row twice (pass 2
+//       re-reads it, partly from L2) and writes it once.
+//
+// Both kernels, per row:
+//   pass 1  each thread walks vectors tid, tid + CLS_THREADS, ... of the first ceil(V/8) vectors
 //           with an online max and sum of exp in fp32 (the sum is rescaled only when the running
 //           max grows); the last real vector is masked at V, so the padding columns, whatever they
 //           hold, never enter the sums. Block max, then the block sum of each thread's sum
 //           rescaled to the block max: both through common.cuh's fixed-order reductions, so the
 //           loss is bitwise reproducible.
-//   pass 2  re-reads the row (most of it still in L2: a 100 KB row, a few blocks per SM) and
-//           overwrites it with the gradient; padding vectors are written as zeros without a read.
+//   pass 2  overwrites the row with the gradient, vector i by the thread that read it in pass 1;
+//           padding vectors are written as zeros without a read.
+// Same thread count, same vectors per thread in the same order, and the arithmetic in shared
+// __forceinline__ functions (online_add, finish_row, grad_vector): the two kernels give the same
+// losses and gradients to the bit (tests/test_cuda_optim.py checks it).
+//
 // The target's logit is read by thread 0 before the first block reduction, whose barriers order
 // it before any thread of the block overwrites the row in pass 2.
-//
 // dloss == 0 (validation) still runs pass 2 and leaves exact zeros (0 * finite), not logits: the
 // buffer never holds stale values a later backward could mistake for a gradient.
 // A target outside [0, V) (a bad batch) writes a NaN loss instead of reading out of bounds, so it
 // shows in the logged loss; its row's gradient then carries no -1 term.
+//
+// Traffic at 124M, B = 64 (8 launches of 8192 rows x Vp = 50304): the two-pass kernel moves
+// 3 x 824 MB per launch, measured 932 us on an H100 (2.65 TB/s); the shared-memory kernel moves
+// 824 MB read + 824 MB written, so ~620 us at the same bandwidth (predicted, 2026-11-22).
 #include "common.cuh"
 
-#define CLS_THREADS 512  // threads per row-block; 2 blocks per SM (ptxas: 64 registers, no spills)
-#define CLS_UNROLL 4     // 16-byte loads each thread has in flight before it uses the first
+#define CLS_THREADS 512  // threads per row-block, both kernels; 2 blocks per SM (classifier.py THREADS)
+#define CLS_UNROLL 4     // 16-byte loads (or shared-memory reads) a thread has in flight before it uses the first
+#define CLS_STAGES 8     // smem kernel: cp.async vectors in flight per thread (8 x 512 x 16 B = 64 KB per block)
 
 __device__ __forceinline__ float bf(floatX x) { return __bfloat162float(x); }
 
+// ---------------------------------------------------------------- shared arithmetic
+// One vector of 8 logits, `real` of them inside the vocabulary, into a thread's online max m and
+// sum s of exp(x - m).
+__device__ __forceinline__ void online_add(float& m, float& s, const x128& v, int real) {
+    float vmax = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        if (j < real) vmax = fmaxf(vmax, bf(v[j]));
+    if (vmax > m) {  // rescale the running sum to the new max (expf(-inf) = 0 at first)
+        s *= expf(m - vmax);
+        m = vmax;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        if (j < real) s += expf(bf(v[j]) - m);
+}
+
+// Block max and sum of exp from every thread's (m, s); thread 0 writes the row's loss. Returns
+// (row max, 1 / row sum) in every thread.
+__device__ __forceinline__ float2 finish_row(float m, float s, float target_logit, bool valid_target,
+                                             float* loss, float* red) {
+    const float row_max = block_max(m, red);
+    // threads that saw no column have m = -inf, s = 0: they add exactly 0
+    const float row_sum = block_sum(m == -INFINITY ? 0.0f : s * expf(m - row_max), red);
+    if (threadIdx.x == 0)
+        *loss = valid_target ? row_max + logf(row_sum) - target_logit : __int_as_float(0x7fc00000);
+    return make_float2(row_max, 1.0f / row_sum);
+}
+
+// The gradient of vector i of the row (i < ceil(V/8)), whose logits are v.
+__device__ __forceinline__ x128 grad_vector(const x128& v, int i, int V, int target, float2 stats,
+                                            float dloss) {
+    x128 g = x128::zeros();
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const int c = i * 8 + j;
+        if (c < V) {
+            const float p = expf(bf(v[j]) - stats.x) * stats.y;
+            g[j] = __float2bfloat16_rn(dloss * (c == target ? p - 1.0f : p));
+        }
+    }
+    return g;
+}
+
+// ---------------------------------------------------------------- cp.async (sm_80+)
+// 16 bytes global -> shared without passing through registers; .cg caches in L2 only. Before
+// sm_80 a plain streaming copy through registers, and the commit/wait are no-ops.
+__device__ __forceinline__ void cp_async16(x128* dst, const floatX* src) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(__cvta_generic_to_global(src))
+                 : "memory");
+#else
+    *dst = load128cs(src);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>  // wait until at most N of this thread's committed groups are still in flight
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// ---------------------------------------------------------------- one pass: the row in shared memory
+// Dynamic shared memory: ceil(V/8) x128 (classifier.py passes the size). Thread tid copies, reads
+// in pass 1 and reads again in pass 2 only its own vectors tid + k * CLS_THREADS, so its own
+// cp.async wait is all the ordering it needs: no barrier besides the reductions'.
+extern "C" __global__ void __launch_bounds__(CLS_THREADS, 2)
+fused_classifier_smem_kernel(floatX* logits, float* losses, const long long* targets, int V, int Vp,
+                             float dloss) {
+    extern __shared__ x128 row_smem[];
+    __shared__ float red[32];
+    const long long row = blockIdx.x;
+    floatX* x = logits + row * Vp;
+    const long long t = targets[row];
+    const bool valid_target = t >= 0 && t < V;
+    const int target = valid_target ? (int)t : -1;
+    float target_logit = 0.0f;
+    if (threadIdx.x == 0 && valid_target) target_logit = bf(x[target]);
+
+    // ---------------------------------------------------------------- pass 1: copy, max and sum of exp
+    // A group is committed for every stage, empty past the row's end, so that "at most
+    // CLS_STAGES - 1 in flight" always means "vector k has landed".
+    const int nv = (V + 7) / 8;
+#pragma unroll
+    for (int k = 0; k < CLS_STAGES; k++) {
+        const int i = threadIdx.x + k * CLS_THREADS;
+        if (i < nv) cp_async16(row_smem + i, x + i * 8);
+        cp_async_commit();
+    }
+    float m = -INFINITY, s = 0.0f;
+    for (int i = threadIdx.x; i < nv; i += CLS_THREADS) {
+        cp_async_wait<CLS_STAGES - 1>();
+        const x128 v = row_smem[i];
+        const int next = i + CLS_STAGES * CLS_THREADS;
+        if (next < nv) cp_async16(row_smem + next, x + next * 8);
+        cp_async_commit();
+        online_add(m, s, v, min(8, V - i * 8));  // 8 except in the last real vector
+    }
+    const float2 stats = finish_row(m, s, target_logit, valid_target, losses + row, red);
+
+    // ---------------------------------------------------------------- pass 2: the gradient
+    const int nall = Vp / 8;
+    for (int base = threadIdx.x; base < nall; base += CLS_UNROLL * CLS_THREADS) {
+        x128 buf[CLS_UNROLL];
+#pragma unroll
+        for (int u = 0; u < CLS_UNROLL; u++) {
+            const int i = base + u * CLS_THREADS;
+            if (i < nv) buf[u] = row_smem[i];
+        }
+#pragma unroll
+        for (int u = 0; u < CLS_UNROLL; u++) {
+            const int i = base + u * CLS_THREADS;
+            if (i >= nall) break;
+            store128(x + i * 8, i < nv ? grad_vector(buf[u], i, V, target, stats, dloss) : x128::zeros());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- two passes over global memory
 extern "C" __global__ void __launch_bounds__(CLS_THREADS, 2)
 fused_classifier_kernel(floatX* logits, float* losses, const long long* targets, int V, int Vp,
                         float dloss) {
@@ -54,28 +201,13 @@ fused_classifier_kernel(floatX* logits, float* losses, const long long* targets,
         for (int u = 0; u < CLS_UNROLL; u++) {
             const int i = base + u * CLS_THREADS;
             if (i >= nv) break;
-            const int real = min(8, V - i * 8);  // 8 except in the last real vector
-            float vmax = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-                if (j < real) vmax = fmaxf(vmax, bf(buf[u][j]));
-            if (vmax > m) {  // rescale the running sum to the new max (expf(-inf) = 0 at first)
-                s *= expf(m - vmax);
-                m = vmax;
-            }
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-                if (j < real) s += expf(bf(buf[u][j]) - m);
+            online_add(m, s, buf[u], min(8, V - i * 8));  // 8 except in the last real vector
         }
     }
-    const float row_max = block_max(m, red);
-    // threads that saw no column have m = -inf, s = 0: they add exactly 0
-    const float row_sum = block_sum(m == -INFINITY ? 0.0f : s * expf(m - row_max), red);
-    if (threadIdx.x == 0)
-        losses[row] = valid_target ? row_max + logf(row_sum) - target_logit : __int_as_float(0x7fc00000);
+    const float2 stats = finish_row(m, s, target_logit, valid_target, losses + row, red);
 
     // ---------------------------------------------------------------- pass 2: the gradient
-    const float inv_sum = 1.0f / row_sum;
+    // re-reads the row (most of it still in L2: a 100 KB row, a few blocks per SM)
     const int nall = Vp / 8;
     for (int base = threadIdx.x; base < nall; base += CLS_UNROLL * CLS_THREADS) {
         x128 buf[CLS_UNROLL];
@@ -88,18 +220,7 @@ fused_classifier_kernel(floatX* logits, float* losses, const long long* targets,
         for (int u = 0; u < CLS_UNROLL; u++) {
             const int i = base + u * CLS_THREADS;
             if (i >= nall) break;
-            x128 g = x128::zeros();
-            if (i < nv) {
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    const int c = i * 8 + j;
-                    if (c < V) {
-                        const float p = expf(bf(buf[u][j]) - row_max) * inv_sum;
-                        g[j] = __float2bfloat16_rn(dloss * (c == target ? p - 1.0f : p));
-                    }
-                }
-            }
-            store128(x + i * 8, g);
+            store128(x + i * 8, i < nv ? grad_vector(buf[u], i, V, target, stats, dloss) : x128::zeros());
         }
     }
 }

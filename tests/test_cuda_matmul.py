@@ -1,4 +1,4 @@
-"""cuBLASLt matmuls with their epilogues (bias, GELU + aux, dGELU, bias gradient) against the
+"""cuBLASLt matmuls with their epilogues (bias, GELU + aux, dGELU) and the bias gradient against the
 reference backend in fp32 on the same bf16 inputs. Overwritten outputs are poisoned with NaN;
 accumulated ones start from random values and are compared as before + reference increment."""
 import pytest
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 # they differ from the reference's by summation order, ~sqrt(K) * 6e-8 relative to sqrt(K), far
 # below the final bf16 rounding (2^-9 relative, 2^-8 at a neighbouring value): rtol 1e-2. atol
 # covers results near 0 after cancellation, scaled by sqrt(K) (the size of a sum of K O(1) terms).
-# The bias gradient sums N O(1) rows in fp32, added to bf16 once: the same budget.
+# The bias gradient (bias.cu) sums N O(1) rows in fp32, added to bf16 once: the same budget.
 # GELU in the epilogue is the tanh form (GPT-2's), compared with the reference's; it adds one
 # fp32 evaluation (~1e-6) before the same bf16 rounding.
 RTOL = 1e-2
@@ -26,9 +26,11 @@ SHAPES = [(111, 64, 24), (512, 768, 2304), (256, 1600, 6400), (1024, 3072, 768)]
 
 @pytest.fixture(scope="module")
 def mm():
+    from distgpt.backends.cuda import bias
     from distgpt.backends.cuda.matmul import Matmuls
     m = Matmuls()
     m.plan(8, 1024, 1600, "cuda")
+    bias.plan(8, 1024, 1600, "cuda")  # the bias gradient's column-sum kernel
     torch.manual_seed(0)
     return m
 

@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     raise ModuleNotFoundError("no CUDA GPU is visible")
 
-from distgpt.backends.cuda import attention, encoder, layernorm, matmul, norm  # noqa: E402
+from distgpt.backends.cuda import attention, bias, encoder, layernorm, matmul, norm  # noqa: E402
 from distgpt.backends.cuda.adamw import adamw_update  # noqa: E402,F401
 from distgpt.backends.cuda.attention import (attention_backward, attention_forward,  # noqa: E402,F401
                                              set_deterministic_attention)
@@ -27,6 +27,7 @@ def plan(B, T, C, n_head, device):
     GELU, the classifier (its logits chunk is an activation slot) and AdamW need none."""
     encoder.plan(B, T, C, device)  # token sort buffers
     layernorm.plan(B, T, C, device)  # per-block dweight/dbias partials
-    matmul.plan(B, T, C, device)  # cuBLASLt handle, workspace, bias-gradient scratch
+    matmul.plan(B, T, C, device)  # cuBLASLt handle and workspace
+    bias.plan(B, T, C, device)  # per-block bias-gradient partials
     attention.plan(B, T, C, n_head, device)  # cuDNN graphs for (B, T) and their workspace
     norm.plan(device)  # per-block squared-norm partials
