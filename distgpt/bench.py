@@ -44,7 +44,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                        "backend=cuda", "device=cuda", "dtype=bfloat16"])
     dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s)
     backend = get_backend("cuda")
-    backend.set_deterministic_attention(deterministic)
+    backend.set_deterministic(deterministic)
     torch.cuda.reset_peak_memory_stats()
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
                  pad_multiple=dist.world)

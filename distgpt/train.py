@@ -58,7 +58,7 @@ class Trainer:
         self.log.info(plan)
         check_fits(planned_bytes, dist.device)
         self.backend = get_backend(cfg.backend)
-        self.backend.set_deterministic_attention(cfg.deterministic)
+        self.backend.set_deterministic(cfg.deterministic)
         self.model = GPT2(cfg.model, self.backend, self.B, self.T, dtype, dist.device,
                           t.recompute, pad_multiple=dist.world)
         self.log.info(f"model {cfg.model.name}: {self.model.num_parameters:,} parameters | "

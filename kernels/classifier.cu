@@ -6,31 +6,38 @@
 //
 // One block per row of Vp bf16 logits (Vp a multiple of 8, so every row starts 16-byte aligned).
 // Probabilities are never stored: the logits buffer becomes its own gradient. Two kernels with
-// the same arithmetic; Python picks one per call:
+// the same arithmetic; classifier.py picks one per call:
 //
-//   fused_classifier_smem_kernel   the row's real vectors (ceil(V/8) x 16 bytes: 100,528 bytes for
-//       GPT-2's V = 50257) are copied once into dynamic shared memory and the gradient is computed
+//   fused_classifier_smem_kernel   copies the row's real vectors (ceil(V/8) x 16 bytes: 100,528
+//       bytes for GPT-2's V = 50257) once into dynamic shared memory and computes the gradient
 //       from there: 1 read + 1 write of the row. Used whenever the row fits the device's opt-in
 //       shared memory per block (H100 227 KB, A100 163 KB). Two blocks fit on an H100 SM
 //       (2 x ~101.7 KB of 228 KB), so one block's reductions and arithmetic overlap the other's
-//       memory traffic. The copy is cp.async (global -> shared, no registers, L2 only), CLS_STAGES
-//       vectors in flight per thread: each thread waits only for its next vector, so pass 1 starts
-//       on the first bytes while the rest of the row is still arriving.
+//       memory traffic. The copy is cp.async (global -> shared without registers, L2 only) with
+//       CLS_STAGES vectors in flight per thread; each thread waits only for its next vector, so
+//       pass 1 starts on the first bytes while the rest of the row is still arriving.
 //   fused_classifier_kernel   the fallback for rows that do not fit: reads the row twice (pass 2
 //       re-reads it, partly from L2) and writes it once.
 //
 // Both kernels, per row:
 //   pass 1  each thread walks vectors tid, tid + CLS_THREADS, ... of the first ceil(V/8) vectors
 //           with an online max and sum of exp in fp32 (the sum is rescaled only when the running
-//           max grows); the last real vector is masked at V, so the padding columns, whatever they
-//           hold, never enter the sums. Block max, then the block sum of each thread's sum
-//           rescaled to the block max: both through common.cuh's fixed-order reductions, so the
-//           loss is bitwise reproducible.
-//   pass 2  overwrites the row with the gradient, vector i by the thread that read it in pass 1;
-//           padding vectors are written as zeros without a read.
+//           max grows). Block max, then the block sum of each thread's sum rescaled to the block
+//           max: both through common.cuh's fixed-order reductions, so the loss is bitwise
+//           reproducible.
+//   pass 2  overwrites the row with dloss * softmax, vector i by the thread that read it in
+//           pass 1; padding vectors are written as zeros without a read. After a barrier, thread 0
+//           rewrites the target's column as dloss * (p - 1).
+// The hot loops see only whole real vectors and no target: the last real vector when V % 8 != 0
+// (its padding columns masked: -inf into the sums, exact zeros out) is done by its thread after
+// the loop, as that thread's last vector, and the target's -1 by thread 0 at the end. With the
+// masks and the target test inside the loops (as before 2026-11-22) the sm_90 SASS ran ~190 + ~200
+// instructions per vector in passes 1 + 2, 2 x 64 of them the exps: at 1.65 GB per launch that
+// is as long to issue as to move. Out of the loops: ~118 + ~107. Same arithmetic on the same
+// values either way: the same bits.
 // Same thread count, same vectors per thread in the same order, and the arithmetic in shared
-// __forceinline__ functions (online_add, finish_row, grad_vector): the two kernels give the same
-// losses and gradients to the bit (tests/test_cuda_optim.py checks it).
+// __forceinline__ functions: the two kernels give the same losses and gradients to the bit
+// (tests/test_cuda_optim.py checks it).
 //
 // The target's logit is read by thread 0 before the first block reduction, whose barriers order
 // it before any thread of the block overwrites the row in pass 2.
@@ -40,31 +47,37 @@
 // shows in the logged loss; its row's gradient then carries no -1 term.
 //
 // Traffic at 124M, B = 64 (8 launches of 8192 rows x Vp = 50304): the two-pass kernel moves
-// 3 x 824 MB per launch, measured 932 us on an H100 (2.65 TB/s); the shared-memory kernel moves
-// 824 MB read + 824 MB written, so ~620 us at the same bandwidth (predicted, 2026-11-22).
+// 3 x 824 MB per launch, measured 932 us on an H100 (2.65 TB/s, 2026-11-22); the shared-memory
+// kernel moves 824 MB read + 824 MB written: ~620 us predicted at the same bandwidth.
 #include "common.cuh"
 
 #define CLS_THREADS 512  // threads per row-block, both kernels; 2 blocks per SM (classifier.py THREADS)
-#define CLS_UNROLL 4     // 16-byte loads (or shared-memory reads) a thread has in flight before it uses the first
-#define CLS_STAGES 8     // smem kernel: cp.async vectors in flight per thread (8 x 512 x 16 B = 64 KB per block)
+#define CLS_UNROLL 4     // 16-byte reads a thread has in flight before it uses the first
+#define CLS_STAGES 8     // smem kernel: cp.async vectors in flight per thread (64 KB per block)
 
 __device__ __forceinline__ float bf(floatX x) { return __bfloat162float(x); }
 
-// ---------------------------------------------------------------- shared arithmetic
-// One vector of 8 logits, `real` of them inside the vocabulary, into a thread's online max m and
-// sum s of exp(x - m).
-__device__ __forceinline__ void online_add(float& m, float& s, const x128& v, int real) {
+// ---------------------------------------------------------------- the arithmetic both kernels share
+// A whole vector of 8 logits into a thread's online max m and sum s of exp(x - m).
+__device__ __forceinline__ void online_add(float& m, float& s, const x128& v) {
     float vmax = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < 8; j++)
-        if (j < real) vmax = fmaxf(vmax, bf(v[j]));
+    for (int j = 0; j < 8; j++) vmax = fmaxf(vmax, bf(v[j]));
     if (vmax > m) {  // rescale the running sum to the new max (expf(-inf) = 0 at first)
         s *= expf(m - vmax);
         m = vmax;
     }
 #pragma unroll
+    for (int j = 0; j < 8; j++) s += expf(bf(v[j]) - m);
+}
+
+// The last real vector, `real` < 8 of its columns inside the vocabulary: the padding columns,
+// whatever they hold, become -inf, which leaves the max alone and adds exp(-inf) = +0 exactly.
+__device__ __forceinline__ x128 mask_padding(x128 v, int real) {
+#pragma unroll
     for (int j = 0; j < 8; j++)
-        if (j < real) s += expf(bf(v[j]) - m);
+        if (j >= real) v[j] = __float2bfloat16_rn(-INFINITY);
+    return v;
 }
 
 // Block max and sum of exp from every thread's (m, s); thread 0 writes the row's loss. Returns
@@ -79,19 +92,35 @@ __device__ __forceinline__ float2 finish_row(float m, float s, float target_logi
     return make_float2(row_max, 1.0f / row_sum);
 }
 
-// The gradient of vector i of the row (i < ceil(V/8)), whose logits are v.
-__device__ __forceinline__ x128 grad_vector(const x128& v, int i, int V, int target, float2 stats,
-                                            float dloss) {
-    x128 g = x128::zeros();
+// softmax of one logit; __fmul_rn so that p - 1 at the target cannot be contracted into an fma
+__device__ __forceinline__ float softmax(float logit, float2 stats) {
+    return __fmul_rn(expf(logit - stats.x), stats.y);
+}
+
+// dloss * softmax for a vector of logits (the target's -1 comes later, see fix_target)
+__device__ __forceinline__ x128 grad_vector(const x128& v, float2 stats, float dloss) {
+    x128 g;
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const int c = i * 8 + j;
-        if (c < V) {
-            const float p = expf(bf(v[j]) - stats.x) * stats.y;
-            g[j] = __float2bfloat16_rn(dloss * (c == target ? p - 1.0f : p));
-        }
-    }
+    for (int j = 0; j < 8; j++) g[j] = __float2bfloat16_rn(dloss * softmax(bf(v[j]), stats));
     return g;
+}
+
+// The last real vector: its gradient with the padding columns exactly 0.
+__device__ __forceinline__ x128 grad_partial(const x128& v, int real, float2 stats, float dloss) {
+    x128 g = grad_vector(v, stats, dloss);
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        if (j >= real) g[j] = __float2bfloat16_rn(0.0f);
+    return g;
+}
+
+// After every thread's pass 2 (a barrier): thread 0 rewrites the target's column with the -1
+// term, from the target's logit it read before the row was overwritten.
+__device__ __forceinline__ void fix_target(floatX* x, int target, float target_logit, float2 stats,
+                                           float dloss) {
+    __syncthreads();
+    if (threadIdx.x == 0 && target >= 0)
+        x[target] = __float2bfloat16_rn(dloss * (softmax(target_logit, stats) - 1.0f));
 }
 
 // ---------------------------------------------------------------- cp.async (sm_80+)
@@ -134,11 +163,12 @@ fused_classifier_smem_kernel(floatX* logits, float* losses, const long long* tar
     const int target = valid_target ? (int)t : -1;
     float target_logit = 0.0f;
     if (threadIdx.x == 0 && valid_target) target_logit = bf(x[target]);
+    const int nfull = V / 8, nv = (V + 7) / 8, nall = Vp / 8;  // whole real, real, all vectors
+    const bool owns_partial = nfull < nv && threadIdx.x == nfull % CLS_THREADS;
 
     // ---------------------------------------------------------------- pass 1: copy, max and sum of exp
     // A group is committed for every stage, empty past the row's end, so that "at most
-    // CLS_STAGES - 1 in flight" always means "vector k has landed".
-    const int nv = (V + 7) / 8;
+    // CLS_STAGES - 1 in flight" always means "the vector k stages back has landed".
 #pragma unroll
     for (int k = 0; k < CLS_STAGES; k++) {
         const int i = threadIdx.x + k * CLS_THREADS;
@@ -146,32 +176,39 @@ fused_classifier_smem_kernel(floatX* logits, float* losses, const long long* tar
         cp_async_commit();
     }
     float m = -INFINITY, s = 0.0f;
-    for (int i = threadIdx.x; i < nv; i += CLS_THREADS) {
+    for (int i = threadIdx.x; i < nfull; i += CLS_THREADS) {
         cp_async_wait<CLS_STAGES - 1>();
         const x128 v = row_smem[i];
         const int next = i + CLS_STAGES * CLS_THREADS;
         if (next < nv) cp_async16(row_smem + next, x + next * 8);
         cp_async_commit();
-        online_add(m, s, v, min(8, V - i * 8));  // 8 except in the last real vector
+        online_add(m, s, v);
+    }
+    if (owns_partial) {  // the partial vector nfull is this thread's last
+        cp_async_wait<0>();
+        online_add(m, s, mask_padding(row_smem[nfull], V - nfull * 8));
     }
     const float2 stats = finish_row(m, s, target_logit, valid_target, losses + row, red);
 
     // ---------------------------------------------------------------- pass 2: the gradient
-    const int nall = Vp / 8;
     for (int base = threadIdx.x; base < nall; base += CLS_UNROLL * CLS_THREADS) {
         x128 buf[CLS_UNROLL];
 #pragma unroll
         for (int u = 0; u < CLS_UNROLL; u++) {
             const int i = base + u * CLS_THREADS;
-            if (i < nv) buf[u] = row_smem[i];
+            if (i < nfull) buf[u] = row_smem[i];
         }
 #pragma unroll
         for (int u = 0; u < CLS_UNROLL; u++) {
             const int i = base + u * CLS_THREADS;
             if (i >= nall) break;
-            store128(x + i * 8, i < nv ? grad_vector(buf[u], i, V, target, stats, dloss) : x128::zeros());
+            if (i < nfull) store128(x + i * 8, grad_vector(buf[u], stats, dloss));
+            else if (i >= nv) store128(x + i * 8, x128::zeros());
         }
     }
+    if (owns_partial)
+        store128(x + nfull * 8, grad_partial(row_smem[nfull], V - nfull * 8, stats, dloss));
+    fix_target(x, target, target_logit, stats, dloss);
 }
 
 // ---------------------------------------------------------------- two passes over global memory
@@ -186,41 +223,48 @@ fused_classifier_kernel(floatX* logits, float* losses, const long long* targets,
     const int target = valid_target ? (int)t : -1;
     float target_logit = 0.0f;
     if (threadIdx.x == 0 && valid_target) target_logit = bf(x[target]);
+    const int nfull = V / 8, nv = (V + 7) / 8, nall = Vp / 8;  // whole real, real, all vectors
+    const bool owns_partial = nfull < nv && threadIdx.x == nfull % CLS_THREADS;
 
     // ---------------------------------------------------------------- pass 1: max and sum of exp
-    const int nv = (V + 7) / 8;  // vectors holding at least one real column
     float m = -INFINITY, s = 0.0f;
-    for (int base = threadIdx.x; base < nv; base += CLS_UNROLL * CLS_THREADS) {
+    for (int base = threadIdx.x; base < nfull; base += CLS_UNROLL * CLS_THREADS) {
         x128 buf[CLS_UNROLL];
 #pragma unroll
         for (int u = 0; u < CLS_UNROLL; u++) {
             const int i = base + u * CLS_THREADS;
-            if (i < nv) buf[u] = load128(x + i * 8);
+            if (i < nfull) buf[u] = load128(x + i * 8);
         }
 #pragma unroll
         for (int u = 0; u < CLS_UNROLL; u++) {
-            const int i = base + u * CLS_THREADS;
-            if (i >= nv) break;
-            online_add(m, s, buf[u], min(8, V - i * 8));  // 8 except in the last real vector
+            if (base + u * CLS_THREADS >= nfull) break;
+            online_add(m, s, buf[u]);
         }
+    }
+    x128 partial;
+    if (owns_partial) {  // the partial vector nfull is this thread's last
+        partial = load128(x + nfull * 8);
+        online_add(m, s, mask_padding(partial, V - nfull * 8));
     }
     const float2 stats = finish_row(m, s, target_logit, valid_target, losses + row, red);
 
     // ---------------------------------------------------------------- pass 2: the gradient
-    // re-reads the row (most of it still in L2: a 100 KB row, a few blocks per SM)
-    const int nall = Vp / 8;
+    // re-reads the row (part of it still in L2: a 100 KB row, 2 blocks per SM)
     for (int base = threadIdx.x; base < nall; base += CLS_UNROLL * CLS_THREADS) {
         x128 buf[CLS_UNROLL];
 #pragma unroll
         for (int u = 0; u < CLS_UNROLL; u++) {
             const int i = base + u * CLS_THREADS;
-            if (i < nv) buf[u] = load128(x + i * 8);
+            if (i < nfull) buf[u] = load128(x + i * 8);
         }
 #pragma unroll
         for (int u = 0; u < CLS_UNROLL; u++) {
             const int i = base + u * CLS_THREADS;
             if (i >= nall) break;
-            store128(x + i * 8, i < nv ? grad_vector(buf[u], i, V, target, stats, dloss) : x128::zeros());
+            if (i < nfull) store128(x + i * 8, grad_vector(buf[u], stats, dloss));
+            else if (i >= nv) store128(x + i * 8, x128::zeros());
         }
     }
+    if (owns_partial) store128(x + nfull * 8, grad_partial(partial, V - nfull * 8, stats, dloss));
+    fix_target(x, target, target_logit, stats, dloss);
 }

@@ -67,9 +67,20 @@ def classifier_inputs(B, T, V, Vp):
     return logits, targets
 
 
+def use_kernel(ops, monkeypatch, kernel, V):
+    """Route fused_classifier to one of its two kernels: "smem" (the row in shared memory, skipped
+    where the row does not fit this device) or "two_pass" (the fallback for rows that do not)."""
+    cls = ops["classifier"]
+    if kernel == "smem" and not cls.smem_row_fits(V):
+        pytest.skip(f"a row of V={V} does not fit this device's shared memory per block")
+    monkeypatch.setattr(cls, "USE_SMEM_KERNEL", kernel == "smem")
+
+
 @pytest.mark.parametrize("B,T,V,Vp", CLASSIFIER_SHAPES)
 @pytest.mark.parametrize("dloss_kind", ["mean", "zero"])
-def test_fused_classifier(ops, B, T, V, Vp, dloss_kind):
+@pytest.mark.parametrize("kernel", ["smem", "two_pass"])
+def test_fused_classifier(ops, monkeypatch, kernel, B, T, V, Vp, dloss_kind):
+    use_kernel(ops, monkeypatch, kernel, V)
     dloss = 1.0 / (B * T) if dloss_kind == "mean" else 0.0
     logits0, targets = classifier_inputs(B, T, V, Vp)
     logits, losses = logits0.clone(), torch.full((B, T), float("nan"), device="cuda")
@@ -86,12 +97,30 @@ def test_fused_classifier(ops, B, T, V, Vp, dloss_kind):
                 [logits0, torch.full((B, T), float("nan"), device="cuda")])
 
 
-def test_fused_classifier_bad_target_gives_nan_loss(ops):
+@pytest.mark.parametrize("kernel", ["smem", "two_pass"])
+def test_fused_classifier_bad_target_gives_nan_loss(ops, monkeypatch, kernel):
+    use_kernel(ops, monkeypatch, kernel, 65)
     logits, targets = classifier_inputs(1, 4, 65, 72)
     targets[0, 1] = 65  # == V: out of range
     losses = torch.zeros(1, 4, device="cuda")
     ops["classifier"].fused_classifier(logits, losses, targets, 65, 0.25)
     assert torch.isnan(losses[0, 1]) and torch.isfinite(losses[0, [0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("B,T,V,Vp", [CLASSIFIER_SHAPES[0], CLASSIFIER_SHAPES[-1]])
+def test_fused_classifier_kernels_bitwise_equal(ops, monkeypatch, B, T, V, Vp):
+    """The shared-memory kernel and the two-pass fallback share their thread layout and arithmetic
+    (classifier.cu): the same losses and gradients to the bit, so where a row fits does not change
+    a run's numbers."""
+    logits0, targets = classifier_inputs(B, T, V, Vp)
+    runs = []
+    for kernel in ("smem", "two_pass"):
+        use_kernel(ops, monkeypatch, kernel, V)
+        logits, losses = logits0.clone(), torch.full((B, T), float("nan"), device="cuda")
+        ops["classifier"].fused_classifier(logits, losses, targets, V, 1.0 / (B * T))
+        runs.append((logits, losses))
+    assert torch.equal(runs[0][1], runs[1][1]), "losses differ between the two kernels"
+    assert torch.equal(runs[0][0], runs[1][0]), "dlogits differ between the two kernels"
 
 
 # ---------------------------------------------------------------- lm head + classifier in chunks

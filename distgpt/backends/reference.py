@@ -114,8 +114,8 @@ def _causal_scores(q, k):
     return scores.masked_fill(future, float("-inf"))
 
 
-def set_deterministic_attention(flag):
-    """The reference attention is deterministic already; the CUDA backend's choice of kernel."""
+def set_deterministic(flag):
+    """The reference ops are deterministic already; the CUDA backend picks kernels by it."""
 
 
 def attention_forward(out, lse, qkv, n_head):

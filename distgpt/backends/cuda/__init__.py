@@ -10,8 +10,7 @@ if not torch.cuda.is_available():
 
 from distgpt.backends.cuda import attention, bias, encoder, layernorm, matmul, norm  # noqa: E402
 from distgpt.backends.cuda.adamw import adamw_update  # noqa: E402,F401
-from distgpt.backends.cuda.attention import (attention_backward, attention_forward,  # noqa: E402,F401
-                                             set_deterministic_attention)
+from distgpt.backends.cuda.attention import attention_backward, attention_forward  # noqa: E402,F401
 from distgpt.backends.cuda.classifier import (fused_classifier, lm_head_logits,  # noqa: E402,F401
                                               lm_head_loss)
 from distgpt.backends.cuda.encoder import encoder_backward, encoder_forward  # noqa: E402,F401
@@ -31,3 +30,11 @@ def plan(B, T, C, n_head, device):
     bias.plan(B, T, C, device)  # per-block bias-gradient partials
     attention.plan(B, T, C, n_head, device)  # cuDNN graphs for (B, T) and their workspace
     norm.plan(device)  # per-block squared-norm partials
+
+
+def set_deterministic(flag):
+    """deterministic=true: FlashAttention-2 with a deterministic backward instead of cuDNN's
+    (whose dq adds with atomics). The matmuls are deterministic either way: one algorithm per
+    plan, the heuristic's first (timing the candidates on the first call and keeping the fastest
+    measured no faster, 2026-11-22, and would make the choice differ between runs)."""
+    attention.set_deterministic_attention(flag)
