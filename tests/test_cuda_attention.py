@@ -111,19 +111,26 @@ def test_frontend_smaller_batches_and_other_lengths():
     assert not any(key[2] == 96 for key in attention.engines()), "built a graph for an unplanned T"
 
 
-def test_frontend_step_allocates_nothing():
-    """After plan() and one warm call, forward + backward leave torch's allocator untouched (no
-    tensor made, no block reserved) and the device's free memory unchanged (nor did cuDNN
-    cudaMalloc anything behind torch's back)."""
-    B, T, n_head, HS = 8, 256, 12, 64
+def planned_step(B, T, n_head, HS, seed):
+    """A planned frontend attention on fresh inputs and poisoned outputs, and its forward +
+    backward as one call: (qkv, dout, (out, lse, dqkv), step)."""
     attention = planned(B, T, n_head, HS)
-    qkv, dout = attention_case(B, T, n_head, HS, seed=11)
+    qkv, dout = attention_case(B, T, n_head, HS, seed=seed)
     out, lse, dqkv = poisoned(qkv, n_head)
 
     def step():
         attention.forward(out, lse, qkv, n_head)
         attention.backward(dqkv, dout, qkv, out, lse, n_head)
 
+    return qkv, dout, (out, lse, dqkv), step
+
+
+def test_frontend_step_allocates_nothing():
+    """After plan() and one warm call, forward + backward leave torch's allocator untouched (no
+    tensor made, no block reserved) and the device's free memory unchanged (nor did cuDNN
+    cudaMalloc anything behind torch's back)."""
+    B, T, n_head, HS = 8, 256, 12, 64
+    qkv, dout, (out, lse, dqkv), step = planned_step(B, T, n_head, HS, seed=11)
     step()
     torch.cuda.synchronize()
     before = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), torch.cuda.mem_get_info()[0])
@@ -140,14 +147,7 @@ def test_frontend_replays_in_a_cuda_graph():
     """Forward + backward captured once (on torch's capture stream, so the handle follows a
     stream other than the default), then replayed on new inputs written into the same buffers."""
     B, T, n_head, HS = 2, 256, 4, 64
-    attention = planned(B, T, n_head, HS)
-    qkv, dout = attention_case(B, T, n_head, HS, seed=21)
-    out, lse, dqkv = poisoned(qkv, n_head)
-
-    def step():
-        attention.forward(out, lse, qkv, n_head)
-        attention.backward(dqkv, dout, qkv, out, lse, n_head)
-
+    qkv, dout, (out, lse, dqkv), step = planned_step(B, T, n_head, HS, seed=21)
     step()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

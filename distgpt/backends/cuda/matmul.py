@@ -121,10 +121,6 @@ class Matmuls:
         self.handle = self.lt.create()
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
 
-    @property
-    def scratch_bytes(self):
-        return WORKSPACE_BYTES
-
     def _require_plan(self, op):
         if self.lt is None:
             raise RuntimeError(f"{op}: call plan(B, T, C, device) (backends.cuda.plan) before the first step")
