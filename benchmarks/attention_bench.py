@@ -13,10 +13,10 @@ its own path's forward. The frontend's out, lse and dqkv are checked against the
     python3 benchmarks/attention_bench.py [--shapes 64:1024:12:64 16:1024:25:64]
 """
 import argparse
-import statistics
 import time
 
 import torch
+from cuda_timing import median_ms
 
 from distgpt.backends.cuda.attention import Attention
 
@@ -24,17 +24,7 @@ WARMUP, REPEATS = 5, 20
 
 
 def timed(fn):
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, WARMUP, REPEATS)
 
 
 def measure(attention, qkv, dout, n_head):

@@ -14,6 +14,7 @@ They run after everything above is measured, so the profiler never touches the t
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ def peak_flops():
 
 
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
-                    deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True):
+                    deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
+                    pause_s=0.0):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.dist.bootstrap import bootstrap
@@ -75,6 +77,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         losses.append(loss.item() / accum)
         if i >= warmup:
             times.append(start.elapsed_time(end) / 1000)
+        if pause_s:  # the GPU idles between steps: a step faster this way is held back by power or heat
+            time.sleep(pause_s)
     comm_s = time_collectives(model, optimizer, dist) if dist.world > 1 else 0.0
     free, total = torch.cuda.mem_get_info()
     torch_peak_gb = torch.cuda.max_memory_allocated() / 1e9
@@ -91,6 +95,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
             "cuda_graphs": cuda_graphs, "step_s": statistics.median(slowest), "steps": steps,
+            "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
             "torch_peak_gb": max(r["torch_peak_gb"] for r in ranks),
@@ -143,6 +148,9 @@ def main(argv=None):
     p.add_argument("--recompute", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="the bitwise-reproducible attention backward")
     p.add_argument("--no-graphs", action="store_true", help="launch every kernel from Python (no CUDA graph)")
+    p.add_argument("--pause-ms", type=float, default=0.0,
+                   help="idle the GPU this long between timed steps (a step that is faster so is "
+                        "held back by the GPU's power or clock limits, not by the code)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, profile a few more: kernel time per step by category "
@@ -161,7 +169,7 @@ def main(argv=None):
     r = summarize(measure_distgpt(a.model, a.batch, a.seq, a.steps, a.warmup, a.recompute,
                                   a.accum, a.zero_stage, deterministic=a.deterministic,
                                   profile_steps=profile_steps, profile_trace=a.profile_trace,
-                                  cuda_graphs=not a.no_graphs))
+                                  cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000))
     if not r.pop("is_main"):
         return 0
     if a.json:

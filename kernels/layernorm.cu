@@ -4,6 +4,9 @@
 //   residual_layernorm_forward  residual = bf16(a + b), then the layernorm of that bf16 residual
 //   residual_forward            out = bf16(a + b)
 //   layernorm_backward          dinp += dx (residual stream), dweight += , dbias +=   (ACCUMULATE)
+//                               and, in the _sum variant, dproj_bias += column sums of the updated
+//                               dinp: the bias gradient of the projection that added into this
+//                               residual, taken while the row is in registers (no second read)
 //
 // One warp per row of C channels; lane l holds the 16-byte chunks (k*32 + l)*8, k < CH, in
 // registers. CH = ceil(C / 256) is a template parameter, so the arrays stay in registers (indexed
@@ -19,8 +22,9 @@
 //
 // layernorm_backward is deterministic without atomics: phase 1 runs a fixed grid (from the SM
 // count); each warp takes rows warp_id, warp_id + warps_in_grid, ... and keeps its own fp32
-// dweight/dbias sums in shared memory; the block adds its warps in order 0..7 and writes 2*C
-// partials. Phase 2 sums the blocks' partials in a fixed order and adds into dweight/dbias.
+// dweight/dbias (and dproj_bias) sums in shared memory; the block adds its warps in order 0..7 and
+// writes NSUM*C partials (NSUM = 2, or 3 with dproj_bias). Phase 2 sums the blocks' partials in a
+// fixed order and adds into dweight/dbias/dproj_bias.
 #include "common.cuh"
 
 #define LN_EPS 1e-5f          // reference.LAYERNORM_EPS
@@ -146,17 +150,18 @@ extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* a,
 // instead of two: 73 vs 79 us at B*T = 32768, C = 768 on an H100. At CH = 7 it would spill (128
 // registers, the cap for 2 blocks of 256 threads per SM) and gained nothing (91 vs 93 us), so the
 // CH = 7 kernel loads dinp in pass 2.
-template <int CH, bool PREFETCH>
+template <int CH, bool PREFETCH, int NSUM>
 __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* partials, const floatX* dout,
                                                         const floatX* inp, const floatX* weight,
                                                         const float* mean, const float* rstd, int N, int C) {
-    extern __shared__ float smem[];  // LN_BWD_WARPS * 2 * C floats
+    extern __shared__ float smem[];  // LN_BWD_WARPS * NSUM * C floats
     f128* slots = reinterpret_cast<f128*>(smem);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, C4 = C / 4, C8 = C / 8;
-    for (int i = threadIdx.x; i < LN_BWD_WARPS * 2 * C4; i += blockDim.x) slots[i] = f128::zeros();
+    for (int i = threadIdx.x; i < LN_BWD_WARPS * NSUM * C4; i += blockDim.x) slots[i] = f128::zeros();
     __syncthreads();
-    f128* dw_acc = slots + warp * 2 * C4;
+    f128* dw_acc = slots + warp * NSUM * C4;
     f128* db_acc = dw_acc + C4;
+    f128* ds_acc = db_acc + C4;  // NSUM == 3: the column sums of the updated dinp
     const float inv_C = 1.0f / (float)C;
     for (int row = blockIdx.x * LN_BWD_WARPS + warp; row < N; row += gridDim.x * LN_BWD_WARPS) {
         const long long base = (long long)row * C;
@@ -210,19 +215,28 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
                 acc[j] = __float2bfloat16_rn(__bfloat162float(acc[j]) + dx);
             }
             store128(dst, acc);
+            if (NSUM == 3) {  // the rounded bf16 values, as a separate column sum of dinp would read them
+                f128 s0 = ds_acc[c8], s1 = ds_acc[C8 + c8];
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    s0[j] += __bfloat162float(acc[j]);
+                    s1[j] += __bfloat162float(acc[4 + j]);
+                }
+                ds_acc[c8] = s0; ds_acc[C8 + c8] = s1;
+            }
         }
     }
     __syncthreads();
     // the block's partials: warps added in order 0, 1, ..., LN_BWD_WARPS-1
-    for (int s = threadIdx.x; s < 2 * C4; s += blockDim.x) {
+    for (int s = threadIdx.x; s < NSUM * C4; s += blockDim.x) {
         f128 t = slots[s];
         for (int v = 1; v < LN_BWD_WARPS; v++) {
-            const f128 u = slots[v * 2 * C4 + s];
+            const f128 u = slots[v * NSUM * C4 + s];
 #pragma unroll
             for (int j = 0; j < 4; j++) t[j] += u[j];
         }
         const int array = s / C4, rest = s % C4, h = rest / C8, c8 = rest % C8;  // s -> channel
-        store128(partials + (long long)blockIdx.x * 2 * C + array * C + c8 * 8 + h * 4, t);
+        store128(partials + (long long)blockIdx.x * NSUM * C + array * C + c8 * 8 + h * 4, t);
     }
 }
 
@@ -241,7 +255,12 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
     extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2) layernorm_backward_kernel_##CH( \
         floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
         const float* mean, const float* rstd, int N, int C) {                                          \
-        layernorm_backward_impl<CH, (CH < 7)>(dinp, partials, dout, inp, weight, mean, rstd, N, C);    \
+        layernorm_backward_impl<CH, (CH < 7), 2>(dinp, partials, dout, inp, weight, mean, rstd, N, C); \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2) layernorm_backward_sum_kernel_##CH( \
+        floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
+        const float* mean, const float* rstd, int N, int C) {                                          \
+        layernorm_backward_impl<CH, (CH < 7), 3>(dinp, partials, dout, inp, weight, mean, rstd, N, C); \
     }
 LAYERNORM_KERNELS(1)
 LAYERNORM_KERNELS(2)
@@ -251,17 +270,18 @@ LAYERNORM_KERNELS(5)
 LAYERNORM_KERNELS(6)
 LAYERNORM_KERNELS(7)
 
-// Phase 2: column j of the (P, 2C) partials, 4 columns per thread: warp row y sums blocks
+// Phase 2: column j of the (P, nsum*C) partials, 4 columns per thread: warp row y sums blocks
 // y, y+RED_Y, ... in order, then thread row 0 adds the RED_Y sums in order 0..RED_Y-1 and adds
-// the total into dweight (j < C) or dbias (j >= C).
+// the total into dweight (j < C), dbias (j < 2C) or dproj_bias (nsum = 3, j >= 2C).
 extern "C" __global__ void __launch_bounds__(32 * RED_Y)
-layernorm_backward_reduce_kernel(floatX* dweight, floatX* dbias, const float* partials, int P, int C) {
+layernorm_backward_reduce_kernel(floatX* dweight, floatX* dbias, floatX* dproj_bias, const float* partials,
+                                 int P, int C, int nsum) {
     __shared__ f128 tile[RED_Y][32];
-    const int col4 = blockIdx.x * 32 + threadIdx.x, M4 = 2 * C / 4;
+    const int col4 = blockIdx.x * 32 + threadIdx.x, M4 = nsum * C / 4;
     f128 acc = f128::zeros();
     if (col4 < M4) {
         for (int p = threadIdx.y; p < P; p += RED_Y) {
-            const f128 v = load128(partials + (long long)p * 2 * C + col4 * 4);
+            const f128 v = load128(partials + (long long)p * nsum * C + col4 * 4);
 #pragma unroll
             for (int j = 0; j < 4; j++) acc[j] += v[j];
         }
@@ -274,7 +294,7 @@ layernorm_backward_reduce_kernel(floatX* dweight, floatX* dbias, const float* pa
         for (int j = 0; j < 4; j++) acc[j] += tile[y][threadIdx.x][j];
     }
     const int col = col4 * 4;
-    floatX* dst = col < C ? dweight + col : dbias + (col - C);
+    floatX* dst = col < C ? dweight + col : col < 2 * C ? dbias + (col - C) : dproj_bias + (col - 2 * C);
 #pragma unroll
     for (int j = 0; j < 4; j++) dst[j] = __float2bfloat16_rn(__bfloat162float(dst[j]) + acc[j]);
 }

@@ -186,6 +186,33 @@ def test_layernorm_backward(ops, B, T, C):
                 [dinp0, dweight0, dbias0])
 
 
+@pytest.mark.parametrize("B,T,C", SHAPES)
+def test_layernorm_backward_with_projection_bias(ops, B, T, C):
+    """The _sum kernels: dinp bitwise as without dproj_bias (rows are computed alone; the
+    block count, and so the order of the dweight/dbias sums, may differ where shared memory
+    allows fewer blocks), dweight/dbias against the reference, and dproj_bias += the column
+    sums of the updated bf16 dinp."""
+    ln = ops["layernorm"]
+    inp, weight, _ = ln_inputs(B, T, C)
+    _, mean, rstd = reference_layernorm(inp, weight, torch.zeros_like(weight))
+    dout = bf16(B, T, C)
+    dinp0, dweight0, dbias0, dproj0 = bf16(B, T, C), bf16(C), bf16(C), bf16(C)
+    plain = [t.clone() for t in (dinp0, dweight0, dbias0)]
+    ln.layernorm_backward(*plain, dout, inp, weight, mean, rstd)
+    fused = [t.clone() for t in (dinp0, dweight0, dbias0, dproj0)]
+    ln.layernorm_backward(*fused[:3], dout, inp, weight, mean, rstd, dproj_bias=fused[3])
+    assert torch.equal(fused[0], plain[0]), "layernorm_backward dinp changed when dproj_bias was given"
+    inc = [torch.zeros(C, device="cuda"), torch.zeros(C, device="cuda")]
+    reference.layernorm_backward(torch.zeros(B, T, C, device="cuda"), *inc, dout.float(), inp.float(),
+                                 weight.float(), mean, rstd)
+    check_accumulated("ln_dweight", fused[1], dweight0, inc[0])
+    check_accumulated("ln_dbias", fused[2], dbias0, inc[1])
+    check_accumulated("dbias", fused[3], dproj0, fused[0].float().reshape(-1, C).sum(0))
+    twice_equal(lambda di, dw, db, dp: ln.layernorm_backward(di, dw, db, dout, inp, weight, mean, rstd,
+                                                             dproj_bias=dp),
+                [dinp0, dweight0, dbias0, dproj0])
+
+
 # ---------------------------------------------------------------- GELU
 @pytest.mark.parametrize("B,T,C", SHAPES)
 def test_gelu(ops, B, T, C):

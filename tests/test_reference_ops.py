@@ -64,6 +64,30 @@ def test_layernorm(B, T, C):
     check("ln dbias", db - db0, b.grad, "backward")
 
 
+@pytest.mark.parametrize("B,T,C", [(2, 3, 16), (1, 9, 40)])
+def test_layernorm_backward_takes_the_projection_bias_gradient(B, T, C):
+    """r = x + (y @ W^T + b) feeds both ln(r) and the residual stream above: with dinp holding
+    the stream's gradient d_above, the layernorm backward's dproj_bias is autograd's b.grad."""
+    x, y = torch.randn(B, T, C, **f64), torch.randn(B, T, C, **f64)
+    W, w, ln_b = torch.randn(C, C, **f64), torch.randn(C, **f64), torch.randn(C, **f64)
+    b = torch.randn(C, **f64, requires_grad=True)
+    r = x + y @ W.t() + b
+    out = F.layer_norm(r, (C,), w, ln_b, eps=ops.LAYERNORM_EPS)
+    dout, d_above = torch.randn(B, T, C, **f64), torch.randn(B, T, C, **f64)
+    ((out * dout).sum() + (r * d_above).sum()).backward()
+    mean, rstd = poisoned(B, T), poisoned(B, T)
+    ops.layernorm_forward(poisoned(B, T, C), mean, rstd, r.detach(), w, ln_b)
+    dinp, dw, dlb = d_above.clone(), torch.zeros(C, **f64), torch.zeros(C, **f64)
+    dproj_bias = torch.randn(C, **f64)
+    before = dproj_bias.clone()
+    ops.layernorm_backward(dinp, dw, dlb, dout, r.detach(), w, mean, rstd, dproj_bias=dproj_bias)
+    check("dproj_bias (+=)", dproj_bias - before, b.grad, "backward")
+    without = d_above.clone()
+    ops.layernorm_backward(without, torch.zeros(C, **f64), torch.zeros(C, **f64), dout, r.detach(), w,
+                           mean, rstd)
+    assert torch.equal(without, dinp), "dproj_bias must not change the residual gradient"
+
+
 def test_residual_layernorm_is_the_composition():
     B, T, C = 2, 4, 8
     a, b = torch.randn(B, T, C, **f64), torch.randn(B, T, C, **f64)

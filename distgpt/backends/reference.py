@@ -51,8 +51,12 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
     rstd.copy_(r.squeeze(-1))
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
-    """dinp += d(inp) (residual stream: see the module note); dweight, dbias += their grads."""
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None):
+    """dinp += d(inp) (residual stream: see the module note); dweight, dbias += their grads.
+    dproj_bias, when given, += the column sums of dinp after the update: dinp is then the
+    gradient of a residual sum x + proj(y), so its column sums are the bias gradient of proj.
+    The model lets the layernorm backward take that sum because it already holds the rows
+    (the CUDA kernel saves a pass over a (B, T, C) gradient)."""
     C = inp.shape[-1]
     norm = (inp - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     dbias += dout.reshape(-1, C).sum(dim=0)
@@ -61,6 +65,8 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     # d/dx of (x - mu) * rstd, with mu and rstd themselves functions of x
     dx = dnorm - dnorm.mean(dim=-1, keepdim=True) - norm * (dnorm * norm).mean(dim=-1, keepdim=True)
     dinp += dx * rstd.unsqueeze(-1)
+    if dproj_bias is not None:
+        dproj_bias += dinp.reshape(-1, C).sum(dim=0)
 
 
 def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias):

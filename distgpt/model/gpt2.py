@@ -144,11 +144,14 @@ class GPT2:
         dres, d_C, d_3C, d_4C = a["dresidual"], a["d_C"], a["d_3C"], a["d_4C"]
         L = self.n_layer
         # ln_f, from the dlnf the forward's lm_head_loss left in d_C (the lm head's own backward
-        # ran there); the first gradient into the residual stream overwrites it
+        # ran there); the first gradient into the residual stream overwrites it.
+        # Each layernorm backward below ends with dres = d(a residual sum x + proj(y)), whose
+        # column sums are proj's bias gradient: the layernorm takes them (dproj_bias) while it
+        # holds the rows, so the projections' matmul_backward gets no dbias.
         dres.zero_()
         ops.layernorm_backward(dres, G["transformer.ln_f.weight"], G["transformer.ln_f.bias"], d_C,
                                a[f"residual3.{L - 1}"], P["transformer.ln_f.weight"],
-                               a["lnf_mean"], a["lnf_rstd"])
+                               a["lnf_mean"], a["lnf_rstd"], dproj_bias=self.g_layers[L - 1].fcproj_b)
         for layer in reversed(range(L)):
             lp, lg = self.p_layers[layer], self.g_layers[layer]
             residual_in = a["encoded"] if layer == 0 else a[f"residual3.{layer - 1}"]
@@ -157,19 +160,21 @@ class GPT2:
             # MLP branch; dres is d(residual3) and flows on unchanged to residual2
             # d_4C is the gradient of fc's pre-activation: the projection's input gradient
             # times gelu'(fch), fused (the dGELU epilogue on the GPU)
-            ops.matmul_backward(d_4C, lg.fcproj_w, lg.fcproj_b, dres, fch_gelu, lp.fcproj_w,
+            ops.matmul_backward(d_4C, lg.fcproj_w, None, dres, fch_gelu, lp.fcproj_w,
                                 gelu_inp=a[f"fch.{layer}"])
             ops.matmul_backward(d_C, lg.fc_w, lg.fc_b, d_4C, ln2, lp.fc_w)
             ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
-                                   lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"])
+                                   lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"],
+                                   dproj_bias=lg.attproj_b)
             # attention branch; dres is now d(residual2)
-            ops.matmul_backward(d_C, lg.attproj_w, lg.attproj_b, dres, a[f"atty.{layer}"],
-                                lp.attproj_w)
+            ops.matmul_backward(d_C, lg.attproj_w, None, dres, a[f"atty.{layer}"], lp.attproj_w)
             ops.attention_backward(d_3C, d_C, a[f"qkv.{layer}"], a[f"atty.{layer}"],
                                    a[f"att_lse.{layer}"], NH)
             ops.matmul_backward(d_C, lg.qkv_w, lg.qkv_b, d_3C, ln1, lp.qkv_w)
+            # dres becomes d(residual3) of the layer below, whose MLP projection added into it
             ops.layernorm_backward(dres, lg.ln1_w, lg.ln1_b, d_C, residual_in, lp.ln1_w,
-                                   a[f"ln1_mean.{layer}"], a[f"ln1_rstd.{layer}"])
+                                   a[f"ln1_mean.{layer}"], a[f"ln1_rstd.{layer}"],
+                                   dproj_bias=self.g_layers[layer - 1].fcproj_b if layer else None)
         ops.encoder_backward(G["transformer.wte.weight"], G["transformer.wpe.weight"], dres, tokens)
 
     # ------------------------------------------------------------ helpers

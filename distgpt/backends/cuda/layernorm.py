@@ -2,9 +2,17 @@
 (kernels/layernorm.cu). One warp per row of C channels, the row held in registers.
 
 Forward ops overwrite their outputs. layernorm_backward ADDS into dinp (the residual stream) and
-into dweight/dbias, deterministically: a fixed grid of 2 blocks per SM writes fp32 partial sums
-of dweight/dbias (2*C floats per block) into a buffer planned once, and a second kernel sums the
-blocks' partials in a fixed order into the bf16 gradients. residual_layernorm_forward gives
+into dweight/dbias, deterministically: a fixed grid of (up to) 2 blocks per SM writes fp32 partial
+sums of dweight/dbias (2*C floats per block) into a buffer planned once, and a second kernel sums
+the blocks' partials in a fixed order into the bf16 gradients. Given dproj_bias, it also adds the
+column sums of the updated dinp there: the bias gradient of the projection (attention or MLP)
+whose output joined the residual stream at this point, which would otherwise take its own pass
+over a (B, T, C) gradient (bias.cu). That third sum costs shared memory (3*C floats per warp);
+where it leaves room for fewer blocks per SM than the plain kernel (C > 1200 on an H100) the
+separate pass is faster, and is what runs. Measured on an H100 (benchmarks/layernorm_bias_bench.py,
+2026-11-22), plain + bias_backward against fused: N = 65536, C = 768: 214.8 against 197.1 us;
+N = 32768, C = 1024: 159.5 against 135.9; N = 16384, C = 1600: 147.5 against 149.5 (one block
+per SM). residual_layernorm_forward gives
 bitwise the ln_out/mean/rstd of residual_forward followed by layernorm_forward.
 
 Measured on an H100 (kernel time, B*T = 32768, C = 768): layernorm_forward 36 us (2.8 TB/s;
@@ -13,6 +21,7 @@ torch's layer_norm 70 us), residual_layernorm_forward 55 us, layernorm_backward 
 import numpy as np
 import torch
 
+from distgpt.backends.cuda.bias import bias_backward
 from distgpt.backends.cuda.runtime import check_tensor, ceil_div, i32, launch, ptr
 
 MODULE = "layernorm"
@@ -20,19 +29,31 @@ CHUNK = 256          # channels one warp covers per 16-byte step (32 lanes x 8 b
 MAX_C = 7 * CHUNK    # kernels exist for 1..7 chunks per lane (GPT-2 XL: C = 1600)
 FWD_WARPS = 8        # rows per block of the forward kernels (LN_FWD_WARPS)
 BWD_WARPS = 8        # warps per block of the backward (LN_BWD_WARPS)
-BWD_BLOCKS_PER_SM = 2  # 2 x 8 warps per SM: the most that 2 x 64*C bytes of shared memory allow at C = 1600
+BWD_BLOCKS_PER_SM = 2  # at most 2 x 8 warps per SM (__launch_bounds__(256, 2) in the kernels)
 RED_Y = 16           # warp rows of the partials reduction (RED_Y)
+SMEM_RESERVED = 1024  # shared memory the driver keeps per block on sm_80+
 
-_plan = {}  # "C": planned width, "P": backward blocks, "partials": (P, 2C) fp32
+_plan = {}  # "C": planned width, "sms", "smem_per_sm", "partials": (P, 3C) fp32 at most
 
 
 def plan(B, T, C, device):
-    """Reserve layernorm_backward's partials: (2 * SMs, 2 * C) fp32, about 3.4 MB at C = 1600
-    on a 132-SM H100. B and T do not matter: the grid is fixed and loops over the rows."""
+    """Reserve layernorm_backward's partials: up to (2 * SMs, 3 * C) fp32, about 5 MB at
+    C = 1600 on a 132-SM H100. B and T do not matter: the grid is fixed and loops over the rows."""
     _check_width("layernorm.plan", C)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    props = torch.cuda.get_device_properties(device)
+    sms = props.multi_processor_count
+    smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     P = BWD_BLOCKS_PER_SM * sms
-    _plan.update(C=C, P=P, partials=torch.empty(P * 2 * C, dtype=torch.float32, device=device))
+    _plan.update(C=C, sms=sms, smem_per_sm=smem_per_sm,
+                 partials=torch.empty(P * 3 * C, dtype=torch.float32, device=device))
+
+
+def backward_grid(C, nsum, sms, smem_per_sm):
+    """(blocks, shared bytes per block) of layernorm_backward: LN_BWD_WARPS warps each with nsum
+    * C fp32 sums, as many blocks per SM (up to 2) as the SM's shared memory holds."""
+    smem = BWD_WARPS * nsum * C * 4
+    per_sm = max(1, min(BWD_BLOCKS_PER_SM, smem_per_sm // (smem + SMEM_RESERVED)))
+    return per_sm * sms, smem
 
 
 def _check_width(op, C):
@@ -102,21 +123,32 @@ def residual_forward(out, a, b):
     launch(MODULE, "residual_forward_kernel", ceil_div(n8, 256), 256, (ptr(out), ptr(a), ptr(b), np.int64(n8)))
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
-    """dinp += d(inp) (the residual stream accumulates); dweight, dbias += their gradients."""
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None):
+    """dinp += d(inp) (the residual stream accumulates); dweight, dbias += their gradients; and
+    dproj_bias, when given, += the column sums of dinp after the update."""
     op = "layernorm_backward"
+    params = [("weight", weight), ("dweight", dweight), ("dbias", dbias)]
+    if dproj_bias is not None:
+        params.append(("dproj_bias", dproj_bias))
     N, C = _check_row_op(op, [("inp", inp), ("dout", dout), ("dinp", dinp)], [("mean", mean), ("rstd", rstd)],
-                         [("weight", weight), ("dweight", dweight), ("dbias", dbias)])
-    if "P" not in _plan:
+                         params)
+    if "partials" not in _plan:
         raise RuntimeError(f"{op}: call layernorm.plan(B, T, C, device) (backends.cuda.plan) before the first step")
     if C > _plan["C"]:
         raise RuntimeError(f"{op}: C={C} exceeds the planned C={_plan['C']}")
     if N == 0:
         return
-    P, partials = _plan["P"], _plan["partials"]
-    smem = BWD_WARPS * 2 * C * 4  # per warp: C fp32 dweight sums + C fp32 dbias sums
-    launch(MODULE, f"layernorm_backward_kernel_{ceil_div(C, CHUNK)}", P, BWD_WARPS * 32,
+    nsum = 2 if dproj_bias is None else 3
+    P, smem = backward_grid(C, nsum, _plan["sms"], _plan["smem_per_sm"])
+    if nsum == 3 and P < backward_grid(C, 2, _plan["sms"], _plan["smem_per_sm"])[0]:
+        # the third sum would halve the blocks per SM: two passes are faster there
+        layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
+        bias_backward(dproj_bias, dinp)
+        return
+    partials = _plan["partials"]
+    name = "layernorm_backward_kernel" if nsum == 2 else "layernorm_backward_sum_kernel"
+    launch(MODULE, f"{name}_{ceil_div(C, CHUNK)}", P, BWD_WARPS * 32,
            (ptr(dinp), ptr(partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd), i32(N), i32(C)),
            shared_mem=smem)
-    launch(MODULE, "layernorm_backward_reduce_kernel", ceil_div(2 * C // 4, 32), (32, RED_Y),
-           (ptr(dweight), ptr(dbias), ptr(partials), i32(P), i32(C)))
+    launch(MODULE, "layernorm_backward_reduce_kernel", ceil_div(nsum * C // 4, 32), (32, RED_Y),
+           (ptr(dweight), ptr(dbias), ptr(dproj_bias), ptr(partials), i32(P), i32(C), i32(nsum)))
