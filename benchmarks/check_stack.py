@@ -18,8 +18,9 @@ def _load(name):
     return mod
 
 
-attention, runtime = _load("attention"), _load("runtime")
-kernels_dir, launch, ptr, i32 = runtime.kernels_dir, runtime.launch, runtime.ptr, runtime.i32
+attention_module, runtime = _load("attention"), _load("runtime")
+attention = attention_module.Attention()  # unplanned: cuDNN through ATen, the simplest path
+kernels_dir, ptr, i32 = runtime.kernels_dir, runtime.ptr, runtime.i32
 
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
       torch.cuda.get_device_name())
@@ -33,7 +34,7 @@ probe.write_text('#include "common.cuh"\nextern "C" __global__ void twice(floatX
                  '  store128(x + i, v); }\n')
 x = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
 want = x * 2
-launch("zz_probe", "twice", 4096 // 8 // 128, 128, (ptr(x), i32(4096)))
+runtime.KernelModule("zz_probe").launch("twice", 4096 // 8 // 128, 128, (ptr(x), i32(4096)))
 torch.cuda.synchronize()
 probe.unlink()
 print("nvrtc kernel over torch bf16 on torch's stream:", "OK" if torch.equal(x, want) else "WRONG")
@@ -47,14 +48,14 @@ for B, T, NH, HS in [(2, 256, 2, 64), (4, 1024, 12, 64), (2, 1024, 25, 64)]:
     C = NH * HS
     qkv = torch.randn(B, T, 3 * C, device="cuda").bfloat16()
     out, lse = torch.empty(B, T, C, device="cuda", dtype=torch.bfloat16), torch.empty(B, NH, T, device="cuda")
-    attention.attention_forward(out, lse, qkv, NH)
+    attention.forward(out, lse, qkv, NH)
     rout, rlse = torch.empty(B, T, C, device="cuda"), torch.empty(B, NH, T, device="cuda")
     reference.attention_forward(rout, rlse, qkv.float(), NH)
     dout = torch.randn(B, T, C, device="cuda").bfloat16()
     dqkv = torch.empty_like(qkv)
-    attention.attention_backward(dqkv, dout, qkv, out, lse, NH)
+    attention.backward(dqkv, dout, qkv, out, lse, NH)
     dqkv2 = torch.empty_like(qkv)
-    attention.attention_backward(dqkv2, dout, qkv, out, lse, NH)
+    attention.backward(dqkv2, dout, qkv, out, lse, NH)
     rd = torch.empty(B, T, 3 * C, device="cuda")
     reference.attention_backward(rd, dout.float(), qkv.float(), rout, rlse, NH)
     print(f"attention B={B} T={T} NH={NH}: out rel {rel(out, rout):.2e}, lse rel {rel(lse, rlse):.2e}, "

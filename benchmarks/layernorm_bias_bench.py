@@ -12,7 +12,8 @@ import argparse
 import torch
 from cuda_timing import median_ms
 
-from distgpt.backends.cuda import bias, layernorm
+from distgpt.backends.cuda.bias import BiasGradients
+from distgpt.backends.cuda.layernorm import LayerNormGradients
 
 WARMUP, REPEATS = 5, 50
 
@@ -26,9 +27,9 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["65536:768", "32768:1024", "16384:1600"], help="N:C")
     a = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(":")) for s in a.shapes]
-    max_n, max_c = max(n for n, _ in shapes), max(c for _, c in shapes)
-    layernorm.plan(1, max_n, max_c, "cuda")
-    bias.plan(1, max_n, max_c, "cuda")
+    max_c = max(c for _, c in shapes)
+    bias = BiasGradients(max_c, "cuda")
+    layernorm = LayerNormGradients(max_c, "cuda", bias)
     print("| N | C | layernorm_backward us | + bias_backward us | fused (dproj_bias) us | saved us | check |")
     print("|---|---|---|---|---|---|---|")
     for N, C in shapes:
@@ -38,20 +39,20 @@ def main():
         mean, rstd = inp.float().mean(-1), torch.rsqrt(inp.float().var(-1, unbiased=False) + 1e-5)
         dinp = torch.randn(N, C, **bf)
         dw, db, dp = (torch.zeros(C, **bf) for _ in range(3))
-        ln_us = timed(lambda: layernorm.layernorm_backward(dinp, dw, db, dout, inp, weight, mean, rstd))
-        sep_us = timed(lambda: (layernorm.layernorm_backward(dinp, dw, db, dout, inp, weight, mean, rstd),
-                                bias.bias_backward(dp, dinp)))
-        fused_us = timed(lambda: layernorm.layernorm_backward(dinp, dw, db, dout, inp, weight, mean, rstd,
+        ln_us = timed(lambda: layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd))
+        sep_us = timed(lambda: (layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd),
+                                bias.backward(dp, dinp)))
+        fused_us = timed(lambda: layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd,
                                                               dproj_bias=dp))
         start = torch.randn(N, C, **bf)
         runs = []
         for fused in (False, True):
             di, p_ = start.clone(), torch.zeros(C, **bf)
             if fused:
-                layernorm.layernorm_backward(di, dw, db, dout, inp, weight, mean, rstd, dproj_bias=p_)
+                layernorm.backward(di, dw, db, dout, inp, weight, mean, rstd, dproj_bias=p_)
             else:
-                layernorm.layernorm_backward(di, dw, db, dout, inp, weight, mean, rstd)
-                bias.bias_backward(p_, di)
+                layernorm.backward(di, dw, db, dout, inp, weight, mean, rstd)
+                bias.backward(p_, di)
             runs.append((di, p_))
         same_dinp = torch.equal(runs[0][0], runs[1][0])
         rel = ((runs[0][1].float() - runs[1][1].float()).norm() / runs[0][1].float().norm()).item()

@@ -53,14 +53,21 @@ class Trainer:
         self.hellaswag_items = (hellaswag.load_items(cfg.hellaswag_path, t.hellaswag_limit)
                                 if t.hellaswag_every > 0 else None)
         dtype = DTYPES[cfg.dtype]
+        self.backend = get_backend(cfg.backend)  # allocates nothing until the model plans it
+        self.backend.set_deterministic(cfg.deterministic)
+        scratch = getattr(self.backend, "estimate_scratch", None)
+        scratch_rows = [] if scratch is None else scratch(self.B, self.T, cfg.model.n_embd, cfg.model.n_head,
+                                                           dist.device)
         plan, planned_bytes = memory.format_estimate(memory.estimate(
-            cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage))
+            cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage, scratch_rows))
         self.log.info(plan)
         check_fits(planned_bytes, dist.device)
-        self.backend = get_backend(cfg.backend)
-        self.backend.set_deterministic(cfg.deterministic)
         self.model = GPT2(cfg.model, self.backend, self.B, self.T, dtype, dist.device,
                           t.recompute, pad_multiple=dist.world)
+        if scratch is not None:  # what the libraries really asked for, beside the estimate
+            taken = sum(nbytes for _, nbytes in self.backend.scratch())
+            self.log.info(f"backend scratch planned: {taken / 2**20:,.1f} MiB (estimated "
+                          f"{sum(nbytes for _, nbytes in scratch_rows) / 2**20:,.1f} MiB)")
         self.log.info(f"model {cfg.model.name}: {self.model.num_parameters:,} parameters | "
                       f"{self.tokens_per_step:,} tokens/step = {dist.world} rank(s) x {self.accum} "
                       f"micro-steps x B={self.B} x T={self.T} | backend {cfg.backend} ({cfg.dtype})")

@@ -20,7 +20,10 @@
 // its absolute position whatever slice it arrived in.
 #include "common.cuh"
 
-#define ADAMW_THREADS 256
+// launch constants, defined once in backends/cuda/adamw.py
+#ifndef ADAMW_THREADS
+#error "ADAMW_THREADS comes from backends/cuda/adamw.py (compiled in as -DADAMW_THREADS=...)"
+#endif
 
 struct Hyper {  // the scalars of one step, as the kernels receive them
     float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bc1, inv_bc2, eps, wd, grad_scale;

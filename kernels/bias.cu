@@ -11,8 +11,13 @@
 // order of additions depends only on (N, OC) and the SM count, so reruns are bitwise equal.
 #include "common.cuh"
 
-#define BIAS_WARPS 8   // warps per phase-1 block, each on its own rows
-#define RED_Y 16       // rows of warps in the phase-2 reduction
+// launch constants, defined once in backends/cuda/bias.py
+#ifndef BIAS_WARPS
+#error "BIAS_WARPS comes from backends/cuda/bias.py (compiled in as -DBIAS_WARPS=...)"
+#endif
+#ifndef RED_Y
+#error "RED_Y comes from backends/cuda/bias.py (compiled in as -DRED_Y=...)"
+#endif
 
 __device__ __forceinline__ void add_row(float (&acc)[8], const x128& d) {
 #pragma unroll

@@ -51,7 +51,10 @@
 // kernel moves 824 MB read + 824 MB written: ~620 us predicted at the same bandwidth.
 #include "common.cuh"
 
-#define CLS_THREADS 512  // threads per row-block, both kernels; 2 blocks per SM (classifier.py THREADS)
+// launch constants, defined once in backends/cuda/classifier.py
+#ifndef CLS_THREADS
+#error "CLS_THREADS comes from backends/cuda/classifier.py (compiled in as -DCLS_THREADS=...)"
+#endif
 #define CLS_UNROLL 4     // 16-byte reads a thread has in flight before it uses the first
 #define CLS_STAGES 8     // smem kernel: cp.async vectors in flight per thread (64 KB per block)
 

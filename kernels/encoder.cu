@@ -17,7 +17,10 @@
 // segments summed in parallel, and add the segments' fp32 partials in order in a second kernel.
 #include "common.cuh"
 
-#define ENC_WARPS 4   // warps (= sorted positions) per block of the dwte kernel
+// launch constants, defined once in backends/cuda/encoder.py
+#ifndef ENC_WARPS
+#error "ENC_WARPS comes from backends/cuda/encoder.py (compiled in as -DENC_WARPS=...)"
+#endif
 #define FULL_MASK 0xffffffffu
 
 // One thread per 8 channels of one (b, t): a 16-byte load from each table, one 16-byte store.

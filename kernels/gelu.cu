@@ -9,8 +9,13 @@
 // pointer is __restrict__, so the compiler cannot reorder across the alias.
 #include "common.cuh"
 
-#define GELU_SCALE 0.7978845608028654f  // sqrt(2 / pi), reference.GELU_SCALE
-#define GELU_CUBIC 0.044715f
+// launch constants, defined once in backends/reference.py via backends/cuda/gelu.py
+#ifndef GELU_SCALE
+#error "GELU_SCALE comes from backends/reference.py via backends/cuda/gelu.py (compiled in as -DGELU_SCALE=...)"
+#endif
+#ifndef GELU_CUBIC
+#error "GELU_CUBIC comes from backends/reference.py via backends/cuda/gelu.py (compiled in as -DGELU_CUBIC=...)"
+#endif
 
 extern "C" __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, long long n8) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;

@@ -27,11 +27,20 @@
 // fixed order and adds into dweight/dbias/dproj_bias.
 #include "common.cuh"
 
-#define LN_EPS 1e-5f          // reference.LAYERNORM_EPS
+// launch constants, defined once in backends/cuda/layernorm.py
+#ifndef LN_EPS
+#error "LN_EPS comes from backends/cuda/layernorm.py (compiled in as -DLN_EPS=...)"
+#endif
+#ifndef LN_FWD_WARPS
+#error "LN_FWD_WARPS comes from backends/cuda/layernorm.py (compiled in as -DLN_FWD_WARPS=...)"
+#endif
+#ifndef LN_BWD_WARPS
+#error "LN_BWD_WARPS comes from backends/cuda/layernorm.py (compiled in as -DLN_BWD_WARPS=...)"
+#endif
+#ifndef RED_Y
+#error "RED_Y comes from backends/cuda/layernorm.py (compiled in as -DRED_Y=...)"
+#endif
 #define LN_MAX_CHUNKS 7       // 16-byte chunks per lane: C <= 7 * 32 * 8
-#define LN_FWD_WARPS 8        // rows per block in the forward kernels
-#define LN_BWD_WARPS 8        // warps per block in the backward (2 blocks per SM)
-#define RED_Y 16              // rows of warps in the partial-sum reduction
 
 __device__ __forceinline__ bool chunk_on(int k, int lane, int C) { return (k * 32 + lane) * 8 < C; }
 

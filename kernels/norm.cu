@@ -15,9 +15,14 @@
 // 132 SMs, ~360 at 1.5B), so fp32 rounding stays near 1e-6 relative even at GPT-2 XL's size.
 #include "common.cuh"
 
-#define NORM_THREADS 512    // phase-1 threads per block
+// launch constants, defined once in backends/cuda/norm.py
+#ifndef NORM_THREADS
+#error "NORM_THREADS comes from backends/cuda/norm.py (compiled in as -DNORM_THREADS=...)"
+#endif
+#ifndef NORM_RED_THREADS
+#error "NORM_RED_THREADS comes from backends/cuda/norm.py (compiled in as -DNORM_RED_THREADS=...)"
+#endif
 #define NORM_UNROLL 4       // 16-byte loads in flight per thread (the final sum below assumes 4)
-#define NORM_RED_THREADS 256
 static_assert(NORM_UNROLL == 4, "the block sum below adds acc[0..3]");
 
 __device__ __forceinline__ float sum_squares8(const x128& a) {

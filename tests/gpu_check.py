@@ -32,6 +32,14 @@ def assert_close(name, got, want, atol, rtol):
     return float(used.max())
 
 
+def planned_backend(B, T, C, n_head):
+    """A CudaBackend with every op's scratch planned for (B, T, C, n_head), as a model plans it."""
+    from distgpt.backends.cuda import CudaBackend
+    backend = CudaBackend()
+    backend.plan(B, T, C, n_head, "cuda")
+    return backend
+
+
 def twice_equal(fn, buffers):
     """Run fn on two clones of the same starting buffers: every result bitwise equal."""
     runs = []

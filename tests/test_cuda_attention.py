@@ -166,13 +166,11 @@ def test_frontend_replays_in_a_cuda_graph():
 
 
 def test_deterministic_attention_is_bitwise_reproducible():
-    from distgpt.backends import cuda
+    from distgpt.backends.cuda import CudaBackend
     qkv, dout = attention_case(16, 1024, 12, 64, seed=7)
-    cuda.set_deterministic(True)
-    try:
-        runs = [run_ops(cuda.attention_forward, cuda.attention_backward, qkv, dout, 12) for _ in range(5)]
-    finally:
-        cuda.set_deterministic(False)
+    backend = CudaBackend()
+    backend.set_deterministic(True)
+    runs = [run_ops(backend.attention_forward, backend.attention_backward, qkv, dout, 12) for _ in range(5)]
     for other in runs[1:]:
         for name, a, b in zip(("out", "lse", "dqkv"), runs[0], other):
             assert torch.equal(a, b), f"deterministic attention: {name} differs between identical calls"

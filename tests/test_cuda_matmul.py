@@ -26,11 +26,10 @@ SHAPES = [(111, 64, 24), (512, 768, 2304), (256, 1600, 6400), (1024, 3072, 768)]
 
 @pytest.fixture(scope="module")
 def mm():
-    from distgpt.backends.cuda import bias
+    from distgpt.backends.cuda.bias import BiasGradients
     from distgpt.backends.cuda.matmul import Matmuls
-    m = Matmuls()
-    m.plan(8, 1024, 1600, "cuda")
-    bias.plan(8, 1024, 1600, "cuda")  # the bias gradient's column-sum kernel
+    m = Matmuls(BiasGradients(1600, "cuda"))  # the bias gradient's column-sum kernels
+    m.plan("cuda")
     torch.manual_seed(0)
     return m
 

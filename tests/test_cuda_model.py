@@ -38,8 +38,8 @@ def rel(a, b):
 
 
 def test_step_matches_reference_fp32():
-    from distgpt.backends import cuda
-    fast = build(cuda, torch.bfloat16)
+    from distgpt.backends.cuda import CudaBackend
+    fast = build(CudaBackend(), torch.bfloat16)
     ref = build(reference, torch.float32)
     ref.params.copy_(fast.params.float())  # identical starting point
     x = torch.randint(0, SHAPE.vocab_size, (B, T), device="cuda")
@@ -63,11 +63,11 @@ def test_step_matches_reference_fp32():
 
 
 def twenty_steps(use_graph=False):
-    from distgpt.backends import cuda
+    from distgpt.backends.cuda import CudaBackend
     from distgpt.model.micro_step import MicroStep
-    model = build(cuda, torch.bfloat16)
+    model = build(CudaBackend(), torch.bfloat16)
     micro_step = MicroStep(model, use_graph)
-    opt = ShardedAdamW(model, LocalComm(), OptimConfig(lr=1e-3), 1, cuda)
+    opt = ShardedAdamW(model, LocalComm(), OptimConfig(lr=1e-3), 1, model.ops)
     gen = torch.Generator(device="cuda").manual_seed(7)
     # two fixed batches, alternating: random tokens hold nothing to learn, but these can be
     # memorised, so the loss must fall
@@ -95,3 +95,19 @@ def test_cuda_graph_replay_is_bitwise_the_eager_step():
     eager, graphed = twenty_steps(use_graph=False), twenty_steps(use_graph=True)
     assert eager[0] == graphed[0], "losses differ between the eager and the CUDA-graph step"
     assert torch.equal(eager[1], graphed[1]) and torch.equal(eager[2], graphed[2])
+
+
+def test_scratch_estimate_is_what_plan_takes():
+    """The memory plan a run prints counts the backend's scratch before anything exists: each
+    kernel's partials and the cuBLASLt workspace exactly, cuDNN's attention workspace (which
+    cuDNN sizes when it builds the graphs) within a quarter of the estimate, at a 124M shape."""
+    from distgpt.backends.cuda import CudaBackend
+    backend = CudaBackend()
+    Bs, Ts, C, n_head = 4, 1024, 768, 12
+    estimate = dict(backend.estimate_scratch(Bs, Ts, C, n_head, "cuda"))
+    backend.plan(Bs, Ts, C, n_head, "cuda")
+    taken = dict(backend.scratch())
+    cudnn = taken.pop("cuDNN attention workspace")
+    assert taken == {name: nbytes for name, nbytes in estimate.items() if not name.startswith("cuDNN")}
+    guess = estimate["cuDNN attention workspace (estimate)"]
+    assert 0 < cudnn <= 1.25 * guess, f"cuDNN took {cudnn} bytes of workspace, estimated {guess}"

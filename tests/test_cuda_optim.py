@@ -2,11 +2,14 @@
 on the same inputs (upcast), at several sizes including odd lengths and slices inside bigger
 buffers. Overwritten outputs are poisoned with NaN first; every op run twice on the same inputs
 must give bitwise equal results."""
+import functools
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from distgpt.backends import reference
-from gpu_check import assert_close, requires_gpu, twice_equal
+from gpu_check import assert_close, planned_backend, requires_gpu, twice_equal
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -44,10 +47,10 @@ HYPER = [dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=7
 
 @pytest.fixture(scope="module")
 def ops():
-    from distgpt.backends.cuda import adamw, classifier, norm
-    norm.plan("cuda")
+    from distgpt.backends.cuda import classifier
+    backend = planned_backend(1, 64, 64, 1)
     torch.manual_seed(0)
-    return {"classifier": classifier, "adamw": adamw, "norm": norm}
+    return {"classifier": backend, "classifier module": classifier, "adamw": backend, "norm": backend}
 
 
 def check(name, got, want, scale=1.0):
@@ -70,10 +73,9 @@ def classifier_inputs(B, T, V, Vp):
 def use_kernel(ops, monkeypatch, kernel, V):
     """Route fused_classifier to one of its two kernels: "smem" (the row in shared memory, skipped
     where the row does not fit this device) or "two_pass" (the fallback for rows that do not)."""
-    cls = ops["classifier"]
-    if kernel == "smem" and not cls.smem_row_fits(V):
+    if kernel == "smem" and not ops["classifier module"].smem_row_fits(V):
         pytest.skip(f"a row of V={V} does not fit this device's shared memory per block")
-    monkeypatch.setattr(cls, "USE_SMEM_KERNEL", kernel == "smem")
+    monkeypatch.setattr(ops["classifier"], "classifier_one_pass", kernel == "smem")
 
 
 @pytest.mark.parametrize("B,T,V,Vp", CLASSIFIER_SHAPES)
@@ -150,11 +152,14 @@ def lm_head_tolerances(name, chunks):
 
 @pytest.fixture
 def lm_head_cuda():
-    from distgpt.backends import cuda
+    from distgpt.backends.cuda import classifier
+    from distgpt.backends.cuda.matmul import Matmuls
 
-    def planned(N, C):  # the matmuls' scratch, as the model's plan() makes it
-        cuda.matmul.plan(1, N, C, "cuda")
-        return cuda
+    def planned(N, C):  # the lm head's functions over planned matmuls, as the backend calls them
+        matmuls = Matmuls()
+        matmuls.plan("cuda")
+        return SimpleNamespace(lm_head_loss=functools.partial(classifier.lm_head_loss, matmuls),
+                               lm_head_logits=functools.partial(classifier.lm_head_logits, matmuls))
     return planned
 
 

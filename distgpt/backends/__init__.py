@@ -1,6 +1,6 @@
-"""Backends: modules of functions with identical names and signatures (reference.py is the
-specification). `get_backend(name)` picks one for the whole model."""
-import importlib
+"""Backends: the same ops under the same names and signatures (reference.py, a module of
+functions, is the specification; the CUDA backend is an object whose methods they are, since it
+owns planned scratch). `get_backend(name)` gives one for a model: a new CudaBackend each call."""
 
 
 def get_backend(name):
@@ -9,7 +9,8 @@ def get_backend(name):
         return reference
     if name == "cuda":
         try:
-            return importlib.import_module("distgpt.backends.cuda")
+            from distgpt.backends.cuda import CudaBackend
+            return CudaBackend()
         except ModuleNotFoundError as exc:
             raise RuntimeError(f"backend=cuda is unavailable ({exc.msg}); install the cuda12 or cuda13 "
                                f"extra on a machine with an NVIDIA GPU, or use backend=reference") from None

@@ -23,6 +23,7 @@ import torch
 
 LAYERNORM_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
 
 
 # ---------------------------------------------------------------- encoder: token + position
@@ -157,15 +158,15 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head):
 # ---------------------------------------------------------------- GELU (tanh form, as GPT-2)
 def gelu_forward(out, inp):
     x = inp
-    out.copy_(0.5 * x * (1.0 + torch.tanh(GELU_SCALE * (x + 0.044715 * x * x * x))))
+    out.copy_(0.5 * x * (1.0 + torch.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))))
 
 
 def gelu_backward(dinp, inp, dout):
     """dinp = gelu'(inp) * dout (overwrites; dinp may be the same tensor as dout)."""
     x = inp
-    inner = GELU_SCALE * (x + 0.044715 * x * x * x)
+    inner = GELU_SCALE * (x + GELU_CUBIC * x * x * x)
     t = torch.tanh(inner)
-    dinner = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+    dinner = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
     grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
     dinp.copy_(grad * dout)
 

@@ -4,8 +4,9 @@ import torch
 from distgpt.model.layout import ParameterLayout, activation_slots, pack_slots
 
 
-def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage):
-    """[(buffer, bytes)] for one rank: parameters, gradients, optimizer state, activations."""
+def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scratch=()):
+    """[(buffer, bytes)] for one rank: parameters, gradients, optimizer state, activations, and
+    the backend's own scratch (backend_scratch: its estimate_scratch() rows, if it has any)."""
     m = model_cfg
     layout = ParameterLayout(m.n_layer, m.n_embd, m.vocab_size, m.padded_vocab_size,
                              m.block_size, pad_multiple=world)
@@ -20,11 +21,12 @@ def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage):
             (f"AdamW m, v{' + fp32 master' if has_master else ''} (1/{world if zero_stage == 1 else 1} of the model)",
              shard * state_elt * (3 if has_master else 2)),
             (f"activations (B={B}, T={T}, recompute={recompute})",
-             act_elems[False] * elt + act_elems[True] * max(elt, 4))]
+             act_elems[False] * elt + act_elems[True] * max(elt, 4))] + \
+        [(f"backend: {name}", nbytes) for name, nbytes in backend_scratch]
 
 
 def format_estimate(rows):
     total = sum(b for _, b in rows)
     lines = [f"  {name:<58} {b / 2**30:9.3f} GiB" for name, b in rows]
-    lines.append(f"  {'total (planned, before library workspaces)':<58} {total / 2**30:9.3f} GiB")
+    lines.append(f"  {'total (planned)':<58} {total / 2**30:9.3f} GiB")
     return "memory plan per rank:\n" + "\n".join(lines), total

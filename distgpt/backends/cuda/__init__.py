@@ -1,40 +1,140 @@
-"""The CUDA backend: the reference backend's functions, same names and arguments, over our
-kernels (kernels/*.cu, one module per layer kind here), cuBLASLt matmuls and cuDNN attention.
-bf16 parameters, activations and gradients; fp32 statistics, master weights and moments.
+"""The CUDA backend: the reference backend's functions, same names and arguments, as methods of
+one CudaBackend object, over our kernels (kernels/*.cu, one module per layer kind here), cuBLASLt
+matmuls and cuDNN attention. bf16 parameters, activations and gradients; fp32 statistics, master
+weights and moments.
 
-`plan(...)` reserves every kernel's scratch once, before the first step."""
+The object owns everything the ops need besides their arguments: the kernels' planned scratch,
+the cuBLASLt handle, workspace and plans, the cuDNN graphs and workspace, and the attention mode.
+Nothing lives at module level, so two backends never share scratch, and the addresses a captured
+CUDA graph bakes in belong to the one object that planned them. `plan(...)` reserves it all once,
+before the first step; `scratch()` says what it took, and `estimate_scratch(...)` says it before
+anything is allocated (the memory plan a run prints)."""
 import torch
 
-if not torch.cuda.is_available():
-    raise ModuleNotFoundError("no CUDA GPU is visible")
-
-from distgpt.backends.cuda import attention, bias, encoder, layernorm, matmul, norm  # noqa: E402
-from distgpt.backends.cuda.adamw import adamw_update  # noqa: E402,F401
-from distgpt.backends.cuda.attention import attention_backward, attention_forward  # noqa: E402,F401
-from distgpt.backends.cuda.classifier import (fused_classifier, lm_head_logits,  # noqa: E402,F401
-                                              lm_head_loss)
-from distgpt.backends.cuda.encoder import encoder_backward, encoder_forward  # noqa: E402,F401
-from distgpt.backends.cuda.gelu import gelu_backward, gelu_forward  # noqa: E402,F401
-from distgpt.backends.cuda.layernorm import (layernorm_backward, layernorm_forward,  # noqa: E402,F401
-                                             residual_forward, residual_layernorm_forward)
-from distgpt.backends.cuda.matmul import matmul_backward, matmul_forward  # noqa: E402,F401
-from distgpt.backends.cuda.norm import clip_scale, global_norm_squared  # noqa: E402,F401
+from distgpt.backends.cuda import classifier, gelu, layernorm
+from distgpt.backends.cuda.adamw import adamw_update
+from distgpt.backends.cuda.attention import Attention
+from distgpt.backends.cuda.bias import BiasGradients, partials_elements as bias_partials
+from distgpt.backends.cuda.encoder import EncoderGradients, encoder_forward, sort_buffer_bytes
+from distgpt.backends.cuda.matmul import WORKSPACE_BYTES, Matmuls
+from distgpt.backends.cuda.norm import BLOCKS_PER_SM as NORM_BLOCKS_PER_SM, GlobalNorm, clip_scale
+from distgpt.backends.cuda.runtime import sm_count
 
 
-def plan(B, T, C, n_head, device):
-    """Reserve every kernel's and library's scratch once, for steps up to (B, T) at width C.
-    GELU, the classifier (its logits chunk is an activation slot) and AdamW need none."""
-    encoder.plan(B, T, C, device)  # token sort buffers
-    layernorm.plan(B, T, C, device)  # per-block dweight/dbias partials
-    matmul.plan(B, T, C, device)  # cuBLASLt handle and workspace
-    bias.plan(B, T, C, device)  # per-block bias-gradient partials
-    attention.plan(B, T, C, n_head, device)  # cuDNN graphs for (B, T) and their workspace
-    norm.plan(device)  # per-block squared-norm partials
+class CudaBackend:
+    def __init__(self):
+        if not torch.cuda.is_available():
+            raise ModuleNotFoundError("no CUDA GPU is visible")
+        self.attention = Attention()
+        self.matmuls = None  # made by plan(), with the bias gradients' kernels
+        self.encoder_gradients = self.layernorm_gradients = self.bias_gradients = self.norm = None
+        self.classifier_one_pass = True  # False: the two-pass classifier kernel (tests run both)
 
+    # ------------------------------------------------------------ planning
+    def plan(self, B, T, C, n_head, device):
+        """Reserve every kernel's and library's scratch once, for steps up to (B, T) at width C.
+        GELU, the classifier (its logits chunk is an activation slot) and AdamW need none."""
+        self.bias_gradients = BiasGradients(C, device)  # per-block bias-gradient partials
+        self.encoder_gradients = EncoderGradients(B * T, device)  # token sort buffers
+        self.layernorm_gradients = layernorm.LayerNormGradients(C, device, self.bias_gradients)
+        self.matmuls = Matmuls(self.bias_gradients)
+        self.matmuls.plan(device)  # cuBLASLt handle and workspace
+        self.attention.plan(B, T, C, n_head, device)  # cuDNN graphs for (B, T) and their workspace
+        self.norm = GlobalNorm(device)  # per-block squared-norm partials
 
-def set_deterministic(flag):
-    """deterministic=true: FlashAttention-2 with a deterministic backward instead of cuDNN's
-    (whose dq adds with atomics). The matmuls are deterministic either way: one algorithm per
-    plan, the heuristic's first (timing the candidates on the first call and keeping the fastest
-    measured no faster, 2026-11-22, and would make the choice differ between runs)."""
-    attention.set_deterministic_attention(flag)
+    def set_deterministic(self, flag):
+        """deterministic=true: FlashAttention-2 with a deterministic backward instead of cuDNN's
+        (whose dq adds with atomics). The matmuls are deterministic either way: one algorithm per
+        plan, the heuristic's first (timing the candidates on the first call and keeping the
+        fastest measured no faster, 2026-11-22, and would make the choice differ between runs)."""
+        self.attention.set_deterministic(flag)
+
+    def scratch(self):
+        """[(what, bytes)] of the scratch plan() allocated."""
+        parts = [("cuBLASLt workspace", self.matmuls), ("layernorm backward partials", self.layernorm_gradients),
+                 ("bias gradient partials", self.bias_gradients), ("token sort buffers", self.encoder_gradients),
+                 ("global norm partials", self.norm)]
+        rows = [(name, part.nbytes) for name, part in parts if part is not None]
+        return rows + [("cuDNN attention workspace", self.attention.workspace_bytes)]
+
+    @staticmethod
+    def estimate_scratch(B, T, C, n_head, device):
+        """[(what, bytes)] plan() will allocate, from the shapes alone. cuDNN sizes its attention
+        workspace itself when it builds the graphs; its backward accumulates dQ in fp32, B*T*C
+        floats, which is what it asked for at GPT-2's shapes on an H100 (195 MiB at 124M, B=64),
+        so that is the estimate; scratch() reports what was taken."""
+        sms = sm_count(device)
+        return [("cuBLASLt workspace", WORKSPACE_BYTES),
+                ("layernorm backward partials", 4 * layernorm.partials_elements(C, sms)),
+                ("bias gradient partials", 4 * bias_partials(C, sms)),
+                ("token sort buffers", sort_buffer_bytes(B * T)),
+                ("global norm partials", 4 * NORM_BLOCKS_PER_SM * sms),
+                ("cuDNN attention workspace (estimate)", 4 * B * T * C)]
+
+    def _planned(self, op, part):
+        if part is None:
+            raise RuntimeError(f"{op}: call the backend's plan(B, T, C, n_head, device) before the first step")
+        return part
+
+    # ------------------------------------------------------------ encoder
+    def encoder_forward(self, out, tokens, wte, wpe):
+        encoder_forward(out, tokens, wte, wpe)
+
+    def encoder_backward(self, dwte, dwpe, dout, tokens):
+        self._planned("encoder_backward", self.encoder_gradients).backward(dwte, dwpe, dout, tokens)
+
+    # ------------------------------------------------------------ layernorm and the residual
+    def layernorm_forward(self, out, mean, rstd, inp, weight, bias):
+        layernorm.layernorm_forward(out, mean, rstd, inp, weight, bias)
+
+    def residual_layernorm_forward(self, residual_out, ln_out, mean, rstd, a, b, weight, bias):
+        layernorm.residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias)
+
+    def residual_forward(self, out, a, b):
+        layernorm.residual_forward(out, a, b)
+
+    def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None):
+        self._planned("layernorm_backward", self.layernorm_gradients).backward(
+            dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias)
+
+    # ------------------------------------------------------------ matmuls and GELU
+    def matmul_forward(self, out, inp, weight, bias, gelu_out=None):
+        self._planned("matmul_forward", self.matmuls).forward(out, inp, weight, bias, gelu_out)
+
+    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
+        self._planned("matmul_backward", self.matmuls).backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp)
+
+    def gelu_forward(self, out, inp):
+        gelu.gelu_forward(out, inp)
+
+    def gelu_backward(self, dinp, inp, dout):
+        gelu.gelu_backward(dinp, inp, dout)
+
+    # ------------------------------------------------------------ attention
+    def attention_forward(self, out, lse, qkv, n_head):
+        self.attention.forward(out, lse, qkv, n_head)
+
+    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head):
+        self.attention.backward(dqkv, dout, qkv, out, lse, n_head)
+
+    # ------------------------------------------------------------ lm head and loss
+    def fused_classifier(self, logits, losses, targets, vocab_size, dloss):
+        classifier.fused_classifier(logits, losses, targets, vocab_size, dloss, self.classifier_one_pass)
+
+    def lm_head_logits(self, logits, lnf, wte):
+        classifier.lm_head_logits(self._planned("lm_head_logits", self.matmuls), logits, lnf, wte)
+
+    def lm_head_loss(self, losses, dlnf, dwte, lnf, wte, targets, vocab_size, dloss, logits):
+        classifier.lm_head_loss(self._planned("lm_head_loss", self.matmuls), losses, dlnf, dwte, lnf, wte,
+                                targets, vocab_size, dloss, logits, self.classifier_one_pass)
+
+    # ------------------------------------------------------------ optimizer
+    def global_norm_squared(self, out, grad):
+        self._planned("global_norm_squared", self.norm).squared(out, grad)
+
+    def clip_scale(self, scale, norm, parts, clip):
+        clip_scale(scale, norm, parts, clip)
+
+    def adamw_update(self, param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
+                     seed=0):
+        adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale, seed)

@@ -12,11 +12,11 @@ import functools
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.runtime import ceil_div, f32, launch, ptr, u32
+from distgpt.backends.cuda.runtime import KernelModule, ceil_div, f32, ptr, u32
 
-MODULE = "adamw"
-THREADS = 256       # ADAMW_THREADS in adamw.cu
+THREADS = 256
 BLOCKS_PER_SM = 4   # ptxas: 55-60 registers, so 4 blocks of 256 threads fit an SM
+KERNELS = KernelModule("adamw", ADAMW_THREADS=THREADS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,8 +72,8 @@ def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay,
     # at least one block: with n < 8 the whole slice is the scalar tail
     grid = max(1, min(ceil_div(n // 8, THREADS), BLOCKS_PER_SM * _sm_count(param.device.index)))
     if param.dtype == torch.bfloat16:
-        launch(MODULE, "adamw_kernel_bf16", grid, THREADS,
-               (ptr(param), ptr(grad), ptr(m), ptr(v), ptr(master), np.int64(n)) + scalars)
+        KERNELS.launch("adamw_kernel_bf16", grid, THREADS,
+                       (ptr(param), ptr(grad), ptr(m), ptr(v), ptr(master), np.int64(n)) + scalars)
     else:
-        launch(MODULE, "adamw_kernel_fp32", grid, THREADS,
-               (ptr(param), ptr(grad), ptr(m), ptr(v), np.int64(n)) + scalars)
+        KERNELS.launch("adamw_kernel_fp32", grid, THREADS,
+                       (ptr(param), ptr(grad), ptr(m), ptr(v), np.int64(n)) + scalars)

@@ -245,30 +245,6 @@ class Attention:
         self._execute(graph, (q, k, v, o, do, lse.unsqueeze(-1), dq, dk, dv))
 
 
-# ---------------------------------------------------------------- the backend's functions
-_default = Attention()
-
-
-def plan(B, T, C, n_head, device):
-    _default.plan(B, T, C, n_head, device)
-
-
-def workspace_bytes():
-    return _default.workspace_bytes
-
-
-def set_deterministic_attention(flag):
-    _default.set_deterministic(flag)
-
-
-def attention_forward(out, lse, qkv, n_head):
-    _default.forward(out, lse, qkv, n_head)
-
-
-def attention_backward(dqkv, dout, qkv, out, lse, n_head):
-    _default.backward(dqkv, dout, qkv, out, lse, n_head)
-
-
 # ---------------------------------------------------------------- cuDNN through ATen, with copies
 # philox: the forward's dropout RNG state (seed, offset), meaningless without dropout, but the
 # backward ops take them as tensors, so the first forward's are kept and handed back

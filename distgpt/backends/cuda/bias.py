@@ -10,26 +10,20 @@ keeps the partials small: RB * OC <= (blocks + column tiles) * 256 floats. Measu
 N = 32768, OC = 3072 in 68 + 2 us (2.9 TB/s; torch's dout.sum(0) takes 80 us)."""
 import torch
 
-from distgpt.backends.cuda.runtime import check_tensor, ceil_div, i32, launch, ptr
+from distgpt.backends.cuda.runtime import KernelModule, check_tensor, ceil_div, i32, ptr, sm_count
 
-MODULE = "bias"
 COLS = 256          # columns per phase-1 block: 32 lanes x 8
-BIAS_WARPS = 8      # warps per phase-1 block (BIAS_WARPS in bias.cu)
+BIAS_WARPS = 8      # warps per phase-1 block
 BLOCKS_PER_SM = 4   # phase-1 blocks per SM to aim for: 32 warps, each with 4 loads in flight
 MIN_ROWS_PER_WARP = 4
-RED_Y = 16          # warp rows of the phase-2 reduction (RED_Y in bias.cu)
+RED_Y = 16          # warp rows of the phase-2 reduction
+KERNELS = KernelModule("bias", BIAS_WARPS=BIAS_WARPS, RED_Y=RED_Y)
 
-_plan = {}  # "blocks": phase-1 block target, "partials": fp32 scratch, "max_OC": widest planned
 
-
-def plan(B, T, C, device):
-    """Reserve the partials for every OC up to 4C (the MLP's fc bias is the widest):
+def partials_elements(C, sms):
+    """The partials for every OC up to 4C (the MLP's fc bias is the widest):
     (BLOCKS_PER_SM * SMs + ceil(4C / 256)) * 256 fp32, about 0.57 MB at C = 1600 on 132 SMs."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    blocks = BLOCKS_PER_SM * sms
-    max_OC = 4 * C
-    _plan.update(blocks=blocks, max_OC=max_OC,
-                 partials=torch.empty((blocks + ceil_div(max_OC, COLS)) * COLS, dtype=torch.float32, device=device))
+    return (BLOCKS_PER_SM * sms + ceil_div(4 * C, COLS)) * COLS
 
 
 def _row_ranges(N, OC, blocks):
@@ -43,27 +37,36 @@ def _row_ranges(N, OC, blocks):
 
 
 
-def bias_backward(dbias, dout):
-    """dbias (OC,) += dout (..., OC) summed over all leading dimensions."""
-    op = "bias_backward"
-    check_tensor(op, "dbias", dbias)
-    check_tensor(op, "dout", dout)
-    OC = dout.shape[-1]
-    if OC % 8:
-        raise ValueError(f"{op}: OC={OC} must be a multiple of 8 (16-byte bf16 vectors)")
-    if dbias.shape != (OC,):
-        raise ValueError(f"{op}: dbias {tuple(dbias.shape)} must be (OC,) = ({OC},)")
-    if "blocks" not in _plan:
-        raise RuntimeError(f"{op}: call bias.plan(B, T, C, device) (backends.cuda.plan) before the first step")
-    if OC > _plan["max_OC"]:
-        raise RuntimeError(f"{op}: OC={OC} exceeds the planned 4C={_plan['max_OC']}")
-    N = dout.numel() // OC
-    if N == 0:
-        return
-    RB, rows = _row_ranges(N, OC, _plan["blocks"])
-    partials = _plan["partials"]
-    assert RB * OC <= partials.numel(), "bias partials smaller than the bound in plan()"
-    launch(MODULE, "bias_backward_kernel", (ceil_div(OC, COLS), RB), BIAS_WARPS * 32,
-           (ptr(partials), ptr(dout), i32(N), i32(OC), i32(rows)))
-    launch(MODULE, "bias_backward_reduce_kernel", ceil_div(OC // 4, 32), (32, RED_Y),
-           (ptr(dbias), ptr(partials), i32(RB), i32(OC)))
+class BiasGradients:
+    """The column-sum kernels and their partials, planned once for bias gradients up to 4C wide."""
+
+    def __init__(self, C, device):
+        sms = sm_count(device)
+        self.blocks, self.max_OC = BLOCKS_PER_SM * sms, 4 * C
+        self.partials = torch.empty(partials_elements(C, sms), dtype=torch.float32, device=device)
+
+    @property
+    def nbytes(self):
+        return self.partials.nbytes
+
+    def backward(self, dbias, dout):
+        """dbias (OC,) += dout (..., OC) summed over all leading dimensions."""
+        op = "bias_backward"
+        check_tensor(op, "dbias", dbias)
+        check_tensor(op, "dout", dout)
+        OC = dout.shape[-1]
+        if OC % 8:
+            raise ValueError(f"{op}: OC={OC} must be a multiple of 8 (16-byte bf16 vectors)")
+        if dbias.shape != (OC,):
+            raise ValueError(f"{op}: dbias {tuple(dbias.shape)} must be (OC,) = ({OC},)")
+        if OC > self.max_OC:
+            raise RuntimeError(f"{op}: OC={OC} exceeds the planned 4C={self.max_OC}")
+        N = dout.numel() // OC
+        if N == 0:
+            return
+        RB, rows = _row_ranges(N, OC, self.blocks)
+        assert RB * OC <= self.partials.numel(), "bias partials smaller than the bound in partials_elements()"
+        KERNELS.launch("bias_backward_kernel", (ceil_div(OC, COLS), RB), BIAS_WARPS * 32,
+                       (ptr(self.partials), ptr(dout), i32(N), i32(OC), i32(rows)))
+        KERNELS.launch("bias_backward_reduce_kernel", ceil_div(OC // 4, 32), (32, RED_Y),
+                       (ptr(dbias), ptr(self.partials), i32(RB), i32(OC)))

@@ -22,18 +22,16 @@ at the same bandwidth (2026-11-22, to be measured), about 2.5 ms less per step.
 
 lm_head_loss runs the lm head, the classifier and the lm head's backward over chunks of rows
 through the model's planned (R, Vp) logits scratch, so the whole (B, T, Vp) logits never exist
-(see the reference for the contract). No scratch of its own, so no plan()."""
+(see the reference for the contract). No scratch of its own: the backend hands it its Matmuls."""
 import functools
 
 import torch
 
-from distgpt.backends.cuda.matmul import matmul_backward, matmul_forward
-from distgpt.backends.cuda.runtime import _cupy, ceil_div, f32, i32, kernel, launch, ptr
+from distgpt.backends.cuda.runtime import KernelModule, _cupy, ceil_div, f32, i32, ptr
 
-MODULE = "classifier"
-THREADS = 512  # CLS_THREADS in classifier.cu, both kernels (the same count keeps them bitwise equal)
+THREADS = 512  # threads per row-block, both kernels (the same count keeps them bitwise equal)
+KERNELS = KernelModule("classifier", CLS_THREADS=THREADS)
 SMEM_KERNEL, TWO_PASS_KERNEL = "fused_classifier_smem_kernel", "fused_classifier_kernel"
-USE_SMEM_KERNEL = True  # False: always the two-pass kernel (the tests run both)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,7 +42,7 @@ def _smem_budget(device_index):
     cp = _cupy()
     optin = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                                device_index)
-    fn = kernel(MODULE, SMEM_KERNEL)
+    fn = KERNELS.function(SMEM_KERNEL)
     fn.preferred_shared_memory_carveout = 100  # percent of the most shared memory an SM can have
     return optin - fn.shared_size_bytes
 
@@ -68,9 +66,10 @@ def _check(op, name, t, dtype):
         raise ValueError(f"{op}: {name} must be a contiguous CUDA tensor")
 
 
-def fused_classifier(logits, losses, targets, vocab_size, dloss):
+def fused_classifier(logits, losses, targets, vocab_size, dloss, one_pass=True):
     """losses (B,T) = -log softmax(logits[..., :V])[target]; logits (B,T,Vp) OVERWRITTEN by
-    dloss * (softmax - onehot(target)) over the first V columns, 0 in the padding."""
+    dloss * (softmax - onehot(target)) over the first V columns, 0 in the padding. one_pass=False
+    forces the two-pass kernel (the tests run both)."""
     op = "fused_classifier"
     _check(op, "logits", logits, torch.bfloat16)
     _check(op, "losses", losses, torch.float32)
@@ -90,18 +89,18 @@ def fused_classifier(logits, losses, targets, vocab_size, dloss):
     if N == 0:
         return
     args = (ptr(logits), ptr(losses), ptr(targets), i32(V), i32(Vp), f32(dloss))
-    if USE_SMEM_KERNEL and smem_row_fits(V, logits.device.index):
-        launch(MODULE, SMEM_KERNEL, N, THREADS, args, shared_mem=smem_row_bytes(V))
+    if one_pass and smem_row_fits(V, logits.device.index):
+        KERNELS.launch(SMEM_KERNEL, N, THREADS, args, shared_mem=smem_row_bytes(V))
     else:
-        launch(MODULE, TWO_PASS_KERNEL, N, THREADS, args)
+        KERNELS.launch(TWO_PASS_KERNEL, N, THREADS, args)
 
 
-def lm_head_logits(logits, lnf, wte):
+def lm_head_logits(matmuls, logits, lnf, wte):
     """logits (..., Vp) = lnf (..., C) @ wte (Vp, C)^T: the lm head alone, for sampling."""
-    matmul_forward(logits, lnf, wte, None)
+    matmuls.forward(logits, lnf, wte, None)
 
 
-def lm_head_loss(losses, dlnf, dwte, lnf, wte, targets, vocab_size, dloss, logits):
+def lm_head_loss(matmuls, losses, dlnf, dwte, lnf, wte, targets, vocab_size, dloss, logits, one_pass=True):
     """Per chunk of R = logits.shape[0] rows of lnf (B,T,C), through the (R, Vp) scratch:
     logits_chunk = lnf_chunk @ wte^T; fused_classifier writes losses_chunk (fp32) and turns
     the chunk into dloss * (softmax - onehot); dlnf_chunk = dlogits_chunk @ wte (overwrites);
@@ -131,7 +130,7 @@ def lm_head_loss(losses, dlnf, dwte, lnf, wte, targets, vocab_size, dloss, logit
     for start in range(0, N, R):
         stop = min(start + R, N)
         chunk = logits[:stop - start]  # the scratch's first rows: contiguous, 16-byte aligned
-        matmul_forward(chunk, x[start:stop], wte, None)
-        fused_classifier(chunk, loss_rows[start:stop], target_rows[start:stop], vocab_size, dloss)
+        matmuls.forward(chunk, x[start:stop], wte, None)
+        fused_classifier(chunk, loss_rows[start:stop], target_rows[start:stop], vocab_size, dloss, one_pass)
         if dloss != 0:
-            matmul_backward(dx[start:stop], dwte, None, chunk, x[start:stop], wte)
+            matmuls.backward(dx[start:stop], dwte, None, chunk, x[start:stop], wte)

@@ -4,10 +4,11 @@ loads and stores, fp32 arithmetic. Both ops overwrite; gelu_backward may run in 
 backward 196 us, 3.0-3.1 TB/s."""
 import numpy as np
 
-from distgpt.backends.cuda.runtime import check_tensor, ceil_div, launch, ptr
+from distgpt.backends.cuda.runtime import KernelModule, check_tensor, ceil_div, ptr
+from distgpt.backends.reference import GELU_CUBIC, GELU_SCALE
 
-MODULE = "gelu"
 THREADS = 256
+KERNELS = KernelModule("gelu", GELU_SCALE=f"{GELU_SCALE!r}f", GELU_CUBIC=f"{GELU_CUBIC!r}f")
 
 
 def _check(op, tensors):
@@ -26,12 +27,12 @@ def gelu_forward(out, inp):
     """out = 0.5 * inp * (1 + tanh(sqrt(2/pi) * (inp + 0.044715 * inp^3)))."""
     n8 = _check("gelu_forward", [("inp", inp), ("out", out)])
     if n8:
-        launch(MODULE, "gelu_forward_kernel", ceil_div(n8, THREADS), THREADS, (ptr(out), ptr(inp), np.int64(n8)))
+        KERNELS.launch("gelu_forward_kernel", ceil_div(n8, THREADS), THREADS, (ptr(out), ptr(inp), np.int64(n8)))
 
 
 def gelu_backward(dinp, inp, dout):
     """dinp = gelu'(inp) * dout (overwrites; dinp may be the same tensor as dout)."""
     n8 = _check("gelu_backward", [("inp", inp), ("dout", dout), ("dinp", dinp)])
     if n8:
-        launch(MODULE, "gelu_backward_kernel", ceil_div(n8, THREADS), THREADS,
-               (ptr(dinp), ptr(inp), ptr(dout), np.int64(n8)))
+        KERNELS.launch("gelu_backward_kernel", ceil_div(n8, THREADS), THREADS,
+                       (ptr(dinp), ptr(inp), ptr(dout), np.int64(n8)))

@@ -21,31 +21,24 @@ torch's layer_norm 70 us), residual_layernorm_forward 55 us, layernorm_backward 
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.bias import bias_backward
-from distgpt.backends.cuda.runtime import check_tensor, ceil_div, i32, launch, ptr
+from distgpt.backends.reference import LAYERNORM_EPS
+from distgpt.backends.cuda.runtime import KernelModule, check_tensor, ceil_div, i32, ptr
 
-MODULE = "layernorm"
 CHUNK = 256          # channels one warp covers per 16-byte step (32 lanes x 8 bf16)
 MAX_C = 7 * CHUNK    # kernels exist for 1..7 chunks per lane (GPT-2 XL: C = 1600)
-FWD_WARPS = 8        # rows per block of the forward kernels (LN_FWD_WARPS)
-BWD_WARPS = 8        # warps per block of the backward (LN_BWD_WARPS)
+FWD_WARPS = 8        # rows per block of the forward kernels
+BWD_WARPS = 8        # warps per block of the backward
 BWD_BLOCKS_PER_SM = 2  # at most 2 x 8 warps per SM (__launch_bounds__(256, 2) in the kernels)
-RED_Y = 16           # warp rows of the partials reduction (RED_Y)
+RED_Y = 16           # warp rows of the partials reduction
 SMEM_RESERVED = 1024  # shared memory the driver keeps per block on sm_80+
+KERNELS = KernelModule("layernorm", LN_EPS=f"{LAYERNORM_EPS!r}f", LN_FWD_WARPS=FWD_WARPS,
+                       LN_BWD_WARPS=BWD_WARPS, RED_Y=RED_Y)
 
-_plan = {}  # "C": planned width, "sms", "smem_per_sm", "partials": (P, 3C) fp32 at most
 
-
-def plan(B, T, C, device):
-    """Reserve layernorm_backward's partials: up to (2 * SMs, 3 * C) fp32, about 5 MB at
-    C = 1600 on a 132-SM H100. B and T do not matter: the grid is fixed and loops over the rows."""
-    _check_width("layernorm.plan", C)
-    props = torch.cuda.get_device_properties(device)
-    sms = props.multi_processor_count
-    smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    P = BWD_BLOCKS_PER_SM * sms
-    _plan.update(C=C, sms=sms, smem_per_sm=smem_per_sm,
-                 partials=torch.empty(P * 3 * C, dtype=torch.float32, device=device))
+def partials_elements(C, sms):
+    """layernorm_backward's partials: up to (2 * SMs, 3 * C) fp32, about 5 MB at C = 1600 on a
+    132-SM H100. B and T do not matter: the grid is fixed and loops over the rows."""
+    return BWD_BLOCKS_PER_SM * sms * 3 * C
 
 
 def backward_grid(C, nsum, sms, smem_per_sm):
@@ -92,8 +85,8 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
                          [("weight", weight), ("bias", bias)])
     if N == 0:
         return
-    launch(MODULE, f"layernorm_forward_kernel_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS), FWD_WARPS * 32,
-           (ptr(out), ptr(mean), ptr(rstd), ptr(inp), ptr(weight), ptr(bias), i32(N), i32(C)))
+    KERNELS.launch(f"layernorm_forward_kernel_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS), FWD_WARPS * 32,
+                   (ptr(out), ptr(mean), ptr(rstd), ptr(inp), ptr(weight), ptr(bias), i32(N), i32(C)))
 
 
 def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias):
@@ -103,9 +96,9 @@ def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, b
                          [("mean", mean), ("rstd", rstd)], [("weight", weight), ("bias", bias)])
     if N == 0:
         return
-    launch(MODULE, f"residual_layernorm_forward_kernel_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS),
-           FWD_WARPS * 32, (ptr(residual_out), ptr(ln_out), ptr(mean), ptr(rstd), ptr(a), ptr(b),
-                            ptr(weight), ptr(bias), i32(N), i32(C)))
+    KERNELS.launch(f"residual_layernorm_forward_kernel_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS),
+                   FWD_WARPS * 32, (ptr(residual_out), ptr(ln_out), ptr(mean), ptr(rstd), ptr(a), ptr(b),
+                                    ptr(weight), ptr(bias), i32(N), i32(C)))
 
 
 def residual_forward(out, a, b):
@@ -120,35 +113,48 @@ def residual_forward(out, a, b):
     n8 = out.numel() // 8
     if n8 == 0:
         return
-    launch(MODULE, "residual_forward_kernel", ceil_div(n8, 256), 256, (ptr(out), ptr(a), ptr(b), np.int64(n8)))
+    KERNELS.launch("residual_forward_kernel", ceil_div(n8, 256), 256, (ptr(out), ptr(a), ptr(b), np.int64(n8)))
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None):
-    """dinp += d(inp) (the residual stream accumulates); dweight, dbias += their gradients; and
-    dproj_bias, when given, += the column sums of dinp after the update."""
-    op = "layernorm_backward"
-    params = [("weight", weight), ("dweight", dweight), ("dbias", dbias)]
-    if dproj_bias is not None:
-        params.append(("dproj_bias", dproj_bias))
-    N, C = _check_row_op(op, [("inp", inp), ("dout", dout), ("dinp", dinp)], [("mean", mean), ("rstd", rstd)],
-                         params)
-    if "partials" not in _plan:
-        raise RuntimeError(f"{op}: call layernorm.plan(B, T, C, device) (backends.cuda.plan) before the first step")
-    if C > _plan["C"]:
-        raise RuntimeError(f"{op}: C={C} exceeds the planned C={_plan['C']}")
-    if N == 0:
-        return
-    nsum = 2 if dproj_bias is None else 3
-    P, smem = backward_grid(C, nsum, _plan["sms"], _plan["smem_per_sm"])
-    if nsum == 3 and P < backward_grid(C, 2, _plan["sms"], _plan["smem_per_sm"])[0]:
-        # the third sum would halve the blocks per SM: two passes are faster there
-        layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
-        bias_backward(dproj_bias, dinp)
-        return
-    partials = _plan["partials"]
-    name = "layernorm_backward_kernel" if nsum == 2 else "layernorm_backward_sum_kernel"
-    launch(MODULE, f"{name}_{ceil_div(C, CHUNK)}", P, BWD_WARPS * 32,
-           (ptr(dinp), ptr(partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd), i32(N), i32(C)),
-           shared_mem=smem)
-    launch(MODULE, "layernorm_backward_reduce_kernel", ceil_div(nsum * C // 4, 32), (32, RED_Y),
-           (ptr(dweight), ptr(dbias), ptr(dproj_bias), ptr(partials), i32(P), i32(C), i32(nsum)))
+class LayerNormGradients:
+    """layernorm_backward and its planned partials, for widths up to C. The projections' bias
+    gradients it may take (dproj_bias) fall back to `bias_gradients` where shared memory is short."""
+
+    def __init__(self, C, device, bias_gradients):
+        _check_width("layernorm plan", C)
+        props = torch.cuda.get_device_properties(device)
+        self.C, self.sms = C, props.multi_processor_count
+        self.smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        self.bias_gradients = bias_gradients
+        self.partials = torch.empty(partials_elements(C, self.sms), dtype=torch.float32, device=device)
+
+    @property
+    def nbytes(self):
+        return self.partials.nbytes
+
+    def backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None):
+        """dinp += d(inp) (the residual stream accumulates); dweight, dbias += their gradients; and
+        dproj_bias, when given, += the column sums of dinp after the update."""
+        op = "layernorm_backward"
+        params = [("weight", weight), ("dweight", dweight), ("dbias", dbias)]
+        if dproj_bias is not None:
+            params.append(("dproj_bias", dproj_bias))
+        N, C = _check_row_op(op, [("inp", inp), ("dout", dout), ("dinp", dinp)],
+                             [("mean", mean), ("rstd", rstd)], params)
+        if C > self.C:
+            raise RuntimeError(f"{op}: C={C} exceeds the planned C={self.C}")
+        if N == 0:
+            return
+        nsum = 2 if dproj_bias is None else 3
+        P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm)
+        if nsum == 3 and P < backward_grid(C, 2, self.sms, self.smem_per_sm)[0]:
+            # the third sum would halve the blocks per SM: two passes are faster there
+            self.backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
+            self.bias_gradients.backward(dproj_bias, dinp)
+            return
+        name = "layernorm_backward_kernel" if nsum == 2 else "layernorm_backward_sum_kernel"
+        KERNELS.launch(f"{name}_{ceil_div(C, CHUNK)}", P, BWD_WARPS * 32,
+                       (ptr(dinp), ptr(self.partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd),
+                        i32(N), i32(C)), shared_mem=smem)
+        KERNELS.launch("layernorm_backward_reduce_kernel", ceil_div(nsum * C // 4, 32), (32, RED_Y),
+                       (ptr(dweight), ptr(dbias), ptr(dproj_bias), ptr(self.partials), i32(P), i32(C), i32(nsum)))

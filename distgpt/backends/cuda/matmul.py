@@ -26,7 +26,6 @@ Deterministic: a fixed algorithm per plan and no atomics in cuBLASLt's reduction
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.bias import bias_backward
 from distgpt.backends.cuda.runtime import check_tensor
 
 # cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
@@ -106,16 +105,22 @@ class _Plan:
 
 
 class Matmuls:
-    """The cuBLASLt handle, the workspace and the plan cache."""
+    """The cuBLASLt handle, the workspace and the plan cache; bias gradients go to the
+    BiasGradients (column-sum kernels) it is given."""
 
-    def __init__(self):
+    def __init__(self, bias_gradients=None):
+        self.bias_gradients = bias_gradients
         self.lt = None
         self.plans = {}
         self.workspace = None
         self._one = np.ones(1, dtype=np.float32)
         self._zero = np.zeros(1, dtype=np.float32)
 
-    def plan(self, B, T, C, device):
+    @property
+    def nbytes(self):
+        return 0 if self.workspace is None else self.workspace.nbytes
+
+    def plan(self, device):
         """The handle and the workspace (32 MiB), shared by every matmul."""
         self.lt = _bindings()
         self.handle = self.lt.create()
@@ -123,7 +128,7 @@ class Matmuls:
 
     def _require_plan(self, op):
         if self.lt is None:
-            raise RuntimeError(f"{op}: call plan(B, T, C, device) (backends.cuda.plan) before the first step")
+            raise RuntimeError(f"{op}: call plan(device) (the backend's plan()) before the first step")
 
     def _get(self, key, pointers):
         """The plan for `key`, with the epilogue's pointers (attribute -> tensor) set."""
@@ -201,18 +206,6 @@ class Matmuls:
                tuple(_alignment(t) for t in (inp, dout, dweight, dweight)))
         self._run(self._get(key, {}), inp, dout, dweight, beta=True)
         if dbias is not None:
-            bias_backward(dbias, dout)
-
-_default = Matmuls()
-
-
-def plan(B, T, C, device):
-    _default.plan(B, T, C, device)
-
-
-def matmul_forward(out, inp, weight, bias, gelu_out=None):
-    _default.forward(out, inp, weight, bias, gelu_out)
-
-
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
-    _default.backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp)
+            if self.bias_gradients is None:
+                raise RuntimeError("matmul_backward: a dbias needs the BiasGradients this Matmuls was made with")
+            self.bias_gradients.backward(dbias, dout)

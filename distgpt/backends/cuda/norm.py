@@ -8,41 +8,43 @@ planned once; phase 2, one block, sums the partials in a fixed order and writes 
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.runtime import i32, launch, ptr
+from distgpt.backends.cuda.runtime import KernelModule, i32, ptr, sm_count
 
-MODULE = "norm"
-THREADS = 512        # NORM_THREADS in norm.cu
-RED_THREADS = 256    # NORM_RED_THREADS
+THREADS = 512        # phase-1 threads per block
+RED_THREADS = 256    # phase-2 threads
 BLOCKS_PER_SM = 2    # 1024 threads per SM, each with 4 16-byte loads in flight
-
-_plan = {}  # "P": phase-1 blocks, "partials": (P,) fp32
-
-
-def plan(device):
-    """Reserve the phase-1 partials: (2 * SMs,) fp32, about 1 KB on a 132-SM H100."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    P = BLOCKS_PER_SM * sms
-    _plan.update(P=P, partials=torch.empty(P, dtype=torch.float32, device=device))
+KERNELS = KernelModule("norm", NORM_THREADS=THREADS, NORM_RED_THREADS=RED_THREADS)
 
 
-def global_norm_squared(out, grad):
-    """out (one-element fp32 tensor) = sum of grad**2 over the bf16 slice `grad` (any length)."""
-    op = "global_norm_squared"
-    if grad.dtype != torch.bfloat16:
-        raise ValueError(f"{op}: grad must be torch.bfloat16, got {grad.dtype}")
-    if not grad.is_cuda or not grad.is_contiguous():
-        raise ValueError(f"{op}: grad must be a contiguous CUDA tensor")
-    if grad.data_ptr() % 16:
-        raise ValueError(f"{op}: grad must start 16-byte aligned (a multiple of 8 elements into its buffer)")
-    if out.dtype != torch.float32 or out.numel() != 1 or not out.is_cuda:
-        raise ValueError(f"{op}: out must be a one-element fp32 CUDA tensor, got {out.dtype} {tuple(out.shape)}")
-    if "P" not in _plan:
-        raise RuntimeError(f"{op}: call norm.plan(device) (backends.cuda.plan) before the first step")
-    P, partials = _plan["P"], _plan["partials"]
-    if partials.device != grad.device:
-        raise RuntimeError(f"{op}: partials were planned on {partials.device}, grad is on {grad.device}")
-    launch(MODULE, "global_norm_squared_kernel", P, THREADS, (ptr(partials), ptr(grad), np.int64(grad.numel())))
-    launch(MODULE, "global_norm_squared_reduce_kernel", 1, RED_THREADS, (ptr(out), ptr(partials), i32(P)))
+class GlobalNorm:
+    """global_norm_squared and its planned phase-1 partials: (2 * SMs,) fp32, about 1 KB on a
+    132-SM H100."""
+
+    def __init__(self, device):
+        self.P = BLOCKS_PER_SM * sm_count(device)
+        self.partials = torch.empty(self.P, dtype=torch.float32, device=device)
+
+    @property
+    def nbytes(self):
+        return self.partials.nbytes
+
+    def squared(self, out, grad):
+        """out (one-element fp32 tensor) = sum of grad**2 over the bf16 slice `grad` (any length)."""
+        op = "global_norm_squared"
+        if grad.dtype != torch.bfloat16:
+            raise ValueError(f"{op}: grad must be torch.bfloat16, got {grad.dtype}")
+        if not grad.is_cuda or not grad.is_contiguous():
+            raise ValueError(f"{op}: grad must be a contiguous CUDA tensor")
+        if grad.data_ptr() % 16:
+            raise ValueError(f"{op}: grad must start 16-byte aligned (a multiple of 8 elements into its buffer)")
+        if out.dtype != torch.float32 or out.numel() != 1 or not out.is_cuda:
+            raise ValueError(f"{op}: out must be a one-element fp32 CUDA tensor, got {out.dtype} "
+                             f"{tuple(out.shape)}")
+        if self.partials.device != grad.device:
+            raise RuntimeError(f"{op}: partials were planned on {self.partials.device}, grad is on {grad.device}")
+        KERNELS.launch("global_norm_squared_kernel", self.P, THREADS,
+                       (ptr(self.partials), ptr(grad), np.int64(grad.numel())))
+        KERNELS.launch("global_norm_squared_reduce_kernel", 1, RED_THREADS, (ptr(out), ptr(self.partials), i32(self.P)))
 
 
 def clip_scale(scale, norm, parts, clip):
@@ -53,5 +55,5 @@ def clip_scale(scale, norm, parts, clip):
         raise ValueError(f"{op}: parts must be a contiguous fp32 CUDA tensor, got {parts.dtype}")
     if scale.dtype != torch.float32 or scale.numel() != 1 or norm.dtype != torch.float64 or norm.numel() != 1:
         raise ValueError(f"{op}: scale must be one fp32 element and norm one fp64 element")
-    launch(MODULE, "clip_scale_kernel", 1, 32, (ptr(scale), ptr(norm), ptr(parts), i32(parts.numel()),
+    KERNELS.launch("clip_scale_kernel", 1, 32, (ptr(scale), ptr(norm), ptr(parts), i32(parts.numel()),
                                                 np.float64(clip)))

@@ -5,6 +5,13 @@ current device's architecture (CuPy caches the binary on disk, so later processe
 compile). Kernels run on torch's current stream over torch-allocated memory: arguments are
 raw device pointers, so no copy and no CuPy allocation is involved.
 
+Launch constants (threads per block, warps per block, ...) are numbers both sides must agree
+on: the Python module that launches a .cu file declares them once, in its KernelModule, and they
+reach the compiler as -D defines; the .cu files do not define them (and refuse to compile
+without them). Constants of the math itself (GELU's, the layernorm epsilon) come from the
+reference backend the same way. To compile a file by hand, as the kernels' tests do not:
+`nvcc -arch=sm_90 -Ikernels -c kernels/layernorm.cu $(python -m distgpt.backends.cuda layernorm)`.
+
 DISTGPT_CUDA_DEBUG=1 synchronises after every launch and names the kernel that failed.
 """
 import functools
@@ -35,20 +42,51 @@ def _cupy():
 
 
 @functools.lru_cache(maxsize=None)
-def module(name):
-    """The compiled RawModule of kernels/<name>.cu for the current device."""
+def _compiled(name, defines):
+    """The RawModule of kernels/<name>.cu compiled with `defines` ((NAME, value) pairs)."""
     cupy = _cupy()
     major, minor = torch.cuda.get_device_capability()
     source = (kernels_dir() / f"{name}.cu").read_text()
-    options = ("-std=c++17", f"-arch=sm_{major}{minor}", f"-I{kernels_dir()}", "-DNDEBUG")
+    options = ("-std=c++17", f"-arch=sm_{major}{minor}", f"-I{kernels_dir()}", "-DNDEBUG",
+               *(f"-D{key}={value}" for key, value in defines))
     mod = cupy.RawModule(code=source, options=options, name_expressions=None)
     mod.compile()
     return mod
 
 
-@functools.lru_cache(maxsize=None)
-def kernel(module_name, function):
-    return module(module_name).get_function(function)
+class KernelModule:
+    """One kernels/<name>.cu and its launch constants: compiled on first use, functions looked up
+    once, launched on torch's current stream."""
+
+    def __init__(self, name, **constants):
+        self.name = name
+        self.constants = constants
+        self._defines = tuple(sorted(constants.items()))
+        self._functions = {}
+
+    def compiler_flags(self):
+        return [f"-D{key}={value}" for key, value in self._defines]
+
+    def function(self, name):
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._functions[name] = _compiled(self.name, self._defines).get_function(name)
+        return fn
+
+    def launch(self, function, grid, block, args, shared_mem=0):
+        """Launch kernels/<name>.cu:<function> on torch's current stream."""
+        fn = self.function(function)
+        if shared_mem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = shared_mem
+        stream = _stream(torch.cuda.current_stream().cuda_stream)
+        grid = grid if isinstance(grid, tuple) else (grid,)
+        block = block if isinstance(block, tuple) else (block,)
+        fn(grid, block, args, shared_mem=shared_mem, stream=stream)
+        if DEBUG:
+            try:
+                torch.cuda.synchronize()
+            except RuntimeError as exc:
+                raise RuntimeError(f"CUDA kernel {self.name}.cu:{function} failed: {exc}") from None
 
 
 def ptr(tensor):
@@ -74,22 +112,6 @@ def _stream(handle):
     return _cupy().cuda.ExternalStream(handle)
 
 
-def launch(module_name, function, grid, block, args, shared_mem=0):
-    """Launch kernels/<module_name>.cu:<function> on torch's current stream."""
-    fn = kernel(module_name, function)
-    if shared_mem > 48 * 1024:
-        fn.max_dynamic_shared_size_bytes = shared_mem
-    stream = _stream(torch.cuda.current_stream().cuda_stream)
-    grid = grid if isinstance(grid, tuple) else (grid,)
-    block = block if isinstance(block, tuple) else (block,)
-    fn(grid, block, args, shared_mem=shared_mem, stream=stream)
-    if DEBUG:
-        try:
-            torch.cuda.synchronize()
-        except RuntimeError as exc:
-            raise RuntimeError(f"CUDA kernel {module_name}.cu:{function} failed: {exc}") from None
-
-
 def check_tensor(op, name, t, dtype=torch.bfloat16):
     """One-line errors for what the kernels assume: dtype, a contiguous CUDA tensor, and a
     16-byte aligned start (128-bit loads)."""
@@ -103,3 +125,7 @@ def check_tensor(op, name, t, dtype=torch.bfloat16):
 
 def ceil_div(a, b):
     return -(-a // b)
+
+
+def sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
