@@ -63,10 +63,12 @@ def test_forward(mm, N, C, OC, form):
 
 
 @pytest.mark.parametrize("N,C,OC", SHAPES)
-@pytest.mark.parametrize("form", ["plain", "bias", "dgelu"])
-def test_backward(mm, N, C, OC, form):
+@pytest.mark.parametrize("form", ["plain", "bias", "dgelu", "dgelu split"])
+def test_backward(mm, N, C, OC, form, monkeypatch):
+    """dgelu: the DGELU epilogue; dgelu split: the plain product, then our gelu_backward."""
+    monkeypatch.setattr(mm, "dgelu", "split" if form == "dgelu split" else "fused")
     dout, inp, weight = bf16(N, OC), bf16(N, C), bf16(OC, C, scale=OC ** -0.5)
-    gelu_inp = bf16(N, C) if form == "dgelu" else None
+    gelu_inp = bf16(N, C) if form.startswith("dgelu") else None
     dinp = nan(N, C)
     dweight0, dbias0 = bf16(OC, C), (bf16(OC) if form != "plain" else None)
     dweight, dbias = dweight0.clone(), (None if dbias0 is None else dbias0.clone())
@@ -80,6 +82,24 @@ def test_backward(mm, N, C, OC, form):
     assert_close("dweight (+=)", dweight, dweight0.float() + want_dw, atol(N), RTOL)
     if dbias is not None:
         assert_close("dbias (+=)", dbias, dbias0.float() + want_db, atol(N), RTOL)
+
+
+def test_dgelu_auto_measures_once_and_keeps_its_choice(mm, monkeypatch):
+    """"auto" times both forms on the first call at a shape, keeps the choice for that shape, and
+    computes exactly what the chosen form computes."""
+    monkeypatch.setattr(mm, "dgelu", "auto")
+    monkeypatch.setattr(mm, "dgelu_choice", {})
+    N, C, OC = 1024, 3072, 768
+    dout, inp, weight, gelu_inp = bf16(N, OC), bf16(N, C), bf16(OC, C, scale=OC ** -0.5), bf16(N, C)
+    runs = {}
+    for form in ("auto", "auto", "fused", "split"):
+        mm.dgelu = form
+        dinp = nan(N, C)
+        mm.backward(dinp, bf16(OC, C), None, dout, inp, weight, gelu_inp)
+        runs.setdefault(form, []).append(dinp)
+    assert len(mm.dgelu_choice) == 1, "one shape, one measured choice"
+    chosen = next(iter(mm.dgelu_choice.values()))
+    assert all(torch.equal(d, runs[chosen][0]) for d in runs["auto"]), f"auto differs from its choice {chosen}"
 
 
 def test_backward_deterministic(mm):

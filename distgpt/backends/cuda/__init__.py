@@ -26,6 +26,7 @@ class CudaBackend:
         if not torch.cuda.is_available():
             raise ModuleNotFoundError("no CUDA GPU is visible")
         self.attention = Attention()
+        self.deterministic = False
         self.matmuls = None  # made by plan(), with the bias gradients' kernels
         self.encoder_gradients = self.layernorm_gradients = self.bias_gradients = self.norm = None
         self.classifier_one_pass = True  # False: the two-pass classifier kernel (tests run both)
@@ -37,7 +38,7 @@ class CudaBackend:
         self.bias_gradients = BiasGradients(C, device)  # per-block bias-gradient partials
         self.encoder_gradients = EncoderGradients(B * T, device)  # token sort buffers
         self.layernorm_gradients = layernorm.LayerNormGradients(C, device, self.bias_gradients)
-        self.matmuls = Matmuls(self.bias_gradients)
+        self.matmuls = Matmuls(self.bias_gradients, dgelu="fused" if self.deterministic else "auto")
         self.matmuls.plan(device)  # cuBLASLt handle and workspace
         self.attention.plan(B, T, C, n_head, device)  # cuDNN graphs for (B, T) and their workspace
         self.norm = GlobalNorm(device)  # per-block squared-norm partials
@@ -46,8 +47,13 @@ class CudaBackend:
         """deterministic=true: FlashAttention-2 with a deterministic backward instead of cuDNN's
         (whose dq adds with atomics). The matmuls are deterministic either way: one algorithm per
         plan, the heuristic's first (timing the candidates on the first call and keeping the
-        fastest measured no faster, 2026-11-22, and would make the choice differ between runs)."""
+        fastest measured no faster, 2026-11-22, and would make the choice differ between runs),
+        except the choice between the dGELU epilogue and the plain product + gelu_backward, which
+        is measured per shape only when not deterministic (see matmul.py)."""
+        self.deterministic = bool(flag)
         self.attention.set_deterministic(flag)
+        if self.matmuls is not None:
+            self.matmuls.dgelu = "fused" if self.deterministic else "auto"
 
     def scratch(self):
         """[(what, bytes)] of the scratch plan() allocated."""

@@ -63,6 +63,13 @@ class _Graph(NamedTuple):
     engine: str  # which engine serves it: "cudnn backend" or a frontend Python engine's name
 
 
+def _build_error(kind, shape, exc):
+    """cuDNN's reasons are long; the first line names the cause."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return RuntimeError(f"cuDNN attention cannot build its {kind} graph for (B, T, NH, HS) = {shape}: "
+                        f"{first} (deterministic=true runs FlashAttention-2 instead)")
+
+
 def _heads(qkv, n_head):
     """(B, T, 3C) -> q, k, v as (B, NH, T, HS) views."""
     B, T, C3 = qkv.shape
@@ -148,6 +155,17 @@ class Attention:
         self._planned[(T, n_head, HS)] = max(B, self._planned.get((T, n_head, HS), 0))
 
     def _build(self, kind, B, T, NH, HS):
+        g, uids = self._declare(kind, B, T, NH, HS)
+        try:
+            g.build_plans()
+        except Exception as exc:
+            raise _build_error(kind, (B, T, NH, HS), exc) from exc
+        engine = "cudnn backend" if g.selected_engine is None else g.selected_engine.name
+        return _Graph(g, uids, int(g.get_workspace_size()), engine)
+
+    def _declare(self, kind, B, T, NH, HS):
+        """The graph for (kind, B, T, NH, HS) with its ranked execution plans, none built yet:
+        (graph, operand uids)."""
         cudnn = self._cudnn
         bf16, fp32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
         C = NH * HS
@@ -179,14 +197,9 @@ class Attention:
             g.build_operation_graph()
             g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
             g.check_support()
-            g.build_plans()
-        except Exception as exc:  # cuDNN's reasons are long; the first line names the cause
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeError(f"cuDNN attention cannot build its {kind} graph for (B, T, NH, HS) = "
-                               f"{(B, T, NH, HS)}: {first} (deterministic=true runs FlashAttention-2 "
-                               f"instead)") from exc
-        engine = "cudnn backend" if g.selected_engine is None else g.selected_engine.name
-        return _Graph(g, uids, int(g.get_workspace_size()), engine)
+        except Exception as exc:
+            raise _build_error(kind, (B, T, NH, HS), exc) from exc
+        return g, uids
 
     def _graph_for(self, kind, b, t, n_head, HS, dtype):
         """The graph for this call, or None for the ATen path (a T nobody planned, or not bf16)."""

@@ -6,9 +6,20 @@ do in the matmul what would otherwise be separate passes over the (B, T, 4C) act
 - fc forward (GELU_AUX_BIAS): out = inp @ W^T + b written as the pre-activation (the backward
   needs it) and gelu(out) in the same kernel;
 - fc projection backward (DGELU): dinp = (dout @ W) * gelu'(pre-activation);
-The bias gradients stay on our column-sum kernel (bias.cu): cuBLASLt's BGRADB epilogue runs as
-a separate reduction kernel that took 5.6 ms a step at 124M B=64 against our 4.0 (H100,
-2026-11-22), and it cannot write fp32 beside bf16 operands.
+The bias gradients stay on our column-sum kernel (bias.cu) or inside layernorm_backward:
+cuBLASLt's BGRADB epilogue runs as a separate reduction kernel that took 5.6 ms a step at 124M
+B=64 against our 4.0 (H100, 2026-11-22), and it cannot write fp32 beside bf16 operands; its
+DGELU_BGRAD (the fc bias gradient with the dGELU product) took 1776 us against 633 + 160 for
+DGELU and our kernel at N = 65536, C = 768, and 1580 against 742 + 123 at N = 32768, C = 1024
+(benchmarks/matmul_epilogue_probe.py, H100, 2026-11-22).
+
+The DGELU epilogue's kernel is the heuristic's, and at some shapes that is an Ampere kernel: at
+350M (N = 32768, 4C = 4096) cuBLASLt picks cutlass_80_..._dgelu at 855 us a call, while the
+plain product (a Hopper kernel) and our gelu_backward take about 680 together. So unless the
+run is deterministic, the first call at each shape times both forms once and keeps the faster
+(`dgelu`: "auto"); a deterministic run always takes the epilogue, so that every run computes
+the same bits (the two forms round differently: the split one rounds the product to bf16
+before the GELU derivative).
 torch.mm/addmm reach neither from Python, and nvmath's high-level Matmul allocates its
 auxiliary outputs on every call, hence the bindings.
 
@@ -23,9 +34,12 @@ pointers and one cublasLtMatmul on torch's current stream, with one workspace pl
 Nothing is allocated in the step, so a step can be captured in a CUDA graph.
 
 Deterministic: a fixed algorithm per plan and no atomics in cuBLASLt's reductions."""
+import statistics
+
 import numpy as np
 import torch
 
+from distgpt.backends.cuda.gelu import gelu_backward
 from distgpt.backends.cuda.runtime import check_tensor
 
 # cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
@@ -34,6 +48,9 @@ COMPUTE_32F = 68
 OP_N, OP_T = 0, 1
 WORKSPACE_BYTES = 32 * 2**20  # what NVIDIA recommends for Hopper's cuBLASLt kernels
 MAX_ALIGN = 256
+DGELU_FORMS = ("auto", "fused", "split")
+SPLIT_MARGIN = 0.95  # the split form must time under 95% of the epilogue's to be chosen
+TIMING_REPEATS = 5
 
 
 
@@ -54,7 +71,8 @@ def _alignment(t):
 class _Plan:
     """One cuBLASLt problem: descriptor, the four layouts and the chosen algorithm."""
 
-    def __init__(self, lt, handle, workspace_bytes, key, pointers):
+    def __init__(self, lt, handle, workspace_bytes, key, pointers, attributes=()):
+        """attributes: further (MatmulDescAttribute, numpy scalar) pairs set before the heuristic."""
         (epilogue, transa, transb, m, n, k, lda, ldb, ldd, aux_ld, aligns) = key
         self.lt = lt
         self._pointer = np.zeros(1, dtype=np.uint64)
@@ -65,6 +83,8 @@ class _Plan:
         self._set(A.EPILOGUE, np.uint32(epilogue))
         if aux_ld:
             self._set(A.EPILOGUE_AUX_LD, np.int64(aux_ld))
+        for attr, value in attributes:
+            self._set(attr, value)
         # cuBLASLt checks the epilogue's inputs when it picks an algorithm: point them at real
         # buffers (each call re-points them at its own)
         for attr, tensor in pointers.items():
@@ -108,8 +128,10 @@ class Matmuls:
     """The cuBLASLt handle, the workspace and the plan cache; bias gradients go to the
     BiasGradients (column-sum kernels) it is given."""
 
-    def __init__(self, bias_gradients=None):
+    def __init__(self, bias_gradients=None, dgelu="auto"):
         self.bias_gradients = bias_gradients
+        self.dgelu = dgelu  # "auto": time the two forms once per shape; "fused" | "split": always that
+        self.dgelu_choice = {}  # plan key -> "fused" | "split", what "auto" measured
         self.lt = None
         self.plans = {}
         self.workspace = None
@@ -191,15 +213,23 @@ class Matmuls:
         self._require_plan("matmul_backward")
         E, A = self.lt.Epilogue, self.lt.MatmulDescAttribute
         # dinp^T (C, N) = W^T-as-stored (C, OC) @ dout^T (OC, N)
-        epilogue = E.DEFAULT if gelu_inp is None else E.DGELU
-        key = (int(epilogue), OP_N, OP_N, C, N, OC, C, OC, C, C if gelu_inp is not None else 0,
-               tuple(_alignment(t) for t in (weight, dout, dinp, dinp)))
-        pointers = {}
-        if gelu_inp is not None:
+        aligns = tuple(_alignment(t) for t in (weight, dout, dinp, dinp))
+        plain = (int(E.DEFAULT), OP_N, OP_N, C, N, OC, C, OC, C, 0, aligns)
+        if gelu_inp is None:
+            self._run(self._get(plain, {}), weight, dout, dinp, beta=False)
+        else:
             check_tensor("matmul_backward", "gelu_inp", gelu_inp)
-            pointers[A.EPILOGUE_AUX_POINTER] = gelu_inp
-        plan = self._get(key, pointers)
-        self._run(plan, weight, dout, dinp, beta=False)
+            fused = (int(E.DGELU), OP_N, OP_N, C, N, OC, C, OC, C, C, aligns)
+
+            def run_fused():
+                self._run(self._get(fused, {A.EPILOGUE_AUX_POINTER: gelu_inp}), weight, dout, dinp, beta=False)
+
+            def run_split():  # the plain product, then gelu' in place (gelu_backward allows dinp is dout)
+                self._run(self._get(plain, {}), weight, dout, dinp, beta=False)
+                gelu_backward(dinp, gelu_inp, dinp)
+
+            form = self._dgelu_form(fused, run_fused, run_split)
+            (run_fused if form == "fused" else run_split)()
         # dW^T (C, OC) += inp^T (C, N) @ dout (N, OC): beta = 1 accumulates (an fp32 sum inside
         # cuBLASLt, one rounding to bf16)
         key = (int(E.DEFAULT), OP_N, OP_T, C, OC, N, C, OC, C, 0,
@@ -209,3 +239,32 @@ class Matmuls:
             if self.bias_gradients is None:
                 raise RuntimeError("matmul_backward: a dbias needs the BiasGradients this Matmuls was made with")
             self.bias_gradients.backward(dbias, dout)
+
+    def _dgelu_form(self, key, run_fused, run_split):
+        """"fused" or "split" for this shape: self.dgelu when it names one, else the measured
+        choice, measured on the first call (with the call's own buffers: the forms only write
+        dinp, which the caller's run then overwrites). Never timed inside a CUDA graph capture,
+        which must not synchronise: an unmeasured shape takes the epilogue there."""
+        if self.dgelu != "auto":
+            return self.dgelu
+        form = self.dgelu_choice.get(key)
+        if form is None:
+            if torch.cuda.is_current_stream_capturing():
+                return "fused"
+            fused_ms, split_ms = _median_ms(run_fused), _median_ms(run_split)
+            form = self.dgelu_choice[key] = "split" if split_ms < SPLIT_MARGIN * fused_ms else "fused"
+        return form
+
+
+def _median_ms(fn):
+    """fn's median time on the GPU over TIMING_REPEATS calls after one warm-up (CUDA events)."""
+    fn()
+    times = []
+    for _ in range(TIMING_REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
