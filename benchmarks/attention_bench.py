@@ -16,9 +16,9 @@ import argparse
 import time
 
 import torch
-from cuda_timing import median_ms
 
 from distgpt.backends.cuda.attention import Attention
+from distgpt.backends.cuda.runtime import median_ms
 
 WARMUP, REPEATS = 5, 20
 

@@ -9,9 +9,9 @@ each ranked plan that builds is run on the same buffers: median of 20 calls afte
 import argparse
 
 import torch
-from cuda_timing import median_ms
 
 from distgpt.backends.cuda.attention import Attention, _heads
+from distgpt.backends.cuda.runtime import median_ms
 
 
 def main():
@@ -49,13 +49,12 @@ def main():
                 def run():
                     g.execute_plan_at_index(buffers, ws, i, handle=attention._handle, tensor_uids=uids)
                 try:
-                    ms = median_ms(run)
+                    ms = median_ms(run, 5, 20)
                 except Exception as exc:
                     print(f"| {shape} | {kind} | {i} | {name} | {ws_bytes / 2**20:.1f} | failed: "
                           f"{str(exc).splitlines()[0][:60]} |")
                     continue
                 print(f"| {shape} | {kind} | {i} | {name} | {ws_bytes / 2**20:.1f} | {ms:.3f} |", flush=True)
-                del ws
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ are checked against each other (dinp bitwise, dproj_bias within bf16 rounding).
 import argparse
 
 import torch
-from cuda_timing import median_ms
 
 from distgpt.backends.cuda.bias import BiasGradients
 from distgpt.backends.cuda.layernorm import LayerNormGradients
+from distgpt.backends.cuda.runtime import median_ms
 
 WARMUP, REPEATS = 5, 50
 

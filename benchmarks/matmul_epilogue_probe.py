@@ -12,10 +12,10 @@ import argparse
 
 import numpy as np
 import torch
-from cuda_timing import median_ms
 
 from distgpt.backends.cuda.bias import BiasGradients
 from distgpt.backends.cuda.matmul import CUDA_R_16BF, CUDA_R_32F, OP_N, Matmuls, _alignment, _Plan
+from distgpt.backends.cuda.runtime import median_ms
 
 
 def main():
@@ -38,9 +38,9 @@ def main():
         # the dinp product alone, as Matmuls.backward runs it (key layout as there)
         key = (int(E.DGELU), OP_N, OP_N, OC, N, C, OC, C, OC, OC, tuple(_alignment(t) for t in (w, dout, dinp, dinp)))
         plan = _Plan(lt, mm.handle, 32 * 2**20, key, {A.EPILOGUE_AUX_POINTER: pre})
-        dgelu_us = 1000 * median_ms(lambda: mm._run(plan, w, dout, dinp, beta=False))
+        dgelu_us = 1000 * median_ms(lambda: mm._run(plan, w, dout, dinp, beta=False), 5, 20)
         want = dinp.float().sum(0)
-        sum_us = 1000 * median_ms(lambda: mm.bias_gradients.backward(dbias, dinp))
+        sum_us = 1000 * median_ms(lambda: mm.bias_gradients.backward(dbias, dinp), 5, 20)
         for dtype, code in ((torch.bfloat16, CUDA_R_16BF), (torch.float32, CUDA_R_32F)):
             bias_out = torch.zeros(OC, device="cuda", dtype=dtype)
             out2 = torch.empty(N, OC, **bf)
@@ -48,7 +48,7 @@ def main():
             try:
                 plan2 = _Plan(lt, mm.handle, 32 * 2**20, key2, {A.EPILOGUE_AUX_POINTER: pre, A.BIAS_POINTER: bias_out},
                               attributes=[(A.BIAS_DATA_TYPE, np.int32(code))])
-                us = 1000 * median_ms(lambda: mm._run(plan2, w, dout, out2, beta=False))
+                us = 1000 * median_ms(lambda: mm._run(plan2, w, dout, out2, beta=False), 5, 20)
             except Exception as exc:
                 print(f"| {N} | {C} | {dgelu_us:.1f} | {sum_us:.1f} | {dtype} | not supported: "
                       f"{str(exc).splitlines()[0][:50]} | |", flush=True)

@@ -34,13 +34,11 @@ pointers and one cublasLtMatmul on torch's current stream, with one workspace pl
 Nothing is allocated in the step, so a step can be captured in a CUDA graph.
 
 Deterministic: a fixed algorithm per plan and no atomics in cuBLASLt's reductions."""
-import statistics
-
 import numpy as np
 import torch
 
 from distgpt.backends.cuda.gelu import gelu_backward
-from distgpt.backends.cuda.runtime import check_tensor
+from distgpt.backends.cuda.runtime import check_tensor, median_ms
 
 # cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
 CUDA_R_32F, CUDA_R_16BF = 0, 14
@@ -251,20 +249,6 @@ class Matmuls:
         if form is None:
             if torch.cuda.is_current_stream_capturing():
                 return "fused"
-            fused_ms, split_ms = _median_ms(run_fused), _median_ms(run_split)
+            fused_ms, split_ms = (median_ms(run, 1, TIMING_REPEATS) for run in (run_fused, run_split))
             form = self.dgelu_choice[key] = "split" if split_ms < SPLIT_MARGIN * fused_ms else "fused"
         return form
-
-
-def _median_ms(fn):
-    """fn's median time on the GPU over TIMING_REPEATS calls after one warm-up (CUDA events)."""
-    fn()
-    times = []
-    for _ in range(TIMING_REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)

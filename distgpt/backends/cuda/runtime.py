@@ -16,6 +16,7 @@ DISTGPT_CUDA_DEBUG=1 synchronises after every launch and names the kernel that f
 """
 import functools
 import os
+import statistics
 from importlib import resources
 from pathlib import Path
 
@@ -129,3 +130,19 @@ def ceil_div(a, b):
 
 def sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def median_ms(fn, warmup=1, repeats=5):
+    """fn's median time on the GPU in ms over `repeats` calls after `warmup` calls (compilation,
+    plans, caches stay out), each between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
