@@ -1,0 +1,50 @@
+"""Two identical runs with deterministic=true must log bitwise the same numbers.
+
+Trains `+run=single_gpu deterministic=true` twice (30 steps, validation and checkpoints every
+10, a sample at 15) into two directories, then compares every metrics record
+field by field, leaving out wall-clock fields (times, throughput, timestamps). Prints the count
+of records compared and exits 1 on the first difference.
+
+    python3 benchmarks/determinism_check.py [--steps 30] [extra Hydra overrides ...]
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CLOCK_FIELDS = ("time", "ms", "tok_s", "tokens_per_s", "mfu", "elapsed", "eta", "_s")
+
+
+def is_clock(field):
+    return any(part in field for part in CLOCK_FIELDS)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="determinism-"))
+    records = []
+    for run in ("a", "b"):
+        cmd = [sys.executable, "-m", "distgpt", "train", "+run=single_gpu", "deterministic=true",
+               f"train.max_steps={a.steps}", "train.val_every=10", "train.checkpoint_every=10",
+               "train.sample_every=15", f"out_dir={root}", f"name={run}", *a.overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"run {run} failed:\n{proc.stderr[-3000:]}")
+        lines = (root / run / "metrics.jsonl").read_text().splitlines()
+        records.append([{k: v for k, v in json.loads(x).items() if not is_clock(k)} for x in lines])
+    if len(records[0]) != len(records[1]):
+        sys.exit(f"the runs logged {len(records[0])} and {len(records[1])} records")
+    for i, (x, y) in enumerate(zip(*records)):
+        if x != y:
+            diff = {k: (x.get(k), y.get(k)) for k in set(x) | set(y) if x.get(k) != y.get(k)}
+            sys.exit(f"record {i} differs between the two runs: {diff}")
+    print(f"deterministic: {len(records[0])} metric records bitwise equal across two runs ({a.steps} steps)")
+
+
+if __name__ == "__main__":
+    main()
