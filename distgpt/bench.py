@@ -34,7 +34,7 @@ def peak_flops():
 
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
-                    pause_s=0.0):
+                    pause_s=0.0, rendezvous=""):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.dist.bootstrap import bootstrap
@@ -44,7 +44,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
 
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
                        "backend=cuda", "device=cuda", "dtype=bfloat16"])
-    dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s)
+    dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s, rendezvous=rendezvous)
     backend = get_backend("cuda")
     backend.set_deterministic(deterministic)
     torch.cuda.reset_peak_memory_stats()
@@ -86,8 +86,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     if profile_steps:  # last, when every number above is taken; every rank steps (collectives)
         from distgpt.profile import profile_step_kernels
         profile = profile_step_kernels(step, profile_steps, profile_trace if dist.is_main else None)
-    ranks = _gather(dist, {"times": times, "device_used_gb": (total - free) / 1e9,
-                           "torch_peak_gb": torch_peak_gb, "comm_s": comm_s})
+    ranks = dist.comm.all_gather_object({"times": times, "device_used_gb": (total - free) / 1e9,
+                                         "torch_peak_gb": torch_peak_gb, "comm_s": comm_s})
     slowest = [max(r["times"][i] for r in ranks) for i in range(steps)]
     if profile is not None:
         profile["timed_step_ms"] = 1000 * statistics.median(times)  # this rank's, as the profile is
@@ -120,13 +120,6 @@ def time_collectives(model, optimizer, dist, repeats=10):
     return statistics.median(samples)
 
 
-def _gather(dist, record):
-    if dist.world == 1:
-        return [record]
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.allgather(record)
-
-
 def summarize(result):
     tokens = result["B"] * result["T"] * result.get("accum", 1) * result.get("world", 1)
     result["tok_s"] = tokens / result["step_s"]
@@ -151,6 +144,8 @@ def main(argv=None):
     p.add_argument("--pause-ms", type=float, default=0.0,
                    help="idle the GPU this long between timed steps (a step that is faster so is "
                         "held back by the GPU's power or clock limits, not by the code)")
+    p.add_argument("--rendezvous", default="", metavar="file:DIR|tcp:HOST:PORT",
+                   help="ranks started without MPI (RANK/WORLD_SIZE/LOCAL_RANK set) meet here")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, profile a few more: kernel time per step by category "
@@ -169,7 +164,8 @@ def main(argv=None):
     r = summarize(measure_distgpt(a.model, a.batch, a.seq, a.steps, a.warmup, a.recompute,
                                   a.accum, a.zero_stage, deterministic=a.deterministic,
                                   profile_steps=profile_steps, profile_trace=a.profile_trace,
-                                  cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000))
+                                  cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000,
+                                  rendezvous=a.rendezvous))
     if not r.pop("is_main"):
         return 0
     if a.json:

@@ -49,10 +49,11 @@ def _is_user_error(exc):
     from distgpt.checkpoint import CheckpointError
     from distgpt.config import ConfigError
     from distgpt.data.shards import ShardError
+    from distgpt.dist.rendezvous import RendezvousError
     from distgpt.interop.hf import FormatError
     from distgpt.train import TrainingError
     return isinstance(exc, (ConfigError, ShardError, CheckpointError, TrainingError, FileNotFoundError,
-                            FormatError))
+                            FormatError, RendezvousError))
 
 
 def _same_on_every_rank(exc):
@@ -81,7 +82,7 @@ def cmd_train(overrides):
     from distgpt.train import Trainer
     cfg = load_config(overrides)
     device = resolve_device(cfg)
-    dist = bootstrap(device, comm_timeout_s=cfg.comm_timeout_s)
+    dist = bootstrap(device, comm_timeout_s=cfg.comm_timeout_s, rendezvous=cfg.rendezvous)
     Trainer(cfg, dist).run()
 
 

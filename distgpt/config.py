@@ -97,6 +97,8 @@ class Config:
     deterministic: bool = False  # backend=cuda: bitwise-reproducible runs and resumes, through a
     #                              deterministic attention backward (~8% slower at 124M)
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
+    rendezvous: str = ""  # ranks started without MPI meet here: file:DIR (shared) or tcp:HOST:PORT
+    #                       (rank 0's address); rank and world come from RANK/WORLD_SIZE/LOCAL_RANK or srun
     wandb: bool = False
     wandb_project: str = "distgpt"
     hellaswag_path: str = "data/hellaswag_val.jsonl"  # HellaSwag's val set (see `distgpt eval --help`)
@@ -160,6 +162,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     """Refuse a configuration that cannot work, naming the field. world_size enters only the
     batch arithmetic, so the trainer calls this again once it knows the world."""
     m, t, o = cfg.model, cfg.train, cfg.optim
+    if cfg.rendezvous:
+        from distgpt.dist.rendezvous import parse
+        try:
+            parse(cfg.rendezvous)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if m.n_layer < 1 or m.n_head < 1 or m.n_embd < 1:
         raise ConfigError("model: n_layer, n_head and n_embd must be positive")
     if m.n_embd % m.n_head:

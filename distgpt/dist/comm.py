@@ -5,6 +5,7 @@ All collectives are sums over ranks and work in place on flat tensors:
     reduce_scatter(out, t)   out = rank's 1/world slice of sum over ranks of t
     all_gather(out, t)       out = concatenation over ranks of t (t is out's rank slice or a copy)
     broadcast(t, root)       t = root's t
+    broadcast_object(o, root), all_gather_object(o)   small JSON-able objects (control messages)
     barrier()
 LocalComm is world size 1 (everything is a copy or nothing); MpiComm moves CPU tensors through
 mpi4py, so the whole trainer runs under `mpirun` on a laptop and in CI. The trainer never
@@ -37,6 +38,10 @@ class Communicator:
         raise NotImplementedError
 
     def broadcast_object(self, obj, root=0):
+        raise NotImplementedError
+
+    def all_gather_object(self, obj):
+        """[every rank's obj] in rank order."""
         raise NotImplementedError
 
     def barrier(self):
@@ -107,8 +112,29 @@ class LocalComm(Communicator):
     def broadcast_object(self, obj, root=0):
         return obj
 
+    def all_gather_object(self, obj):
+        return [obj]
+
     def barrier(self):
         pass
+
+
+class MpiControl:
+    """Control messages (small objects, barriers) over MPI, as NcclComm needs them: the same two
+    calls StoreControl offers over a rendezvous store."""
+
+    def __init__(self, mpi_comm):
+        self.comm = mpi_comm
+        self.rank, self.world = mpi_comm.Get_rank(), mpi_comm.Get_size()
+
+    def bcast(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def barrier(self):
+        self.comm.Barrier()
 
 
 class MpiComm(Communicator):
@@ -151,6 +177,10 @@ class MpiComm(Communicator):
     def broadcast_object(self, obj, root=0):
         with self.watchdog.waiting_on("broadcast_object"):
             return self.comm.bcast(obj, root=root)
+
+    def all_gather_object(self, obj):
+        with self.watchdog.waiting_on("all_gather_object"):
+            return self.comm.allgather(obj)
 
     def barrier(self):
         with self.watchdog.waiting_on("barrier"):

@@ -1,6 +1,7 @@
 """NcclComm: the communicator for GPUs, over NCCL through CuPy's binding.
 
-Rank 0 makes the NCCL unique id, MPI broadcasts it, every rank builds its communicator. Each
+Rank 0 makes the NCCL unique id, the control plane (MPI, or a rendezvous store when the ranks
+were started without MPI) broadcasts it, every rank builds its communicator. Each
 collective is enqueued on torch's current stream (the stream the step runs on), so it orders
 with our kernels without host synchronisation.
 
@@ -23,13 +24,14 @@ class NcclError(RuntimeError):
 
 
 class NcclComm(Communicator):
-    def __init__(self, mpi_comm, device, timeout_s=600.0):
+    def __init__(self, control, device, timeout_s=600.0):
+        """control: MpiControl or rendezvous.StoreControl (bcast of small objects, barrier)."""
         from cupy.cuda import nccl
-        self._nccl, self.mpi = nccl, mpi_comm
-        self.rank, self.world = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        self._nccl, self.control = nccl, control
+        self.rank, self.world = control.rank, control.world
         self.device, self.timeout_s = device, timeout_s
-        uid = nccl.get_unique_id() if self.rank == 0 else None
-        uid = mpi_comm.bcast(uid, root=0)
+        uid = list(nccl.get_unique_id()) if self.rank == 0 else None  # 128 ints: JSON-safe
+        uid = tuple(control.bcast(uid, root=0))
         with torch.cuda.device(device):
             self.comm = nccl.NcclCommunicator(self.world, uid, self.rank)
         self.watchdog = CollectiveWatchdog(self.rank, timeout_s, "NCCL", abort=self.comm.abort)
@@ -73,10 +75,14 @@ class NcclComm(Communicator):
             tensor.data_ptr(), tensor.numel(), self._dtype(tensor), root, s))
 
     def broadcast_object(self, obj, root=0):
-        with self.watchdog.waiting_on("broadcast_object (MPI)"):
-            return self.mpi.bcast(obj, root=root)
+        with self.watchdog.waiting_on("broadcast_object"):
+            return self.control.bcast(obj, root=root)
+
+    def all_gather_object(self, obj):
+        with self.watchdog.waiting_on("all_gather_object"):
+            return self.control.allgather(obj)
 
     def barrier(self):
         torch.cuda.current_stream(self.device).synchronize()
-        with self.watchdog.waiting_on("barrier (MPI)"):
-            self.mpi.Barrier()
+        with self.watchdog.waiting_on("barrier"):
+            self.control.barrier()
