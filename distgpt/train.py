@@ -45,7 +45,8 @@ class Trainer:
                              OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
         # data first: a missing or bad shard fails before any memory is taken
         ensure_shards(cfg.data, dist, self.log)
-        self.train_loader = ShardedLoader(cfg.data.train, self.B, self.T, dist.rank, dist.world, self.accum)
+        self.train_loader = ShardedLoader(cfg.data.train, self.B, self.T, dist.rank, dist.world, self.accum,
+                                          shuffle=cfg.data.shuffle, seed=cfg.seed)
         # a validation step reads one global batch, like a training step: the same val tokens
         # whatever the number of ranks
         self.val_loader = ShardedLoader(cfg.data.val, self.B, self.T, dist.rank, dist.world, self.accum)

@@ -84,6 +84,47 @@ def test_resume_is_bitwise_identical(tmp_path, shards):
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_training_order_is_shuffled_and_validation_is_not(tmp_path, shards):
+    common = [*SMALL, *shards, f"out_dir={tmp_path}", "train.val_every=2", "train.val_steps=2",
+              "train.max_steps=2", "train.micro_batch=2", "train.seq_len=32"]
+    assert main(["train", *common, "name=on"]) == 0  # data.shuffle is on by default
+    assert main(["train", *common, "name=off", "data.shuffle=false"]) == 0
+    assert main(["train", *common, "name=on_again", "data.shuffle=true"]) == 0
+    (on, on_val), (off, off_val), (again, _) = (read_metrics(tmp_path / n) for n in ("on", "off", "on_again"))
+    # the same weights see other training tokens, then the same validation tokens
+    assert on_val[0]["val_loss"] == off_val[0]["val_loss"] and on[0]["loss"] != off[0]["loss"]
+    assert [r["loss"] for r in on] == [r["loss"] for r in again]
+    # unshuffled, step 1 reads the first 64 tokens of the train shard: its loss is theirs
+    state = checkpoint.load_state(checkpoint.find_latest(tmp_path / "off"))["train_loader"]
+    assert (state["shuffle"], state["epoch"], state["shard"], state["window"]) == (False, 0, 0, 2)
+    state = checkpoint.load_state(checkpoint.find_latest(tmp_path / "on"))["train_loader"]
+    assert state["shuffle"] is True and state["seed"] == 1337 and state["n_windows"] > 1000
+
+
+def test_loader_state_from_before_shuffling(tmp_path, shards, capsys):
+    """A checkpoint written before data.shuffle existed: refused in one line naming the fix by a
+    shuffled run, continued exactly by an unshuffled one."""
+    common = [*SMALL, *shards, f"out_dir={tmp_path}", "train.val_every=0", "train.micro_batch=2",
+              "train.seq_len=32", "train.max_steps=6", "data.shuffle=false"]
+    assert main(["train", *common, "name=straight"]) == 0
+    assert main(["train", *common, "name=old", "train.stop_after=3"]) == 0
+    state_file = checkpoint.find_latest(tmp_path / "old") / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    loader = state["train_loader"]
+    assert (loader["shard"], loader["window"]) == (0, 3)  # 64 tokens a step
+    state["train_loader"] = {"shard": loader["shard"], "position": loader["window"] * 64, "epoch": 0,
+                             "micro_step": 0, "B": 2, "T": 32, "world": 1, "accum_steps": 1}
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", *common[:-1], "name=old"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resume it with data.shuffle=false" in err[0] and str(state_file.parent) in err[0]
+    assert main(["train", *common, "name=old"]) == 0
+    old, straight = read_metrics(tmp_path / "old")[0], read_metrics(tmp_path / "straight")[0]
+    assert [(r["loss"], r["grad_norm"]) for r in old] == [(r["loss"], r["grad_norm"]) for r in straight]
+    assert len(old) == 6
+
+
 def test_a_half_written_checkpoint_is_never_the_latest(tmp_path, shards):
     common = [*SMALL, *shards, f"out_dir={tmp_path}", "name=r", "train.val_every=0",
               "train.checkpoint_every=5", "train.micro_batch=2", "train.seq_len=32"]
@@ -116,6 +157,8 @@ def test_finished_run_says_so(tmp_path, shards, capsys):
     ("+run=repro_gpt2_125m", "unknown run preset 'repro_gpt2_125m'"),
     ("train.micro_batchh=4", "train.micro_batchh: Key 'micro_batchh' not in 'TrainConfig'"),
     ("train.seq_len=2048", "train.seq_len=2048 must be in 1..model.block_size=1024"),
+    ("seed=-1", "seed=-1 must be >= 0"),
+    ("data.shuffle=maybe", "data.shuffle: "),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, expected):
     assert main(["train", *SMALL, f"out_dir={tmp_path}", override]) == 2
