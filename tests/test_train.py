@@ -11,7 +11,7 @@ import pytest
 
 from distgpt import checkpoint
 from distgpt.cli import main
-from distgpt.config import OptimConfig
+from distgpt.config import OptimConfig, load_config
 from distgpt.data.shards import read_shard, shard_paths
 from distgpt.optim import learning_rate
 
@@ -123,6 +123,31 @@ def test_loader_state_from_before_shuffling(tmp_path, shards, capsys):
     old, straight = read_metrics(tmp_path / "old")[0], read_metrics(tmp_path / "straight")[0]
     assert [(r["loss"], r["grad_norm"]) for r in old] == [(r["loss"], r["grad_norm"]) for r in straight]
     assert len(old) == 6
+
+
+def test_raising_max_steps_on_resume_says_the_schedule_changes(tmp_path, shards, capsys):
+    common = [*SMALL, *shards, f"out_dir={tmp_path}", "name=r", "train.val_every=0",
+              "train.micro_batch=2", "train.seq_len=32", "optim.warmup_steps=2"]
+    optim = load_config(common).optim  # tiny's cosine at lr 5e-3
+    assert main(["train", *common, "train.max_steps=4"]) == 0
+    assert "lr schedule" not in capsys.readouterr().out
+    assert main(["train", *common, "train.max_steps=8", "train.stop_after=2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "lr schedule" in line]
+    assert learning_rate(4, 8, optim) != learning_rate(4, 4, optim)
+    assert lines == [f"train.max_steps changed from 4 to 8 on resume: the cosine lr schedule follows the new "
+                     f"length from the next step (5) on; at step 5 the lr is {learning_rate(4, 8, optim):.4g}, "
+                     f"not {learning_rate(4, 4, optim):.4g}"]
+    steps, _ = read_metrics(tmp_path / "r")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[4]["lr"] == pytest.approx(learning_rate(4, 8, optim), rel=1e-12)
+    assert main(["train", *common, "train.max_steps=8"]) == 0  # saved with 8: the same schedule
+    assert "lr schedule" not in capsys.readouterr().out
+    # in the warm-up (and at the first step after it) the lr does not depend on max_steps: the line
+    # names the first step where it does
+    assert main(["train", *common, "name=w", "optim.warmup_steps=6", "train.max_steps=3"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "name=w", "optim.warmup_steps=6", "train.max_steps=12", "train.stop_after=1"]) == 0
+    assert "from the next step (4) on; at step 8 the lr is" in capsys.readouterr().out
 
 
 def test_a_half_written_checkpoint_is_never_the_latest(tmp_path, shards):
