@@ -2,6 +2,7 @@
 schedules, and one-line errors for bad input."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,27 @@ def test_a_half_written_checkpoint_is_never_the_latest(tmp_path, shards):
     assert checkpoint.find_latest(tmp_path / "r").name == "step_00000010"
     (root / "latest").unlink()  # even without the pointer, only complete directories count
     assert checkpoint.find_latest(tmp_path / "r").name == "step_00000010"
+
+
+@pytest.mark.parametrize("umask", [0o027, 0o002])
+def test_checkpoint_files_follow_the_umask(tmp_path, shards, umask):
+    """Every file a checkpoint (or an export) writes gets 0666 less the umask, as open() gives
+    the metrics beside it; safetensors on its own writes 0600."""
+    before = os.umask(umask)
+    try:
+        args = [*SMALL, *shards, f"out_dir={tmp_path}", "name=u", "train.val_every=0", "train.max_steps=1",
+                "train.micro_batch=2", "train.seq_len=32"]
+        assert main(["train", *args]) == 0
+        assert main(["export", str(tmp_path / "u"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(before)
+    files = [p for p in (tmp_path / "u").rglob("*") if p.is_file()] + [tmp_path / "hf" / "model.safetensors"]
+    names = {p.name for p in files}
+    assert {checkpoint.MODEL_FILE, checkpoint.optimizer_file(0), checkpoint.STATE_FILE, "latest",
+            "metrics.jsonl"} <= names and not any(n.endswith(".mode") for n in names)
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in files} == {str(p): oct(0o666 & ~umask) for p in files}
+    step_dir = checkpoint.find_latest(tmp_path / "u")
+    assert step_dir.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_finished_run_says_so(tmp_path, shards, capsys):
