@@ -1,7 +1,9 @@
 """Shuffled training order: a permutation of the shards and of each shard's windows (one global
 step's span) per epoch, from the seed and the epoch; the same on every rank and on any split of
 the global batch; resumed exactly, mid-epoch and across an epoch boundary."""
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from test_data import numbered_shards, step_rows
 
 from distgpt.data.shards import ShardedLoader, permutation
+from distgpt.train import builtin_text
 
 SIZES = [500, 300, 700, 400]  # G = 16 below: 31 + 18 + 43 + 24 = 116 windows an epoch
 WINDOWS = [(n - 1) // 16 for n in SIZES]
@@ -143,3 +146,20 @@ def test_state_from_before_shuffling(tmp_path):
     with pytest.raises(ValueError) as e:
         ShardedLoader(pattern, 1, 8, accum_steps=2, shuffle=True).load_state_dict(old)
     assert "resume it with data.shuffle=false" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shuffle_val_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/shuffle_val.py --smoke: both runs on the CPU, from the same weights, validated
+    on the same (unshuffled) tokens; the table has a row per evaluation."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shuffle_val.py"
+    spec = importlib.util.spec_from_file_location("shuffle_val", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    curves = bench.main([str(builtin_text("tinyshakespeare")), "--smoke", "--out", str(tmp_path)])
+    shuffled, ordered = curves["shuffled"], curves["file order"]
+    assert sorted(shuffled) == sorted(ordered) == [0, 2, 4]
+    assert shuffled[0] == ordered[0] and abs(shuffled[0] - np.log(50257)) < 0.1
+    assert shuffled[2] != ordered[2] and max(shuffled[4], ordered[4]) < shuffled[0] - 0.2
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4 and rows[2].startswith("| 2 | ")
+    assert rows[1] == f"| 0 | {shuffled[0]:.4f} | {ordered[0]:.4f} | +0.00% |"
