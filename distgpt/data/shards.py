@@ -175,7 +175,7 @@ class ShardedLoader:
         return permutation(n, self.seed, key) if self.shuffle else np.arange(n)
 
     def _enter_epoch(self):
-        # the keys have one length, so the shard order's never equals some shard's window order
+        # keys (epoch, 0, 0) for the shard order and (epoch, 1, shard) for a shard's windows: distinct draws
         self._shard_order = self._order(len(self.paths), (self.epoch, 0, 0))
         self._enter_shard()
 
