@@ -5,6 +5,8 @@
 #   STAGE=scaling GPUS="1 2 4"    benchmarks/device_run.sh gpt2_124m:64:2 gpt2_1558m:16:2   (mpirun, NCCL)
 #   STAGE=drill                   benchmarks/device_run.sh        (kill/hang/resume + socket transport, 2 GPUs)
 #   STAGE=profile [TRACE=1]       benchmarks/device_run.sh gpt2_124m:64:2 gpt2_1558m:16:2   (kernel time per step)
+#   STAGE=shuffle [TEXT=...]      benchmarks/device_run.sh        (val loss, shuffled vs file order;
+#                                 first: cp ../shared/data/shakespeare.txt benchmarks/)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
@@ -41,4 +43,8 @@ if [ "$STAGE" = drill ]; then
   python3 benchmarks/failure_drill.py --gpu --transport --out /tmp/drill --steps 40 --fault-at 20 \
       --checkpoint-every 10 --timeout 30 2>&1 | tee "$OUT/drill.log"
   cp /tmp/drill/*.log "$OUT/" 2>/dev/null
+fi
+if [ "$STAGE" = shuffle ]; then
+  python3 benchmarks/shuffle_val.py "${TEXT:-benchmarks/shakespeare.txt}" 2>&1 \
+      | tee "$OUT/shuffle_val.log" | tail -12
 fi

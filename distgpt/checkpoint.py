@@ -50,6 +50,21 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
+def save_tensors(tensors, file, metadata=None):
+    """safetensors' save_file makes its files 0600 whatever the umask (0.8.0, measured); give
+    them the mode open() gives any new file in that directory (0666 less the umask), so a run
+    directory shared with a group is readable like the metrics and configs beside it. The mode
+    is read off a probe file: os.umask can only be read by setting it, which races other threads."""
+    save_file(tensors, str(file), metadata=metadata)
+    probe = Path(f"{file}.mode")
+    probe.unlink(missing_ok=True)  # a stale probe would keep its old mode
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        os.chmod(file, probe.stat().st_mode & 0o777)
+    finally:
+        probe.unlink()
+
+
 def save(run_dir, step, model, optimizer, state, dist, keep=2):
     """Write the checkpoint of `step` collectively (every rank calls this). `state` is the
     JSON-able run state from rank 0 (loader position, config, ...)."""
@@ -61,11 +76,11 @@ def save(run_dir, step, model, optimizer, state, dist, keep=2):
         tmp.mkdir(parents=True)
     dist.comm.barrier()
     tensors, meta = optimizer.state_dict()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-              str(tmp / optimizer_file(dist.rank)), metadata={"meta": json.dumps(meta)})
+    save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                 tmp / optimizer_file(dist.rank), metadata={"meta": json.dumps(meta)})
     if dist.is_main:
         weights = {name: t.detach().to("cpu").clone() for name, t in model.p.items()}
-        save_file(weights, str(tmp / MODEL_FILE))
+        save_tensors(weights, tmp / MODEL_FILE)
         _write_json(tmp / STATE_FILE, dict(state, step=step, world=dist.world))
     dist.comm.barrier()  # every shard is on disk before the directory is published
     if dist.is_main:

@@ -38,6 +38,9 @@ class DataConfig:
     # what to tokenize into those shards when they do not exist yet: a .txt/.jsonl path, or
     # 'builtin:tinyshakespeare' (shipped with the package); '' means the shards must exist
     source: str = "builtin:tinyshakespeare"
+    # training windows (one global step's tokens each) in a new order every epoch, drawn from
+    # seed and the epoch; false reads them in file order. Validation is never shuffled
+    shuffle: bool = True
 
 
 @dataclass
@@ -196,6 +199,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                                  ("dtype", cfg.dtype, DTYPES), ("optim.schedule", o.schedule, SCHEDULES)):
         if value not in choices:
             raise ConfigError(f"{name}='{value}': choose one of {', '.join(choices)}")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed} must be >= 0 (it seeds the weights and the data order)")
     if cfg.zero_stage not in (0, 1):
         raise ConfigError(f"zero_stage={cfg.zero_stage}: choose 0 (all-reduce) or 1 (sharded AdamW)")
     if o.warmup_steps < 0 or not 0.0 <= o.final_lr_frac <= 1.0 or not 0.0 < o.decay_frac <= 1.0:

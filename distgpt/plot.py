@@ -32,10 +32,7 @@ def read_run(run_dir):
 
 
 def plot(run_dirs, out, x_axis="step", ref_val_loss=None, ref_hellaswag=None):
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("distgpt plot needs matplotlib: pip install matplotlib") from None
+    import matplotlib  # a core dependency, imported here so the other commands start without it
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

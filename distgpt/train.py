@@ -45,7 +45,8 @@ class Trainer:
                              OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
         # data first: a missing or bad shard fails before any memory is taken
         ensure_shards(cfg.data, dist, self.log)
-        self.train_loader = ShardedLoader(cfg.data.train, self.B, self.T, dist.rank, dist.world, self.accum)
+        self.train_loader = ShardedLoader(cfg.data.train, self.B, self.T, dist.rank, dist.world, self.accum,
+                                          shuffle=cfg.data.shuffle, seed=cfg.seed)
         # a validation step reads one global batch, like a training step: the same val tokens
         # whatever the number of ranks
         self.val_loader = ShardedLoader(cfg.data.val, self.B, self.T, dist.rank, dist.world, self.accum)
@@ -121,6 +122,23 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         moved = f" (written by {state['world']} rank(s), re-sharded)" if state["world"] != self.dist.world else ""
         self.log.info(f"resumed from {path} at step {self.step}{moved}")
+        self._note_new_length(OmegaConf.create(state["config"]).train.max_steps)
+
+    def _note_new_length(self, saved_max_steps):
+        """The schedules are functions of max_steps: a resumed run that changes it changes the lr
+        from its next step on, which deserves a line, not a surprise in the lr curve."""
+        new, o, step = self.cfg.train.max_steps, self.cfg.optim, self.step
+        if saved_max_steps == new or step >= new:
+            return  # the same schedule, or a finished run that run() refuses
+        # warm-up and constant do not depend on max_steps: name the first step that differs
+        differs = next((s for s in range(step, max(new, saved_max_steps))
+                        if learning_rate(s, new, o) != learning_rate(s, saved_max_steps, o)), None)
+        if differs is None or differs >= new:
+            return
+        self.log.info(f"train.max_steps changed from {saved_max_steps} to {new} on resume: the {o.schedule} lr "
+                      f"schedule follows the new length from the next step ({step + 1}) on; at step "
+                      f"{differs + 1} the lr is {learning_rate(differs, new, o):.4g}, not "
+                      f"{learning_rate(differs, saved_max_steps, o):.4g}")
 
     def _val_steps_that_fit(self):
         """Validation reads distinct batches only: cap val_steps at what the val shards hold."""

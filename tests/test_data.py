@@ -144,18 +144,20 @@ def test_four_ranks_match_four_micro_steps_across_shard_switches(tmp_path):
     assert single.epoch == ranks[3].epoch == 1
 
 
-def test_resume_mid_step_gives_the_same_batches(tmp_path):
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_resume_mid_step_gives_the_same_batches(tmp_path, shuffle):
     rng = np.random.default_rng()
-    for i, n in enumerate([700, 500, 900]):
+    for i, n in enumerate([300, 200, 400]):  # G = 48: 6 + 4 + 8 steps an epoch
         write_shard(str(tmp_path / f"r_{i}.bin"), rng.integers(0, 50257, size=n))
     pattern = str(tmp_path / "r_*.bin")
-    loader = ShardedLoader(pattern, 2, 4, rank=1, world=2, accum_steps=3)
+    loader = ShardedLoader(pattern, 2, 4, rank=1, world=2, accum_steps=3, shuffle=shuffle, seed=5)
     for _ in range(31):  # 10 steps and one micro-batch: a shard switch behind, mid-step now
         loader.next_batch()
     state = json.loads(json.dumps(loader.state_dict()))  # survives a checkpoint's JSON
-    assert state["micro_step"] == 1 and all(type(v) is int for v in state.values())
-    expected = [loader.next_batch() for _ in range(40)]
-    resumed = ShardedLoader(pattern, 2, 4, rank=1, world=2, accum_steps=3)
+    assert state["micro_step"] == 1 and all(type(v) in (int, bool) for v in state.values())
+    expected = [loader.next_batch() for _ in range(40)]  # 13 more steps: into the next epoch
+    assert loader.epoch == 1
+    resumed = ShardedLoader(pattern, 2, 4, rank=1, world=2, accum_steps=3, shuffle=shuffle, seed=5)
     resumed.load_state_dict(state)
     for (x, y), (rx, ry) in zip(expected, (resumed.next_batch() for _ in range(40))):
         assert torch.equal(x, rx) and torch.equal(y, ry)

@@ -2,11 +2,12 @@
 import json
 import struct
 
+from pathlib import Path
+
+import matplotlib.image
 import pytest
 
 from distgpt import cli, plot
-
-matplotlib = pytest.importorskip("matplotlib")
 
 
 def write_run(run_dir, steps, scale, val_every=10):
@@ -51,3 +52,12 @@ def test_plot_of_a_directory_without_metrics_is_one_line(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "metrics.jsonl" in err[0]
+
+
+def test_plot_needs_nothing_beyond_the_plain_install():
+    """`pip install distgpt` (no extras) must bring matplotlib: plot is a core command."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    core = [d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]]
+    assert "matplotlib" in core
+    assert not any(d.startswith("matplotlib") for extra in project["optional-dependencies"].values() for d in extra)

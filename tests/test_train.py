@@ -2,6 +2,7 @@
 schedules, and one-line errors for bad input."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from distgpt import checkpoint
 from distgpt.cli import main
-from distgpt.config import OptimConfig
+from distgpt.config import OptimConfig, load_config
 from distgpt.data.shards import read_shard, shard_paths
 from distgpt.optim import learning_rate
 
@@ -84,6 +85,72 @@ def test_resume_is_bitwise_identical(tmp_path, shards):
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_training_order_is_shuffled_and_validation_is_not(tmp_path, shards):
+    common = [*SMALL, *shards, f"out_dir={tmp_path}", "train.val_every=2", "train.val_steps=2",
+              "train.max_steps=2", "train.micro_batch=2", "train.seq_len=32"]
+    assert main(["train", *common, "name=on"]) == 0  # data.shuffle is on by default
+    assert main(["train", *common, "name=off", "data.shuffle=false"]) == 0
+    assert main(["train", *common, "name=on_again", "data.shuffle=true"]) == 0
+    (on, on_val), (off, off_val), (again, _) = (read_metrics(tmp_path / n) for n in ("on", "off", "on_again"))
+    # the same weights see other training tokens, then the same validation tokens
+    assert on_val[0]["val_loss"] == off_val[0]["val_loss"] and on[0]["loss"] != off[0]["loss"]
+    assert [r["loss"] for r in on] == [r["loss"] for r in again]
+    # unshuffled, step 1 reads the first 64 tokens of the train shard: its loss is theirs
+    state = checkpoint.load_state(checkpoint.find_latest(tmp_path / "off"))["train_loader"]
+    assert (state["shuffle"], state["epoch"], state["shard"], state["window"]) == (False, 0, 0, 2)
+    state = checkpoint.load_state(checkpoint.find_latest(tmp_path / "on"))["train_loader"]
+    assert state["shuffle"] is True and state["seed"] == 1337 and state["n_windows"] > 1000
+
+
+def test_loader_state_from_before_shuffling(tmp_path, shards, capsys):
+    """A checkpoint written before data.shuffle existed: refused in one line naming the fix by a
+    shuffled run, continued exactly by an unshuffled one."""
+    common = [*SMALL, *shards, f"out_dir={tmp_path}", "train.val_every=0", "train.micro_batch=2",
+              "train.seq_len=32", "train.max_steps=6", "data.shuffle=false"]
+    assert main(["train", *common, "name=straight"]) == 0
+    assert main(["train", *common, "name=old", "train.stop_after=3"]) == 0
+    state_file = checkpoint.find_latest(tmp_path / "old") / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    loader = state["train_loader"]
+    assert (loader["shard"], loader["window"]) == (0, 3)  # 64 tokens a step
+    state["train_loader"] = {"shard": loader["shard"], "position": loader["window"] * 64, "epoch": 0,
+                             "micro_step": 0, "B": 2, "T": 32, "world": 1, "accum_steps": 1}
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", *common[:-1], "name=old"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resume it with data.shuffle=false" in err[0] and str(state_file.parent) in err[0]
+    assert main(["train", *common, "name=old"]) == 0
+    old, straight = read_metrics(tmp_path / "old")[0], read_metrics(tmp_path / "straight")[0]
+    assert [(r["loss"], r["grad_norm"]) for r in old] == [(r["loss"], r["grad_norm"]) for r in straight]
+    assert len(old) == 6
+
+
+def test_raising_max_steps_on_resume_says_the_schedule_changes(tmp_path, shards, capsys):
+    common = [*SMALL, *shards, f"out_dir={tmp_path}", "name=r", "train.val_every=0",
+              "train.micro_batch=2", "train.seq_len=32", "optim.warmup_steps=2"]
+    optim = load_config(common).optim  # tiny's cosine at lr 5e-3
+    assert main(["train", *common, "train.max_steps=4"]) == 0
+    assert "lr schedule" not in capsys.readouterr().out
+    assert main(["train", *common, "train.max_steps=8", "train.stop_after=2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "lr schedule" in line]
+    assert learning_rate(4, 8, optim) != learning_rate(4, 4, optim)
+    assert lines == [f"train.max_steps changed from 4 to 8 on resume: the cosine lr schedule follows the new "
+                     f"length from the next step (5) on; at step 5 the lr is {learning_rate(4, 8, optim):.4g}, "
+                     f"not {learning_rate(4, 4, optim):.4g}"]
+    steps, _ = read_metrics(tmp_path / "r")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[4]["lr"] == pytest.approx(learning_rate(4, 8, optim), rel=1e-12)
+    assert main(["train", *common, "train.max_steps=8"]) == 0  # saved with 8: the same schedule
+    assert "lr schedule" not in capsys.readouterr().out
+    # in the warm-up (and at the first step after it) the lr does not depend on max_steps: the line
+    # names the first step where it does
+    assert main(["train", *common, "name=w", "optim.warmup_steps=6", "train.max_steps=3"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "name=w", "optim.warmup_steps=6", "train.max_steps=12", "train.stop_after=1"]) == 0
+    assert "from the next step (4) on; at step 8 the lr is" in capsys.readouterr().out
+
+
 def test_a_half_written_checkpoint_is_never_the_latest(tmp_path, shards):
     common = [*SMALL, *shards, f"out_dir={tmp_path}", "name=r", "train.val_every=0",
               "train.checkpoint_every=5", "train.micro_batch=2", "train.seq_len=32"]
@@ -97,6 +164,27 @@ def test_a_half_written_checkpoint_is_never_the_latest(tmp_path, shards):
     assert checkpoint.find_latest(tmp_path / "r").name == "step_00000010"
     (root / "latest").unlink()  # even without the pointer, only complete directories count
     assert checkpoint.find_latest(tmp_path / "r").name == "step_00000010"
+
+
+@pytest.mark.parametrize("umask", [0o027, 0o002])
+def test_checkpoint_files_follow_the_umask(tmp_path, shards, umask):
+    """Every file a checkpoint (or an export) writes gets 0666 less the umask, as open() gives
+    the metrics beside it; safetensors on its own writes 0600."""
+    before = os.umask(umask)
+    try:
+        args = [*SMALL, *shards, f"out_dir={tmp_path}", "name=u", "train.val_every=0", "train.max_steps=1",
+                "train.micro_batch=2", "train.seq_len=32"]
+        assert main(["train", *args]) == 0
+        assert main(["export", str(tmp_path / "u"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(before)
+    files = [p for p in (tmp_path / "u").rglob("*") if p.is_file()] + [tmp_path / "hf" / "model.safetensors"]
+    names = {p.name for p in files}
+    assert {checkpoint.MODEL_FILE, checkpoint.optimizer_file(0), checkpoint.STATE_FILE, "latest",
+            "metrics.jsonl"} <= names and not any(n.endswith(".mode") for n in names)
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in files} == {str(p): oct(0o666 & ~umask) for p in files}
+    step_dir = checkpoint.find_latest(tmp_path / "u")
+    assert step_dir.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_finished_run_says_so(tmp_path, shards, capsys):
@@ -116,6 +204,8 @@ def test_finished_run_says_so(tmp_path, shards, capsys):
     ("+run=repro_gpt2_125m", "unknown run preset 'repro_gpt2_125m'"),
     ("train.micro_batchh=4", "train.micro_batchh: Key 'micro_batchh' not in 'TrainConfig'"),
     ("train.seq_len=2048", "train.seq_len=2048 must be in 1..model.block_size=1024"),
+    ("seed=-1", "seed=-1 must be >= 0"),
+    ("data.shuffle=maybe", "data.shuffle: "),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, expected):
     assert main(["train", *SMALL, f"out_dir={tmp_path}", override]) == 2

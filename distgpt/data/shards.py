@@ -8,6 +8,12 @@ The loader reads one contiguous span of G = accum_steps * world * B * T tokens p
 step (+1 for the shifted targets); micro-batch k of rank r reads rows (k*world + r) of it.
 So the tokens one optimizer step sees depend only on B, T and G, never on how the global
 batch is split between ranks and accumulation steps.
+
+That span is a window: shard i holds (n_i - 1) // G of them, at token offsets 0, G, 2G, ...
+Shuffled, epoch e visits the shards in a permutation drawn from (seed, e) and the windows of
+each shard in one drawn from (seed, e, shard); unshuffled, both in file order. The order
+depends on G, the seed and the epoch only, so every rank computes the same one without talking,
+and a resumed run (on any split of G) continues it from (epoch, shard, window, micro-step).
 """
 import glob
 import os
@@ -109,15 +115,34 @@ def shard_paths(pattern):
     return paths
 
 
-class ShardedLoader:
-    """(x, y) micro-batches of shape (B, T) from the shards matching `pattern`, cycling forever."""
+def permutation(n, seed, key):
+    """A uniformly random permutation of range(n), fixed by `seed` and the tuple `key`.
 
-    def __init__(self, pattern, B, T, rank=0, world=1, accum_steps=1):
-        if min(B, T, world, accum_steps) < 1 or not 0 <= rank < world:
-            raise ValueError(f"ShardedLoader: need B, T, world, accum_steps >= 1 and 0 <= rank < world; "
-                             f"got B={B} T={T} rank={rank} world={world} accum_steps={accum_steps}")
+    numpy fixes the streams of its bit generators and of SeedSequence across versions but not
+    those of Generator's methods (NEP 19), so the order is drawn from PCG64's raw 64-bit output
+    (argsort of n random keys; stable, so even a tie is broken the same everywhere): a run
+    resumed on another machine or numpy reads the same windows. `key` goes in the spawn key,
+    which SeedSequence keeps apart from the seed's words, so no (seed, key) pair aliases another.
+    """
+    sequence = np.random.SeedSequence(seed, spawn_key=tuple(int(k) for k in key))
+    return np.argsort(np.random.PCG64(sequence).random_raw(n), kind="stable")
+
+
+class ShardedLoader:
+    """(x, y) micro-batches of shape (B, T) from the shards matching `pattern`, cycling forever;
+    with `shuffle`, in an order drawn from `seed` that changes every epoch (module docstring)."""
+
+    STATE_KEYS = ("epoch", "shard", "window", "micro_step", "B", "T", "world", "accum_steps", "shuffle",
+                  "seed", "n_shards", "n_windows")
+
+    def __init__(self, pattern, B, T, rank=0, world=1, accum_steps=1, shuffle=False, seed=0):
+        if min(B, T, world, accum_steps) < 1 or not 0 <= rank < world or seed < 0:
+            raise ValueError(f"ShardedLoader: need B, T, world, accum_steps >= 1, 0 <= rank < world and "
+                             f"seed >= 0; got B={B} T={T} rank={rank} world={world} "
+                             f"accum_steps={accum_steps} seed={seed}")
         self.pattern, self.B, self.T = pattern, B, T
         self.rank, self.world, self.accum_steps = rank, world, accum_steps
+        self.shuffle, self.seed = bool(shuffle), int(seed)
         # every header is checked now, so a bad shard stops the run before training starts
         sizes = {path: read_header(path) for path in shard_paths(pattern)}
         need = self.tokens_per_step + 1
@@ -133,7 +158,7 @@ class ShardedLoader:
         if skipped:
             warnings.warn(f"data: skipping {len(skipped)} shard(s) matching '{pattern}' smaller than one "
                           f"step ({need:,} tokens), e.g. {skipped[0]}", stacklevel=2)
-        self._tokens = None  # memmap of the current shard only
+        self.windows = [(n - 1) // self.tokens_per_step for n in self.lengths]  # per usable shard
         self.reset()
 
     @property
@@ -143,20 +168,39 @@ class ShardedLoader:
 
     def reset(self):
         """Back to the very first step (validation always reads the same first batches)."""
-        self.shard, self.position, self.micro_step, self.epoch = 0, 0, 0, 0
-        self._tokens = None
+        self.epoch, self.shard, self.window, self.micro_step = 0, 0, 0, 0
+        self._enter_epoch()
 
-    def _current_tokens(self):
-        if self._tokens is None:
-            self._tokens = read_shard(self.paths[self.shard])
-        return self._tokens
+    def _order(self, n, key):
+        return permutation(n, self.seed, key) if self.shuffle else np.arange(n)
+
+    def _enter_epoch(self):
+        # keys (epoch, 0, 0) for the shard order and (epoch, 1, shard) for a shard's windows: distinct draws
+        self._shard_order = self._order(len(self.paths), (self.epoch, 0, 0))
+        self._enter_shard()
+
+    def _enter_shard(self):
+        self._window_order = self._order(self.windows[self.file_index], (self.epoch, 1, self.file_index))
+        self._tokens = None  # memmap of the current shard only
+
+    @property
+    def file_index(self):
+        """Which of self.paths is being read: the epoch's `shard`-th in its order."""
+        return int(self._shard_order[self.shard])
+
+    @property
+    def position(self):
+        """Token offset of the current window in its shard."""
+        return int(self._window_order[self.window]) * self.tokens_per_step
 
     def next_batch(self):
         B, T = self.B, self.T
+        if self._tokens is None:
+            self._tokens = read_shard(self.paths[self.file_index])
         row = self.micro_step * self.world + self.rank
         start = self.position + row * B * T
         # np.array copies out of the memmap: the tensors own their memory
-        span = np.array(self._current_tokens()[start:start + B * T + 1], dtype=np.int64)
+        span = np.array(self._tokens[start:start + B * T + 1], dtype=np.int64)
         x = torch.from_numpy(span[:-1].copy()).view(B, T)
         y = torch.from_numpy(span[1:].copy()).view(B, T)
         self.micro_step += 1
@@ -165,40 +209,77 @@ class ShardedLoader:
         return x, y
 
     def _finish_step(self):
-        G = self.tokens_per_step
         self.micro_step = 0
-        self.position += G
-        if self.position + G + 1 > self.lengths[self.shard]:
-            self.shard = (self.shard + 1) % len(self.paths)
-            self.position = 0
-            self._tokens = None
-            if self.shard == 0:
-                self.epoch += 1
+        self.window += 1
+        if self.window < self.windows[self.file_index]:
+            return
+        self.window = 0
+        self.shard += 1
+        if self.shard < len(self.paths):
+            self._enter_shard()
+        else:
+            self.shard = 0
+            self.epoch += 1
+            self._enter_epoch()
 
     def state_dict(self):
-        return {"shard": self.shard, "position": self.position, "micro_step": self.micro_step,
-                "epoch": self.epoch, "B": self.B, "T": self.T, "world": self.world,
-                "accum_steps": self.accum_steps}
+        # n_shards and n_windows only check, on resume, that the data is what it was
+        return {"epoch": self.epoch, "shard": self.shard, "window": self.window, "micro_step": self.micro_step,
+                "B": self.B, "T": self.T, "world": self.world, "accum_steps": self.accum_steps,
+                "shuffle": self.shuffle, "seed": self.seed, "n_shards": len(self.paths),
+                "n_windows": sum(self.windows)}
 
     def load_state_dict(self, state):
-        keys = ("shard", "position", "micro_step", "epoch", "B", "T", "world", "accum_steps")
-        missing = [k for k in keys if k not in state]
+        state = self._upgrade(state)
+        missing = [k for k in self.STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"loader state lacks {', '.join(missing)}; it was not made by ShardedLoader.state_dict")
-        shard, position, micro_step, epoch = (int(state[k]) for k in keys[:4])
+        epoch, shard, window, micro_step = (int(state[k]) for k in self.STATE_KEYS[:4])
+        self._check_geometry(state, micro_step)
+        if bool(state["shuffle"]) != self.shuffle:
+            flag = str(bool(state["shuffle"])).lower()
+            raise ValueError(f"loader state was saved with data.shuffle={flag}; resume with data.shuffle={flag}")
+        if self.shuffle and int(state["seed"]) != self.seed:
+            raise ValueError(f"loader state was saved with seed={state['seed']}, which fixes the data order; "
+                             f"resume with seed={state['seed']}")
+        if (state["n_shards"], state["n_windows"]) != (len(self.paths), sum(self.windows)) or \
+                not 0 <= shard < len(self.paths) or epoch < 0:
+            raise ValueError(f"loader state ({state['n_shards']} shard(s), {state['n_windows']:,} steps an epoch) "
+                             f"does not fit the {len(self.paths)} usable shard(s), {sum(self.windows):,} steps, "
+                             f"matching '{self.pattern}'; were the shards re-made since it was saved?")
+        self.epoch, self.shard, self.micro_step = epoch, shard, micro_step
+        self._enter_epoch()  # the orders of this epoch and shard, before the window is checked
+        if not 0 <= window < len(self._window_order):
+            raise ValueError(f"loader state (window {window} of shard {shard}) does not fit shard "
+                             f"{self.paths[self.file_index]}; were the shards re-made since it was saved?")
+        self.window = window
+
+    def _check_geometry(self, state, micro_step):
+        geometry = ("B", "T", "world", "accum_steps")
         saved_G = state["accum_steps"] * state["world"] * state["B"] * state["T"]
-        same_geometry = all(state[k] == getattr(self, k) for k in keys[4:])
-        # another split of the same global batch reads the same tokens, but only at a step boundary
+        same_geometry = all(state[k] == getattr(self, k) for k in geometry)
+        # another split of the same global batch reads the same windows, but only at a step boundary
         if not same_geometry and not (saved_G == self.tokens_per_step and micro_step == 0):
             raise ValueError(
                 f"loader state was saved with B={state['B']} T={state['T']} world={state['world']} "
                 f"accum_steps={state['accum_steps']} at micro-step {micro_step}; this loader has B={self.B} "
                 f"T={self.T} world={self.world} accum_steps={self.accum_steps}; resume with the same "
                 f"tokens per step ({saved_G:,}) and from a step boundary")
-        if not 0 <= shard < len(self.paths) or not 0 <= micro_step < self.accum_steps or \
-                position < 0 or position + self.tokens_per_step + 1 > self.lengths[shard]:
-            raise ValueError(f"loader state (shard {shard}, position {position}, micro-step {micro_step}) "
-                             f"does not fit the {len(self.paths)} usable shard(s) matching '{self.pattern}'; "
-                             f"were the shards re-made since it was saved?")
-        self.shard, self.position, self.micro_step, self.epoch = shard, position, micro_step, epoch
-        self._tokens = None
+        if not 0 <= micro_step < self.accum_steps:
+            raise ValueError(f"loader state at micro-step {micro_step} does not fit accum_steps={self.accum_steps}")
+
+    def _upgrade(self, state):
+        """State written before shuffling existed read the shards in file order and kept a token
+        offset; it continues exactly, unshuffled, and a shuffled run is refused (its order differs)."""
+        if "shuffle" in state or any(k not in state for k in ("position", "B", "T", "world", "accum_steps")):
+            return state  # current, or so incomplete that the missing keys are the message
+        if self.shuffle:
+            raise ValueError("loader state was saved before data.shuffle existed and read the data in file "
+                             "order; resume it with data.shuffle=false")
+        saved_G = state["accum_steps"] * state["world"] * state["B"] * state["T"]
+        window, offset = divmod(int(state["position"]), saved_G)
+        if offset:
+            raise ValueError(f"loader state position {state['position']} is not a multiple of its "
+                             f"{saved_G:,} tokens per step; it was not made by ShardedLoader.state_dict")
+        return dict(state, window=window, shuffle=False, seed=self.seed,
+                    n_shards=len(self.paths), n_windows=sum(self.windows))

@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from distgpt.checkpoint import save_tensors
 from distgpt.config import ModelConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -38,7 +39,7 @@ def export_hf(named, model_cfg, out_dir, dtype=torch.float32):
         elif name.endswith(CONV1D):
             tensor = tensor.t()
         tensors[name] = tensor.contiguous()
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": model_cfg.vocab_size, "n_positions": model_cfg.block_size, "n_ctx": model_cfg.block_size,
