@@ -7,6 +7,7 @@
 #   STAGE=profile [TRACE=1]       benchmarks/device_run.sh gpt2_124m:64:2 gpt2_1558m:16:2   (kernel time per step)
 #   STAGE=shuffle [TEXT=...]      benchmarks/device_run.sh        (val loss, shuffled vs file order;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/)
+#   STAGE=launch                  benchmarks/device_run.sh        (2 GPUs: rendezvous launch = mpirun, bitwise)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
@@ -38,6 +39,9 @@ if [ "$STAGE" = profile ] && [ $# -gt 0 ]; then
     python3 -m distgpt bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" --profile \
         "${trace[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/profile_${model}_${batch}.log"
   done
+fi
+if [ "$STAGE" = launch ]; then  # 2 GPUs: started without mpirun (rendezvous) = the mpirun run, bitwise
+  python3 benchmarks/launch_check.py 2>&1 | tee "$OUT/launch.log"
 fi
 if [ "$STAGE" = drill ]; then
   python3 benchmarks/failure_drill.py --gpu --transport --out /tmp/drill --steps 40 --fault-at 20 \

@@ -26,7 +26,10 @@ def bench(model, batch, recompute, gpus, a):
     env = dict(os.environ, **NCCL_ENV)
     if gpus > 1:
         mpirun = shutil.which("mpirun")
-        exports = [x for name in [*NCCL_ENV, "PYTHONPATH", "NCCL_DEBUG"] if name in env for x in ("-x", name)]
+        # every NCCL_* setting reaches every rank (NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1: the socket
+        # transport two nodes would use)
+        names = sorted({*NCCL_ENV, "PYTHONPATH", *(n for n in env if n.startswith("NCCL_"))})
+        exports = [x for name in names if name in env for x in ("-x", name)]
         args = [mpirun, "--allow-run-as-root", "-np", str(gpus), "--bind-to", "none", *exports, *args]
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
