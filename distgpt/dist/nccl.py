@@ -30,8 +30,11 @@ class NcclComm(Communicator):
         self._nccl, self.control = nccl, control
         self.rank, self.world = control.rank, control.world
         self.device, self.timeout_s = device, timeout_s
-        uid = list(nccl.get_unique_id()) if self.rank == 0 else None  # 128 ints: JSON-safe
-        uid = tuple(control.bcast(uid, root=0))
+        # the id travels as its 128 values (JSON-safe for a rendezvous store); CuPy gives it as
+        # bytes (a tuple of ints in older releases) and takes it back in the same form
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        form, values = control.bcast(None if uid is None else [type(uid).__name__, list(uid)], root=0)
+        uid = bytes(values) if form == "bytes" else tuple(values)
         with torch.cuda.device(device):
             self.comm = nccl.NcclCommunicator(self.world, uid, self.rank)
         self.watchdog = CollectiveWatchdog(self.rank, timeout_s, "NCCL", abort=self.comm.abort)
