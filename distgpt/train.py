@@ -46,10 +46,12 @@ class Trainer:
         # data first: a missing or bad shard fails before any memory is taken
         ensure_shards(cfg.data, dist, self.log)
         self.train_loader = ShardedLoader(cfg.data.train, self.B, self.T, dist.rank, dist.world, self.accum,
-                                          shuffle=cfg.data.shuffle, seed=cfg.seed)
+                                          shuffle=cfg.data.shuffle, seed=cfg.seed,
+                                          vocab_size=cfg.model.vocab_size)
         # a validation step reads one global batch, like a training step: the same val tokens
         # whatever the number of ranks
-        self.val_loader = ShardedLoader(cfg.data.val, self.B, self.T, dist.rank, dist.world, self.accum)
+        self.val_loader = ShardedLoader(cfg.data.val, self.B, self.T, dist.rank, dist.world, self.accum,
+                                        vocab_size=cfg.model.vocab_size)
         self.val_steps = self._val_steps_that_fit()
         self.hellaswag_items = (hellaswag.load_items(cfg.hellaswag_path, t.hellaswag_limit)
                                 if t.hellaswag_every > 0 else None)

@@ -210,6 +210,30 @@ def test_bad_shard_fails_at_construction_and_no_match_says_prepare(tmp_path):
     assert shard_paths(bad) == [bad]  # a plain path is a pattern too
 
 
+def test_token_outside_the_vocabulary_is_refused_naming_file_and_position(tmp_path, monkeypatch):
+    """An id >= vocab_size must never reach the encoder kernel: the loader checks each shard the
+    first time it opens it (in chunks: the bad token here lies in the third)."""
+    import distgpt.data.shards as shards
+    monkeypatch.setattr(shards, "SCAN_CHUNK", 64)
+    good = np.arange(200) % 100
+    write_shard(str(tmp_path / "v_000000.bin"), good)
+    bad = good.copy()
+    bad[150] = 100  # == vocab_size: one past the last valid id
+    write_shard(str(tmp_path / "v_000001.bin"), bad)
+    loader = ShardedLoader(str(tmp_path / "v_*.bin"), 2, 8, accum_steps=4, vocab_size=100)
+    for _ in range(3 * 4):  # shard 0 holds (200 - 1) // 64 = 3 windows of 4 micro-steps
+        loader.next_batch()
+    with pytest.raises(ShardError) as e:
+        while True:
+            loader.next_batch()
+    message = str(e.value)
+    assert one_line_naming(message, tmp_path / "v_000001.bin")
+    assert "token 100 at position 150" in message and "model.vocab_size=100" in message
+    # the same shard passes a model with a larger vocabulary
+    wide = ShardedLoader(str(tmp_path / "v_000001.bin"), 2, 8, vocab_size=101)
+    assert wide.next_batch()[0].max() < 101
+
+
 # ------------------------------------------------------------------ tokenizer
 def test_packaged_encoding():
     enc = load_gpt2_encoding()

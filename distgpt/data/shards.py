@@ -103,6 +103,22 @@ def read_shard(path):
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
+SCAN_CHUNK = 1 << 24  # tokens checked per pass of check_vocabulary (32 MB of uint16)
+
+
+def check_vocabulary(path, tokens, vocab_size):
+    """Refuse a shard holding a token id >= vocab_size, naming the file and the first position:
+    such an id would index past the embedding in the encoder kernel (on the GPU, a trap that
+    kills the CUDA context) instead of ending the run with a line that says why."""
+    for start in range(0, len(tokens), SCAN_CHUNK):
+        chunk = np.asarray(tokens[start:start + SCAN_CHUNK])
+        if chunk.size and int(chunk.max()) >= vocab_size:
+            at = start + int(np.argmax(chunk >= vocab_size))
+            raise ShardError(f"data shard {path}: token {int(tokens[at])} at position {at:,} is outside the "
+                             f"model's vocabulary (model.vocab_size={vocab_size}); was it made with another "
+                             f"tokenizer, or is it damaged? {REMAKE}")
+
+
 def shard_paths(pattern):
     """Files matching the glob `pattern`, sorted; an existing plain path is taken as it is."""
     pattern = os.fspath(pattern)
@@ -135,7 +151,7 @@ class ShardedLoader:
     STATE_KEYS = ("epoch", "shard", "window", "micro_step", "B", "T", "world", "accum_steps", "shuffle",
                   "seed", "n_shards", "n_windows")
 
-    def __init__(self, pattern, B, T, rank=0, world=1, accum_steps=1, shuffle=False, seed=0):
+    def __init__(self, pattern, B, T, rank=0, world=1, accum_steps=1, shuffle=False, seed=0, vocab_size=None):
         if min(B, T, world, accum_steps) < 1 or not 0 <= rank < world or seed < 0:
             raise ValueError(f"ShardedLoader: need B, T, world, accum_steps >= 1, 0 <= rank < world and "
                              f"seed >= 0; got B={B} T={T} rank={rank} world={world} "
@@ -143,6 +159,8 @@ class ShardedLoader:
         self.pattern, self.B, self.T = pattern, B, T
         self.rank, self.world, self.accum_steps = rank, world, accum_steps
         self.shuffle, self.seed = bool(shuffle), int(seed)
+        # vocab_size: every shard's tokens are checked against it the first time it is opened
+        self.vocab_size, self._checked = vocab_size, set()
         # every header is checked now, so a bad shard stops the run before training starts
         sizes = {path: read_header(path) for path in shard_paths(pattern)}
         need = self.tokens_per_step + 1
@@ -196,7 +214,11 @@ class ShardedLoader:
     def next_batch(self):
         B, T = self.B, self.T
         if self._tokens is None:
-            self._tokens = read_shard(self.paths[self.file_index])
+            path = self.paths[self.file_index]
+            self._tokens = read_shard(path)
+            if self.vocab_size is not None and path not in self._checked:
+                check_vocabulary(path, self._tokens, self.vocab_size)
+                self._checked.add(path)
         row = self.micro_step * self.world + self.rank
         start = self.position + row * B * T
         # np.array copies out of the memmap: the tensors own their memory
