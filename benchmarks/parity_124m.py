@@ -7,6 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distgpt.train import builtin_text
+
 COMMON = ["model=gpt2_124m", "train.micro_batch=8", "train.seq_len=1024", "train.max_steps=200",
           "train.val_every=50", "train.val_steps=4", "train.sample_every=0", "train.checkpoint_every=0",
           "train.log_every=50", "optim.warmup_steps=20", "device=cuda", "seed=1337"]
@@ -19,7 +21,8 @@ def main():
     for name, extra in RUNS.items():
         run = name.replace(" ", "_")
         cmd = [sys.executable, "-m", "distgpt", "train", *COMMON, *extra, f"out_dir={root}", f"name={run}",
-               f"data.train={root}/data/tinyshakespeare_train_*.bin", f"data.val={root}/data/tinyshakespeare_val_*.bin"]
+               f"data.train={root}/data/tinyshakespeare_train_*.bin", f"data.val={root}/data/tinyshakespeare_val_*.bin",
+               f"data.source={builtin_text('tinyshakespeare')}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         print(proc.stdout[-1500:], proc.stderr[-3000:] if proc.returncode else "", flush=True)
         lines = [json.loads(x) for x in (root / run / "metrics.jsonl").read_text().splitlines()]

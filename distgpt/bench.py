@@ -159,7 +159,9 @@ def main(argv=None):
     if a.profile_trace and not Path(a.profile_trace).resolve().parent.is_dir():
         p.error(f"--profile-trace: no directory {Path(a.profile_trace).resolve().parent}")
     if not torch.cuda.is_available():
-        raise RuntimeError("distgpt bench needs an NVIDIA GPU")
+        from distgpt.config import ConfigError
+        raise ConfigError("distgpt bench times the CUDA step and needs an NVIDIA GPU (none is visible); "
+                          "run it on a GPU machine")
     profile_steps = a.profile_steps if a.profile or a.profile_trace else 0
     r = summarize(measure_distgpt(a.model, a.batch, a.seq, a.steps, a.warmup, a.recompute,
                                   a.accum, a.zero_stage, deterministic=a.deterministic,

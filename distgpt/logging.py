@@ -30,8 +30,13 @@ class RunLogger:
         self.samples = {}  # step -> text, for the W&B table
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        except OSError as exc:
+            from distgpt.config import ConfigError
+            raise ConfigError(f"out_dir: cannot write the run directory {self.run_dir} ({exc.strerror}); "
+                              f"choose a writable out_dir=") from None
         if cfg.wandb:
             self.wandb = self._start_wandb(cfg, config_dict)
             self.samples = self._earlier_samples()

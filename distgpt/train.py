@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from distgpt import checkpoint, hellaswag
 from distgpt.backends import get_backend
-from distgpt.config import accumulation_steps, to_yaml, validate
+from distgpt.config import DataConfig, accumulation_steps, to_yaml, validate
 from distgpt.data.prepare import prepare
 from distgpt.data.shards import ShardedLoader, read_shard, shard_paths
 from distgpt.data.tokenizer import EOT_TOKEN, decode, encode
@@ -248,14 +248,23 @@ class Trainer:
 
 # ---------------------------------------------------------------- helpers
 def ensure_shards(data_cfg, dist, log):
-    """Shards that are missing but have a `source` are made from it (rank 0; the others wait)."""
-    try:
-        shard_paths(data_cfg.train)
-        shard_paths(data_cfg.val)
+    """Shards that are missing but have a `source` are made from it (rank 0; the others wait),
+    only where the globs are the ones prepare writes for it: a path the user gave that matches
+    nothing is an error naming that path, never a place to tokenize a corpus into, and the
+    shipped corpus only ever fills the built-in preset's own paths."""
+    missing = []
+    for pattern in (data_cfg.train, data_cfg.val):
+        try:
+            shard_paths(pattern)
+        except FileNotFoundError as exc:
+            missing.append((pattern, exc))
+    if not missing:
         return
-    except FileNotFoundError:
-        if not data_cfg.source:
-            raise
+    if not data_cfg.source or not _source_fills(data_cfg):
+        # the error of a path the user gave comes first: that one is theirs to fix
+        default = DataConfig()
+        missing.sort(key=lambda item: item[0] in (default.train, default.val))
+        raise missing[0][1]
     if dist.is_main:
         source = data_cfg.source
         if source.startswith(BUILTIN_PREFIX):
@@ -267,6 +276,18 @@ def ensure_shards(data_cfg, dist, log):
     dist.comm.barrier()
     shard_paths(data_cfg.train)  # the pattern must now match, else its error names it
     shard_paths(data_cfg.val)
+
+
+def _source_fills(data_cfg):
+    """True if data.train/data.val are the globs `prepare` writes from data.source: DIR/NAME_train_*.bin
+    and DIR/NAME_val_*.bin; for the shipped corpus, exactly the built-in preset's."""
+    if data_cfg.source.startswith(BUILTIN_PREFIX):
+        default = DataConfig()
+        return (data_cfg.train, data_cfg.val) == (default.train, default.val)
+    train, val = Path(data_cfg.train), Path(data_cfg.val)
+    name = train.name.split("_train_")[0]
+    return (train.parent == val.parent and train.name == f"{name}_train_*.bin"
+            and val.name == f"{name}_val_*.bin" and "*" not in str(train.parent) + name)
 
 
 def builtin_text(name):

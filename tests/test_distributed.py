@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from distgpt import checkpoint
+from distgpt.train import builtin_text
 
 MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
 pytestmark = [pytest.mark.mpi,
@@ -20,7 +21,9 @@ pytestmark = [pytest.mark.mpi,
 # one global batch of 256 tokens in every layout: 1 x 8 x 32, 2 x 4 x 32, 4 x 2 x 32, ...
 COMMON = ["+run=debug_cpu", "model.n_layer=2", "model.n_embd=64", "model.n_head=2", "train.seq_len=32",
           "train.total_batch_tokens=256", "train.max_steps=8", "train.val_every=4", "train.val_steps=2",
-          "train.sample_every=0", "train.checkpoint_every=4", "train.log_every=100"]
+          "train.sample_every=0", "train.checkpoint_every=4", "train.log_every=100",
+          # the shipped text, tokenized into each test's own data/ts_* shards on first use
+          f"data.source={builtin_text('tinyshakespeare')}"]
 # Ranks sum fp32 gradients in another order than one process's accumulation. Relative errors
 # (||ours - one process|| / ||one process||) measured after 8 steps, 2 and 4 ranks, zero 0 and 1:
 # losses, val losses and grad norms ~1e-7; matrices <= 3.3e-7; layernorm weights <= 2.1e-8;

@@ -10,6 +10,7 @@ from distgpt import cli, interop
 from distgpt.backends import reference
 from distgpt.config import ModelConfig, load_config
 from distgpt.dist.bootstrap import bootstrap
+from distgpt.train import builtin_text
 from distgpt.interop import hf, llmc
 from distgpt.model.gpt2 import GPT2
 
@@ -115,7 +116,8 @@ def trained_run(tmp_path_factory):
     args = ["train", "+run=debug_cpu", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
             "train.seq_len=32", "train.micro_batch=2", "train.max_steps=2", "train.val_every=0",
             "train.sample_every=0", f"out_dir={root}", "name=src",
-            f"data.train={root}/data/ts_train_*.bin", f"data.val={root}/data/ts_val_*.bin"]
+            f"data.train={root}/data/ts_train_*.bin", f"data.val={root}/data/ts_val_*.bin",
+            f"data.source={builtin_text('tinyshakespeare')}"]
     assert cli.main(args) == 0
     return root
 

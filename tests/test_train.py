@@ -15,6 +15,7 @@ from distgpt.cli import main
 from distgpt.config import OptimConfig, load_config
 from distgpt.data.shards import read_shard, shard_paths
 from distgpt.optim import learning_rate
+from distgpt.train import builtin_text
 
 # a GPT-2 small enough for CI: 2 layers, width 64 (the 50257-row embedding is most of it)
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "train.sample_every=0",
@@ -23,11 +24,12 @@ SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "train.sample_e
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """tinyshakespeare shards, made once by the trainer's own first-use preparation."""
+    """tinyshakespeare shards, made once by the trainer's own first-use preparation (from the
+    shipped text, named as data.source: the built-in preset alone fills its paths by itself)."""
     root = tmp_path_factory.mktemp("data")
     data = [f"data.train={root}/tinyshakespeare_train_*.bin", f"data.val={root}/tinyshakespeare_val_*.bin"]
-    assert main(["train", *SMALL, *data, f"out_dir={root}/runs", "train.max_steps=1",
-                 "train.val_every=0"]) == 0
+    assert main(["train", *SMALL, *data, f"data.source={builtin_text('tinyshakespeare')}", f"out_dir={root}/runs",
+                 "train.max_steps=1", "train.val_every=0"]) == 0
     return data
 
 
@@ -219,6 +221,19 @@ def test_missing_data_file_is_one_clear_line(tmp_path, capsys):
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{tmp_path}/nowhere/x_train_*.bin" in err[0] and "distgpt prepare" in err[0]
+
+
+@pytest.mark.parametrize("which", ["train", "val", "both"])
+def test_a_user_path_is_never_filled_with_the_shipped_corpus(tmp_path, capsys, which):
+    """The built-in source (the default) fills the built-in preset's own paths only: a data path
+    the user gave that matches nothing is one line naming it, and nothing is written there."""
+    paths = {"train": f"data.train={tmp_path}/mine/x_train_*.bin", "val": f"data.val={tmp_path}/mine/x_val_*.bin"}
+    chosen = list(paths.values()) if which == "both" else [paths[which]]
+    assert main(["train", *SMALL, f"out_dir={tmp_path}", *chosen]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    named = f"{tmp_path}/mine/x_{'val' if which == 'val' else 'train'}_*.bin"
+    assert len(err) == 1 and named in err[0], err
+    assert not (tmp_path / "mine").exists()
 
 
 def test_bad_shard_is_one_clear_line_without_traceback(tmp_path, shards):
