@@ -67,22 +67,43 @@ def save_tensors(tensors, file, metadata=None):
 
 def save(run_dir, step, model, optimizer, state, dist, keep=2):
     """Write the checkpoint of `step` collectively (every rank calls this). `state` is the
-    JSON-able run state from rank 0 (loader position, config, ...)."""
+    JSON-able run state from rank 0 (loader position, config, ...). A write that fails on any
+    rank (a full disk, a quota) fails the save on every rank alike: the half-written step_N.tmp
+    is removed, `latest` still names the previous checkpoint, and CheckpointError says so."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.comm.barrier()
-    tensors, meta = optimizer.state_dict()
-    save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                 tmp / optimizer_file(dist.rank), metadata={"meta": json.dumps(meta)})
-    if dist.is_main:
-        weights = {name: t.detach().to("cpu").clone() for name, t in model.p.items()}
-        save_tensors(weights, tmp / MODEL_FILE)
-        _write_json(tmp / STATE_FILE, dict(state, step=step, world=dist.world))
-    dist.comm.barrier()  # every shard is on disk before the directory is published
+    failure = None
+    try:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as exc:
+        failure = exc
+    failure = _first_failure(dist, failure)
+    if failure is None:
+        try:
+            tensors, meta = optimizer.state_dict()
+            save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                         tmp / optimizer_file(dist.rank), metadata={"meta": json.dumps(meta)})
+            if dist.is_main:
+                weights = {name: t.detach().to("cpu").clone() for name, t in model.p.items()}
+                save_tensors(weights, tmp / MODEL_FILE)
+                _write_json(tmp / STATE_FILE, dict(state, step=step, world=dist.world))
+        except OSError as exc:
+            failure = exc
+        # every shard is on disk (or some rank failed) before the directory is published
+        failure = _first_failure(dist, failure)
+    if failure is not None:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = find_latest(run_dir)
+        error = CheckpointError(f"saving checkpoint {final.name} failed ({failure}); removed the partial "
+                                f"{tmp.name}, the latest checkpoint is still "
+                                f"{latest if latest is not None else 'none'}; free space (or fix the "
+                                f"cause) and resume=auto")
+        error.same_on_every_rank = True
+        raise error
     if dist.is_main:
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -94,6 +115,13 @@ def save(run_dir, step, model, optimizer, state, dist, keep=2):
         _prune(root, keep)
     dist.comm.barrier()
     return final
+
+
+def _first_failure(dist, failure):
+    """Every rank learns whether any rank failed (and the first failure's text), in one
+    collective that also serves as the barrier the save needs at this point."""
+    texts = dist.comm.all_gather_object(None if failure is None else f"rank {dist.rank}: {failure}")
+    return next((text for text in texts if text is not None), None)
 
 
 def _prune(root, keep):
@@ -164,7 +192,8 @@ def inference_model(path, batch=1):
 
 
 def load_weights(path, model):
-    """Copy the named weights of a checkpoint into the model's flat buffer."""
+    """Copy the named weights of a checkpoint into the model's flat buffer: every tensor is
+    checked first, so a checkpoint that does not fit leaves the model untouched."""
     file = Path(path) / MODEL_FILE
     weights = _load(file)
     for name, view in model.p.items():
@@ -174,7 +203,60 @@ def load_weights(path, model):
         if tuple(weights[name].shape) != tuple(view.shape):
             raise CheckpointError(f"checkpoint {file}: '{name}' has shape {tuple(weights[name].shape)}, "
                                   f"the model needs {tuple(view.shape)}; check model=")
+    for name, view in model.p.items():
         view.copy_(weights[name])
+
+
+def check_model(path, model_cfg):
+    """Refuse a checkpoint written for another model, naming every field that differs (a head
+    count changes no tensor's shape, so shapes alone would not catch it)."""
+    from dataclasses import fields
+    saved = config_of(path).model
+    differ = [f"{f.name}={getattr(saved, f.name)} (this run: {getattr(model_cfg, f.name)})"
+              for f in fields(model_cfg) if f.name != "name" and getattr(saved, f.name) != getattr(model_cfg, f.name)]
+    if differ:
+        raise CheckpointError(f"checkpoint {path} was written for another model: {', '.join(differ)}; "
+                              f"resume it with those model settings, or start a new run with name=")
+
+
+def verify(path, run_dir=None):
+    """Check that a checkpoint is whole before anything is loaded: state.json parses, and the
+    model file and every optimizer shard have a readable safetensors header and their full
+    length. A damaged one is refused naming the newest intact checkpoint of `run_dir`."""
+    path = Path(path)
+    try:
+        state = load_state(path)
+        for file in [MODEL_FILE] + [optimizer_file(r) for r in range(int(state.get("world", 1)))]:
+            _check_header(path / file)
+    except CheckpointError as exc:
+        reason = str(exc)
+        intact = _newest_intact(run_dir if run_dir is not None else path.parent.parent, exclude=path)
+        fix = (f"resume from the newest intact one with resume={intact}" if intact is not None
+               else "no intact checkpoint is left: resume=none starts over")
+        raise CheckpointError(f"{reason.rstrip('.')}; {fix}") from None
+
+
+def _check_header(file):
+    if not file.exists():
+        raise CheckpointError(f"checkpoint file {file} is missing")
+    try:
+        with safe_open(str(file), framework="pt") as f:  # checks the header and the file's length
+            f.keys()
+    except Exception as exc:  # safetensors has its own error types for a damaged file
+        raise CheckpointError(f"checkpoint file {file} is damaged ({str(exc).splitlines()[0]})") from None
+
+
+def _newest_intact(run_dir, exclude):
+    for candidate in sorted(checkpoint_root(run_dir).glob("step_*"), reverse=True):
+        if candidate.is_dir() and not candidate.name.endswith(".tmp") and candidate.resolve() != Path(exclude).resolve():
+            try:
+                state = load_state(candidate)
+                for file in [MODEL_FILE] + [optimizer_file(r) for r in range(int(state.get("world", 1)))]:
+                    _check_header(candidate / file)
+                return candidate
+            except CheckpointError:
+                continue
+    return None
 
 
 def load_optimizer(path, optimizer, rank, saved_world):

@@ -58,7 +58,7 @@ def _is_user_error(exc):
 
 def _same_on_every_rank(exc):
     from distgpt.config import ConfigError
-    return isinstance(exc, ConfigError)
+    return isinstance(exc, ConfigError) or getattr(exc, "same_on_every_rank", False)
 
 
 def _fail(message, same_on_every_rank=True):

@@ -90,17 +90,29 @@ class Trainer:
 
     # ------------------------------------------------------------ start and resume
     def _checkpoint_to_resume(self):
-        choice = None
+        """Rank 0 picks the checkpoint (and checks it is whole and for this model), every rank
+        gets its choice or its refusal: a rank that raised alone would leave the others waiting."""
+        choice, refusal = None, None
         if self.dist.is_main:
-            if self.cfg.resume == "auto":
-                choice = checkpoint.find_latest(self.run_dir)
-            elif self.cfg.resume != "none":
-                choice = Path(self.cfg.resume)
-            elif checkpoint.find_latest(self.run_dir) is not None:
-                raise TrainingError(f"run directory {self.run_dir} already holds checkpoints; use "
-                                    f"resume=auto to continue it, or another name= for a new run")
-        # rank 0 decides, so every rank loads the same checkpoint
-        choice = self.dist.comm.broadcast_object(None if choice is None else str(choice))
+            try:
+                if self.cfg.resume == "auto":
+                    choice = checkpoint.find_latest(self.run_dir)
+                elif self.cfg.resume != "none":
+                    choice = Path(self.cfg.resume)
+                elif checkpoint.find_latest(self.run_dir) is not None:
+                    raise TrainingError(f"run directory {self.run_dir} already holds checkpoints; use "
+                                        f"resume=auto to continue it, or another name= for a new run")
+                if choice is not None:
+                    checkpoint.verify(choice, self.run_dir)
+                    checkpoint.check_model(choice, self.cfg.model)
+            except (TrainingError, checkpoint.CheckpointError) as exc:
+                refusal = str(exc)
+        choice, refusal = self.dist.comm.broadcast_object(
+            [None if choice is None else str(choice), refusal])
+        if refusal is not None:
+            error = checkpoint.CheckpointError(refusal)
+            error.same_on_every_rank = True  # rank 0 alone prints it
+            raise error
         return None if choice is None else Path(choice)
 
     def _load_pretrained(self, spec):

@@ -168,6 +168,59 @@ def test_a_half_written_checkpoint_is_never_the_latest(tmp_path, shards):
     assert checkpoint.find_latest(tmp_path / "r").name == "step_00000010"
 
 
+def _checkpointed(tmp_path, shards, steps=4):
+    common = [*SMALL, *shards, f"out_dir={tmp_path}", "name=c", "train.val_every=0", "train.micro_batch=2",
+              "train.seq_len=32", "train.checkpoint_every=2"]
+    assert main(["train", *common, f"train.max_steps={steps}"]) == 0
+    return common, checkpoint.checkpoint_root(tmp_path / "c")
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_fields(tmp_path, shards, capsys):
+    """A head count changes no tensor's shape: the fields are compared, before any weight moves."""
+    common, _ = _checkpointed(tmp_path, shards)
+    capsys.readouterr()
+    assert main(["train", *common, "train.max_steps=6", "model.n_head=4", "model.block_size=512"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another model" in err[0], err
+    assert "n_head=2 (this run: 4)" in err[0] and "block_size=" in err[0] and "n_embd" not in err[0]
+
+
+def test_a_damaged_checkpoint_names_the_newest_intact_one(tmp_path, shards, capsys):
+    common, root = _checkpointed(tmp_path, shards)
+    model_file = root / "step_00000004" / checkpoint.MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes()[:-100])  # a copy cut short
+    capsys.readouterr()
+    assert main(["train", *common, "train.max_steps=6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged" in err[0] and str(model_file) in err[0], err
+    assert f"resume={root / 'step_00000002'}" in err[0]
+    assert main(["train", *common, "train.max_steps=6", f"resume={root / 'step_00000002'}"]) == 0
+
+
+def test_a_full_disk_during_a_save_leaves_latest_intact(tmp_path, shards, capsys, monkeypatch):
+    """The second checkpoint's write fails as a full disk does: the run ends with one line, the
+    half-written directory is gone, and `latest` still names the first checkpoint."""
+    import errno
+    real, calls = checkpoint.save_tensors, []
+
+    def fills_up(tensors, file, metadata=None):
+        calls.append(file)
+        if len(calls) > 2:  # the first save writes two files (optimizer shard, model)
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real(tensors, file, metadata)
+    monkeypatch.setattr(checkpoint, "save_tensors", fills_up)
+    common = [*SMALL, *shards, f"out_dir={tmp_path}", "name=c", "train.val_every=0", "train.micro_batch=2",
+              "train.seq_len=32", "train.checkpoint_every=2", "train.max_steps=4"]
+    capsys.readouterr()
+    assert main(["train", *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    root = checkpoint.checkpoint_root(tmp_path / "c")
+    assert len(err) == 1 and "No space left on device" in err[0] and "step_00000004.tmp" in err[0], err
+    assert "latest checkpoint is still" in err[0] and "step_00000002" in err[0]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    assert checkpoint.find_latest(tmp_path / "c").name == "step_00000002"
+
+
 @pytest.mark.parametrize("umask", [0o027, 0o002])
 def test_checkpoint_files_follow_the_umask(tmp_path, shards, umask):
     """Every file a checkpoint (or an export) writes gets 0666 less the umask, as open() gives
