@@ -57,7 +57,7 @@ def _is_user_error(exc):
 
 def _same_on_every_rank(exc):
     from distgpt.config import ConfigError
-    return isinstance(exc, ConfigError)
+    return isinstance(exc, ConfigError) or getattr(exc, "same_on_every_rank", False)
 
 
 def _fail(message, same_on_every_rank=True):
@@ -82,7 +82,7 @@ def cmd_train(overrides):
     cfg = load_config(overrides)
     device = resolve_device(cfg)
     dist = bootstrap(device, comm_timeout_s=cfg.comm_timeout_s)
-    Trainer(cfg, dist).run()
+    return Trainer(cfg, dist).run()  # 0, or preemption.PREEMPTED_EXIT_CODE (75) after a SIGTERM/SIGUSR1
 
 
 def resolve_device(cfg):
