@@ -173,3 +173,15 @@ def test_slurm_script_requeues_after_a_preemption(tmp_path, srun_exit, requeued)
     assert calls[1:] == (["scontrol requeue 4242"] if requeued else [])
     header = SBATCH.read_text()
     assert "#SBATCH --signal=USR1@" in header and "#SBATCH --requeue" in header
+
+
+def test_skipped_steps_reach_wandb(tmp_path, shards, monkeypatch):  # noqa: F811
+    """W&B charts `skipped` (1 on a skipped step, 0 otherwise), read back from its offline log."""
+    from wandb_records import history
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials either
+    assert train(monkeypatch, "nan@2", *shards, f"out_dir={tmp_path}", "name=wb", "wandb=true",
+                 "train.max_steps=3", "train.val_every=0") == 0
+    log = next((tmp_path / "wb" / "wandb").glob("offline-run-*/*.wandb"))
+    assert {r["_step"]: r["skipped"] for r in history(log) if "skipped" in r} == {1: 0, 2: 1, 3: 0}
