@@ -143,6 +143,14 @@ def find_latest(run_dir):
     return complete[-1] if complete else None
 
 
+def find_before(run_dir, step):
+    """The newest complete checkpoint of a run written before optimizer step `step`, or None."""
+    root = checkpoint_root(run_dir)
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                      and (p / STATE_FILE).exists() and int(p.name[len("step_"):]) < step)
+    return complete[-1] if complete else None
+
+
 def load_state(path):
     path = Path(path)
     state_file = path / STATE_FILE

@@ -83,7 +83,7 @@ def cmd_train(overrides):
     cfg = load_config(overrides)
     device = resolve_device(cfg)
     dist = bootstrap(device, comm_timeout_s=cfg.comm_timeout_s, rendezvous=cfg.rendezvous)
-    Trainer(cfg, dist).run()
+    return Trainer(cfg, dist).run()  # 0, or preemption.PREEMPTED_EXIT_CODE (75) after a SIGTERM/SIGUSR1
 
 
 def resolve_device(cfg):

@@ -78,6 +78,15 @@ class TrainConfig:
     recompute: int = 0  # 0 none, 1 GELU, 2 GELU + layernorm (activation memory for time)
     cuda_graphs: bool = True  # backend=cuda: replay each micro-step's forward + backward as a
     #                          CUDA graph (no per-launch host cost; bitwise the same results)
+    # the spike guard (distgpt/spikes.py): a step whose loss or grad norm is not finite, or lies
+    # more than this many standard deviations above the mean of the last skip_window accepted
+    # steps (once skip_min_samples were accepted), is skipped: its update runs with a zero
+    # gradient. 0 turns the z-score check off (non-finite steps are always skipped).
+    skip_loss_zscore: float = 6.0
+    skip_norm_zscore: float = 6.0
+    skip_window: int = 128
+    skip_min_samples: int = 20
+    skip_max_in_a_row: int = 20  # this many skipped steps in a row stop the run (it diverged)
 
 
 @dataclass
@@ -113,6 +122,8 @@ BACKENDS = ("reference", "cuda")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float64")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+# one GPU thread sums the spike guard's window each step: a few thousand values stay microseconds
+MAX_SKIP_WINDOW = 4096
 
 
 def config_dir() -> Path:
@@ -193,6 +204,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"train.stop_after={t.stop_after} must be >= 0 (0 runs to train.max_steps)")
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be at least 1")
+    if t.skip_loss_zscore < 0 or t.skip_norm_zscore < 0:
+        raise ConfigError(f"train.skip_loss_zscore={t.skip_loss_zscore} and train.skip_norm_zscore="
+                          f"{t.skip_norm_zscore} must be >= 0 (0 turns the spike check off)")
+    if not 2 <= t.skip_min_samples <= t.skip_window <= MAX_SKIP_WINDOW:
+        raise ConfigError(f"train.skip_min_samples={t.skip_min_samples} and train.skip_window={t.skip_window} "
+                          f"need 2 <= skip_min_samples <= skip_window <= {MAX_SKIP_WINDOW}")
+    if t.skip_max_in_a_row < 1:
+        raise ConfigError(f"train.skip_max_in_a_row={t.skip_max_in_a_row} must be at least 1")
     if t.recompute not in (0, 1, 2):
         raise ConfigError(f"train.recompute={t.recompute}: choose 0 (none), 1 (GELU) or 2 (GELU + layernorm)")
     for name, value, choices in (("backend", cfg.backend, BACKENDS), ("device", cfg.device, DEVICES),

@@ -68,17 +68,24 @@ class RunLogger:
         self.metrics.flush()
 
     def log_step(self, step, max_steps, loss, lr, grad_norm, tokens_per_s, step_ms, eta_s,
-                 tokens_seen, extra=None):
-        """extra: more per-step numbers (on GPUs: mfu, memory_gb), logged alike."""
+                 tokens_seen, extra=None, skipped=None):
+        """extra: more per-step numbers (on GPUs: mfu, memory_gb), logged alike. skipped: why the
+        spike guard skipped this step's update ("loss_spike", ...), or None; a skipped step is
+        always printed, its record carries "skipped": reason, and W&B charts skipped = 1."""
         if not self.enabled:
             return
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "step_ms": step_ms, "tokens": tokens_seen,
-                  **(extra or {}), "time": time.time()}
+                  **(extra or {}), **({"skipped": skipped} if skipped else {}), "time": time.time()}
         self._record(record)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
-        if step % self.log_every == 0 or step == max_steps or step == 1:
+            charted = {k: v for k, v in record.items() if k not in ("step", "time")}
+            charted["skipped"] = 1 if skipped else 0
+            self.wandb.log(charted, step=step)
+        if skipped:
+            print(f"step {step:>6}/{max_steps} | SKIPPED ({skipped.replace('_', ' ')}): update applied with a "
+                  f"zero gradient | loss {loss:.4f} | norm {grad_norm:.3f}", flush=True)
+        elif step % self.log_every == 0 or step == max_steps or step == 1:
             mfu = f" | MFU {100 * record['mfu']:.1f}%" if "mfu" in record else ""
             print(f"step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
                   f"{step_ms:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu} | ETA {format_duration(eta_s)}",

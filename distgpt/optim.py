@@ -33,8 +33,11 @@ def learning_rate(step, max_steps, o):
 
 
 class ShardedAdamW:
-    def __init__(self, model, comm, optim_cfg, zero_stage, backend):
+    def __init__(self, model, comm, optim_cfg, zero_stage, backend, guard=None):
+        """guard: a spikes.SpikeGuard that may turn a step into a zero-gradient update (None: every
+        step updates)."""
         self.model, self.comm, self.cfg, self.ops = model, comm, optim_cfg, backend
+        self.guard = guard
         self.zero_stage = zero_stage
         total = model.layout.total  # a multiple of the world size (layout pads it)
         if zero_stage == 1:
@@ -81,14 +84,20 @@ class ShardedAdamW:
         else:
             self.comm.all_reduce(grads)
 
-    def step(self, lr):
+    def step(self, lr, loss=None):
         """Reduce gradients, clip by the global norm, update this rank's slice, share the new
         weights. Returns the global gradient norm before clipping as a one-element fp64 tensor
         on the device: the clipping scale is computed there too, so the whole step is queued
-        without waiting for the GPU (read it with float() once the step's work is queued)."""
+        without waiting for the GPU (read it with float() once the step's work is queued).
+        With a guard, loss (one fp64 device element, the mean over ranks) and the norm decide
+        there whether this update runs with the real gradient or a zero one (spikes.py)."""
         self.reduce_gradients()
         grad_shard = self.model.grads[self.lo:self.hi]
         self.global_grad_norm()
+        if self.guard is not None:
+            if loss is None:
+                raise ValueError("ShardedAdamW.step: a guarded optimizer needs the step's loss")
+            self.guard.check(self.grad_scale, loss, self.norm)
         self.step_count += 1
         params = self.model.params[self.lo:self.hi]
         o = self.cfg

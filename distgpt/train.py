@@ -2,9 +2,9 @@
 
 Everything is sized and allocated in Trainer.__init__; `run()` only moves data through it.
 """
-import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,14 +22,30 @@ from distgpt.model import memory
 from distgpt.model.gpt2 import GPT2
 from distgpt.model.micro_step import MicroStep
 from distgpt.optim import ShardedAdamW, learning_rate
+from distgpt.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from distgpt.sample import generate
+from distgpt.spikes import SpikeGuard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 BUILTIN_PREFIX = "builtin:"
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, finished run, ...); the message says why and what to do."""
+    """The run cannot go on (finished run, diverged, ...); the message says why and what to do."""
+
+
+class TooManySkips(TrainingError):
+    """train.skip_max_in_a_row steps in a row were skipped: the run diverged."""
+    same_on_every_rank = True  # every rank skips the same steps: rank 0 alone says so
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch
+    lr: float
+    norm: float  # global gradient norm before clipping
+    skipped: str | None  # why the spike guard skipped the update (spikes.py), or None
+    stop: bool  # some rank was signalled to stop (preemption.py): every rank stops after this step
 
 
 class Trainer:
@@ -82,11 +98,16 @@ class Trainer:
             self.model.init_weights(cfg.seed)  # same seed on every rank: same weights, no broadcast
         else:
             checkpoint.load_weights(resume_from, self.model)
-        self.optimizer = ShardedAdamW(self.model, dist.comm, cfg.optim, cfg.zero_stage, self.backend)
+        self.guard = SpikeGuard(t, self.backend, dist.device)
+        self.skips_in_a_row = 0
+        self.optimizer = ShardedAdamW(self.model, dist.comm, cfg.optim, cfg.zero_stage, self.backend, self.guard)
         self.micro_step = MicroStep(self.model, use_graph=t.cuda_graphs and cfg.backend == "cuda")
         if resume_from is not None:
             self._resume(resume_from)
-        self.loss_sum = torch.zeros(1, dtype=torch.float64, device=dist.device)
+        # [loss summed over micro-steps (then the mean over ranks), ranks asked to stop]: the one
+        # all-reduce of a step carries both (preemption.py)
+        self.reduced = torch.zeros(2, dtype=torch.float64, device=dist.device)
+        self.signals = None  # preemption.StopSignals while run() trains
 
     # ------------------------------------------------------------ start and resume
     def _checkpoint_to_resume(self):
@@ -134,6 +155,9 @@ class Trainer:
         except ValueError as exc:
             raise checkpoint.CheckpointError(f"checkpoint {path}: {exc}") from None
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        if "spike_guard" in state:  # checkpoints from before the guard start with an empty window
+            self.guard.load_state_dict(state["spike_guard"])
+            self.skips_in_a_row = state["skips_in_a_row"]
         moved = f" (written by {state['world']} rank(s), re-sharded)" if state["world"] != self.dist.world else ""
         self.log.info(f"resumed from {path} at step {self.step}{moved}")
         self._note_new_length(OmegaConf.create(state["config"]).train.max_steps)
@@ -165,10 +189,20 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
     def run(self):
+        """Train to train.max_steps (or stop_after more steps). Returns the exit code: 0, or
+        PREEMPTED_EXIT_CODE when a SIGTERM/SIGUSR1 stopped the run with a checkpoint."""
         t = self.cfg.train
         if self.step >= t.max_steps:
             raise TrainingError(f"run {self.run_dir} already finished {self.step} of train.max_steps="
                                 f"{t.max_steps} steps; raise train.max_steps to go on, or set name= for a new run")
+        with StopSignals() as self.signals:
+            try:
+                return self._loop()
+            finally:
+                self.signals = None
+
+    def _loop(self):
+        t = self.cfg.train
         if self.step == 0 and t.val_every > 0:
             self.evaluate()
         if self.step == 0 and t.hellaswag_every > 0:
@@ -178,14 +212,16 @@ class Trainer:
         done = 0
         while self.step < end:
             step_start = time.time()
-            loss, lr, norm = self.train_step()
+            result = self.train_step()
             self.step += 1
             self.tokens_seen += self.tokens_per_step
             step_s = time.time() - step_start
             done = self.step - started_step
             eta = (time.time() - started) / done * (t.max_steps - self.step)
-            self.log.log_step(self.step, t.max_steps, loss, lr, norm, self.tokens_per_step / step_s,
-                              1000 * step_s, eta, self.tokens_seen, self._gpu_stats(self.tokens_per_step / step_s))
+            self.log.log_step(self.step, t.max_steps, result.loss, result.lr, result.norm,
+                              self.tokens_per_step / step_s, 1000 * step_s, eta, self.tokens_seen,
+                              self._gpu_stats(self.tokens_per_step / step_s), skipped=result.skipped)
+            self._count_skips(result.skipped)
             last = self.step == t.max_steps
             if t.val_every > 0 and (self.step % t.val_every == 0 or last):
                 self.evaluate()
@@ -193,32 +229,59 @@ class Trainer:
                 self.evaluate_hellaswag()
             if t.sample_every > 0 and (self.step % t.sample_every == 0 or last):
                 self.sample()
-            if (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or self.step == end:
-                self.save()
+            preempted = result.stop and self.step < end
+            if (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or self.step == end or preempted:
+                path = self.save()
+            if preempted:
+                # the step's evaluations ran as in an uninterrupted run, so a resume repeats nothing
+                signal_name = self.signals.received or "SIGTERM/SIGUSR1 on another rank"
+                self.log.info(f"preempted ({signal_name}): stopped after step {self.step} with checkpoint "
+                              f"{path}; exit code {PREEMPTED_EXIT_CODE}, resume=auto continues")
+                self.log.close()
+                return PREEMPTED_EXIT_CODE
         self.log.info(f"{'done' if self.step == t.max_steps else 'stopped'}: at step {self.step}, {done} steps in {format_duration(time.time() - started)}; "
                       f"checkpoints in {checkpoint.checkpoint_root(self.run_dir)}")
         self.log.close()
+        return 0
 
     def train_step(self):
-        """One optimizer step over the global batch; returns (mean loss, lr, grad norm)."""
+        """One optimizer step over the global batch, or one the spike guard turned into a
+        zero-gradient update (spikes.py)."""
         self.model.zero_grad()
-        self.loss_sum.zero_()
+        self.reduced.zero_()
         # each token's loss enters the objective with weight 1 / (tokens in the global batch);
         # the gradient reduction sums over ranks, so this is the mean over all of them
         dloss = 1.0 / self.tokens_per_step
         for _ in range(self.accum):
             x, y = self.train_loader.next_batch()
-            self.loss_sum += self.micro_step(x, y, dloss)  # forward + backward (a CUDA graph on GPUs)
+            self.reduced[:1] += self.micro_step(x, y, dloss)  # forward + backward (a CUDA graph on GPUs)
+        if self.signals is not None and self.signals.received:
+            self.reduced[1:].fill_(1.0)  # the sum tells every rank that some rank was signalled
+        # the mean loss over ranks before the update: the spike guard decides from it on every
+        # rank alike. (Dividing on the device rounds exactly as dividing the host's double did.)
+        self.dist.comm.all_reduce(self.reduced)
+        self.reduced[:1].div_(self.accum * self.dist.world)
         lr = learning_rate(self.step, self.cfg.train.max_steps, self.cfg.optim)
-        norm = self.optimizer.step(lr)
-        self.dist.comm.all_reduce(self.loss_sum)
-        # the step's only wait for the GPU: everything above is queued by now
-        loss = self.loss_sum.item() / (self.accum * self.dist.world)
-        norm = float(norm)
-        if not math.isfinite(loss) or not math.isfinite(norm):
-            raise TrainingError(f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
-                                f"lower optim.lr or raise optim.warmup_steps, then resume from the last checkpoint")
-        return loss, lr, norm
+        norm = self.optimizer.step(lr, self.reduced[:1])
+        # the step's first wait for the GPU on one rank (NCCL's collectives wait for their own
+        # completion): everything above is queued by now
+        loss, stop_votes = self.reduced.tolist()
+        return StepResult(loss, lr, float(norm), self.guard.skipped(), stop_votes > 0)
+
+    def _count_skips(self, skipped):
+        """Many skipped steps in a row mean the run diverged: stop, saying what to change."""
+        self.skips_in_a_row = self.skips_in_a_row + 1 if skipped else 0
+        limit = self.cfg.train.skip_max_in_a_row
+        if self.skips_in_a_row < limit:
+            return
+        # skipped steps still move the weights by AdamW's momentum: go back to before the streak
+        first = self.step - limit + 1
+        before = checkpoint.find_before(self.run_dir, first)
+        restart = (f"resume from checkpoint {before} (resume={before})" if before is not None
+                   else f"start again (no checkpoint from before step {first} is kept)")
+        raise TooManySkips(f"steps {first}-{self.step} were all skipped (train.skip_max_in_a_row="
+                           f"{limit}; the last for {skipped.replace('_', ' ')}): the run diverged; lower "
+                           f"optim.lr or raise optim.warmup_steps, then {restart}")
 
     def evaluate(self):
         loss = validation_loss(self.model, self.val_loader, self.val_steps * self.accum, self.dist.comm,
@@ -252,10 +315,12 @@ class Trainer:
 
     def save(self):
         state = {"train_loader": self.train_loader.state_dict(), "tokens_seen": self.tokens_seen,
-                 "config": to_yaml(self.cfg), "dtype": self.cfg.dtype, "model": self.cfg.model.name}
+                 "config": to_yaml(self.cfg), "dtype": self.cfg.dtype, "model": self.cfg.model.name,
+                 "spike_guard": self.guard.state_dict(), "skips_in_a_row": self.skips_in_a_row}
         path = checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, state, self.dist,
                                keep=self.cfg.train.keep_checkpoints)
         self.log.info(f"checkpoint {path}")
+        return path
 
 
 # ---------------------------------------------------------------- helpers

@@ -87,3 +87,55 @@ extern "C" __global__ void clip_scale_kernel(float* scale, double* norm, const f
     norm[0] = value;
     scale[0] = (clip > 0.0 && value > clip) ? (float)(clip / (value + 1e-6)) : 1.0f;
 }
+
+// The spike guard (reference: backends/reference.py spike_guard), on the device so the decision
+// to skip a step costs no host round trip before the update. One thread: the window is a few
+// hundred doubles. The statistics are summed oldest first with explicitly rounded double
+// operations (no FMA contraction), exactly as the reference's Python floats, so both backends
+// see the same mean and std to the bit and decide alike on every rank.
+//   window   (2, W) doubles: accepted losses (row 0) and grad norms (row 1), a ring
+//   count    pushes into the ring so far
+//   verdict  0, or why the step is skipped (SKIP_* codes, defined in reference.SKIP_CODES)
+//   scale    the clipping factor; set to 0 on a skip, which AdamW reads as "the gradient is zero"
+#ifndef SKIP_LOSS_NOT_FINITE
+#error "SKIP_* codes come from backends/cuda/norm.py (compiled in as -DSKIP_LOSS_NOT_FINITE=...)"
+#endif
+
+// x - mean > zscore * std over the last n of `count` values pushed into `row` (W long)
+__device__ bool is_spike(const double* row, int W, long long count, int n, double x, double zscore) {
+    if (!(zscore > 0.0)) return false;
+    double total = 0.0;
+    for (int i = 0; i < n; i++) total = __dadd_rn(total, row[(count - n + i) % W]);
+    const double mean = __ddiv_rn(total, (double)n);
+    double squares = 0.0;
+    for (int i = 0; i < n; i++) {
+        const double d = __dsub_rn(row[(count - n + i) % W], mean);
+        squares = __dadd_rn(squares, __dmul_rn(d, d));
+    }
+    const double std = __dsqrt_rn(__ddiv_rn(squares, (double)n));
+    return __dsub_rn(x, mean) > __dmul_rn(zscore, std);
+}
+
+extern "C" __global__ void spike_guard_kernel(int* verdict, float* scale, double* window, long long* count,
+                                              const double* loss, const double* norm, int W,
+                                              double loss_zscore, double norm_zscore, int min_samples) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const long long pushed = count[0];
+    const int n = pushed < W ? (int)pushed : W;
+    const double x_loss = loss[0], x_norm = norm[0];
+    int code = 0;
+    if (!isfinite(x_loss)) code = SKIP_LOSS_NOT_FINITE;
+    else if (!isfinite(x_norm)) code = SKIP_NORM_NOT_FINITE;
+    else if (n >= min_samples) {
+        if (is_spike(window, W, pushed, n, x_loss, loss_zscore)) code = SKIP_LOSS_SPIKE;
+        else if (is_spike(window + W, W, pushed, n, x_norm, norm_zscore)) code = SKIP_NORM_SPIKE;
+    }
+    verdict[0] = code;
+    if (code != 0) {
+        scale[0] = 0.0f;
+        return;
+    }
+    window[pushed % W] = x_loss;
+    window[W + pushed % W] = x_norm;
+    count[0] = pushed + 1;
+}

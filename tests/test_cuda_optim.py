@@ -375,3 +375,55 @@ def test_global_norm_squared_of_a_slice(ops):
     want = torch.empty(1, dtype=torch.float64, device="cuda")
     reference.global_norm_squared(want, buf[8:8 + n].double())
     check("norm", out, want)
+
+
+# ---------------------------------------------------------------- the spike guard
+def test_spike_guard_matches_the_reference(ops):
+    """The same decisions, the same clip scales left and the same window to the bit: both sum
+    the window oldest first with one rounding per double operation (kernels/norm.cu)."""
+    from distgpt.config import TrainConfig
+    from distgpt.spikes import SpikeGuard
+    from test_spikes import MIN_SAMPLES, W, Z, guarded, sequence
+    cfg = TrainConfig(skip_window=W, skip_min_samples=MIN_SAMPLES, skip_loss_zscore=Z, skip_norm_zscore=Z)
+    values = sequence(60)
+    cuda_guard, ref_guard = SpikeGuard(cfg, ops["norm"], torch.device("cuda")), SpikeGuard(cfg, reference, "cpu")
+    got, want = guarded_on(values, cuda_guard), guarded(values, ref_guard)
+    assert got == want and sum(r is not None for r in want[0]) == 5
+    assert cuda_guard.state_dict() == ref_guard.state_dict()
+
+
+def guarded_on(values, guard):
+    """test_spikes.guarded with the scalars on the GPU."""
+    reasons, scales = [], []
+    scale = torch.zeros(1, dtype=torch.float32, device="cuda")
+    for loss, norm in values:
+        scale.fill_(0.5)
+        guard.check(scale, torch.tensor([loss], dtype=torch.float64, device="cuda"),
+                    torch.tensor([norm], dtype=torch.float64, device="cuda"))
+        reasons.append(guard.skipped())
+        scales.append(scale.item())
+    return reasons, scales
+
+
+@pytest.mark.parametrize("n", [7, 4099])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_adamw_zero_scale_is_a_zero_gradient_even_for_nan(ops, n, dtype):
+    """grad_scale 0 (a skipped step): bitwise the update of an all-zero gradient at scale 1, with
+    NaN and Inf in the gradient; bf16 with its master, and fp32 as its own master."""
+    param, grad, m, v, master = adamw_inputs(n)
+    if dtype == torch.float32:
+        param, grad, master = master, grad.float(), None
+    grad[0], grad[n // 2], grad[-1] = float("nan"), float("inf"), -float("inf")
+    h = _args(HYPER[0])
+
+    def update(g, scale):
+        bufs = [param.clone(), m.clone(), v.clone(), None if master is None else master.clone()]
+        ops["adamw"].adamw_update(bufs[0], g, bufs[1], bufs[2], bufs[3], **dict(h, grad_scale=scale), seed=9)
+        return bufs
+
+    skipped = update(grad, torch.zeros(1, device="cuda"))
+    zero = update(torch.zeros_like(grad), 1.0)
+    for name, a, b in zip(("param", "m", "v", "master"), skipped, zero):
+        if a is not None:
+            assert torch.isfinite(a.float()).all(), f"{name}: NaN/Inf leaked through a zero scale"
+            assert torch.equal(a, b), f"{name}: a zero scale differs from a zero gradient"

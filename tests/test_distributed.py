@@ -38,9 +38,11 @@ def kind(name, tensor):
     return "matrix" if tensor.dim() == 2 else ("bias" if name.endswith("bias") else "layernorm")
 
 
-def train(tmp, name, ranks, *extra, micro_batch=None):
+def train(tmp, name, ranks, *extra, micro_batch=None, faults=None, expect=0):
+    """faults: a tests/faults.py spec injected into every rank (None: the plain CLI)."""
     micro_batch = micro_batch or 8 // ranks
-    args = [sys.executable, "-m", "distgpt", "train", *COMMON, f"out_dir={tmp}", f"name={name}",
+    program = ["-m", "distgpt"] if faults is None else [str(Path(__file__).parent / "faults.py"), faults]
+    args = [sys.executable, *program, "train", *COMMON, f"out_dir={tmp}", f"name={name}",
             f"data.train={tmp}/data/ts_train_*.bin", f"data.val={tmp}/data/ts_val_*.bin",
             f"train.micro_batch={micro_batch}", *extra]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
@@ -48,7 +50,7 @@ def train(tmp, name, ranks, *extra, micro_batch=None):
                WANDB_MODE="offline")
     cmd = args if ranks == 1 else [MPIRUN, "-np", str(ranks), "--oversubscribe", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
@@ -105,6 +107,47 @@ def test_two_rank_checkpoint_resumes_on_other_world_sizes(runs, ranks_after):
     assert loss[:4] == loss2[:4]  # the same 2-rank run up to the checkpoint
     assert loss == pytest.approx(loss2, rel=RTOL_ACROSS_LAYOUTS)
     assert val == pytest.approx(val2, rel=RTOL_ACROSS_LAYOUTS)
+
+
+def skipped(tmp, name):
+    rows = [json.loads(x) for x in (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["skipped"] for r in rows if "skipped" in r}
+
+
+def test_skips_are_decided_alike_on_every_rank(runs):
+    """A NaN in the last rank's gradient alone (step 3) and a 1000x gradient on rank 0 alone
+    (step 6, 4 accepted steps behind it): every rank skips both steps, so the weights are bitwise
+    those of the run whose gradients are zero there; 1 and 2 ranks skip the same steps and
+    train alike."""
+    guard = ["train.skip_min_samples=4", "train.skip_window=8"]
+    for ranks in (1, 2):
+        train(runs, f"faulty{ranks}", ranks, *guard, faults=f"nan@3:{ranks - 1},grad_spike@6:0")
+        train(runs, f"zeros{ranks}", ranks, *guard, faults="zero_grad@3,zero_grad@6")
+        assert skipped(runs, f"faulty{ranks}") == {3: "norm_not_finite", 6: "norm_spike"}
+        assert skipped(runs, f"zeros{ranks}") == {}
+        w, w0 = weights(runs, f"faulty{ranks}"), weights(runs, f"zeros{ranks}")
+        assert all(torch.equal(w[k], w0[k]) for k in w0), f"{ranks} rank(s): skipped != zero gradients"
+    (loss2, val2, norm2), (loss1, val1, norm1) = metrics(runs, "faulty2"), metrics(runs, "faulty1")
+    assert loss2 == pytest.approx(loss1, rel=RTOL_ACROSS_LAYOUTS)
+    assert val2 == pytest.approx(val1, rel=RTOL_ACROSS_LAYOUTS)
+    clean = [i for i in range(8) if i + 1 not in (3, 6)]  # a fault on one rank of two is another fault
+    assert [norm2[i] for i in clean] == pytest.approx([norm1[i] for i in clean], rel=RTOL_ACROSS_LAYOUTS)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(runs):
+    """SIGTERM reaches rank 1 alone, during step 3: the stop vote rides on step 3's loss
+    all-reduce, so both ranks finish step 3, write their parts of its checkpoint and exit 75;
+    resume=auto then ends bitwise where the uninterrupted run did."""
+    out = train(runs, "preempted", 2, faults="sigterm@3:1", expect=75)
+    assert "preempted (SIGTERM/SIGUSR1 on another rank): stopped after step 3" in out
+    latest = checkpoint.find_latest(Path(runs) / "preempted")
+    assert latest.name == "step_00000003"
+    assert all((latest / checkpoint.optimizer_file(r)).exists() for r in (0, 1))
+    assert len(metrics(runs, "preempted")[0]) == 3
+    train(runs, "preempted", 2)
+    assert metrics(runs, "preempted") == metrics(runs, "r2z1")
+    w, w0 = weights(runs, "preempted"), weights(runs, "r2z1")
+    assert all(torch.equal(w[k], w0[k]) for k in w0)
 
 
 @pytest.mark.slow

@@ -233,11 +233,17 @@ def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay,
     own dtype (the CUDA backend rounds stochastically). grad_scale folds in gradient clipping.
     The CUDA backend's stochastic rounding draws from (seed, step, index); the reference rounds
     to nearest (seed is unused here).
-    Weight decay is decoupled, as in AdamW: w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)."""
+    Weight decay is decoupled, as in AdamW: w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w).
+    grad_scale == 0 means "the gradient is zero" (a step the spike guard skipped), whatever grad holds."""
     g = grad.to(m.dtype)
     if isinstance(grad_scale, torch.Tensor):  # the optimizer's device-side clipping scale
         grad_scale = grad_scale.item()
-    if grad_scale != 1.0:
+    if grad_scale == 0.0:
+        # a skipped step (spike_guard): the gradient counts as zero even where it holds NaN or
+        # Inf (0 * NaN is NaN), so the moments decay and weight decay applies exactly as for a
+        # zero gradient
+        g = torch.zeros_like(g)
+    elif grad_scale != 1.0:
         g = g * grad_scale
     m.mul_(beta1).add_(g, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -267,3 +273,59 @@ def clip_scale(scale, norm, parts, clip):
     value = math.sqrt(total)
     norm.fill_(value)
     scale.fill_(clip / (value + 1e-6) if clip > 0 and value > clip else 1.0)
+
+
+# ---------------------------------------------------------------- the spike guard
+# Why a step is skipped, as spike_guard writes it into `verdict` (0: the update goes ahead). The
+# CUDA kernel receives these codes as -D defines (backends/cuda/norm.py), so they live here once.
+SKIP_REASONS = {1: "loss_not_finite", 2: "norm_not_finite", 3: "loss_spike", 4: "norm_spike"}
+SKIP_CODES = {reason: code for code, reason in SKIP_REASONS.items()}
+
+
+def _window_stats(row, count, n):
+    """Mean and population std of the last n values pushed into the ring `row` (W,) after
+    `count` pushes, summed oldest first in double, one rounding per operation: the same order
+    as the CUDA kernel, and independent of where the ring starts (a resumed run refills it)."""
+    W = len(row)
+    recent = [row[(count - n + i) % W] for i in range(n)]
+    total = 0.0
+    for x in recent:
+        total += x
+    mean = total / n
+    squares = 0.0
+    for x in recent:
+        squares += (x - mean) * (x - mean)
+    return mean, math.sqrt(squares / n)
+
+
+def spike_guard(verdict, scale, window, count, loss, norm, loss_zscore, norm_zscore, min_samples):
+    """Decide whether this step's update goes ahead, from its loss and gradient norm.
+    window (2, W) float64: the losses (row 0) and norms (row 1) of the last accepted steps, a ring
+    with `count` (one int64) pushes so far. loss (the mean over ranks) and norm (one float64
+    element each). A step is skipped when its loss or norm is not finite, or, once min_samples
+    steps were accepted, when x - mean > zscore * std over the last min(count, W) accepted values
+    (a one-sided z-score: only upward spikes; zscore 0 turns that check off). verdict (one int32)
+    = 0 or the SKIP_CODES reason; a skipped step sets scale (one float32, the clipping factor) to
+    0, which AdamW reads as a zero gradient; an accepted step is pushed into the window."""
+    W = window.shape[1]
+    pushed = int(count.item())
+    n = min(pushed, W)
+    x = (float(loss.item()), float(norm.item()))
+    code = 0
+    if not math.isfinite(x[0]):
+        code = SKIP_CODES["loss_not_finite"]
+    elif not math.isfinite(x[1]):
+        code = SKIP_CODES["norm_not_finite"]
+    elif n >= min_samples:
+        rows = window.tolist()
+        for row, zscore, reason in ((0, loss_zscore, "loss_spike"), (1, norm_zscore, "norm_spike")):
+            mean, std = _window_stats(rows[row], pushed, n)
+            if zscore > 0 and x[row] - mean > zscore * std:
+                code = SKIP_CODES[reason]
+                break
+    verdict.fill_(code)
+    if code:
+        scale.fill_(0.0)
+    else:
+        window[:, pushed % W] = torch.tensor(x, dtype=window.dtype)
+        count.fill_(pushed + 1)

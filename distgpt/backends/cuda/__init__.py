@@ -17,7 +17,7 @@ from distgpt.backends.cuda.attention import Attention
 from distgpt.backends.cuda.bias import BiasGradients, partials_elements as bias_partials
 from distgpt.backends.cuda.encoder import EncoderGradients, encoder_forward, sort_buffer_bytes
 from distgpt.backends.cuda.matmul import WORKSPACE_BYTES, Matmuls
-from distgpt.backends.cuda.norm import BLOCKS_PER_SM as NORM_BLOCKS_PER_SM, GlobalNorm, clip_scale
+from distgpt.backends.cuda.norm import BLOCKS_PER_SM as NORM_BLOCKS_PER_SM, GlobalNorm, clip_scale, spike_guard
 from distgpt.backends.cuda.runtime import sm_count
 
 
@@ -140,6 +140,9 @@ class CudaBackend:
 
     def clip_scale(self, scale, norm, parts, clip):
         clip_scale(scale, norm, parts, clip)
+
+    def spike_guard(self, verdict, scale, window, count, loss, norm, loss_zscore, norm_zscore, min_samples):
+        spike_guard(verdict, scale, window, count, loss, norm, loss_zscore, norm_zscore, min_samples)
 
     def adamw_update(self, param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
                      seed=0):
