@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 from distgpt.checkpoint import save_tensors
 from distgpt.config import ModelConfig
+from distgpt.model.layout import LAYER_PARAMS
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# the block's matmul weights, (out, in) in the parameter table: HF stores them transposed
+CONV1D = tuple(suffix for suffix, shape, _ in LAYER_PARAMS if len(shape(1)) == 2)
 WTE = "transformer.wte.weight"
 
 

@@ -14,14 +14,14 @@ import torch
 
 from distgpt.config import ModelConfig
 from distgpt.interop.hf import FormatError
+from distgpt.model.layout import LAYER_PARAMS
 
 MAGIC = 20240326
 VERSIONS = {3: torch.float32, 5: torch.bfloat16}
 HEADER_INTS = 256
-# per-layer tensors in llm.c's order, by distgpt's name within layer i
-LAYER_ORDER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-               "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-               "mlp.c_proj.weight", "mlp.c_proj.bias")
+# per-layer tensors in llm.c's order, by distgpt's name within layer i: the parameter table's
+# own order (GPT-2's), which llm.c follows kind by kind
+LAYER_ORDER = tuple(suffix for suffix, _, _ in LAYER_PARAMS)
 
 
 def _order(n_layer):
