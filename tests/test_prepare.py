@@ -10,6 +10,7 @@ import pytest
 
 from distgpt.cli import main
 from distgpt.data.prepare import prepare
+from distgpt.data import tokenize_pool
 from distgpt.data.progress import Progress
 from distgpt.data.shard_cutter import ShardCutter
 from distgpt.data.shards import read_shard
@@ -84,16 +85,19 @@ def test_directory_glob_and_mixed_kinds_read_in_order(tmp_path):
 
 
 # ------------------------------------------------------------------ workers
-def test_one_and_two_workers_write_identical_shards(tmp_path):
+def test_one_and_two_workers_write_identical_shards(tmp_path, monkeypatch):
     docs = documents(3 * BATCH_DOCS + 17, seed=1)
     write_parquet(tmp_path / "a.parquet", docs[:2000])
     write_parquet(tmp_path / "b.parquet", docs[2000:])
+    pools = []  # the start methods of the pools made: 2 workers must really run a pool
+    real_context = tokenize_pool.multiprocessing.get_context
+    monkeypatch.setattr(tokenize_pool.multiprocessing, "get_context", lambda m: pools.append(m) or real_context(m))
     shards = {}
     for workers in (1, 2):
         train, val = prepare(str(tmp_path / "*.parquet"), tmp_path / f"w{workers}", name="fw", val_tokens=5000,
                              shard_tokens=20_000, workers=workers, progress=False)
         shards[workers] = [(Path(p).name, Path(p).read_bytes()) for p in val + train]
-    assert len(shards[1]) > 3 and shards[1] == shards[2]
+    assert pools == ["spawn"] and len(shards[1]) > 3 and shards[1] == shards[2]
     stream = np.concatenate([np.frombuffer(body[1024:], dtype="<u2") for _, body in shards[1]])
     assert np.array_equal(stream, expected_stream(docs))
 
