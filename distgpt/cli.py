@@ -106,7 +106,8 @@ def cmd_prepare(args):
     parser.add_argument("inputs", nargs="+", help=".txt (one document), .jsonl (one per line) or .parquet "
                         "(one per row) files; directories of them; globs (quote them: 'data/*.parquet')")
     parser.add_argument("--out", default="data", help="output directory (default: data)")
-    parser.add_argument("--name", default=None, help="shard name prefix (default: first input's stem)")
+    parser.add_argument("--name", default=None, help="shard name prefix (default: the first input's file "
+                        "stem, directory name, or a glob's last plain folder)")
     parser.add_argument("--val-tokens", type=int, default=None,
                         help="the first N tokens are validation (FineWeb recipes: 100000000)")
     parser.add_argument("--val-fraction", type=float, default=None,

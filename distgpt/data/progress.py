@@ -25,6 +25,7 @@ class Progress:
         self.start = self.last = clock()
         self.bytes = self.docs = self.tokens = 0
         self.drawn = False  # a terminal line is open, to end before anything else is printed
+        self.width = 0  # the longest line drawn so far
 
     def update(self, n_bytes, n_docs, n_tokens):
         self.bytes += n_bytes
@@ -59,7 +60,9 @@ class Progress:
     def _show(self):
         self.last = self.clock()
         if self.tty:  # redraw in place; the padding wipes what a longer earlier line left behind
-            self.stream.write("\r" + self.line().ljust(100))
+            line = self.line()
+            self.width = max(self.width, len(line))
+            self.stream.write("\r" + line.ljust(self.width))
             self.drawn = True
         else:
             self.stream.write(self.line() + "\n")
