@@ -6,17 +6,20 @@ The corpus is TEXT cut into documents of about --doc-chars characters (at line e
 until there are --rows of them, written as one parquet file (FineWeb's layout: a `text` column,
 row groups of 1024 rows). Each run tokenizes it with --val-tokens, as a FineWeb recipe does, and
 is timed end to end: reading, pool start, tokenizing, writing shards. A markdown table at the end.
+Wall tokens/s is what a user sees; on cores that other work shares it understates the pool, so the
+table also gives tokens per CPU second (this process and its workers), which other work leaves alone.
 """
 import argparse
 import contextlib
 import io
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
 
-from distgpt.data.prepare import prepare
-from distgpt.data.shards import read_header
+# Only light imports at the top: 'spawn' re-imports this file in every worker, and distgpt.data.prepare
+# pulls in torch (through shards.py), about 1.5 CPU seconds a worker that would count as the pool's cost
 from distgpt.data.sources import import_pyarrow
 from distgpt.data.tokenize_pool import default_workers
 
@@ -39,14 +42,23 @@ def write_corpus(path, docs):
     pq.write_table(pa.table({"text": docs}), path, row_group_size=1024)
 
 
+def cpu_seconds():
+    """CPU time of this process and of its finished children (the pool's workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run(corpus, out, workers):
-    """Seconds and tokens of one prepare run; its one-line summary is kept out of the table."""
-    start = time.perf_counter()
+    """Wall seconds, CPU seconds and tokens of one prepare run; its summary line is kept out of the table.
+    CPU seconds per token show the pool's own cost even where other work shares the cores."""
+    from distgpt.data.prepare import prepare
+    from distgpt.data.shards import read_header
+    start, cpu = time.perf_counter(), cpu_seconds()
     with contextlib.redirect_stdout(io.StringIO()):
         train, val = prepare(corpus, out, name="synthetic", val_tokens=1_000_000, workers=workers,
                              progress=False)
-    seconds = time.perf_counter() - start
-    return seconds, sum(read_header(p) for p in train + val)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return seconds, cpu, sum(read_header(p) for p in train + val)
 
 
 def main():
@@ -66,15 +78,16 @@ def main():
               f"{os.getloadavg()[0]:.1f} (other work on the cores shows up as lost speed-up)", flush=True)
         rows = []
         for workers in a.workers:
-            seconds, tokens = run(corpus, os.path.join(tmp, f"out{workers}"), workers)
-            rows.append((workers, tokens, seconds))
-            print(f"workers={workers}: {tokens:,} tokens in {seconds:.2f} s", flush=True)
+            seconds, cpu, tokens = run(corpus, os.path.join(tmp, f"out{workers}"), workers)
+            rows.append((workers, tokens, seconds, cpu))
+            print(f"workers={workers}: {tokens:,} tokens in {seconds:.2f} s ({cpu:.2f} CPU s), load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
     base = rows[0][1] / rows[0][2]
-    print("\n| workers | tokens | seconds | tokens/s | MB/s of text | vs first row |")
-    print("|---|---|---|---|---|---|")
-    for workers, tokens, seconds in rows:
+    print("\n| workers | tokens | seconds | tokens/s | MB/s of text | vs first row | CPU s | tokens per CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for workers, tokens, seconds, cpu in rows:
         print(f"| {workers} | {tokens:,} | {seconds:.2f} | {tokens / seconds:,.0f} | "
-              f"{n_bytes / seconds / 1e6:.2f} | {tokens / seconds / base:.2f}x |")
+              f"{n_bytes / seconds / 1e6:.2f} | {tokens / seconds / base:.2f}x | {cpu:.2f} | {tokens / cpu:,.0f} |")
 
 
 if __name__ == "__main__":  # prepare's workers start by 'spawn', which re-imports this file
