@@ -206,12 +206,18 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), empty)
     numbers = tmp_path / "numbers.parquet"
     pq.write_table(pa.table({"text": [1, 2, 3]}), numbers)
+    with_null = tmp_path / "with_null.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), with_null)
+    not_parquet = tmp_path / "not_parquet.parquet"
+    not_parquet.write_text('{"text": "a .jsonl by another name"}\n')
     cases = [
         ([csv], ["data.csv", "suffix '.csv'", ".parquet"]),
         ([tmp_path / "absent.parquet"], ["absent.parquet does not exist"]),
         ([str(tmp_path / "nothing" / "*.parquet")], ["matches no files"]),
         ([good, "--text-column", "body"], ["no column 'body'", "columns: id, text", "--text-column"]),
         ([numbers], ["column 'text' holds int64, not text"]),
+        ([not_parquet], ["not_parquet.parquet is not a readable parquet file"]),
+        ([with_null], ["with_null.parquet row 1: column 'text' is null"]),
         ([empty], ["hold no documents"]),
         ([good, "--val-tokens", 10, "--val-fraction", 0.1], ["not both"]),
         ([good, "--val-tokens", 10**9], ["not more than --val-tokens 1,000,000,000"]),
