@@ -12,6 +12,6 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /opt/distgpt
 COPY . .
 RUN pip install "torch>=2.9" --index-url https://download.pytorch.org/whl/cu130 && \
-    pip install ".[cuda13,dev]"
+    pip install ".[cuda13,data,dev]"
 WORKDIR /work
 CMD ["distgpt", "--help"]

@@ -11,7 +11,7 @@ USAGE = """distgpt <command> [args]
 
 commands:
   train   [overrides...]      train a GPT-2 (Hydra overrides: model=gpt2_124m +run=single_gpu ...)
-  prepare INPUT... [--out D]  tokenize .txt/.jsonl into llm.c-format train/val shards
+  prepare INPUT... [--out D]  tokenize .txt/.jsonl/.parquet into llm.c-format train/val shards
   sample  CHECKPOINT [flags]  generate text from a checkpoint directory (or a run directory)
   bench   [--model M --batch B]  time the CUDA training step (tokens/s, MFU, memory)
   eval    hellaswag RUN_OR_CKPT  HellaSwag accuracy of a checkpoint (acc, acc_norm)
@@ -49,11 +49,12 @@ def _is_user_error(exc):
     from distgpt.checkpoint import CheckpointError
     from distgpt.config import ConfigError
     from distgpt.data.shards import ShardError
+    from distgpt.data.sources import PrepareError
     from distgpt.dist.rendezvous import RendezvousError
     from distgpt.interop.hf import FormatError
     from distgpt.train import TrainingError
     return isinstance(exc, (ConfigError, ShardError, CheckpointError, TrainingError, FileNotFoundError,
-                            FormatError, RendezvousError))
+                            FormatError, PrepareError, RendezvousError))
 
 
 def _same_on_every_rank(exc):
@@ -103,17 +104,26 @@ def resolve_device(cfg):
 def cmd_prepare(args):
     parser = argparse.ArgumentParser(prog="distgpt prepare",
                                      description="Tokenize text into llm.c-format token shards.")
-    parser.add_argument("inputs", nargs="+", help=".txt (one document) or .jsonl (one per line) files")
+    parser.add_argument("inputs", nargs="+", help=".txt (one document), .jsonl (one per line) or .parquet "
+                        "(one per row) files; directories of them; globs (quote them: 'data/*.parquet')")
     parser.add_argument("--out", default="data", help="output directory (default: data)")
-    parser.add_argument("--name", default=None, help="shard name prefix (default: first input's stem)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens kept for validation")
+    parser.add_argument("--name", default=None, help="shard name prefix (default: the first input's file "
+                        "stem, directory name, or a glob's last plain folder)")
+    parser.add_argument("--val-tokens", type=int, default=None,
+                        help="the first N tokens are validation (FineWeb recipes: 100000000)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="the last fraction of tokens is validation (default 0.1 without --val-tokens)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
-    parser.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines")
+    parser.add_argument("--text-key", "--text-column", dest="text_key", default="text",
+                        help="the .jsonl field or .parquet column holding the text (default: text)")
+    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
     parser.add_argument("--tokenizer", default=None, help="GPT-2 rank file (default: the packaged one)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     a = parser.parse_args(args)
     from distgpt.data.prepare import prepare
-    prepare(a.inputs, a.out, name=a.name, val_fraction=a.val_fraction, shard_tokens=a.shard_tokens,
-            text_key=a.text_key, rank_file=a.tokenizer)
+    prepare(a.inputs, a.out, name=a.name, val_fraction=a.val_fraction, val_tokens=a.val_tokens,
+            shard_tokens=a.shard_tokens, text_key=a.text_key, rank_file=a.tokenizer, workers=a.workers,
+            progress=not a.no_progress)
 
 
 def cmd_sample(args):

@@ -1,138 +1,163 @@
-"""`distgpt prepare`: tokenize .txt/.jsonl text into train and val token shards.
+"""`distgpt prepare`: tokenize .txt/.jsonl/.parquet text into train and val token shards.
 
-Every document becomes EOT_TOKEN followed by its tokens; all documents form one stream, whose
-last `val_fraction` of tokens is the validation split. The stream first goes to a temporary
-file in `out_dir`, so memory stays small however large the corpus is: the split point is only
-known once every document has been tokenized.
+Every document becomes EOT_TOKEN followed by its GPT-2 tokens; all documents, in input order,
+form one stream, tokenized on `workers` cores (the shards are the same for any count). The
+validation split is either
+
+- the first `val_tokens` tokens (FineWeb recipes: `--val-tokens 100000000`). Shards are then
+  written as the tokens arrive and numbered along the stream as llm.c's fineweb.py numbers them
+  (NAME_val_000000.bin, NAME_train_000001.bin, ...), so a corpus of any size needs no more disk
+  than its shards; or
+- the last `val_fraction` of tokens (10% when neither is given, as before). The split point is
+  known only at the end, so the stream goes first to a temporary file (twice the shards' disk
+  space for a while); shards are numbered per split (NAME_train_000000.bin, NAME_val_000000.bin).
+
+Shards are written into a hidden staging directory inside `out_dir` and moved into place only
+when the whole corpus has been read: a run that fails part way leaves earlier shards untouched.
+Workers start by 'spawn', so a script that calls prepare() must guard its entry point with
+`if __name__ == "__main__":`.
 """
-import json
 import os
 import re
-import sys
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from distgpt.data.shards import write_shard
-from distgpt.data.tokenizer import EOT_TOKEN, load_gpt2_encoding
+from distgpt.data.progress import Progress
+from distgpt.data.shard_cutter import ShardCutter
+from distgpt.data.shards import read_header
+from distgpt.data.sources import (PrepareError, check_columns, default_name, expand_inputs, input_bytes,
+                                  read_documents)
+from distgpt.data.tokenize_pool import default_workers, tokenize_batches
+from distgpt.data.tokenizer import load_gpt2_encoding
 
-SUFFIXES = (".txt", ".jsonl")
-BATCH_DOCS = 1024  # jsonl documents tokenized together; tiktoken spreads a batch over threads
-BATCH_BYTES = 16 * 2**20  # ... or fewer when they are long, to bound memory
+DEFAULT_VAL_FRACTION = 0.1
+COPY_TOKENS = 16 * 2**20  # tokens copied at a time from the temporary stream into shards
 
 
-def prepare(inputs, out_dir, name=None, val_fraction=0.1, shard_tokens=100_000_000,
-            text_key="text", rank_file=None, progress=True):
-    """Tokenize `inputs` into `<out_dir>/<name>_{train,val}_NNNNNN.bin`; returns (train_paths, val_paths)."""
+def prepare(inputs, out_dir, name=None, val_fraction=None, shard_tokens=100_000_000, text_key="text",
+            rank_file=None, progress=True, val_tokens=None, workers=None):
+    """Tokenize `inputs` (files, directories, globs) into `<out_dir>/<name>_{train,val}_NNNNNN.bin`;
+    returns (train_paths, val_paths). `text_key`: the .jsonl field or .parquet column holding the text."""
     inputs = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
-    check_arguments(inputs, val_fraction, shard_tokens)
-    enc = load_gpt2_encoding(rank_file)
-    name = name or Path(inputs[0]).stem
+    val_fraction = check_arguments(val_fraction, val_tokens, shard_tokens, workers)
+    files = expand_inputs(inputs)
+    check_columns(files, text_key)
+    try:  # the rank file is checked here, once, rather than in every worker
+        load_gpt2_encoding(rank_file)
+    except ValueError as e:
+        raise PrepareError(f"prepare: {e}") from None
+    workers = workers or default_workers()
+    name = name or default_name(inputs[0])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stream_path = out / f".{name}_stream.tmp"
+    staging = out / f".{name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+    staging.mkdir()
+    start = time.perf_counter()
+    bar = Progress(input_bytes(files), enabled=progress)
+    finished = False
     try:
-        with open(stream_path, "wb") as stream:
-            n_total, n_docs = tokenize_into(stream, inputs, enc, text_key, progress)
-        n_val = max(1, int(n_total * val_fraction)) if val_fraction > 0 else 0
-        n_train = n_total - n_val
-        if n_train < 1:
-            raise ValueError(f"prepare: {', '.join(inputs)} hold only {n_total} token(s), too few to split "
-                             f"into train and val; add text or lower val_fraction")
-        tokens = np.memmap(stream_path, dtype="<u2", mode="r")
-        train_paths = write_split(tokens[:n_train], out, f"{name}_train", shard_tokens)
-        val_paths = write_split(tokens[n_train:], out, f"{name}_val", shard_tokens)
-        del tokens
+        batches = tokenize_batches(read_documents(files, text_key), rank_file, workers)
+        if val_tokens is None:
+            staged, n_docs = split_tail(batches, bar, staging, name, shard_tokens, val_fraction, inputs)
+        else:
+            staged, n_docs = split_head(batches, bar, staging, name, shard_tokens, val_tokens, inputs)
+        finished = True
+        paths = {split: [str(out / Path(p).name) for p in staged[split]] for split in ("train", "val")}
+        for split in paths:
+            for src, dst in zip(staged[split], paths[split]):
+                os.replace(src, dst)
     finally:
-        stream_path.unlink(missing_ok=True)
-    stale = remove_stale_shards(out, name, train_paths + val_paths)
-    note = f"; removed {len(stale)} stale shard(s) of an earlier run" if stale else ""
-    print(f"prepared {name}: {n_docs:,} document(s) -> {n_train:,} train tokens in {len(train_paths)} "
-          f"file(s), {n_val:,} val tokens in {len(val_paths)} file(s), in {out}{note}", flush=True)
-    return train_paths, val_paths
+        bar.close(finished)
+        shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    stale = remove_stale_shards(out, name, paths["train"] + paths["val"])
+    report(name, out, n_docs, paths, seconds, stale)
+    return paths["train"], paths["val"]
 
 
-def check_arguments(inputs, val_fraction, shard_tokens):
-    """Fail on any input before tokenizing the first one."""
-    if not inputs:
-        raise ValueError("prepare: no input files given; pass one or more .txt/.jsonl files")
-    for path in inputs:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"prepare: input {path} does not exist (or is not a file)")
-        if Path(path).suffix.lower() not in SUFFIXES:
-            raise ValueError(f"prepare: input {path} has suffix '{Path(path).suffix}'; accepted: .txt "
-                             f"(the whole file is one document), .jsonl (one JSON document per line)")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"prepare: val_fraction {val_fraction} must be in [0, 1)")
+def check_arguments(val_fraction, val_tokens, shard_tokens, workers):
+    """Fail on any flag before tokenizing; returns the validation fraction to use (None with val_tokens)."""
+    if val_tokens is not None:
+        if val_fraction is not None:
+            raise PrepareError("prepare: give --val-tokens (validation = the first N tokens) or "
+                               "--val-fraction (the last fraction), not both")
+        if not 1 <= val_tokens:
+            raise PrepareError(f"prepare: --val-tokens {val_tokens} must be at least 1 "
+                               f"(--val-fraction 0 writes no validation split)")
+    elif val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise PrepareError(f"prepare: val_fraction {val_fraction} must be in [0, 1)")
     if not 1 <= shard_tokens < 2**31:
-        raise ValueError(f"prepare: shard_tokens {shard_tokens} must be in [1, 2**31) (int32 header count)")
+        raise PrepareError(f"prepare: shard_tokens {shard_tokens} must be in [1, 2**31) (int32 header count)")
+    if workers is not None and workers < 1:
+        raise PrepareError(f"prepare: --workers {workers} must be at least 1")
+    return val_fraction
 
 
-def tokenize_into(stream, inputs, enc, text_key, progress):
-    """Append every document's [EOT, tokens...] to `stream` as uint16; returns (tokens, documents)."""
+def split_head(batches, bar, staging, name, shard_tokens, val_tokens, inputs):
+    """Validation = the stream's first `val_tokens`; shards written as the tokens come."""
+    cutter = ShardCutter(staging, name, shard_tokens, [("val", val_tokens), ("train", float("inf"))],
+                         one_counter=True)
+    n_tokens, n_docs = consume(batches, bar, cutter.write)
+    check_corpus(n_docs, n_tokens, inputs)
+    if n_tokens <= val_tokens:
+        raise PrepareError(f"prepare: {', '.join(inputs)} hold {n_tokens:,} tokens, not more than "
+                           f"--val-tokens {val_tokens:,}, so no train tokens are left; lower --val-tokens")
+    return cutter.close(), n_docs
+
+
+def split_tail(batches, bar, staging, name, shard_tokens, val_fraction, inputs):
+    """Validation = the stream's last `val_fraction`; the stream waits in a temporary file until its
+    length is known."""
+    stream_path = staging / "stream.tmp"
+    with open(stream_path, "wb") as stream:
+        n_tokens, n_docs = consume(batches, bar, lambda tokens: tokens.tofile(stream))
+    check_corpus(n_docs, n_tokens, inputs)
+    n_val = max(1, int(n_tokens * val_fraction)) if val_fraction > 0 else 0
+    n_train = n_tokens - n_val
+    if n_train < 1:
+        raise PrepareError(f"prepare: {', '.join(inputs)} hold only {n_tokens} token(s), too few to split "
+                           f"into train and val; add text or lower val_fraction")
+    cutter = ShardCutter(staging, name, shard_tokens, [("train", n_train), ("val", n_val)], one_counter=False)
+    tokens = np.memmap(stream_path, dtype="<u2", mode="r")
+    for begin in range(0, n_tokens, COPY_TOKENS):
+        cutter.write(tokens[begin:begin + COPY_TOKENS])
+    del tokens
+    stream_path.unlink()
+    return cutter.close(), n_docs
+
+
+def consume(batches, bar, sink):
+    """Feed every tokenized batch to `sink` in order, counting; returns (tokens, documents)."""
     n_tokens = n_docs = 0
-    total_bytes = sum(os.path.getsize(p) for p in inputs)
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
-              disable=not progress) as bar:
-        for path in inputs:
-            reader = read_jsonl if Path(path).suffix.lower() == ".jsonl" else read_txt
-            for texts, n_bytes in reader(path, text_key):
-                for doc in enc.encode_ordinary_batch(texts, num_threads=min(8, os.cpu_count() or 1)):
-                    ids = np.empty(len(doc) + 1, dtype="<u2")
-                    ids[0] = EOT_TOKEN
-                    ids[1:] = doc
-                    ids.tofile(stream)
-                    n_tokens += len(ids)
-                n_docs += len(texts)
-                bar.update(n_bytes)
+    for docs, tokens, n_bytes in batches:
+        sink(tokens)
+        n_tokens += len(tokens)
+        n_docs += docs
+        bar.update(n_bytes, docs, len(tokens))
     return n_tokens, n_docs
 
 
-def read_txt(path, text_key):
-    """The whole file as one document: yields ([text], bytes read)."""
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")  # bytes, not text mode: '\r\n' must survive unchanged
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prepare: input {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
-                         f"convert it to UTF-8 first") from None
-    yield [text], len(raw)
+def check_corpus(n_docs, n_tokens, inputs):
+    if n_docs == 0:
+        raise PrepareError(f"prepare: {', '.join(inputs)} hold no documents (empty files or no rows); "
+                           f"check the inputs")
 
 
-def read_jsonl(path, text_key):
-    """One document per non-blank line, from field `text_key`: yields (texts, bytes read) in batches."""
-    texts, n_bytes = [], 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            n_bytes += len(line)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:  # bad JSON or bad UTF-8
-                raise ValueError(f"prepare: input {path} line {number}: not valid JSON ({e}); "
-                                 f"each line must be one JSON object") from None
-            text = record.get(text_key) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"prepare: input {path} line {number}: no string field '{text_key}'; "
-                                 f"name the field holding the text with text_key (--text-key)")
-            texts.append(text)
-            if len(texts) >= BATCH_DOCS or n_bytes >= BATCH_BYTES:
-                yield texts, n_bytes
-                texts, n_bytes = [], 0
-    if texts or n_bytes:
-        yield texts, n_bytes
-
-
-def write_split(tokens, out, prefix, shard_tokens):
-    """Cut `tokens` into files of at most `shard_tokens`: <prefix>_000000.bin, _000001, ..."""
-    paths = []
-    for index, start in enumerate(range(0, len(tokens), shard_tokens)):
-        path = str(out / f"{prefix}_{index:06d}.bin")
-        write_shard(path, tokens[start:start + shard_tokens])
-        paths.append(path)
-    return paths
+def report(name, out, n_docs, paths, seconds, stale):
+    """One line: what was written where, and how fast (tokens/s over the whole run, reading included)."""
+    train, val = paths["train"], paths["val"]
+    n_train, n_val = sum(map(read_header, train)), sum(map(read_header, val))
+    rate = (n_train + n_val) / seconds if seconds > 0 else 0.0
+    note = f"; removed {len(stale)} stale shard(s) of an earlier run" if stale else ""
+    print(f"prepared {name}: {n_docs:,} document(s) -> {n_train:,} train tokens in {len(train)} file(s), "
+          f"{n_val:,} val tokens in {len(val)} file(s), in {out}; {n_train + n_val:,} tokens in {seconds:.1f} s "
+          f"({rate:,.0f} tokens/s){note}", flush=True)
 
 
 def remove_stale_shards(out, name, written):
