@@ -383,12 +383,14 @@ def test_spike_guard_matches_the_reference(ops):
     the window oldest first with one rounding per double operation (kernels/norm.cu)."""
     from distgpt.config import TrainConfig
     from distgpt.spikes import SpikeGuard
-    from test_spikes import MIN_SAMPLES, W, Z, guarded, sequence
+    from test_spikes import MIN_SAMPLES, W, Z, guarded, plain_verdicts, sequence
     cfg = TrainConfig(skip_window=W, skip_min_samples=MIN_SAMPLES, skip_loss_zscore=Z, skip_norm_zscore=Z)
     values = sequence(60)
     cuda_guard, ref_guard = SpikeGuard(cfg, ops["norm"], torch.device("cuda")), SpikeGuard(cfg, reference, "cpu")
     got, want = guarded_on(values, cuda_guard), guarded(values, ref_guard)
-    assert got == want and sum(r is not None for r in want[0]) == 5
+    # the injected events and whatever the random walk itself makes an outlier, as the spec says
+    assert got == want and want[0] == plain_verdicts(values, W, MIN_SAMPLES, Z, Z)[0]
+    assert sum(r is not None for r in want[0]) >= 5
     assert cuda_guard.state_dict() == ref_guard.state_dict()
 
 
