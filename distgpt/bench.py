@@ -37,7 +37,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                     pause_s=0.0, rendezvous=""):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
-    from distgpt.dist.bootstrap import bootstrap
+    from distgpt.parallel.bootstrap import bootstrap
     from distgpt.model.gpt2 import GPT2
     from distgpt.model.micro_step import MicroStep
     from distgpt.optim import ShardedAdamW

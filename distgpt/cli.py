@@ -50,7 +50,7 @@ def _is_user_error(exc):
     from distgpt.config import ConfigError
     from distgpt.data.shards import ShardError
     from distgpt.data.sources import PrepareError
-    from distgpt.dist.rendezvous import RendezvousError
+    from distgpt.parallel.rendezvous import RendezvousError
     from distgpt.interop.hf import FormatError
     from distgpt.train import TrainingError
     return isinstance(exc, (ConfigError, ShardError, CheckpointError, TrainingError, FileNotFoundError,
@@ -66,7 +66,7 @@ def _fail(message, same_on_every_rank=True):
     """A config mistake is met by every rank alike, so rank 0 alone reports it; anything
     else (a file missing on one node, one rank's optimizer shard) is reported by each rank
     that meets it, with its rank."""
-    from distgpt.dist.bootstrap import launcher_rank
+    from distgpt.parallel.bootstrap import launcher_rank
     from distgpt.logging import error
     line = message.strip().splitlines()[0] if message.strip() else "failed"
     rank = launcher_rank()
@@ -79,7 +79,7 @@ def _fail(message, same_on_every_rank=True):
 
 def cmd_train(overrides):
     from distgpt.config import load_config
-    from distgpt.dist.bootstrap import bootstrap
+    from distgpt.parallel.bootstrap import bootstrap
     from distgpt.train import Trainer
     cfg = load_config(overrides)
     device = resolve_device(cfg)

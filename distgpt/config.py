@@ -177,7 +177,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     batch arithmetic, so the trainer calls this again once it knows the world."""
     m, t, o = cfg.model, cfg.train, cfg.optim
     if cfg.rendezvous:
-        from distgpt.dist.rendezvous import parse
+        from distgpt.parallel.rendezvous import parse
         try:
             parse(cfg.rendezvous)
         except ValueError as exc:

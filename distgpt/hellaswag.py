@@ -86,7 +86,7 @@ def evaluate(model, items, comm):
 def evaluate_checkpoint(path, file, limit):
     """`distgpt eval hellaswag`: score a checkpoint (or a run directory's latest) on one process."""
     from distgpt import checkpoint
-    from distgpt.dist.comm import LocalComm
+    from distgpt.parallel.comm import LocalComm
     items = load_items(file, limit)
     model = checkpoint.inference_model(path, batch=16)
     result = evaluate(model, items, LocalComm())

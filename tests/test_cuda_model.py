@@ -5,7 +5,7 @@ import torch
 
 from distgpt.backends import reference
 from distgpt.config import ModelConfig, OptimConfig
-from distgpt.dist.comm import LocalComm
+from distgpt.parallel.comm import LocalComm
 from distgpt.model.gpt2 import GPT2
 from distgpt.optim import ShardedAdamW
 from gpu_check import requires_gpu

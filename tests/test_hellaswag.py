@@ -9,7 +9,7 @@ import torch
 from distgpt import cli, hellaswag
 from distgpt.backends import reference
 from distgpt.config import ModelConfig
-from distgpt.dist.comm import LocalComm
+from distgpt.parallel.comm import LocalComm
 from distgpt.model.gpt2 import GPT2
 from plain_gpt2 import plain_gpt2_loss
 

@@ -9,7 +9,7 @@ import torch
 from distgpt import cli, interop
 from distgpt.backends import reference
 from distgpt.config import ModelConfig, load_config
-from distgpt.dist.bootstrap import bootstrap
+from distgpt.parallel.bootstrap import bootstrap
 from distgpt.train import builtin_text
 from distgpt.interop import hf, llmc
 from distgpt.model.gpt2 import GPT2

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from distgpt import checkpoint
 from distgpt.config import ConfigError
-from distgpt.dist.bootstrap import environment_ranks
-from distgpt.dist.rendezvous import FileStore, RendezvousError, StoreControl, open_store, parse
+from distgpt.parallel.bootstrap import environment_ranks
+from distgpt.parallel.rendezvous import FileStore, RendezvousError, StoreControl, open_store, parse
 
 
 def free_port():
@@ -76,7 +76,7 @@ def test_tcp_store_unreachable_names_the_address():
 def _rank_main(spec, rank, world, queue):
     """One plain process: control messages and every StoreComm collective; results to queue."""
     os.environ["DISTGPT_RUN_ID"] = "test"
-    from distgpt.dist.store_comm import StoreComm
+    from distgpt.parallel.store_comm import StoreComm
     store = open_store(spec, rank, 30.0)
     control = StoreControl(store, rank, world)
     comm = StoreComm(control)

@@ -12,7 +12,7 @@ each collective.
 """
 import torch
 
-from distgpt.dist.comm import CollectiveWatchdog, Communicator
+from distgpt.parallel.comm import CollectiveWatchdog, Communicator
 
 _NCCL_DTYPES = {torch.float32: "NCCL_FLOAT32", torch.bfloat16: "NCCL_BFLOAT16",
                 torch.float16: "NCCL_FLOAT16", torch.float64: "NCCL_FLOAT64", torch.int64: "NCCL_INT64"}

@@ -5,7 +5,7 @@ A plain `python`/`distgpt` start is world size 1 and never touches MPI. Under an
 bare `srun` on a Slurm without PMIx, or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK),
 `rendezvous=file:DIR|tcp:HOST:PORT` names where they meet: rank, world and local rank come from
 the environment, and rank 0's NCCL id reaches the others through the rendezvous store
-(dist/rendezvous.py). Nothing but that id and a few control messages goes through the store.
+(parallel/rendezvous.py). Nothing but that id and a few control messages goes through the store.
 """
 import os
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from distgpt.config import ConfigError
-from distgpt.dist.comm import Communicator, LocalComm, MpiComm, MpiControl
+from distgpt.parallel.comm import Communicator, LocalComm, MpiComm, MpiControl
 
 # variables that MPI launchers set in every rank's environment
 LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
@@ -88,8 +88,8 @@ def bootstrap(device: str, comm_timeout_s: float = 600.0, rendezvous: str = "") 
             if device == "cuda":
                 torch.cuda.set_device(dev)
             return DistState(0, 1, 0, LocalComm(), dev)
-        from distgpt.dist.rendezvous import StoreControl, open_store
-        from distgpt.dist.store_comm import StoreComm
+        from distgpt.parallel.rendezvous import StoreControl, open_store
+        from distgpt.parallel.store_comm import StoreComm
         rank, world, local_rank = ranks
         control = StoreControl(open_store(rendezvous, rank, comm_timeout_s), rank, world)
         cpu_comm = (lambda: StoreComm(control))
@@ -106,6 +106,6 @@ def bootstrap(device: str, comm_timeout_s: float = 600.0, rendezvous: str = "") 
                                f"{torch.cuda.device_count()} GPU(s); start at most one rank per GPU")
         torch.cuda.set_device(dev)
         if world > 1:
-            from distgpt.dist.nccl import NcclComm
+            from distgpt.parallel.nccl import NcclComm
             comm = NcclComm(control, dev, timeout_s=comm_timeout_s)
     return DistState(rank, world, local_rank, comm, dev)

@@ -11,7 +11,7 @@ import base64
 import numpy as np
 import torch
 
-from distgpt.dist.comm import Communicator
+from distgpt.parallel.comm import Communicator
 
 
 def _encode(tensor):
