@@ -41,6 +41,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     from distgpt.model.gpt2 import GPT2
     from distgpt.model.micro_step import MicroStep
     from distgpt.optim import ShardedAdamW
+    from distgpt.parallel.data_parallel import DataParallel
 
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
                        "backend=cuda", "device=cuda", "dtype=bfloat16"])
@@ -51,7 +52,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
                  pad_multiple=dist.world)
     model.init_weights(cfg.seed)
-    optimizer = ShardedAdamW(model, dist.comm, cfg.optim, zero_stage, backend)
+    dp = DataParallel(dist.comm, model.layout.total, zero_stage)
+    optimizer = ShardedAdamW(model, dp, cfg.optim, backend)
     gen = torch.Generator(device=dist.device).manual_seed(1000 + dist.rank)  # each rank its own tokens
     x = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
     y = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
@@ -64,7 +66,9 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         loss = torch.zeros((), device=dist.device)
         for micro in range(accum):
             loss += micro_step(x[micro], y[micro], dloss)
+        dp.reduce_gradients(model.grads)
         optimizer.step(1e-4)
+        dp.gather_weights(model.params)
         return loss
 
     times, losses = [], []
@@ -79,7 +83,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
             times.append(start.elapsed_time(end) / 1000)
         if pause_s:  # the GPU idles between steps: a step faster this way is held back by power or heat
             time.sleep(pause_s)
-    comm_s = time_collectives(model, optimizer, dist) if dist.world > 1 else 0.0
+    comm_s = time_collectives(model, dp, dist) if dist.world > 1 else 0.0
     free, total = torch.cuda.mem_get_info()
     torch_peak_gb = torch.cuda.max_memory_allocated() / 1e9
     profile = None
@@ -103,7 +107,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
             "first_loss": losses[0], "last_loss": losses[-1], "is_main": dist.is_main, **extra}
 
 
-def time_collectives(model, optimizer, dist, repeats=10):
+def time_collectives(model, dp, dist, repeats=10):
     """Median time of one step's collectives alone: the gradient reduce-scatter (all-reduce at
     zero_stage 0) and, at zero_stage 1, the all-gather of the updated weights."""
     samples = []
@@ -111,9 +115,8 @@ def time_collectives(model, optimizer, dist, repeats=10):
         dist.comm.barrier()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        optimizer.reduce_gradients()
-        if optimizer.zero_stage == 1:
-            dist.comm.all_gather(model.params, model.params[optimizer.lo:optimizer.hi])
+        dp.reduce_gradients(model.grads)
+        dp.gather_weights(model.params)
         end.record()
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end) / 1000)

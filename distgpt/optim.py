@@ -1,10 +1,10 @@
 """AdamW over the flat parameter buffer, sharded across ranks (ZeRO-1), and the LR schedules.
 
-zero_stage=0: every rank all-reduces the whole gradient and updates every parameter.
-zero_stage=1: the flat gradient is reduce-scattered, each rank keeps fp32 master weights and
-the two moments for its 1/world slice only, updates that slice, and the updated working
-weights are all-gathered. The slice boundaries cut straight through tensors; the parameter
-table says which pieces of the slice get weight decay.
+The optimizer updates the slice [lo, hi) of the flat buffers that the data-parallel layer
+(parallel/data_parallel.py) gives this rank, from gradients that layer has already summed over
+ranks; it keeps fp32 master weights and the two moments for that slice only. The slice
+boundaries cut straight through tensors; the parameter table says which pieces of the slice
+get weight decay. Moving the gradients and weights between ranks is the layer's job, not this one's.
 """
 import math
 
@@ -33,18 +33,17 @@ def learning_rate(step, max_steps, o):
 
 
 class ShardedAdamW:
-    def __init__(self, model, comm, optim_cfg, zero_stage, backend, guard=None):
-        """guard: a spikes.SpikeGuard that may turn a step into a zero-gradient update (None: every
-        step updates)."""
-        self.model, self.comm, self.cfg, self.ops = model, comm, optim_cfg, backend
+    def __init__(self, model, dp, optim_cfg, backend, guard=None):
+        """dp: the DataParallel layer (this rank's slice; the norm's one collective goes through
+        it). guard: a spikes.SpikeGuard that may turn a step into a zero-gradient update (None:
+        every step updates)."""
+        self.model, self.dp, self.cfg, self.ops = model, dp, optim_cfg, backend
+        self.comm, self.zero_stage = dp.comm, dp.zero_stage
         self.guard = guard
-        self.zero_stage = zero_stage
-        total = model.layout.total  # a multiple of the world size (layout pads it)
-        if zero_stage == 1:
-            size = total // comm.world
-            self.lo, self.hi = comm.rank * size, (comm.rank + 1) * size
-        else:
-            self.lo, self.hi = 0, total
+        self.lo, self.hi = dp.lo, dp.hi
+        if dp.hi > model.layout.total:
+            raise ValueError(f"the data-parallel slice [{dp.lo}, {dp.hi}) lies outside the model's "
+                             f"{model.layout.total} flat elements")
         params, device = model.params, model.params.device
         # moments and master in fp32; a float64 model (tests) keeps float64 throughout
         state_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
@@ -54,11 +53,11 @@ class ShardedAdamW:
         self.master = None if params.dtype == state_dtype else params[self.lo:self.hi].to(state_dtype)
         self.segments = self._segments()
         # one slot per rank for the squared norm of each shard's slice (see global_grad_norm)
-        self.norm_parts = torch.zeros(comm.world, dtype=state_dtype, device=device)
+        self.norm_parts = torch.zeros(dp.world, dtype=state_dtype, device=device)
         # the global norm and the clipping factor, computed on the device (no host sync in step)
         self.norm = torch.zeros(1, dtype=torch.float64, device=device)
         self.grad_scale = torch.ones(1, dtype=torch.float32, device=device)
-        self.shard_size = total // comm.world
+        self.shard_size = dp.shard_size
         self.step_count = 0
 
     def _segments(self):
@@ -77,21 +76,14 @@ class ShardedAdamW:
                 out.append((start, end, spec.decay))
         return out
 
-    def reduce_gradients(self):
-        grads = self.model.grads
-        if self.zero_stage == 1:
-            self.comm.reduce_scatter(grads[self.lo:self.hi], grads)
-        else:
-            self.comm.all_reduce(grads)
-
     def step(self, lr, loss=None):
-        """Reduce gradients, clip by the global norm, update this rank's slice, share the new
-        weights. Returns the global gradient norm before clipping as a one-element fp64 tensor
-        on the device: the clipping scale is computed there too, so the whole step is queued
-        without waiting for the GPU (read it with float() once the step's work is queued).
-        With a guard, loss (one fp64 device element, the mean over ranks) and the norm decide
-        there whether this update runs with the real gradient or a zero one (spikes.py)."""
-        self.reduce_gradients()
+        """Clip by the global norm and update this rank's slice, from gradients already summed
+        over ranks (dp.reduce_gradients); the caller then shares the new weights
+        (dp.gather_weights). Returns the global gradient norm before clipping as a one-element
+        fp64 tensor on the device: the clipping scale is computed there too, so the whole step
+        is queued without waiting for the GPU (read it with float() once the step's work is
+        queued). With a guard, loss (one fp64 device element, the mean over ranks) and the norm
+        decide there whether this update runs with the real gradient or a zero one (spikes.py)."""
         grad_shard = self.model.grads[self.lo:self.hi]
         self.global_grad_norm()
         if self.guard is not None:
@@ -107,8 +99,6 @@ class ShardedAdamW:
                                   self.v[start:end], master, lr, o.beta1, o.beta2, o.eps,
                                   o.weight_decay if decays else 0.0, self.step_count, self.grad_scale,
                                   seed=self.lo + start)
-        if self.zero_stage == 1:
-            self.comm.all_gather(self.model.params, params)
         return self.norm
 
     def global_grad_norm(self):
@@ -123,7 +113,7 @@ class ShardedAdamW:
             self.norm_parts.zero_()
             rank = self.comm.rank
             self.ops.global_norm_squared(self.norm_parts[rank:rank + 1], grads[self.lo:self.hi])
-            self.comm.all_reduce(self.norm_parts)
+            self.dp.sum_over_ranks(self.norm_parts)
         else:
             for r in range(self.comm.world):
                 self.ops.global_norm_squared(self.norm_parts[r:r + 1], grads[r * size:(r + 1) * size])

@@ -22,6 +22,7 @@ from distgpt.model import memory
 from distgpt.model.gpt2 import GPT2
 from distgpt.model.micro_step import MicroStep
 from distgpt.optim import ShardedAdamW, learning_rate
+from distgpt.parallel.data_parallel import DataParallel
 from distgpt.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from distgpt.sample import generate
 from distgpt.spikes import SpikeGuard
@@ -100,7 +101,8 @@ class Trainer:
             checkpoint.load_weights(resume_from, self.model)
         self.guard = SpikeGuard(t, self.backend, dist.device)
         self.skips_in_a_row = 0
-        self.optimizer = ShardedAdamW(self.model, dist.comm, cfg.optim, cfg.zero_stage, self.backend, self.guard)
+        self.dp = DataParallel(dist.comm, self.model.layout.total, cfg.zero_stage)
+        self.optimizer = ShardedAdamW(self.model, self.dp, cfg.optim, self.backend, self.guard)
         self.micro_step = MicroStep(self.model, use_graph=t.cuda_graphs and cfg.backend == "cuda")
         if resume_from is not None:
             self._resume(resume_from)
@@ -262,7 +264,9 @@ class Trainer:
         self.dist.comm.all_reduce(self.reduced)
         self.reduced[:1].div_(self.accum * self.dist.world)
         lr = learning_rate(self.step, self.cfg.train.max_steps, self.cfg.optim)
+        self.dp.reduce_gradients(self.model.grads)
         norm = self.optimizer.step(lr, self.reduced[:1])
+        self.dp.gather_weights(self.model.params)
         # the step's first wait for the GPU on one rank (NCCL's collectives wait for their own
         # completion): everything above is queued by now
         loss, stop_votes = self.reduced.tolist()

@@ -6,6 +6,7 @@ import torch
 from distgpt.backends import reference
 from distgpt.config import ModelConfig, OptimConfig
 from distgpt.parallel.comm import LocalComm
+from distgpt.parallel.data_parallel import DataParallel
 from distgpt.model.gpt2 import GPT2
 from distgpt.optim import ShardedAdamW
 from gpu_check import requires_gpu
@@ -54,7 +55,8 @@ def test_step_matches_reference_fp32():
     assert worst[0] <= TOLERANCES["gradient"], f"gradient {worst[1]}: relative error {worst[0]:.3e}"
     opt_cfg = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
     before = ref.params.clone()
-    norms = [ShardedAdamW(m, LocalComm(), opt_cfg, 1, m.ops).step(1e-3) for m in (fast, ref)]
+    norms = [ShardedAdamW(m, DataParallel(LocalComm(), m.layout.total, 1), opt_cfg, m.ops).step(1e-3)
+             for m in (fast, ref)]
     assert abs(norms[0] - norms[1]) <= TOLERANCES["gradient"] * norms[1]
     assert rel(fast.params, ref.params) <= TOLERANCES["weights after update"]
     du_fast, du_ref = (fast.params.double() - before.double()), (ref.params.double() - before.double())
@@ -67,7 +69,7 @@ def twenty_steps(use_graph=False):
     from distgpt.model.micro_step import MicroStep
     model = build(CudaBackend(), torch.bfloat16)
     micro_step = MicroStep(model, use_graph)
-    opt = ShardedAdamW(model, LocalComm(), OptimConfig(lr=1e-3), 1, model.ops)
+    opt = ShardedAdamW(model, DataParallel(LocalComm(), model.layout.total, 1), OptimConfig(lr=1e-3), model.ops)
     gen = torch.Generator(device="cuda").manual_seed(7)
     # two fixed batches, alternating: random tokens hold nothing to learn, but these can be
     # memorised, so the loss must fall

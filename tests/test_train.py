@@ -338,7 +338,8 @@ def test_wandb_logs_offline_and_reads_back(tmp_path, shards, monkeypatch):
     assert main(["train", *args]) == 0  # resume=auto: steps 3 and 4
     run_id = (tmp_path / "wb" / "wandb_id.txt").read_text().strip()
     runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, twice opened
+    # one W&B run, twice opened (W&B adds "-1" to the directory when both open in the same second)
+    assert len(runs) == 2 and all(f"-{run_id}" in r.name for r in runs)
     logs = [next(r.glob("*.wandb")) for r in runs]
     assert config(logs[0])["model"]["n_layer"] == 2 and config(logs[0])["train"]["max_steps"] == 4
     rows = history(logs[0]) + history(logs[1])

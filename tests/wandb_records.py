@@ -2,7 +2,9 @@
 each record split into fragments with a 7-byte header: crc32, length, type), parsed with the
 protobuf classes wandb ships. Test-only: wandb's own reader is not public API."""
 import json
+import os
 import struct
+import time
 
 from wandb.proto import wandb_internal_pb2
 
@@ -10,7 +12,21 @@ BLOCK, HEADER = 32768, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
+def settled(path, quiet_s=2.0, timeout_s=60.0):
+    """Wait until W&B's writer has stopped appending to `path`. It is a separate service process:
+    under load (a busy 2-core CI machine) the end of a run can reach the file a moment after
+    wandb.finish() returned, and a test that reads at once sees a partial log."""
+    deadline, last = time.monotonic() + timeout_s, -1
+    while time.monotonic() < deadline:
+        size = os.path.getsize(path)
+        if size == last:
+            return
+        last = size
+        time.sleep(quiet_s)
+
+
 def records(path):
+    settled(path)
     data = open(path, "rb").read()
     assert data[:4] == b":W&B", f"{path}: not a W&B log"
     pos, out, pending = HEADER, [], b""
