@@ -285,3 +285,65 @@ def test_global_norm_squared():
     out = torch.zeros(1, **f64)
     ops.global_norm_squared(out, g)
     check("norm^2", out, (g * g).sum().reshape(1), "forward")
+
+
+# ---------------------------------------------------------------- FP8 (issue #13)
+# e4m3 keeps 3 mantissa bits, e5m2 2: rounding to nearest loses at most half a unit in the last
+# place, 2^-4 and 2^-3 of a normal value; below the smallest normal the step is fixed, so the
+# error is at most half of it (2^-10 for e4m3, 2^-17 for e5m2).
+FP8_CASES = {"e4m3": (2.0 ** -4, 2.0 ** -10), "e5m2": (2.0 ** -3, 2.0 ** -17)}
+
+
+@pytest.mark.parametrize("fmt", sorted(FP8_CASES))
+def test_fp8_scale_is_the_largest_power_of_two_that_fits(fmt):
+    for a in (1e-3, 0.37, 1.0, 3.0, 448.0, 1e4):
+        amax, scale = torch.tensor([a]), torch.empty(1)
+        ops.fp8_scale(scale, amax, fmt)
+        s = float(scale)
+        assert math.log2(s) == int(math.log2(s)), "not a power of two"
+        assert a * s <= ops.fp8_max(fmt) < a * s * 2
+        ops.fp8_scale(scale, amax, fmt, margin=1)
+        assert float(scale) == s / 2
+    for a in (0.0, float("inf"), float("nan")):
+        ops.fp8_scale(scale, torch.tensor([a]), fmt)
+        assert float(scale) == 1.0
+
+
+@pytest.mark.parametrize("fmt", sorted(FP8_CASES))
+def test_fp8_quantize_rounds_saturates_and_reports_amax(fmt):
+    rel, floor_abs = FP8_CASES[fmt]
+    x = torch.randn(4096, **f64) * torch.logspace(-6, 2, 4096, dtype=torch.float64)  # many magnitudes
+    amax, scale = torch.empty(1), torch.empty(1)
+    ops.fp8_scale(scale, x.abs().max().float().reshape(1), fmt)
+    out = torch.empty(4096, dtype=ops.FP8_FORMATS[fmt])
+    ops.fp8_quantize(out, amax, x, scale)
+    assert float(amax) == pytest.approx(float(x.abs().max()), rel=1e-7)  # fp32 of the exact max
+    scaled = x * float(scale)
+    error = (ops.fp8_dequantize(out, scale) * float(scale) - scaled).abs()
+    bound = torch.maximum(rel * scaled.abs(), torch.full_like(scaled, floor_abs))
+    assert (error <= bound).all(), f"worst {float((error / bound).max()):.2f}x the rounding bound"
+    # past the range: clipped to the largest finite value, never inf or NaN
+    big = torch.tensor([1e6, -1e6, ops.fp8_max(fmt) * 1.01], **f64)
+    clipped = torch.empty(3, dtype=ops.FP8_FORMATS[fmt])
+    ops.fp8_quantize(clipped, amax, big, torch.ones(1))
+    assert clipped.double().tolist() == [ops.fp8_max(fmt), -ops.fp8_max(fmt), ops.fp8_max(fmt)]
+
+
+def test_fp8_matmul_is_the_product_of_the_dequantised_operands():
+    B, T, C, OC = 2, 3, 16, 8
+    x, w, b = torch.randn(B, T, C, **f64), torch.randn(OC, C, **f64) * 0.1, torch.randn(OC, **f64)
+    scales, quantized = [], []
+    for t, fmt in ((x, "e4m3"), (w, "e4m3")):
+        scale, amax = torch.empty(1), torch.empty(1)
+        ops.fp8_scale(scale, t.abs().max().float().reshape(1), fmt)
+        q = torch.empty(t.shape, dtype=ops.FP8_FORMATS[fmt])
+        ops.fp8_quantize(q, amax, t, scale)
+        scales.append(scale)
+        quantized.append(q)
+    out = poisoned(B, T, OC)
+    ops.fp8_matmul_forward(out, quantized[0], scales[0], quantized[1], scales[1], b)
+    want = ops.fp8_dequantize(quantized[0], scales[0]) @ ops.fp8_dequantize(quantized[1], scales[1]).t() + b
+    check("fp8 matmul", out, want, "forward")
+    # and it is close to the unquantised product: e4m3 operands, ~2^-4 each, errors averaging out
+    full = x @ w.t() + b
+    assert ((out - full).norm() / full.norm()).item() < 0.05

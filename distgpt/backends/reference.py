@@ -329,3 +329,54 @@ def spike_guard(verdict, scale, window, count, loss, norm, loss_zscore, norm_zsc
     else:
         window[:, pushed % W] = torch.tensor(x, dtype=window.dtype)
         count.fill_(pushed + 1)
+
+
+# ---------------------------------------------------------------- FP8, per-tensor scaled (issue #13)
+# The formats Hopper's tensor cores multiply: e4m3 (more precision; activations and weights) and
+# e5m2 (more range; gradients). A tensor is stored as fp8(x * scale) with one fp32 scale per
+# tensor; a product of two such tensors is divided by both scales afterwards.
+FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fp8_max(fmt):
+    return torch.finfo(FP8_FORMATS[fmt]).max
+
+
+def fp8_scale(scale, amax, fmt, margin=0):
+    """scale (one fp32 element) = the largest power of two s with amax * s <= fp8_max(fmt) / 2^margin,
+    or 1 when amax is 0 or not finite. A power of two, so x * s and the later division by s
+    are exact, and only the fp8 rounding itself loses precision. amax: one fp32 element (the
+    tensor's own, for current scaling, or a history's maximum, for delayed scaling)."""
+    a = float(amax.reshape(-1)[0])
+    if not math.isfinite(a) or a <= 0.0:
+        scale.fill_(1.0)
+        return
+    scale.fill_(2.0 ** math.floor(math.log2(fp8_max(fmt) / 2 ** margin / a)))
+
+
+def fp8_quantize(out, amax, inp, scale):
+    """out (a float8 tensor; its dtype picks the format) = inp * scale, saturated to the format's
+    largest finite value and rounded to the nearest (even) fp8 value; amax (one fp32 element) =
+    max |inp| over the tensor, for the next scale. Saturating instead of overflowing: e4m3 has
+    no infinity, and a value past the range is better clipped than turned into NaN."""
+    fmt = next(name for name, dtype in FP8_FORMATS.items() if dtype == out.dtype)
+    limit = fp8_max(fmt)
+    x = inp.double() * float(scale.reshape(-1)[0])
+    out.copy_(x.clamp(-limit, limit).to(out.dtype))
+    amax.fill_(float(inp.abs().max()) if inp.numel() else 0.0)
+
+
+def fp8_dequantize(x8, scale):
+    """The values an fp8 tensor stands for: x8 / scale, in float64."""
+    return x8.double() / float(scale.reshape(-1)[0])
+
+
+def fp8_matmul_forward(out, inp, inp_scale, weight, weight_scale, bias):
+    """out (..., OC) = dequant(inp) (..., C) @ dequant(weight) (OC, C)^T + bias: what a scaled fp8
+    matmul computes (the tensor cores multiply the fp8 values exactly and accumulate in fp32;
+    here in float64), written in out's dtype."""
+    OC, C = weight.shape
+    product = fp8_dequantize(inp, inp_scale).reshape(-1, C) @ fp8_dequantize(weight, weight_scale).t()
+    if bias is not None:
+        product = product + bias.double()
+    out.view(-1, OC).copy_(product)
