@@ -305,10 +305,18 @@ def load_optimizer(path, optimizer, rank, saved_world):
 
 
 def _load_optimizer_file(path, rank):
+    from distgpt.model.layout import LAYOUT_VERSION
     file = Path(path) / optimizer_file(rank)
     tensors = _load(file)
     with safe_open(str(file), framework="pt") as f:
-        return tensors, json.loads(f.metadata()["meta"])
+        meta = json.loads(f.metadata()["meta"])
+    version = meta.get("layout_version", 1)  # shards from before the field: layout 1
+    if version != LAYOUT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: its optimizer state is laid out as flat-buffer version "
+                              f"{version}, this distgpt uses {LAYOUT_VERSION}; resume it with the distgpt "
+                              f"that wrote it, or keep its weights alone: distgpt export RUN --format hf --out "
+                              f"DIR, then init_from=hf:DIR with a new name=")
+    return tensors, meta
 
 
 def _load(file):

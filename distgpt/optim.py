@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from distgpt.model.layout import ALIGN_ELEMENTS
+from distgpt.model.layout import ALIGN_ELEMENTS, LAYOUT_VERSION
 
 
 def learning_rate(step, max_steps, o):
@@ -125,7 +125,8 @@ class ShardedAdamW:
         if self.master is not None:
             state["master"] = self.master
         return state, {"step": self.step_count, "lo": self.lo, "hi": self.hi,
-                       "total": self.model.layout.total, "zero_stage": self.zero_stage}
+                       "total": self.model.layout.total, "zero_stage": self.zero_stage,
+                       "layout_version": LAYOUT_VERSION}
 
     def load_state_dict(self, tensors, meta):
         if (meta["lo"], meta["hi"]) != (self.lo, self.hi):

@@ -197,6 +197,25 @@ def test_a_damaged_checkpoint_names_the_newest_intact_one(tmp_path, shards, caps
     assert main(["train", *common, "train.max_steps=6", f"resume={root / 'step_00000002'}"]) == 0
 
 
+def test_optimizer_state_of_another_flat_layout_is_refused(tmp_path, shards, capsys):
+    """Optimizer shards are flat-buffer slices: a checkpoint from another layout version (the
+    version its shards record) is refused in one line, not read into the wrong elements."""
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    common, root = _checkpointed(tmp_path, shards)
+    shard = root / "step_00000004" / checkpoint.optimizer_file(0)
+    with safe_open(str(shard), framework="pt") as f:
+        meta = _json.loads(f.metadata()["meta"])
+    assert meta["layout_version"] == 1
+    save_file(load_file(str(shard)), str(shard), metadata={"meta": _json.dumps(dict(meta, layout_version=99))})
+    capsys.readouterr()
+    assert main(["train", *common, "train.max_steps=6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flat-buffer version 99" in err[0] and "init_from=hf:" in err[0], err
+
+
 def test_a_full_disk_during_a_save_leaves_latest_intact(tmp_path, shards, capsys, monkeypatch):
     """The second checkpoint's write fails as a full disk does: the run ends with one line, the
     half-written directory is gone, and `latest` still names the first checkpoint."""

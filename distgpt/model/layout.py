@@ -50,6 +50,11 @@ RESIDUAL_PROJECTIONS = ("attn.c_proj.weight", "mlp.c_proj.weight")
 # every parameter starts at a multiple of this many elements: 16-byte aligned for bf16 and fp32,
 # so kernels can use 128-bit loads on any tensor
 ALIGN_ELEMENTS = 8
+# The flat buffer's order as this table lays it out. Optimizer shards are stored as slices of the
+# flat buffer, so a checkpoint written under another layout cannot be read as this one: its
+# shards record the version, and a mismatch is refused (checkpoint.load_optimizer). Raise it
+# whenever the offsets change (issue #12: a layout that follows the gradient buckets).
+LAYOUT_VERSION = 1
 
 
 class ParameterLayout:
