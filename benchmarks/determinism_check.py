@@ -21,13 +21,19 @@ def is_clock(field):
     return any(part in field for part in CLOCK_FIELDS)
 
 
+def records(run_dir):
+    """A run's metrics.jsonl records, wall-clock fields left out: what two runs must share."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not is_clock(k)} for x in lines]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="determinism-"))
-    records = []
+    runs = []
     for run in ("a", "b"):
         cmd = [sys.executable, "-m", "distgpt", "train", "+run=single_gpu", "deterministic=true",
                f"train.max_steps={a.steps}", "train.val_every=10", "train.checkpoint_every=10",
@@ -35,15 +41,14 @@ def main():
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"run {run} failed:\n{proc.stderr[-3000:]}")
-        lines = (root / run / "metrics.jsonl").read_text().splitlines()
-        records.append([{k: v for k, v in json.loads(x).items() if not is_clock(k)} for x in lines])
-    if len(records[0]) != len(records[1]):
-        sys.exit(f"the runs logged {len(records[0])} and {len(records[1])} records")
-    for i, (x, y) in enumerate(zip(*records)):
+        runs.append(records(root / run))
+    if len(runs[0]) != len(runs[1]):
+        sys.exit(f"the runs logged {len(runs[0])} and {len(runs[1])} records")
+    for i, (x, y) in enumerate(zip(*runs)):
         if x != y:
             diff = {k: (x.get(k), y.get(k)) for k in set(x) | set(y) if x.get(k) != y.get(k)}
             sys.exit(f"record {i} differs between the two runs: {diff}")
-    print(f"deterministic: {len(records[0])} metric records bitwise equal across two runs ({a.steps} steps)")
+    print(f"deterministic: {len(runs[0])} metric records bitwise equal across two runs ({a.steps} steps)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ equal. Prints one line per launch and exits 1 on the first difference.
     python3 benchmarks/launch_check.py [--steps 20] [--cpu]   # --cpu: the reference backend
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -17,15 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from determinism_check import is_clock
+from determinism_check import records
 
 GPU = ["+run=single_gpu", "deterministic=true", "train.micro_batch=8"]
 CPU = ["+run=debug_cpu"]
-
-
-def records(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if not is_clock(k)} for x in lines]
 
 
 def weights(run_dir):

@@ -138,17 +138,20 @@ def find_latest(run_dir):
         candidate = root / pointer.read_text().strip()
         if (candidate / STATE_FILE).exists():
             return candidate
-    complete = sorted(p for p in root.glob("step_*")
-                      if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).exists())
+    complete = _complete(root)
     return complete[-1] if complete else None
 
 
 def find_before(run_dir, step):
     """The newest complete checkpoint of a run written before optimizer step `step`, or None."""
-    root = checkpoint_root(run_dir)
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                      and (p / STATE_FILE).exists() and int(p.name[len("step_"):]) < step)
+    complete = [p for p in _complete(checkpoint_root(run_dir)) if int(p.name[len("step_"):]) < step]
     return complete[-1] if complete else None
+
+
+def _complete(root):
+    """The published checkpoint directories under `root` (state.json written), oldest first."""
+    return sorted(p for p in root.glob("step_*")
+                  if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).exists())
 
 
 def load_state(path):
@@ -233,15 +236,20 @@ def verify(path, run_dir=None):
     length. A damaged one is refused naming the newest intact checkpoint of `run_dir`."""
     path = Path(path)
     try:
-        state = load_state(path)
-        for file in [MODEL_FILE] + [optimizer_file(r) for r in range(int(state.get("world", 1)))]:
-            _check_header(path / file)
+        _check_whole(path)
     except CheckpointError as exc:
         reason = str(exc)
         intact = _newest_intact(run_dir if run_dir is not None else path.parent.parent, exclude=path)
         fix = (f"resume from the newest intact one with resume={intact}" if intact is not None
                else "no intact checkpoint is left: resume=none starts over")
         raise CheckpointError(f"{reason.rstrip('.')}; {fix}") from None
+
+
+def _check_whole(path):
+    """state.json parses, and every file it implies has a readable header and its full length."""
+    state = load_state(path)
+    for file in [MODEL_FILE] + [optimizer_file(r) for r in range(int(state.get("world", 1)))]:
+        _check_header(path / file)
 
 
 def _check_header(file):
@@ -255,15 +263,14 @@ def _check_header(file):
 
 
 def _newest_intact(run_dir, exclude):
-    for candidate in sorted(checkpoint_root(run_dir).glob("step_*"), reverse=True):
-        if candidate.is_dir() and not candidate.name.endswith(".tmp") and candidate.resolve() != Path(exclude).resolve():
-            try:
-                state = load_state(candidate)
-                for file in [MODEL_FILE] + [optimizer_file(r) for r in range(int(state.get("world", 1)))]:
-                    _check_header(candidate / file)
-                return candidate
-            except CheckpointError:
-                continue
+    for candidate in reversed(_complete(checkpoint_root(run_dir))):
+        if candidate.resolve() == Path(exclude).resolve():
+            continue
+        try:
+            _check_whole(candidate)
+            return candidate
+        except CheckpointError:
+            continue
     return None
 
 

@@ -152,7 +152,7 @@ class TcpStore:
                     sock.sendall((json.dumps(request) + "\n").encode())
                     reply = json.loads(sock.makefile().readline())
                 break
-            except (ConnectionRefusedError, socket.gaierror, socket.timeout, OSError) as exc:
+            except OSError as exc:  # refused, unresolvable, timed out: all OSErrors
                 if time.monotonic() > deadline:
                     raise RendezvousError(f"rank {self.rank}: rendezvous tcp:{self.address[0]}:{self.address[1]} "
                                           f"unreachable ({exc.__class__.__name__}); is rank 0 running, and is "
