@@ -8,6 +8,8 @@
 #   STAGE=shuffle [TEXT=...]      benchmarks/device_run.sh        (val loss, shuffled vs file order;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/)
 #   STAGE=launch                  benchmarks/device_run.sh        (2 GPUs: rendezvous launch = mpirun, bitwise)
+#   STAGE=overlap                 benchmarks/device_run.sh        (2 GPUs: buckets reduced during the backward
+#                                 = after it, bitwise, deterministic bench losses; zero stages alike)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
@@ -42,6 +44,15 @@ if [ "$STAGE" = profile ] && [ $# -gt 0 ]; then
 fi
 if [ "$STAGE" = launch ]; then  # 2 GPUs: started without mpirun (rendezvous) = the mpirun run, bitwise
   python3 benchmarks/launch_check.py 2>&1 | tee "$OUT/launch.log"
+fi
+if [ "$STAGE" = overlap ]; then
+  for args in "" "--no-overlap" "--bucket-mb 4" "--zero-stage 0"; do
+    mpirun --allow-run-as-root -np 2 --bind-to none -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST \
+        -x NVSHMEM_DISABLE_NVLS -x PYTHONPATH python3 -m distgpt bench --model gpt2_124m --batch 8 --steps 8 \
+        --warmup 2 --deterministic --json $args 2>&1 | grep '^{' \
+      | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); print(f\"overlap={r['overlap']} zero={r['zero_stage']} buckets={r['buckets']}: losses {r['first_loss']!r} {r['last_loss']!r}\")" \
+      | tee -a "$OUT/overlap.log"
+  done
 fi
 if [ "$STAGE" = drill ]; then
   python3 benchmarks/failure_drill.py --gpu --transport --out /tmp/drill --steps 40 --fault-at 20 \

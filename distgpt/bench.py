@@ -34,7 +34,7 @@ def peak_flops():
 
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
-                    pause_s=0.0, rendezvous=""):
+                    pause_s=0.0, rendezvous="", overlap=True, bucket_mb=None):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
@@ -52,7 +52,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
                  pad_multiple=dist.world)
     model.init_weights(cfg.seed)
-    dp = DataParallel(dist.comm, model.layout.total, zero_stage)
+    dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
+                      model.grads.element_size(), dist.device)
     optimizer = ShardedAdamW(model, dp, cfg.optim, backend)
     gen = torch.Generator(device=dist.device).manual_seed(1000 + dist.rank)  # each rank its own tokens
     x = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
@@ -65,7 +66,10 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         model.zero_grad()
         loss = torch.zeros((), device=dist.device)
         for micro in range(accum):
-            loss += micro_step(x[micro], y[micro], dloss)
+            # the last micro-step's backward sums the gradient buckets over ranks as it goes
+            # (not while bench times the step without collectives: its graph holds them)
+            last = micro == accum - 1 and overlap and dp.communicate
+            loss += micro_step(x[micro], y[micro], dloss, dp if last else None)
         dp.reduce_gradients(model.grads)
         optimizer.step(1e-4)
         dp.gather_weights(model.params)
@@ -84,32 +88,43 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         if pause_s:  # the GPU idles between steps: a step faster this way is held back by power or heat
             time.sleep(pause_s)
     comm_s = time_collectives(model, dp, dist) if dist.world > 1 else 0.0
+    # the same step with every collective skipped, on the same GPUs: what the step costs without
+    # communication, so (step - this) is the communication the step exposes. Ranks run unsynchronised
+    # here, so each times its own steps and the slowest rank's median counts.
+    local_s = time_without_collectives(step, dp, steps) if dist.world > 1 else 0.0
     free, total = torch.cuda.mem_get_info()
     torch_peak_gb = torch.cuda.max_memory_allocated() / 1e9
     profile = None
     if profile_steps:  # last, when every number above is taken; every rank steps (collectives)
         from distgpt.profile import profile_step_kernels
         profile = profile_step_kernels(step, profile_steps, profile_trace if dist.is_main else None)
-    ranks = dist.comm.all_gather_object({"times": times, "device_used_gb": (total - free) / 1e9,
-                                         "torch_peak_gb": torch_peak_gb, "comm_s": comm_s})
+    mine = {"times": times, "device_used_gb": (total - free) / 1e9, "torch_peak_gb": torch_peak_gb,
+            "comm_s": comm_s, "local_s": local_s}
+    if profile is not None and dist.world > 1:  # every rank's categories: where a straggler spends
+        mine["profile"] = {k: profile[k] for k in ("step_ms", "kernel_ms", "idle_ms", "categories")}
+    ranks = dist.comm.all_gather_object(mine)
     slowest = [max(r["times"][i] for r in ranks) for i in range(steps)]
     if profile is not None:
         profile["timed_step_ms"] = 1000 * statistics.median(times)  # this rank's, as the profile is
     extra = {} if profile is None else {"profile": profile}
+    if profile is not None and dist.world > 1:
+        extra["rank_profiles"] = [r["profile"] for r in ranks]
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "cuda_graphs": cuda_graphs, "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "overlap": overlap, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
             "torch_peak_gb": max(r["torch_peak_gb"] for r in ranks),
             "comm_s": max(r["comm_s"] for r in ranks),
+            "local_step_s": max(r["local_s"] for r in ranks),
+            "rank_step_s": [statistics.median(r["times"]) for r in ranks],
             "first_loss": losses[0], "last_loss": losses[-1], "is_main": dist.is_main, **extra}
 
 
 def time_collectives(model, dp, dist, repeats=10):
-    """Median time of one step's collectives alone: the gradient reduce-scatter (all-reduce at
-    zero_stage 0) and, at zero_stage 1, the all-gather of the updated weights."""
+    """Median time of one step's collectives alone, one after the other: the gradient buckets'
+    reductions (all-reduces at zero_stage 0) and, at zero_stage 1, the updated weights' way back."""
     samples = []
     for _ in range(repeats):
         dist.comm.barrier()
@@ -120,6 +135,25 @@ def time_collectives(model, dp, dist, repeats=10):
         end.record()
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end) / 1000)
+    return statistics.median(samples)
+
+
+def time_without_collectives(step, dp, steps):
+    """Median time of `steps` steps with the data-parallel layer's collectives skipped (each
+    rank's own; the weights drift apart meanwhile, so this runs after every other measurement
+    except the profile, whose steps are timing-only too)."""
+    samples = []
+    dp.communicate = False
+    try:
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 1000)
+    finally:
+        dp.communicate = True
     return statistics.median(samples)
 
 
@@ -144,6 +178,9 @@ def main(argv=None):
     p.add_argument("--recompute", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="the bitwise-reproducible attention backward")
     p.add_argument("--no-graphs", action="store_true", help="launch every kernel from Python (no CUDA graph)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="sum the gradients over ranks after the whole backward (overlap_comm=false)")
+    p.add_argument("--bucket-mb", type=float, default=None, help="gradient bucket size (bucket_mb, 25)")
     p.add_argument("--pause-ms", type=float, default=0.0,
                    help="idle the GPU this long between timed steps (a step that is faster so is "
                         "held back by the GPU's power or clock limits, not by the code)")
@@ -170,14 +207,17 @@ def main(argv=None):
                                   a.accum, a.zero_stage, deterministic=a.deterministic,
                                   profile_steps=profile_steps, profile_trace=a.profile_trace,
                                   cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000,
-                                  rendezvous=a.rendezvous))
+                                  rendezvous=a.rendezvous, overlap=not a.no_overlap,
+                                  bucket_mb=a.bucket_mb))
     if not r.pop("is_main"):
         return 0
     if a.json:
         print(json.dumps(r), flush=True)
     else:
         per_gpu = f" ({r['tok_s'] / r['world']:,.0f} per GPU)" if r["world"] > 1 else ""
-        comm = f", collectives {r['comm_s'] * 1000:.1f} ms" if r["world"] > 1 else ""
+        comm = (f", collectives alone {r['comm_s'] * 1000:.1f} ms, the step without them "
+                f"{r['local_step_s'] * 1000:.1f} ms (exposed {1000 * (r['step_s'] - r['local_step_s']):.1f} ms)"
+                if r["world"] > 1 else "")
         print(f"{r['model']} {r['world']} GPU(s) B={r['B']} T={r['T']} accum={r['accum']}: "
               f"{r['step_s'] * 1000:.1f} ms/step, {r['tok_s']:,.0f} tok/s{per_gpu}, MFU {100 * r['mfu']:.1f}%, "
               f"device memory {r['device_used_gb']:.1f} GB/GPU (torch peak {r['torch_peak_gb']:.1f} GB){comm}, "
@@ -188,6 +228,10 @@ def main(argv=None):
             print(f"\nKernel time per step on {torch.cuda.get_device_name()}{rank}, "
                   f"{r['profile']['steps']} steps under torch.profiler after the timed ones:\n", flush=True)
             print(format_profile(r["profile"]), flush=True)
+            for rank, prof in enumerate(r.get("rank_profiles", [])):
+                cats = ", ".join(f"{c['category']} {c['ms']:.2f}" for c in prof["categories"])
+                print(f"rank {rank}: step {prof['step_ms']:.2f} ms, kernels {prof['kernel_ms']:.2f}, "
+                      f"idle {prof['idle_ms']:.2f}: {cats}", flush=True)
             if a.profile_trace:
                 print(f"chrome trace: {a.profile_trace}", flush=True)
     return 0

@@ -275,39 +275,51 @@ def _newest_intact(run_dir, exclude):
 
 
 def load_optimizer(path, optimizer, rank, saved_world):
-    """Fill this rank's AdamW slice from a checkpoint written by `saved_world` ranks. The flat
-    layout's offsets do not depend on the world size (only its end padding does), so a slice
-    of any new sharding is copied from whichever saved shards overlap it: 1 -> N, N -> 1 and
-    zero_stage changes all re-shard the same way."""
+    """Fill this rank's AdamW state from a checkpoint written by `saved_world` ranks. Each shard
+    records which ranges of the flat buffer its state holds, end to end, and the flat layout's
+    offsets do not depend on the world size (only its end padding does), so any new sharding is
+    copied from whichever saved ranges overlap it: 1 -> N, N -> 1, zero_stage and bucket_mb
+    changes all re-shard the same way."""
+    from distgpt.optim import saved_ranges
     path = Path(path)
     if saved_world == optimizer.comm.world:
         tensors, meta = _load_optimizer_file(path, rank)
-        if (meta["lo"], meta["hi"]) == (optimizer.lo, optimizer.hi):
+        if saved_ranges(meta) == optimizer.owned:
             optimizer.load_state_dict(tensors, meta)
             return
-    # the part of this rank's slice that holds parameters; the padding after them stays zero
-    want_lo, want_hi = optimizer.lo, min(optimizer.hi, optimizer.model.layout.used)
-    covered, step = 0, None
+    # the parts of this rank's ranges that hold parameters; the padding after them stays zero
+    used = optimizer.model.layout.used
+    wanted = [(lo, min(hi, used)) for lo, hi in optimizer.owned if lo < used]
+    need = sum(hi - lo for lo, hi in wanted)
+    covered, step, seen = 0, None, set()
     for saved_rank in range(saved_world):
         tensors, meta = _load_optimizer_file(path, saved_rank)
-        lo, hi = max(meta["lo"], want_lo), min(meta["hi"], want_hi)
-        if lo >= hi:
-            continue
-        for name in ("m", "v", "master"):
-            ours = getattr(optimizer, name)
-            if ours is None:
-                continue
-            if name not in tensors:
-                raise CheckpointError(f"checkpoint {path}: no fp32 master weights in "
-                                      f"{optimizer_file(saved_rank)}; resume with the dtype it was written with")
-            ours[lo - optimizer.lo:hi - optimizer.lo].copy_(tensors[name][lo - meta["lo"]:hi - meta["lo"]])
-        covered += hi - lo
-        step = meta["step"]
-        if covered >= want_hi - want_lo and meta["zero_stage"] == 0:
-            break  # zero_stage 0 shards each hold everything: one is enough
-    if step is None or covered < want_hi - want_lo:
-        raise CheckpointError(f"checkpoint {path}: its {saved_world} optimizer shard(s) do not cover "
-                              f"elements [{want_lo}, {want_hi}); the checkpoint is incomplete")
+        at = 0
+        for saved_lo, saved_hi in saved_ranges(meta):
+            for want_lo, want_hi in wanted:
+                lo, hi = max(saved_lo, want_lo), min(saved_hi, want_hi)
+                if lo >= hi or (lo, hi) in seen:  # zero_stage 0 shards each hold everything
+                    continue
+                seen.add((lo, hi))
+                ours_at = optimizer.dp.state_offset(lo)
+                for name in ("m", "v", "master"):
+                    ours = getattr(optimizer, name)
+                    if ours is None:
+                        continue
+                    if name not in tensors:
+                        raise CheckpointError(f"checkpoint {path}: no fp32 master weights in "
+                                              f"{optimizer_file(saved_rank)}; resume with the dtype it was "
+                                              f"written with")
+                    theirs_at = at + lo - saved_lo
+                    ours[ours_at:ours_at + hi - lo].copy_(tensors[name][theirs_at:theirs_at + hi - lo])
+                covered += hi - lo
+                step = meta["step"]
+            at += saved_hi - saved_lo
+        if covered >= need:
+            break
+    if step is None or covered < need:
+        raise CheckpointError(f"checkpoint {path}: its {saved_world} optimizer shard(s) do not cover this "
+                              f"rank's parts of the flat buffer; the checkpoint is incomplete")
     optimizer.step_count = step
 
 

@@ -11,4 +11,5 @@ def validation_loss(model, loader, steps, comm, device):
         # the training state is touched, only activation scratch
         total += model.forward(x.to(device), y.to(device), dloss=0.0).to(torch.float64)
     comm.all_reduce(total)
+    comm.synchronize()  # the host waits where the watchdog sees it (a collective may hang)
     return total.item() / (steps * comm.world)

@@ -79,6 +79,7 @@ def evaluate(model, items, comm):
         correct_norm += min(range(4), key=item_means.__getitem__) == label
     counts = torch.tensor([correct, correct_norm, len(mine)], dtype=torch.float64, device=model.device)
     comm.all_reduce(counts)
+    comm.synchronize()  # the host waits where the watchdog sees it (a collective may hang)
     correct, correct_norm, count = counts.tolist()
     return {"acc": correct / count, "acc_norm": correct_norm / count, "count": int(count)}
 

@@ -1,10 +1,13 @@
 """AdamW over the flat parameter buffer, sharded across ranks (ZeRO-1), and the LR schedules.
 
-The optimizer updates the slice [lo, hi) of the flat buffers that the data-parallel layer
-(parallel/data_parallel.py) gives this rank, from gradients that layer has already summed over
-ranks; it keeps fp32 master weights and the two moments for that slice only. The slice
-boundaries cut straight through tensors; the parameter table says which pieces of the slice
-get weight decay. Moving the gradients and weights between ranks is the layer's job, not this one's.
+The optimizer updates the parts of the flat buffers that the data-parallel layer
+(parallel/data_parallel.py) gives this rank (`dp.owned`: one part of every gradient bucket under
+ZeRO-1, everything at zero_stage 0), from gradients that layer has already summed over ranks; it
+keeps fp32 master weights and the two moments for those parts only, end to end in one state
+buffer. Parts cut straight through tensors; the parameter table says which pieces get weight
+decay. It updates one bucket's parts at a time, in the layer's order, and tells the layer after
+each, so the new weights of one bucket travel while the next is updated; moving them is the
+layer's job, not this one's.
 """
 import math
 
@@ -40,40 +43,47 @@ class ShardedAdamW:
         self.model, self.dp, self.cfg, self.ops = model, dp, optim_cfg, backend
         self.comm, self.zero_stage = dp.comm, dp.zero_stage
         self.guard = guard
-        self.lo, self.hi = dp.lo, dp.hi
-        if dp.hi > model.layout.total:
-            raise ValueError(f"the data-parallel slice [{dp.lo}, {dp.hi}) lies outside the model's "
+        self.owned = dp.owned  # [(start, end)] of the flat buffers, ascending
+        if self.owned[-1][1] > model.layout.total:
+            raise ValueError(f"the data-parallel parts end at {self.owned[-1][1]}, beyond the model's "
                              f"{model.layout.total} flat elements")
         params, device = model.params, model.params.device
         # moments and master in fp32; a float64 model (tests) keeps float64 throughout
         state_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
-        n = self.hi - self.lo
+        n = dp.state_size
         self.m = torch.zeros(n, dtype=state_dtype, device=device)
         self.v = torch.zeros(n, dtype=state_dtype, device=device)
-        self.master = None if params.dtype == state_dtype else params[self.lo:self.hi].to(state_dtype)
-        self.segments = self._segments()
-        # one slot per rank for the squared norm of each shard's slice (see global_grad_norm)
-        self.norm_parts = torch.zeros(dp.world, dtype=state_dtype, device=device)
+        self.master = (None if params.dtype == state_dtype else
+                       torch.cat([params[lo:hi] for lo, hi in self.owned]).to(state_dtype))
+        # (bucket, [(flat start, flat end, state offset, decays)]): updated in turn, each sent
+        # once done
+        self.pieces = [(bucket, [seg for start, end, at in dp.owned_in(bucket)
+                                 for seg in self._segments(start, end, at)])
+                       for bucket in dp.update_order]
+        # one slot per ZeRO-1 range of every rank for its squared gradient norm, in rank order
+        # (see global_grad_norm)
+        self.norm_ranges = [dp.shard_of(r) for r in range(dp.world)]
+        self.norm_parts = torch.zeros(sum(map(len, self.norm_ranges)), dtype=state_dtype, device=device)
+        self._my_norm_slot = sum(map(len, self.norm_ranges[:dp.rank]))
         # the global norm and the clipping factor, computed on the device (no host sync in step)
         self.norm = torch.zeros(1, dtype=torch.float64, device=device)
         self.grad_scale = torch.ones(1, dtype=torch.float32, device=device)
-        self.shard_size = dp.shard_size
         self.step_count = 0
 
-    def _segments(self):
-        """(start, end, decays) pieces of the parameter table inside [lo, hi), shard-relative,
-        neighbours with the same decay merged: the alignment gaps between tensors hold zeros
-        that stay zero under AdamW, so a merged segment updates exactly the same values."""
+    def _segments(self, lo, hi, at):
+        """(start, end, state offset, decays) pieces of the parameter table inside the flat range
+        [lo, hi), whose AdamW state starts at `at`; neighbours with the same decay merged: the
+        alignment gaps between tensors hold zeros that stay zero under AdamW, so a merged segment
+        updates exactly the same values."""
         out = []
         for spec in sorted(self.model.layout.specs, key=lambda s: s.offset):
-            start, end = max(self.lo, spec.offset), min(self.hi, spec.offset + spec.numel)
+            start, end = max(lo, spec.offset), min(hi, spec.offset + spec.numel)
             if start >= end:
                 continue
-            start, end = start - self.lo, end - self.lo
-            if out and out[-1][2] == spec.decay and start - out[-1][1] < ALIGN_ELEMENTS:
-                out[-1] = (out[-1][0], end, spec.decay)
+            if out and out[-1][3] == spec.decay and start - out[-1][1] < ALIGN_ELEMENTS:
+                out[-1] = (out[-1][0], end, out[-1][2], spec.decay)
             else:
-                out.append((start, end, spec.decay))
+                out.append((start, end, at + start - lo, spec.decay))
         return out
 
     def step(self, lr, loss=None):
@@ -84,39 +94,44 @@ class ShardedAdamW:
         is queued without waiting for the GPU (read it with float() once the step's work is
         queued). With a guard, loss (one fp64 device element, the mean over ranks) and the norm
         decide there whether this update runs with the real gradient or a zero one (spikes.py)."""
-        grad_shard = self.model.grads[self.lo:self.hi]
         self.global_grad_norm()
         if self.guard is not None:
             if loss is None:
                 raise ValueError("ShardedAdamW.step: a guarded optimizer needs the step's loss")
             self.guard.check(self.grad_scale, loss, self.norm)
         self.step_count += 1
-        params = self.model.params[self.lo:self.hi]
-        o = self.cfg
-        for start, end, decays in self.segments:
-            master = None if self.master is None else self.master[start:end]
-            self.ops.adamw_update(params[start:end], grad_shard[start:end], self.m[start:end],
-                                  self.v[start:end], master, lr, o.beta1, o.beta2, o.eps,
-                                  o.weight_decay if decays else 0.0, self.step_count, self.grad_scale,
-                                  seed=self.lo + start)
+        params, grads, o = self.model.params, self.model.grads, self.cfg
+        for bucket, segments in self.pieces:
+            for start, end, at, decays in segments:
+                n = end - start
+                master = None if self.master is None else self.master[at:at + n]
+                self.ops.adamw_update(params[start:end], grads[start:end], self.m[at:at + n], self.v[at:at + n],
+                                      master, lr, o.beta1, o.beta2, o.eps, o.weight_decay if decays else 0.0,
+                                      self.step_count, self.grad_scale, seed=start)
+            self.dp.weights_updated(bucket, params)
         return self.norm
 
     def global_grad_norm(self):
-        """self.norm = sqrt of the sum over the world-size slices of the flat gradient of their
-        squared norms, added in rank order, and self.grad_scale = the clipping factor, both on
-        the device. zero_stage=1 ranks each compute their own slice's part and share it (an
+        """self.norm = sqrt of the sum of the squared gradient norms of every rank's owned
+        ranges, added in rank order, and self.grad_scale = the clipping factor, both on the
+        device. zero_stage=1 ranks each compute their own ranges' parts and share them (an
         all-reduce of otherwise-zero slots, exact whatever the reduction order); zero_stage=0
-        ranks compute every part themselves. Both sum the same numbers in the same order, so the
-        clipping, and therefore training, is bitwise the same in both stages."""
-        grads, size = self.model.grads, self.shard_size
+        ranks compute every part themselves, over the same ranges the ZeRO-1 ranks would own.
+        Both sum the same numbers in the same order, so the clipping, and therefore training,
+        is bitwise the same in both stages."""
+        grads = self.model.grads
         if self.zero_stage == 1:
             self.norm_parts.zero_()
-            rank = self.comm.rank
-            self.ops.global_norm_squared(self.norm_parts[rank:rank + 1], grads[self.lo:self.hi])
+            for i, (lo, hi) in enumerate(self.norm_ranges[self.comm.rank]):
+                slot = self._my_norm_slot + i
+                self.ops.global_norm_squared(self.norm_parts[slot:slot + 1], grads[lo:hi])
             self.dp.sum_over_ranks(self.norm_parts)
         else:
-            for r in range(self.comm.world):
-                self.ops.global_norm_squared(self.norm_parts[r:r + 1], grads[r * size:(r + 1) * size])
+            slot = 0
+            for ranges in self.norm_ranges:
+                for lo, hi in ranges:
+                    self.ops.global_norm_squared(self.norm_parts[slot:slot + 1], grads[lo:hi])
+                    slot += 1
         self.ops.clip_scale(self.grad_scale, self.norm, self.norm_parts, self.cfg.grad_clip)
         return self.norm
 
@@ -124,16 +139,24 @@ class ShardedAdamW:
         state = {"m": self.m, "v": self.v}
         if self.master is not None:
             state["master"] = self.master
-        return state, {"step": self.step_count, "lo": self.lo, "hi": self.hi,
+        return state, {"step": self.step_count, "ranges": [list(r) for r in self.owned],
                        "total": self.model.layout.total, "zero_stage": self.zero_stage,
                        "layout_version": LAYOUT_VERSION}
 
     def load_state_dict(self, tensors, meta):
-        if (meta["lo"], meta["hi"]) != (self.lo, self.hi):
-            raise ValueError(f"optimizer shard [{meta['lo']}, {meta['hi']}) does not match this "
-                             f"rank's [{self.lo}, {self.hi}); resume with the same world size and zero_stage")
+        if saved_ranges(meta) != self.owned:
+            raise ValueError("optimizer shard: its parts of the flat buffer do not match this rank's; "
+                             "resume with the same world size, zero_stage and bucket_mb")
         self.m.copy_(tensors["m"])
         self.v.copy_(tensors["v"])
         if self.master is not None:
             self.master.copy_(tensors["master"])
         self.step_count = meta["step"]
+
+
+def saved_ranges(meta):
+    """[(start, end)] of the flat buffer an optimizer shard holds, end to end in its state
+    (shards written before ZeRO-1 sharded every bucket hold one slice [lo, hi))."""
+    if "ranges" in meta:
+        return [tuple(r) for r in meta["ranges"]]
+    return [(meta["lo"], meta["hi"])]

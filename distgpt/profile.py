@@ -3,13 +3,14 @@
 After bench's timed steps, a few more steps run under torch.profiler with CUDA activity on. CUPTI
 traces every kernel in the CUDA context, whoever launched it: our CuPy RawModule kernels, cuBLASLt
 matmuls, cuDNN attention, NCCL collectives, ATen copies. Each step is also timed with CUDA events,
-as bench times it. The whole step runs on torch's current stream (CuPy launches and NCCL
-collectives included), so kernels never overlap and
+as bench times it. The step's compute runs on torch's current stream (CuPy launches included), so
+its kernels never overlap one another, and
 
-    GPU idle = step time - sum of kernel (and memcpy/memset) times
+    GPU idle = step time - sum of compute kernel (and memcpy/memset) times
 
-is the time the GPU waited on the host between launches. (If work ever moves to a second stream,
-kernel time can exceed the step and idle goes negative: a sign to read the trace instead.)
+is the time the compute stream waited: on the host between launches, or on a collective it
+needs. NCCL's kernels run on the data-parallel layer's communication stream, beside the compute,
+so they are reported (category nccl, and comm_ms) but not counted in the compute time.
 
 The aggregation below is pure Python over (name, duration_us) pairs, so it is tested on CPU."""
 import statistics
@@ -74,6 +75,8 @@ def summarize_kernels(events, n_steps, step_ms, top=15):
         category = categorize(name)
         by_category[category] = by_category.get(category, 0.0) + total_us
     kernel_ms = sum(total for total, _ in by_name.values()) / 1000 / n_steps
+    comm_ms = by_category.get("nccl", 0.0) / 1000 / n_steps
+    idle_ms = step_ms - (kernel_ms - comm_ms)
 
     def pct(ms):
         return 100 * ms / step_ms if step_ms > 0 else 0.0
@@ -84,8 +87,8 @@ def summarize_kernels(events, n_steps, step_ms, top=15):
     kernels = [{"name": name, "category": categorize(name), "ms": total / 1000 / n_steps,
                 "calls": calls / n_steps, "mean_us": total / calls}
                for name, (total, calls) in ranked[:top]]
-    return {"steps": n_steps, "step_ms": step_ms, "kernel_ms": kernel_ms, "idle_ms": step_ms - kernel_ms,
-            "idle_pct": pct(step_ms - kernel_ms), "events": len(events), "distinct_kernels": len(by_name),
+    return {"steps": n_steps, "step_ms": step_ms, "kernel_ms": kernel_ms, "comm_ms": comm_ms,
+            "idle_ms": idle_ms, "idle_pct": pct(idle_ms), "events": len(events), "distinct_kernels": len(by_name),
             "categories": categories, "kernels": kernels}
 
 
@@ -103,9 +106,12 @@ def format_profile(prof):
     lines += [f"| {short_name(k['name']).replace('|', '/')} | {k['category']} | {k['ms']:.2f} | "
               f"{_calls(k['calls'])} | {k['mean_us']:.1f} |" for k in prof["kernels"]]
     timed = f" (timed median {prof['timed_step_ms']:.1f} ms)" if "timed_step_ms" in prof else ""
-    lines += ["", f"step {prof['step_ms']:.2f} ms{timed}, kernels {prof['kernel_ms']:.2f} ms, "
+    comm = prof.get("comm_ms", 0.0)
+    beside = (f" (NCCL {comm:.2f} ms of them on the communication stream, beside the compute)"
+              if comm else "")
+    lines += ["", f"step {prof['step_ms']:.2f} ms{timed}, kernels {prof['kernel_ms']:.2f} ms{beside}, "
               f"GPU idle {prof['idle_ms']:.2f} ms ({prof['idle_pct']:.1f}%) per step, mean of "
-              f"{prof['steps']} profiled steps; one stream, so kernels do not overlap"]
+              f"{prof['steps']} profiled steps; idle is the compute stream's wait (host or collectives)"]
     return "\n".join(lines)
 
 

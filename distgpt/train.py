@@ -101,7 +101,8 @@ class Trainer:
             checkpoint.load_weights(resume_from, self.model)
         self.guard = SpikeGuard(t, self.backend, dist.device)
         self.skips_in_a_row = 0
-        self.dp = DataParallel(dist.comm, self.model.layout.total, cfg.zero_stage)
+        self.dp = DataParallel(dist.comm, self.model.layout, cfg.zero_stage, cfg.bucket_mb,
+                               self.model.grads.element_size(), dist.device)
         self.optimizer = ShardedAdamW(self.model, self.dp, cfg.optim, self.backend, self.guard)
         self.micro_step = MicroStep(self.model, use_graph=t.cuda_graphs and cfg.backend == "cuda")
         if resume_from is not None:
@@ -254,9 +255,12 @@ class Trainer:
         # each token's loss enters the objective with weight 1 / (tokens in the global batch);
         # the gradient reduction sums over ranks, so this is the mean over all of them
         dloss = 1.0 / self.tokens_per_step
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             x, y = self.train_loader.next_batch()
-            self.reduced[:1] += self.micro_step(x, y, dloss)  # forward + backward (a CUDA graph on GPUs)
+            # forward + backward (a CUDA graph on GPUs); the last one's backward also starts
+            # summing the gradient buckets over ranks
+            overlap = self.dp if micro == self.accum - 1 and self.cfg.overlap_comm else None
+            self.reduced[:1] += self.micro_step(x, y, dloss, overlap)
         if self.signals is not None and self.signals.received:
             self.reduced[1:].fill_(1.0)  # the sum tells every rank that some rank was signalled
         # the mean loss over ranks before the update: the spike guard decides from it on every
@@ -267,8 +271,9 @@ class Trainer:
         self.dp.reduce_gradients(self.model.grads)
         norm = self.optimizer.step(lr, self.reduced[:1])
         self.dp.gather_weights(self.model.params)
-        # the step's first wait for the GPU on one rank (NCCL's collectives wait for their own
-        # completion): everything above is queued by now
+        # the step's one wait for the GPU: everything above is queued by now (the collectives
+        # too, none waited on); the watchdog sees this wait, so a hung rank cannot stall it
+        self.dist.comm.synchronize()
         loss, stop_votes = self.reduced.tolist()
         return StepResult(loss, lr, float(norm), self.guard.skipped(), stop_votes > 0)
 

@@ -1,7 +1,8 @@
 """Test-only fault injection into the trainer, by patching (nothing in distgpt knows of it).
 
 A fault is KIND@STEP or KIND@STEP:RANK (RANK omitted: every rank), STEP the 1-based optimizer
-step; it acts after each micro-step's forward and backward of that step on that rank:
+step; it acts after each micro-step's forward and backward of that step on that rank (gradient
+faults before any of that backward's gradients are summed over ranks):
     nan         one gradient element becomes NaN (the reduction spreads it to every rank)
     grad_spike  the gradients are multiplied by 1000 (a norm spike)
     loss_spike  the micro-step's loss is raised by 100
@@ -31,36 +32,48 @@ def parse(spec):
 
 
 def install(spec, setattr_=setattr):
+    from distgpt.model.gpt2 import GPT2
     from distgpt.model.micro_step import MicroStep
     from distgpt.train import Trainer
     faults = parse(spec)
     now = {"step": 0, "rank": 0}
-    train_step, micro_step = Trainer.train_step, MicroStep.__call__
+    train_step, micro_step, backward = Trainer.train_step, MicroStep.__call__, GPT2.backward
+
+    def active():
+        return [kind for kind, step, rank in faults if step == now["step"] and rank in (None, now["rank"])]
 
     def traced_train_step(self):
         now["step"], now["rank"] = self.step + 1, self.dist.rank
         return train_step(self)
 
-    def faulty_micro_step(self, x, y, dloss):
-        loss = micro_step(self, x, y, dloss)
-        for kind, step, rank in faults:
-            if step != now["step"] or rank not in (None, now["rank"]):
-                continue
-            grads = self.model.grads
+    def faulty_backward(self, layer_done=None):
+        # the whole backward first, then the data-parallel layer's hooks: the fault lands in
+        # this rank's gradients before any of them is summed over ranks
+        backward(self)
+        grads = self.grads
+        for kind in active():
             if kind == "nan":
                 grads[0] = float("nan")
             elif kind == "grad_spike":
                 grads.mul_(1000.0)
             elif kind == "zero_grad":
                 grads.zero_()
-            elif kind == "loss_spike":
+        if layer_done is not None:
+            for layer in reversed(range(self.n_layer)):
+                layer_done(layer)
+
+    def faulty_micro_step(self, x, y, dloss, dp=None):
+        loss = micro_step(self, x, y, dloss, dp)
+        for kind in active():
+            if kind == "loss_spike":
                 loss = loss + 100.0
-            else:
+            elif kind in ("sigterm", "sigusr1"):
                 os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGUSR1)
         return loss
 
     setattr_(Trainer, "train_step", traced_train_step)
     setattr_(MicroStep, "__call__", faulty_micro_step)
+    setattr_(GPT2, "backward", faulty_backward)
 
 
 if __name__ == "__main__":

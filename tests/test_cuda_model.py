@@ -55,7 +55,7 @@ def test_step_matches_reference_fp32():
     assert worst[0] <= TOLERANCES["gradient"], f"gradient {worst[1]}: relative error {worst[0]:.3e}"
     opt_cfg = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
     before = ref.params.clone()
-    norms = [ShardedAdamW(m, DataParallel(LocalComm(), m.layout.total, 1), opt_cfg, m.ops).step(1e-3)
+    norms = [ShardedAdamW(m, DataParallel(LocalComm(), m.layout, 1), opt_cfg, m.ops).step(1e-3)
              for m in (fast, ref)]
     assert abs(norms[0] - norms[1]) <= TOLERANCES["gradient"] * norms[1]
     assert rel(fast.params, ref.params) <= TOLERANCES["weights after update"]
@@ -69,7 +69,7 @@ def twenty_steps(use_graph=False):
     from distgpt.model.micro_step import MicroStep
     model = build(CudaBackend(), torch.bfloat16)
     micro_step = MicroStep(model, use_graph)
-    opt = ShardedAdamW(model, DataParallel(LocalComm(), model.layout.total, 1), OptimConfig(lr=1e-3), model.ops)
+    opt = ShardedAdamW(model, DataParallel(LocalComm(), model.layout, 1), OptimConfig(lr=1e-3), model.ops)
     gen = torch.Generator(device="cuda").manual_seed(7)
     # two fixed batches, alternating: random tokens hold nothing to learn, but these can be
     # memorised, so the loss must fall

@@ -22,6 +22,9 @@ pytestmark = [pytest.mark.mpi,
 COMMON = ["+run=debug_cpu", "model.n_layer=2", "model.n_embd=64", "model.n_head=2", "train.seq_len=32",
           "train.total_batch_tokens=256", "train.max_steps=8", "train.val_every=4", "train.val_steps=2",
           "train.sample_every=0", "train.checkpoint_every=4", "train.log_every=100",
+          # each of the two layers its own gradient bucket (0.19 MB of fp32 matrices per layer),
+          # so buckets straddle the ranks' slices and the backward's hooks reduce three of them
+          "bucket_mb=0.1",
           # the shipped text, tokenized into each test's own data/ts_* shards on first use
           f"data.source={builtin_text('tinyshakespeare')}"]
 # Ranks sum fp32 gradients in another order than one process's accumulation. Relative errors
@@ -71,6 +74,8 @@ def runs(tmp_path_factory):
     for ranks in (2, 4):
         for zero in (0, 1):
             train(tmp, f"r{ranks}z{zero}", ranks, f"zero_stage={zero}")
+    # the gradients summed after the whole backward
+    train(tmp, "r2z1_after", 2, "zero_stage=1", "overlap_comm=false")
     return tmp
 
 
@@ -96,6 +101,16 @@ def test_zero_stages_are_bitwise_equal_on_two_ranks(runs):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
+def test_reducing_during_the_backward_changes_no_bit(runs):
+    """Buckets reduced as the backward finishes them, or all of them after it: each element is
+    summed over the same ranks in the same collective, so the runs are bitwise equal. (Another
+    bucket_mb cuts the ranks' parts elsewhere, and the global norm is then added up in another
+    order: equal within rounding, as another world size is.)"""
+    assert metrics(runs, "r2z1_after") == metrics(runs, "r2z1")
+    w0, w1 = weights(runs, "r2z1_after"), weights(runs, "r2z1")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
 @pytest.mark.parametrize("ranks_after", [1, 4])
 def test_two_rank_checkpoint_resumes_on_other_world_sizes(runs, ranks_after):
     name = f"from2to{ranks_after}"
@@ -107,6 +122,25 @@ def test_two_rank_checkpoint_resumes_on_other_world_sizes(runs, ranks_after):
     assert loss[:4] == loss2[:4]  # the same 2-rank run up to the checkpoint
     assert loss == pytest.approx(loss2, rel=RTOL_ACROSS_LAYOUTS)
     assert val == pytest.approx(val2, rel=RTOL_ACROSS_LAYOUTS)
+
+
+def test_a_one_slice_optimizer_shard_from_before_bucket_sharding_resumes_on_two_ranks(runs):
+    """Optimizer shards written before ZeRO-1 sharded every bucket say which slice they hold
+    with lo/hi; such a one-rank checkpoint re-shards onto two ranks and trains on as the same
+    checkpoint in today's format does."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    for name in ("old_format", "new_format"):
+        train(runs, name, 1, "train.stop_after=4")
+    file = checkpoint.find_latest(Path(runs) / "old_format") / checkpoint.optimizer_file(0)
+    with safe_open(str(file), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    (lo, hi), = meta.pop("ranges")
+    meta.update(lo=lo, hi=hi)
+    save_file(load_file(str(file)), str(file), metadata={"meta": json.dumps(meta)})
+    for name in ("old_format", "new_format"):
+        assert "written by 1 rank(s), re-sharded" in train(runs, name, 2)
+    assert metrics(runs, "old_format") == metrics(runs, "new_format")
 
 
 def skipped(tmp, name):

@@ -96,6 +96,16 @@ def test_idle_goes_negative_rather_than_hiding_overlap():
     assert prof["idle_ms"] == pytest.approx(-1.0)
 
 
+def test_collectives_beside_the_compute_are_not_counted_as_busy():
+    """NCCL kernels run on the communication stream: the compute stream's idle time is the step
+    less the other kernels."""
+    events = [("nvjet", 3000.0), ("ncclDevKernel_Reduce_Sum_bf16_RING_LL", 1500.0)]
+    prof = summarize_kernels(events, 1, step_ms=3.5)
+    assert prof["kernel_ms"] == pytest.approx(4.5) and prof["comm_ms"] == pytest.approx(1.5)
+    assert prof["idle_ms"] == pytest.approx(0.5)
+    assert "NCCL 1.50 ms of them on the communication stream" in format_profile(prof)
+
+
 def test_no_events_and_bad_step_count():
     prof = summarize_kernels([], 2, step_ms=5.0)
     assert prof["kernel_ms"] == 0 and prof["idle_ms"] == 5.0 and prof["categories"] == []

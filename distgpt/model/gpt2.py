@@ -134,8 +134,11 @@ class GPT2:
         return a["losses"].mean()
 
     # ------------------------------------------------------------ backward
-    def backward(self):
-        """Gradients of sum(dloss * loss per token) into self.grads (+=), from the last forward."""
+    def backward(self, layer_done=None):
+        """Gradients of sum(dloss * loss per token) into self.grads (+=), from the last forward.
+        layer_done(layer), if given, is called once a layer's matrices have their final
+        gradients (the data-parallel layer starts summing them over ranks while the backward goes
+        on with the layers below)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() with targets first")
         ops, P, G, NH = self.ops, self.p, self.g, self.n_head
@@ -171,6 +174,8 @@ class GPT2:
             ops.attention_backward(d_3C, d_C, a[f"qkv.{layer}"], a[f"atty.{layer}"],
                                    a[f"att_lse.{layer}"], NH)
             ops.matmul_backward(d_C, lg.qkv_w, lg.qkv_b, d_3C, ln1, lp.qkv_w)
+            if layer_done is not None:
+                layer_done(layer)
             # dres becomes d(residual3) of the layer below, whose MLP projection added into it
             ops.layernorm_backward(dres, lg.ln1_w, lg.ln1_b, d_C, residual_in, lp.ln1_w,
                                    a[f"ln1_mean.{layer}"], a[f"ln1_rstd.{layer}"],

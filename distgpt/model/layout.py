@@ -53,7 +53,8 @@ ALIGN_ELEMENTS = 8
 # The flat buffer's order as this table lays it out. Optimizer shards are stored as slices of the
 # flat buffer, so a checkpoint written under another layout cannot be read as this one: its
 # shards record the version, and a mismatch is refused (checkpoint.load_optimizer). Raise it
-# whenever the offsets change (issue #12: a layout that follows the gradient buckets).
+# whenever the offsets change. (The data-parallel layer's buckets need each layer's matrices
+# contiguous, which this order already gives: wte, wpe, then layer 0's, 1's, ... matrices.)
 LAYOUT_VERSION = 1
 
 
@@ -89,6 +90,16 @@ class ParameterLayout:
         """GPT-2's own count: real vocabulary rows only, alignment and padding excluded."""
         padding_rows = (self.padded_vocab_size - self.vocab_size) * self.n_embd
         return sum(s.numel for s in self.specs) - padding_rows
+
+    def layer_matrices(self, layer):
+        """[start, end) of one layer's four matrices: contiguous, as the flat order puts the
+        tensors with weight decay in GPT-2's order. Their gradients are final once that layer's
+        backward has run, which is what the data-parallel layer's buckets are cut by."""
+        specs = [s for s in self.specs if s.name.startswith(f"transformer.h.{layer}.") and s.decay]
+        start, end = min(s.offset for s in specs), max(s.offset + s.numel for s in specs)
+        if end - start >= sum(s.numel for s in specs) + ALIGN_ELEMENTS * len(specs):
+            raise ValueError(f"layer {layer}'s matrices are not contiguous in the flat buffer")
+        return start, end
 
     def views(self, flat):
         """name -> view of `flat` with that parameter's shape."""

@@ -12,6 +12,12 @@ micro-step are copied into planned device buffers (`tokens`, `targets`) before t
 op syncs with the host. What a replay cannot change is baked in at capture: the batch shape
 and dloss (both fixed for a run), so a change of either captures a new graph.
 
+The last micro-step of an optimizer step carries the data-parallel layer (`dp`): its backward
+hands each finished layer to it, so the gradient buckets are summed over ranks on a
+communication stream while the backward runs, and the step's stream waits for them before the
+micro-step ends. Captured, the graph holds those collectives too (NCCL supports capture); it is
+a separate graph from the plain micro-steps' one, and both stay cached.
+
 Sequence: the first call runs eagerly (kernels compile, cuBLASLt and cuDNN plans are made),
 the second captures and then replays (a capture only records), later calls replay. Replays are
 the same kernels on the same addresses, so results are bitwise those of the eager step.
@@ -26,7 +32,7 @@ class MicroStep:
         B, T = model.acts.B, model.acts.T
         self.tokens = torch.zeros((B, T), dtype=torch.int64, device=model.device)
         self.targets = torch.zeros((B, T), dtype=torch.int64, device=model.device)
-        self.graph, self.graph_key, self.loss, self.calls = None, None, None, 0
+        self.graphs = {}  # (b, t, dloss, reduces?) -> [captured graph or None, its loss, calls]
         self.device = model.device
         if self.device.type == "cuda":
             # two pinned host slots, so a batch's host-to-device copy is asynchronous (a copy from
@@ -35,10 +41,12 @@ class MicroStep:
             self.copied = [torch.cuda.Event(), torch.cuda.Event()]
             self.slot = 0
 
-    def __call__(self, x, y, dloss):
+    def __call__(self, x, y, dloss, dp=None):
         """Forward + backward of one micro-batch (x, y: (b, t) int64, on the device or pinned
         host memory); gradients accumulate into model.grads. Returns the mean loss as a 0-d
-        device tensor (the graph's static output when replaying: read it before the next call)."""
+        device tensor (the graph's static output when replaying: read it before the next call).
+        dp: the data-parallel layer on the last micro-step (its gradients are then summed over
+        ranks during the backward), None on the others."""
         b, t = x.shape
         # the planned buffers' first b*t tokens, contiguous as the kernels read them
         tokens = self.tokens.view(-1)[:b * t].view(b, t)
@@ -48,25 +56,36 @@ class MicroStep:
         else:
             tokens.copy_(x)
             targets.copy_(y)
-        if not self.use_graph:
-            return self._eager(tokens, targets, dloss)
-        key = (b, t, float(dloss))
-        if key != self.graph_key:
-            self.graph, self.graph_key, self.calls = None, key, 0
-        self.calls += 1
-        if self.calls == 1:
-            return self._eager(tokens, targets, dloss)
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the collective watchdog's thread may query CUDA during the capture
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.loss = self._eager(tokens, targets, dloss)
-        self.graph.replay()
-        return self.loss
+        loss = self._run(tokens, targets, dloss, dp)
+        if dp is not None:
+            dp.reduced_in_backward()
+        return loss
 
-    def _eager(self, tokens, targets, dloss):
+    def _run(self, tokens, targets, dloss, dp):
+        if not self.use_graph:
+            return self._eager(tokens, targets, dloss, dp)
+        b, t = tokens.shape
+        entry = self.graphs.setdefault((b, t, float(dloss), dp is not None), [None, None, 0])
+        entry[2] += 1
+        if entry[2] == 1:
+            return self._eager(tokens, targets, dloss, dp)
+        if entry[0] is None:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the collective watchdog's thread may query CUDA during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                entry[1] = self._eager(tokens, targets, dloss, dp)
+            entry[0] = graph
+        entry[0].replay()
+        return entry[1]
+
+    def _eager(self, tokens, targets, dloss, dp):
         loss = self.model.forward(tokens, targets, dloss)
-        self.model.backward()
+        if dp is None:
+            self.model.backward()
+        else:
+            dp.attach(self.model.grads)
+            self.model.backward(layer_done=dp.layer_done)
+            dp.backward_done()
         return loss
 
     def _stage(self, x, y, tokens, targets):

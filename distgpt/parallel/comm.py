@@ -2,12 +2,17 @@
 
 All collectives are sums over ranks and work in place on flat tensors:
     all_reduce(t)            t = sum over ranks of t
+    reduce(t, root)          root's t = sum over ranks of t (the others' t unchanged)
     reduce_scatter(out, t)   out = rank's 1/world slice of sum over ranks of t
     all_gather(out, t)       out = concatenation over ranks of t (t is out's rank slice or a copy)
     broadcast(t, root)       t = root's t
     broadcast_object(o, root), all_gather_object(o)   small JSON-able objects (control messages)
     barrier()
-LocalComm is world size 1 (everything is a copy or nothing); MpiComm moves CPU tensors through
+    with group(name): ...    the collectives inside progress together (NCCL's group calls)
+    watch(name)              the watchdog follows everything queued so far under `name`
+    synchronize()            the host waits for the queued collectives (the watchdog sees a hang)
+On GPUs the collectives are queued on the current stream and return at once; on CPUs they
+complete before returning. LocalComm is world size 1 (everything is a copy or nothing); MpiComm moves CPU tensors through
 mpi4py, so the whole trainer runs under `mpirun` on a laptop and in CI. The trainer never
 knows which one it holds.
 """
@@ -15,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -28,11 +33,23 @@ class Communicator:
     def all_reduce(self, tensor):
         raise NotImplementedError
 
+    def reduce(self, tensor, root):
+        raise NotImplementedError
+
     def reduce_scatter(self, out, tensor):
         raise NotImplementedError
 
     def all_gather(self, out, tensor):
         raise NotImplementedError
+
+    def group(self, name):
+        return nullcontext()
+
+    def watch(self, name):
+        pass
+
+    def synchronize(self):
+        pass
 
     def broadcast(self, tensor, root=0):
         raise NotImplementedError
@@ -49,18 +66,24 @@ class Communicator:
 
 
 class CollectiveWatchdog:
-    """Ends this process when the host has waited on one collective longer than `timeout_s`.
+    """Ends this process when a collective has not completed `timeout_s` after it was issued.
 
-    A rank that died or hangs leaves its peers blocked inside a collective, where no Python
-    code runs; so a daemon thread watches the clock. When it fires it prints one line naming
+    A rank that died or hangs leaves its peers inside a collective for ever. Two kinds of
+    collective are watched from a daemon thread, so no Python code needs to run on the main one:
+    those the host waits on (`waiting_on`: MPI calls, control messages, host synchronisation) and
+    those queued on the GPU without any host wait (`track(operation, event)`: NCCL collectives,
+    each followed by a CUDA event the thread polls). When one is overdue, or `check_error` (NCCL's
+    asynchronous error state, polled alike) reports a failure, the thread prints one line naming
     the rank and the operation, calls `abort` (NCCL: abort the communicator so the GPU stops
     waiting) and exits with code 3; mpirun / srun then end the remaining ranks."""
 
     EXIT_CODE = 3
 
-    def __init__(self, rank, timeout_s, transport, abort=None):
+    def __init__(self, rank, timeout_s, transport, abort=None, check_error=None):
         self.rank, self.timeout_s, self.transport, self.abort = rank, timeout_s, transport, abort
+        self.check_error = check_error
         self._pending = None  # (operation, start time) while the host waits on a collective
+        self._queued = []  # [(operation, issue time, event)] queued on the GPU, oldest first
         self._lock = threading.Lock()
         if timeout_s > 0:
             threading.Thread(target=self._watch, daemon=True, name="collective-watchdog").start()
@@ -75,27 +98,64 @@ class CollectiveWatchdog:
             with self._lock:
                 self._pending = None
 
+    def track(self, operation, event):
+        """Watch a queued collective: `event` (anything with query() -> bool) completes with it."""
+        if self.timeout_s > 0:
+            with self._lock:
+                self._queued.append((operation, time.monotonic(), event))
+
+    def overdue(self, now=None):
+        """The operation waited on longer than timeout_s, or None. Completed queued collectives
+        are forgotten here (queued work completes in order, so polling stops at the first
+        incomplete one)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            while self._queued and self._queued[0][2].query():
+                self._queued.pop(0)
+            waits = [w for w in (self._pending, self._queued[0][:2] if self._queued else None) if w]
+        late = [op for op, since in waits if now - since > self.timeout_s]
+        return late[0] if late else None
+
     def _watch(self):
         while True:
             time.sleep(min(1.0, self.timeout_s / 4))
-            with self._lock:
-                pending = self._pending
-            if pending and time.monotonic() - pending[1] > self.timeout_s:
-                print(f"distgpt: error: rank {self.rank}: {self.transport} {pending[0]} did not complete "
-                      f"within comm_timeout_s={self.timeout_s:g} s (another rank died or hangs); "
-                      f"stopping every rank. Resume with resume=auto once all ranks are healthy",
-                      file=sys.stderr, flush=True)
-                try:
-                    if self.abort is not None:
-                        self.abort()
-                finally:
-                    os._exit(self.EXIT_CODE)
+            error = self.check_error() if self.check_error is not None else None
+            if error:
+                self._fail(error)
+            operation = self.overdue()
+            if operation is not None:
+                self._fail(f"{self.transport} {operation} did not complete within comm_timeout_s="
+                           f"{self.timeout_s:g} s (another rank died or hangs)")
+
+    # how long the abort may take before the process exits anyway
+    ABORT_GRACE_S = 10.0
+
+    def _fail(self, reason):
+        print(f"distgpt: error: rank {self.rank}: {reason}; stopping every rank. Resume with "
+              f"resume=auto once all ranks are healthy", file=sys.stderr, flush=True)
+        if self.abort is not None:
+            # NCCL's abort can itself block (seen with collectives queued in a replayed CUDA
+            # graph while the peer was stopped): give it a few seconds on its own thread, then
+            # exit regardless; the driver frees the GPU when the process ends
+            helper = threading.Thread(target=self._try_abort, daemon=True, name="collective-abort")
+            helper.start()
+            helper.join(self.ABORT_GRACE_S)
+        os._exit(self.EXIT_CODE)
+
+    def _try_abort(self):
+        try:
+            self.abort()
+        except Exception:  # the process exits next whatever happened here
+            pass
 
 
 class LocalComm(Communicator):
     """A single process: sums over one rank are the identity."""
 
     def all_reduce(self, tensor):
+        pass
+
+    def reduce(self, tensor, root):
         pass
 
     def reduce_scatter(self, out, tensor):
@@ -158,6 +218,14 @@ class MpiComm(Communicator):
     def all_reduce(self, tensor):
         with self.watchdog.waiting_on("all_reduce"):
             self.comm.Allreduce(self._MPI.IN_PLACE, self._np(tensor), op=self._MPI.SUM)
+
+    def reduce(self, tensor, root):
+        array = self._np(tensor)
+        with self.watchdog.waiting_on("reduce"):
+            if self.rank == root:
+                self.comm.Reduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM, root=root)
+            else:
+                self.comm.Reduce(array, None, op=self._MPI.SUM, root=root)
 
     def reduce_scatter(self, out, tensor):
         recv = np.empty(out.numel(), dtype=self._np(out).dtype)

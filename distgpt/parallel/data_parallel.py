@@ -1,34 +1,112 @@
-"""The data-parallel layer: which slice of the flat buffers this rank owns, and every collective
-over gradients and weights. With it the trainer's step reads as the design's diagram:
+"""The data-parallel layer: which parts of the flat buffers this rank owns, the gradient buckets,
+and every collective over gradients and weights. The trainer's step reads as the design's diagram:
 
-    forward + backward (each micro-step)  ->  dp.reduce_gradients()  ->  optimizer.step()  ->
-    dp.gather_weights()
+    forward + backward (each micro-step; the last one hands this layer to the backward)
+      -> dp.reduce_gradients()  -> optimizer.step()  -> dp.gather_weights()
 
-zero_stage=1 (ZeRO-1): the flat gradient is reduce-scattered, so each rank holds the summed
-gradient of its 1/world slice [lo, hi), updates that slice's weights (and keeps AdamW state for
-it alone), and the updated working weights are all-gathered. zero_stage=0: the gradient is
-all-reduced and every rank updates everything ([lo, hi) is the whole buffer).
+Buckets. The flat buffer puts each layer's four matrices side by side (model/layout.py), and
+their gradients are final once the backward has finished that layer. Consecutive layers, from
+the last one down, are grouped into buckets of at least `bucket_mb`; the last bucket is
+everything else (embeddings, biases, layernorms: final only when the backward ends). On the
+last micro-step the backward calls `layer_done(layer)` after each layer, and a bucket whose
+layers are all done has its gradients summed at once, on a communication stream ordered after
+the backward's kernels by a CUDA event, while the backward goes on with the layers below.
 
-The collectives run as they always have (after the whole backward); issuing each layer's
-reduction during the backward, on a communication stream, is the next step for this module
-(issue #12), and the trainer will not change when it comes.
+zero_stage=1 (ZeRO-1) shards every bucket: each of its ranges is cut into `world` equal,
+aligned parts (what does not divide evenly, under 8 x world elements, goes to the last rank),
+and rank r owns part r of every range. A bucket's gradients are then one reduce-scatter per range
+(NCCL, in place), so every link carries data in both directions at once; the rank keeps AdamW
+state for its parts alone (`owned`), updates them bucket by bucket, and after each bucket
+`weights_updated` all-gathers that bucket's new weights while the next one is updated. Buckets
+go back in the forward's order (embeddings first, then layer 0, 1, ...). zero_stage=0
+all-reduces each bucket and every rank owns and updates everything.
+
+Each element is summed over the same ranks whichever bucket or collective carries it, and every
+rank issues every collective in the same order. Without a GPU (MpiComm, StoreComm in tests) the
+collectives run inline, in the same order, so the CPU tests exercise the same bookkeeping.
 """
+from bisect import bisect_right
+from contextlib import nullcontext
+
+import torch
+
+from distgpt.model.layout import ALIGN_ELEMENTS
+
+DEFAULT_BUCKET_MB = 25
+
+
+class Bucket:
+    def __init__(self, index, ranges, first_layer):
+        """ranges: [(start, end)] of the flat buffer; first_layer: the lowest layer in it (its
+        gradients are final after that layer's backward), None for the last bucket."""
+        self.index, self.ranges, self.first_layer = index, ranges, first_layer
+        self.splits = []  # per range (start, end, part): rank r owns [start + r part, start + (r+1) part)
+
+    @property
+    def numel(self):
+        return sum(end - start for start, end in self.ranges)
+
+
+def make_buckets(layout, bucket_elements):
+    """Buckets in the backward's order: layers L-1 ... 0 grouped until each holds at least
+    `bucket_elements`, then the rest of the flat buffer (up to layout.total) as the last."""
+    buckets, group = [], []
+    for layer in reversed(range(layout.n_layer)):
+        group.append(layer)
+        ranges = [layout.layer_matrices(x) for x in group]
+        size = sum(end - start for start, end in ranges)
+        if size >= bucket_elements or layer == 0:
+            start, end = min(s for s, _ in ranges), max(e for _, e in ranges)
+            if end - start != size:
+                raise ValueError("a bucket's layers are not contiguous in the flat buffer")
+            buckets.append(Bucket(len(buckets), [(start, end)], first_layer=layer))
+            group = []
+    covered = sorted(r for b in buckets for r in b.ranges)
+    rest, at = [], 0
+    for start, end in covered + [(layout.total, layout.total)]:
+        if start > at:
+            rest.append((at, start))
+        at = max(at, end)
+    buckets.append(Bucket(len(buckets), rest, first_layer=None))
+    return buckets
 
 
 class DataParallel:
-    def __init__(self, comm, total, zero_stage):
-        """comm: the communicator; total: elements in the flat buffers (a multiple of the world
-        size: the parameter layout pads it)."""
+    def __init__(self, comm, layout, zero_stage, bucket_mb=DEFAULT_BUCKET_MB, element_bytes=2,
+                 device=None):
+        """comm: the communicator; layout: the model's ParameterLayout; element_bytes: of the
+        gradient dtype, to size buckets in bytes; device: a CUDA device gives the collectives
+        their own stream."""
         if zero_stage not in (0, 1):
             raise ValueError(f"zero_stage={zero_stage}: choose 0 (all-reduce) or 1 (sharded AdamW)")
-        if total % comm.world:
-            raise ValueError(f"the flat buffer's {total} elements do not split into {comm.world} equal shards")
-        self.comm, self.zero_stage = comm, zero_stage
-        self.shard_size = total // comm.world
-        if zero_stage == 1:
-            self.lo, self.hi = comm.rank * self.shard_size, (comm.rank + 1) * self.shard_size
-        else:
-            self.lo, self.hi = 0, total
+        self.comm, self.zero_stage, self.total = comm, zero_stage, layout.total
+        world = comm.world
+        self.buckets = make_buckets(layout, max(1, int(bucket_mb * 2**20 / element_bytes)))
+        for bucket in self.buckets:
+            for start, end in bucket.ranges:
+                part = (end - start) // (world * ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+                bucket.splits.append((start, end, part))
+        self._after_layer = {b.first_layer: b for b in self.buckets if b.first_layer is not None}
+        # the weights' way back: the last bucket (embeddings) first, then layer 0, 1, ...
+        self.update_order = [self.buckets[-1]] + self.buckets[-2::-1]
+        self.owned = self.owned_by(comm.rank)
+        # where each owned range starts in this rank's optimizer state (its ranges end to end)
+        self._state_starts, at = [], 0
+        for start, end in self.owned:
+            self._state_starts.append(at)
+            at += end - start
+        self.state_size = at
+        device = torch.device(device) if device is not None else None
+        # high priority: a collective's blocks are scheduled as soon as its inputs are ready,
+        # ahead of queued compute, so the peers meet early and no NCCL block sits spinning
+        self.stream = (torch.cuda.Stream(device, priority=-1) if device is not None
+                       and device.type == "cuda" and world > 1 else None)
+        self.grads = None  # the flat gradient buffer, for the backward's hooks
+        self._reduced_in_backward = False
+        self._sent = set()  # buckets whose weights went out during this optimizer step
+        # False: every collective is skipped (bench's "same step without communication", which
+        # measures how much of the step the collectives expose; training never turns it off)
+        self.communicate = True
 
     @property
     def world(self):
@@ -38,18 +116,140 @@ class DataParallel:
     def rank(self):
         return self.comm.rank
 
+    def owned_by(self, rank):
+        """[(start, end)] of the flat buffers `rank` updates, ascending, neighbours merged."""
+        return [(0, self.total)] if self.zero_stage == 0 else self.shard_of(rank)
+
+    def shard_of(self, rank):
+        """[(start, end)] that `rank` owns under ZeRO-1 (whatever this run's zero_stage: the
+        global norm is summed over these pieces in both stages, so both clip alike)."""
+        pieces = []
+        for bucket in self.buckets:
+            for start, end, part in bucket.splits:
+                lo = start + rank * part
+                hi = end if rank == self.world - 1 else lo + part
+                if lo < hi:
+                    pieces.append((lo, hi))
+        merged = []
+        for lo, hi in sorted(pieces):
+            if merged and merged[-1][1] == lo:
+                merged[-1] = (merged[-1][0], hi)
+            else:
+                merged.append((lo, hi))
+        return merged
+
+    def owned_in(self, bucket):
+        """[(start, end, state offset)]: this rank's parts of `bucket` and where their AdamW
+        state lives."""
+        out = []
+        for start, end in bucket.ranges:
+            for i, (lo, hi) in enumerate(self.owned):
+                s, e = max(start, lo), min(end, hi)
+                if s < e:
+                    out.append((s, e, self._state_starts[i] + s - lo))
+        return out
+
+    def state_offset(self, flat):
+        """Where flat element `flat` (owned by this rank) lives in its optimizer state."""
+        i = bisect_right([lo for lo, _ in self.owned], flat) - 1
+        lo, hi = self.owned[i]
+        if not lo <= flat < hi:
+            raise ValueError(f"flat element {flat} is not owned by rank {self.rank}")
+        return self._state_starts[i] + flat - lo
+
+    # ------------------------------------------------------------ the backward's hooks
+    def attach(self, grads):
+        """The flat gradient buffer the backward's hooks reduce (the model's)."""
+        self.grads = grads
+
+    def layer_done(self, layer):
+        """The backward has finished `layer`: reduce the bucket that it completes, if any."""
+        bucket = self._after_layer.get(layer)
+        if bucket is not None:
+            self._reduce(bucket, self.grads)
+
+    def backward_done(self):
+        """The backward has ended: reduce the last bucket, and make the step's stream wait for
+        every reduction (inside the micro-step, so a captured CUDA graph holds the whole fork
+        and join). The caller marks the step with `reduced_in_backward()` each time it runs."""
+        self._reduce(self.buckets[-1], self.grads)
+        self._join()
+
+    def reduced_in_backward(self):
+        """Called by the micro-step after a backward with these hooks ran or was replayed."""
+        self._reduced_in_backward = True
+
+    # ------------------------------------------------------------ the step
     def reduce_gradients(self, grads):
-        """Sum the flat gradient over ranks: this rank's slice (zero_stage 1) or all of it (0)."""
-        if self.zero_stage == 1:
-            self.comm.reduce_scatter(grads[self.lo:self.hi], grads)
-        else:
-            self.comm.all_reduce(grads)
+        """Sum the gradients over ranks: this rank's parts (zero_stage 1) or everything (0).
+        After a backward that already did (the hooks above), this only hands the reduction to the
+        watchdog; otherwise every bucket is reduced now."""
+        if self._reduced_in_backward:
+            self._reduced_in_backward = False
+            if self.communicate:
+                self.comm.watch("gradient reduction (during the backward)")
+            return
+        for bucket in self.buckets:
+            self._reduce(bucket, grads)
+        self._join()
+
+    def weights_updated(self, bucket, params):
+        """The optimizer has updated this rank's parts of `bucket`: all-gather the bucket's new
+        weights while the next bucket is updated (zero_stage 1; every rank calls this for every
+        bucket, in update_order)."""
+        if self.zero_stage != 1 or not self.communicate:
+            return
+        self._sent.add(bucket.index)
+        W, r = self.world, self.rank
+        with self._on_comm_stream():
+            with self.comm.group(f"weight all-gather, bucket {bucket.index}"):
+                for start, end, part in bucket.splits:
+                    if part:
+                        whole = params[start:start + W * part]
+                        self.comm.all_gather(whole, whole[r * part:(r + 1) * part])
+                    if start + W * part < end:  # the uneven remainder, the last rank's
+                        self.comm.broadcast(params[start + W * part:end], root=W - 1)
 
     def gather_weights(self, params):
-        """After the update: every rank's slice of the working weights to every rank."""
-        if self.zero_stage == 1:
-            self.comm.all_gather(params, params[self.lo:self.hi])
+        """After the update: every rank's parts of the working weights on every rank. Sends what
+        weights_updated has not yet sent, then makes the step's stream wait for all of it."""
+        if self.zero_stage == 1 and self.communicate:
+            for bucket in self.update_order:
+                if bucket.index not in self._sent:
+                    self.weights_updated(bucket, params)
+            self._join()
+        self._sent.clear()
 
     def sum_over_ranks(self, tensor):
         """A small per-rank statistic (the shards' squared gradient norms) summed in place."""
-        self.comm.all_reduce(tensor)
+        if self.communicate:
+            self.comm.all_reduce(tensor)
+
+    # ------------------------------------------------------------ helpers
+    def _reduce(self, bucket, grads):
+        if not self.communicate:
+            return
+        W, r = self.world, self.rank
+        with self._on_comm_stream():
+            with self.comm.group(f"gradient reduction, bucket {bucket.index}"):
+                for start, end, part in bucket.splits:
+                    if self.zero_stage == 0:
+                        self.comm.all_reduce(grads[start:end])
+                        continue
+                    if part:
+                        whole = grads[start:start + W * part]
+                        self.comm.reduce_scatter(whole[r * part:(r + 1) * part], whole)
+                    if start + W * part < end:
+                        self.comm.all_reduce(grads[start + W * part:end])
+
+    def _on_comm_stream(self):
+        """Collectives after everything queued so far on the step's stream, on the
+        communication stream (GPU), or inline (CPU, or one GPU)."""
+        if self.stream is None:
+            return nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        return torch.cuda.stream(self.stream)
+
+    def _join(self):
+        if self.stream is not None and self.communicate:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)

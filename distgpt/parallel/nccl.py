@@ -2,14 +2,18 @@
 
 Rank 0 makes the NCCL unique id, the control plane (MPI, or a rendezvous store when the ranks
 were started without MPI) broadcasts it, every rank builds its communicator. Each
-collective is enqueued on torch's current stream (the stream the step runs on), so it orders
-with our kernels without host synchronisation.
+collective is queued on torch's current stream (the step's stream, or the data-parallel layer's
+communication stream) and returns at once: it orders with our kernels through the stream, and
+the host never waits for it.
 
-A rank that dies or hangs must not leave the others waiting forever: the host waits for each
-collective under a CollectiveWatchdog, which aborts the communicator and exits naming the rank
-and the operation once comm_timeout_s has passed. NCCL's asynchronous errors are checked after
-each collective.
+A rank that dies or hangs must not leave the others waiting forever: a CUDA event follows each
+collective (or each group of them) and the CollectiveWatchdog's thread polls those events and
+NCCL's asynchronous error state; once one is overdue by comm_timeout_s it aborts the
+communicator and exits naming the rank and the operation. Collectives captured in a CUDA graph
+cannot carry their own event; the caller watches the graph's replay instead (`watch`).
 """
+from contextlib import contextmanager
+
 import torch
 
 from distgpt.parallel.comm import CollectiveWatchdog, Communicator
@@ -37,21 +41,58 @@ class NcclComm(Communicator):
         uid = bytes(values) if form == "bytes" else tuple(values)
         with torch.cuda.device(device):
             self.comm = nccl.NcclCommunicator(self.world, uid, self.rank)
-        self.watchdog = CollectiveWatchdog(self.rank, timeout_s, "NCCL", abort=self.comm.abort)
+        self._grouped = None  # the group's name while collectives are being grouped
+        self.watchdog = CollectiveWatchdog(self.rank, timeout_s, "NCCL", abort=self.comm.abort,
+                                           check_error=self._async_error)
+
+    def _async_error(self):
+        """NCCL's asynchronous error state (None when fine): polled by the watchdog's thread."""
+        check = getattr(self.comm, "check_async_error", None)
+        try:
+            code = check() if check is not None else None
+        except self._nccl.NcclError as exc:
+            return f"NCCL failed asynchronously: {exc}"
+        return f"NCCL failed asynchronously (code {code})" if code else None
 
     def _run(self, name, fn):
-        """Enqueue a collective and wait for it, so the watchdog can see a hang. Waiting costs
-        little: the trainer synchronises on each step's loss anyway."""
+        """Queue a collective on the current stream; the watchdog follows it from there."""
         stream = torch.cuda.current_stream(self.device)
         try:
-            with self.watchdog.waiting_on(name):
-                fn(stream.cuda_stream)
-                stream.synchronize()
-            error = self.comm.check_async_error() if hasattr(self.comm, "check_async_error") else None
-            if error:
-                raise NcclError(f"rank {self.rank}: NCCL {name} failed asynchronously (code {error})")
+            fn(stream.cuda_stream)
         except self._nccl.NcclError as exc:
             raise NcclError(f"rank {self.rank}: NCCL {name} failed: {exc}") from None
+        if self._grouped is None:
+            self.watch(name)
+
+    def watch(self, name):
+        """Hand everything queued so far on the current stream to the watchdog as `name` (not
+        while a CUDA graph is being captured: an event recorded then would never complete)."""
+        if torch.cuda.is_current_stream_capturing():
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.watchdog.track(name, event)
+
+    @contextmanager
+    def group(self, name):
+        """The collectives inside are one NCCL group: they progress together (several reduces
+        to different roots, or broadcasts from them, as one exchange) and are watched as one."""
+        if self._grouped is not None:  # nested: the outer group covers it
+            yield
+            return
+        self._grouped = name
+        self._nccl.groupStart()
+        try:
+            yield
+        finally:
+            self._grouped = None
+            self._nccl.groupEnd()
+        self.watch(name)
+
+    def synchronize(self):
+        """The host waits for everything queued on the current stream; the watchdog sees a hang."""
+        with self.watchdog.waiting_on("synchronize"):
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _dtype(self, tensor):
         name = _NCCL_DTYPES.get(tensor.dtype)
@@ -63,6 +104,12 @@ class NcclComm(Communicator):
     def all_reduce(self, tensor):
         self._run("all_reduce", lambda s: self.comm.allReduce(
             tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtype(tensor), self._nccl.NCCL_SUM, s))
+
+    def reduce(self, tensor, root):
+        # in place: NCCL allows sendbuff == recvbuff, and non-root ranks' buffers are left alone
+        self._run("reduce", lambda s: self.comm.reduce(
+            tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtype(tensor), self._nccl.NCCL_SUM,
+            root, s))
 
     def reduce_scatter(self, out, tensor):
         # in place when out is this rank's slice of tensor (NCCL allows exactly that layout)

@@ -46,6 +46,11 @@ class StoreComm(Communicator):
     def all_reduce(self, tensor):
         _numpy(tensor)[:] = self._sum(tensor)
 
+    def reduce(self, tensor, root):
+        total = self._sum(tensor)
+        if self.rank == root:
+            _numpy(tensor)[:] = total
+
     def reduce_scatter(self, out, tensor):
         n = out.numel()
         total = self._sum(tensor)  # before writing out: out may be this rank's slice of tensor
