@@ -56,10 +56,15 @@ class ShardedAdamW:
         self.master = (None if params.dtype == state_dtype else
                        torch.cat([params[lo:hi] for lo, hi in self.owned]).to(state_dtype))
         # (bucket, [(flat start, flat end, state offset, decays)]): updated in turn, each sent
-        # once done
-        self.pieces = [(bucket, [seg for start, end, at in dp.owned_in(bucket)
-                                 for seg in self._segments(start, end, at)])
-                       for bucket in dp.update_order]
+        # once done; with nothing to send (one rank, or zero_stage 0), all in one go (bucket
+        # None), so one GPU runs two AdamW launches, not one per bucket
+        if dp.world > 1 and dp.zero_stage == 1:
+            self.pieces = [(bucket, [seg for start, end, at in dp.owned_in(bucket)
+                                     for seg in self._segments(start, end, at)])
+                           for bucket in dp.update_order]
+        else:
+            self.pieces = [(None, [seg for (start, end), at in zip(self.owned, dp.state_starts)
+                                   for seg in self._segments(start, end, at)])]
         # one slot per ZeRO-1 range of every rank for its squared gradient norm, in rank order
         # (see global_grad_norm)
         self.norm_ranges = [dp.shard_of(r) for r in range(dp.world)]
@@ -108,7 +113,8 @@ class ShardedAdamW:
                 self.ops.adamw_update(params[start:end], grads[start:end], self.m[at:at + n], self.v[at:at + n],
                                       master, lr, o.beta1, o.beta2, o.eps, o.weight_decay if decays else 0.0,
                                       self.step_count, self.grad_scale, seed=start)
-            self.dp.weights_updated(bucket, params)
+            if bucket is not None:
+                self.dp.weights_updated(bucket, params)
         return self.norm
 
     def global_grad_norm(self):

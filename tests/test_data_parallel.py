@@ -216,3 +216,16 @@ def test_optimizer_shards_of_one_slice_still_load():
     from distgpt.optim import saved_ranges
     assert saved_ranges({"lo": 10, "hi": 50, "step": 3}) == [(10, 50)]
     assert saved_ranges({"ranges": [[0, 8], [16, 40]]}) == [(0, 8), (16, 40)]
+
+
+@pytest.mark.parametrize("world,zero_stage", [(1, 1), (2, 0)])
+def test_with_nothing_to_send_adamw_runs_once_per_decay_kind(world, zero_stage):
+    """One rank (or zero_stage 0) sends no weights, so the update is not cut into buckets: two
+    segments, the tensors with weight decay and those without."""
+    cfg = ModelConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=100, padded_vocab_size=128, block_size=16)
+    model = GPT2(cfg, reference, 1, 8, pad_multiple=world)
+    dp = DataParallel(FakeComm(0, world), model.layout, zero_stage, bucket_mb=0.01, element_bytes=4)
+    opt = ShardedAdamW(model, dp, OptimConfig(lr=1e-3), reference)
+    assert len(dp.buckets) == 5
+    (bucket, segments), = opt.pieces
+    assert bucket is None and [d for _, _, _, d in segments] == [True, False]

@@ -91,9 +91,9 @@ class DataParallel:
         self.update_order = [self.buckets[-1]] + self.buckets[-2::-1]
         self.owned = self.owned_by(comm.rank)
         # where each owned range starts in this rank's optimizer state (its ranges end to end)
-        self._state_starts, at = [], 0
+        self.state_starts, at = [], 0
         for start, end in self.owned:
-            self._state_starts.append(at)
+            self.state_starts.append(at)
             at += end - start
         self.state_size = at
         device = torch.device(device) if device is not None else None
@@ -146,7 +146,7 @@ class DataParallel:
             for i, (lo, hi) in enumerate(self.owned):
                 s, e = max(start, lo), min(end, hi)
                 if s < e:
-                    out.append((s, e, self._state_starts[i] + s - lo))
+                    out.append((s, e, self.state_starts[i] + s - lo))
         return out
 
     def state_offset(self, flat):
@@ -155,7 +155,7 @@ class DataParallel:
         lo, hi = self.owned[i]
         if not lo <= flat < hi:
             raise ValueError(f"flat element {flat} is not owned by rank {self.rank}")
-        return self._state_starts[i] + flat - lo
+        return self.state_starts[i] + flat - lo
 
     # ------------------------------------------------------------ the backward's hooks
     def attach(self, grads):
