@@ -329,19 +329,45 @@ def test_fp8_quantize_rounds_saturates_and_reports_amax(fmt):
     assert clipped.double().tolist() == [ops.fp8_max(fmt), -ops.fp8_max(fmt), ops.fp8_max(fmt)]
 
 
+def test_fp8_scale_at_powers_of_two_and_its_inverse():
+    """Exactly at a power of two the quotient's floor(log2) is that power: amax = limit / 2^k
+    gives scale 2^k, and a hair above gives 2^(k-1); the inverse is 1 / scale."""
+    scale, inverse = torch.zeros(1), torch.zeros(1)
+    for k in (-3, 0, 5):
+        ops.fp8_scale(scale, torch.tensor([448.0 / 2 ** k]), "e4m3", inverse=inverse)
+        assert float(scale) == 2.0 ** k and float(inverse) == 2.0 ** -k
+        ops.fp8_scale(scale, torch.tensor([448.0 / 2 ** k * (1 + 2 ** -20)]), "e4m3")
+        assert float(scale) == 2.0 ** (k - 1)
+
+
+def test_fp8_quantize_transpose_is_the_quantized_matrix_transposed():
+    x = torch.randn(5, 7, dtype=torch.float64) * 30
+    scale, amax, amax_t = torch.ones(1), torch.zeros(1), torch.zeros(1)
+    ops.fp8_scale(scale, x.abs().max().float().reshape(1), "e4m3")
+    out = torch.empty(5, 7, dtype=torch.float8_e4m3fn)
+    ops.fp8_quantize(out, amax, x, scale)
+    out2, out_t = torch.empty_like(out), torch.empty(7, 5, dtype=torch.float8_e4m3fn)
+    ops.fp8_quantize_transpose(out2, out_t, amax_t, x, scale)
+    assert torch.equal(out2.view(torch.uint8), out.view(torch.uint8))
+    assert torch.equal(out_t.view(torch.uint8), out.t().contiguous().view(torch.uint8))
+    assert float(amax_t) == float(amax) == float(x.abs().max().float())
+
+
 def test_fp8_matmul_is_the_product_of_the_dequantised_operands():
     B, T, C, OC = 2, 3, 16, 8
     x, w, b = torch.randn(B, T, C, **f64), torch.randn(OC, C, **f64) * 0.1, torch.randn(OC, **f64)
     scales, quantized = [], []
+    inverses = []
     for t, fmt in ((x, "e4m3"), (w, "e4m3")):
-        scale, amax = torch.empty(1), torch.empty(1)
-        ops.fp8_scale(scale, t.abs().max().float().reshape(1), fmt)
+        scale, inverse, amax = torch.empty(1), torch.empty(1), torch.empty(1)
+        ops.fp8_scale(scale, t.abs().max().float().reshape(1), fmt, inverse=inverse)
         q = torch.empty(t.shape, dtype=ops.FP8_FORMATS[fmt])
         ops.fp8_quantize(q, amax, t, scale)
         scales.append(scale)
+        inverses.append(inverse)
         quantized.append(q)
     out = poisoned(B, T, OC)
-    ops.fp8_matmul_forward(out, quantized[0], scales[0], quantized[1], scales[1], b)
+    ops.fp8_matmul_forward(out, quantized[0], inverses[0], quantized[1], inverses[1], b)
     want = ops.fp8_dequantize(quantized[0], scales[0]) @ ops.fp8_dequantize(quantized[1], scales[1]).t() + b
     check("fp8 matmul", out, want, "forward")
     # and it is close to the unquantised product: e4m3 operands, ~2^-4 each, errors averaging out

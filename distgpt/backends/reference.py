@@ -342,16 +342,21 @@ def fp8_max(fmt):
     return torch.finfo(FP8_FORMATS[fmt]).max
 
 
-def fp8_scale(scale, amax, fmt, margin=0):
+def fp8_scale(scale, amax, fmt, margin=0, inverse=None):
     """scale (one fp32 element) = the largest power of two s with amax * s <= fp8_max(fmt) / 2^margin,
     or 1 when amax is 0 or not finite. A power of two, so x * s and the later division by s
     are exact, and only the fp8 rounding itself loses precision. amax: one fp32 element (the
-    tensor's own, for current scaling, or a history's maximum, for delayed scaling)."""
+    tensor's own, for current scaling, or a history's maximum, for delayed scaling). inverse
+    (one fp32 element, optional) = 1 / s: what a scaled fp8 matmul multiplies its product by.
+    floor(log2(q)) is taken as frexp's exponent less one, exact at and around powers of two."""
     a = float(amax.reshape(-1)[0])
-    if not math.isfinite(a) or a <= 0.0:
-        scale.fill_(1.0)
-        return
-    scale.fill_(2.0 ** math.floor(math.log2(fp8_max(fmt) / 2 ** margin / a)))
+    value = 1.0
+    if math.isfinite(a) and a > 0.0:
+        _, exponent = math.frexp(fp8_max(fmt) / 2 ** margin / a)
+        value = 2.0 ** (exponent - 1)
+    scale.fill_(value)
+    if inverse is not None:
+        inverse.fill_(1.0 / value)
 
 
 def fp8_quantize(out, amax, inp, scale):
@@ -366,17 +371,27 @@ def fp8_quantize(out, amax, inp, scale):
     amax.fill_(float(inp.abs().max()) if inp.numel() else 0.0)
 
 
+def fp8_quantize_transpose(out, out_t, amax, inp, scale):
+    """fp8_quantize of a matrix inp (R, C) into out (R, C), and its transpose into out_t (C, R):
+    Hopper's fp8 matmuls take both operands K-major, so the backward's dinp = dout @ W reads the
+    weight as W^T."""
+    fp8_quantize(out, amax, inp, scale)
+    out_t.copy_(out.t())
+
+
 def fp8_dequantize(x8, scale):
     """The values an fp8 tensor stands for: x8 / scale, in float64."""
     return x8.double() / float(scale.reshape(-1)[0])
 
 
-def fp8_matmul_forward(out, inp, inp_scale, weight, weight_scale, bias):
+def fp8_matmul_forward(out, inp, inp_inverse, weight, weight_inverse, bias):
     """out (..., OC) = dequant(inp) (..., C) @ dequant(weight) (OC, C)^T + bias: what a scaled fp8
     matmul computes (the tensor cores multiply the fp8 values exactly and accumulate in fp32;
-    here in float64), written in out's dtype."""
+    here in float64), written in out's dtype. Each operand comes with the inverse of the scale it
+    was quantized with (one fp32 element, from fp8_scale(inverse=)): cuBLASLt multiplies by it."""
     OC, C = weight.shape
-    product = fp8_dequantize(inp, inp_scale).reshape(-1, C) @ fp8_dequantize(weight, weight_scale).t()
+    product = ((inp.double() * float(inp_inverse.reshape(-1)[0])).reshape(-1, C)
+               @ (weight.double() * float(weight_inverse.reshape(-1)[0])).t())
     if bias is not None:
         product = product + bias.double()
     out.view(-1, OC).copy_(product)

@@ -11,7 +11,7 @@ before the first step; `scratch()` says what it took, and `estimate_scratch(...)
 anything is allocated (the memory plan a run prints)."""
 import torch
 
-from distgpt.backends.cuda import classifier, gelu, layernorm
+from distgpt.backends.cuda import classifier, fp8, gelu, layernorm
 from distgpt.backends.cuda.adamw import adamw_update
 from distgpt.backends.cuda.attention import Attention
 from distgpt.backends.cuda.bias import BiasGradients, partials_elements as bias_partials
@@ -143,6 +143,19 @@ class CudaBackend:
 
     def spike_guard(self, verdict, scale, window, count, loss, norm, loss_zscore, norm_zscore, min_samples):
         spike_guard(verdict, scale, window, count, loss, norm, loss_zscore, norm_zscore, min_samples)
+
+    def fp8_scale(self, scale, amax, fmt, margin=0, inverse=None):
+        fp8.fp8_scale(scale, amax, fmt, margin, inverse)
+
+    def fp8_quantize(self, out, amax, inp, scale):
+        fp8.fp8_quantize(out, amax, inp, scale)
+
+    def fp8_quantize_transpose(self, out, out_t, amax, inp, scale):
+        fp8.fp8_quantize_transpose(out, out_t, amax, inp, scale)
+
+    def fp8_matmul_forward(self, out, inp, inp_inverse, weight, weight_inverse, bias):
+        self._planned("fp8_matmul_forward", self.matmuls).forward_fp8(out, inp, inp_inverse, weight,
+                                                                       weight_inverse, bias)
 
     def adamw_update(self, param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
                      seed=0):

@@ -3,9 +3,9 @@ launch constants, defined in the Python module that launches it), for compiling 
     nvcc -arch=sm_90 -Ikernels -c kernels/layernorm.cu $(python -m distgpt.backends.cuda layernorm)"""
 import sys
 
-from distgpt.backends.cuda import adamw, bias, classifier, encoder, gelu, layernorm, norm
+from distgpt.backends.cuda import adamw, bias, classifier, encoder, fp8, gelu, layernorm, norm
 
-MODULES = {m.KERNELS.name: m.KERNELS for m in (adamw, bias, classifier, encoder, gelu, layernorm, norm)}
+MODULES = {m.KERNELS.name: m.KERNELS for m in (adamw, bias, classifier, encoder, fp8, gelu, layernorm, norm)}
 
 if len(sys.argv) != 2 or sys.argv[1] not in MODULES:
     sys.exit(f"usage: python -m distgpt.backends.cuda NAME, NAME one of {', '.join(sorted(MODULES))}")

@@ -42,6 +42,8 @@ from distgpt.backends.cuda.runtime import check_tensor, median_ms
 
 # cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
 CUDA_R_32F, CUDA_R_16BF = 0, 14
+CUDA_R_8F_E4M3, CUDA_R_8F_E5M2 = 28, 29
+FP8_TYPES = {torch.float8_e4m3fn: CUDA_R_8F_E4M3, torch.float8_e5m2: CUDA_R_8F_E5M2}
 COMPUTE_32F = 68
 OP_N, OP_T = 0, 1
 WORKSPACE_BYTES = 32 * 2**20  # what NVIDIA recommends for Hopper's cuBLASLt kernels
@@ -69,8 +71,9 @@ def _alignment(t):
 class _Plan:
     """One cuBLASLt problem: descriptor, the four layouts and the chosen algorithm."""
 
-    def __init__(self, lt, handle, workspace_bytes, key, pointers, attributes=()):
-        """attributes: further (MatmulDescAttribute, numpy scalar) pairs set before the heuristic."""
+    def __init__(self, lt, handle, workspace_bytes, key, pointers, attributes=(), types=(CUDA_R_16BF, CUDA_R_16BF)):
+        """attributes: further (MatmulDescAttribute, numpy scalar) pairs set before the heuristic;
+        types: the data types of A and B (bf16, or fp8 with their scale pointers set)."""
         (epilogue, transa, transb, m, n, k, lda, ldb, ldd, aux_ld, aligns) = key
         self.lt = lt
         self._pointer = np.zeros(1, dtype=np.uint64)
@@ -89,8 +92,8 @@ class _Plan:
             self.set_pointer(attr, tensor)
         rows_a, cols_a = (m, k) if transa == OP_N else (k, m)
         rows_b, cols_b = (k, n) if transb == OP_N else (n, k)
-        self.a = lt.matrix_layout_create(CUDA_R_16BF, rows_a, cols_a, lda)
-        self.b = lt.matrix_layout_create(CUDA_R_16BF, rows_b, cols_b, ldb)
+        self.a = lt.matrix_layout_create(types[0], rows_a, cols_a, lda)
+        self.b = lt.matrix_layout_create(types[1], rows_b, cols_b, ldb)
         self.d = lt.matrix_layout_create(CUDA_R_16BF, m, n, ldd)
         pref = lt.matmul_preference_create()
         P = lt.MatmulPreferenceAttribute
@@ -150,11 +153,16 @@ class Matmuls:
         if self.lt is None:
             raise RuntimeError(f"{op}: call plan(device) (the backend's plan()) before the first step")
 
-    def _get(self, key, pointers):
-        """The plan for `key`, with the epilogue's pointers (attribute -> tensor) set."""
-        plan = self.plans.get(key)
+    def _get(self, key, pointers, attributes=(), types=(CUDA_R_16BF, CUDA_R_16BF)):
+        """The plan for `key` (and operand types), with the epilogue's pointers (attribute ->
+        tensor) set."""
+        cache_key = key
+        if attributes or types != (CUDA_R_16BF, CUDA_R_16BF):
+            cache_key = key + (types, tuple((int(attr), value.item()) for attr, value in attributes))
+        plan = self.plans.get(cache_key)
         if plan is None:
-            plan = self.plans[key] = _Plan(self.lt, self.handle, WORKSPACE_BYTES, key, pointers)
+            plan = self.plans[cache_key] = _Plan(self.lt, self.handle, WORKSPACE_BYTES, key, pointers,
+                                                 attributes, types)
         else:
             for attr, tensor in pointers.items():
                 plan.set_pointer(attr, tensor)
@@ -197,6 +205,42 @@ class Matmuls:
             pointers[A.EPILOGUE_AUX_POINTER] = out  # the pre-activation is the aux output
         plan = self._get(key, pointers)
         self._run(plan, weight, inp, result, beta=False)
+
+    def forward_fp8(self, out, inp8, inp_inverse, weight8, weight_inverse, bias=None, fast_accum=True):
+        """out (..., OC) bf16 = (inp8 (..., C) @ weight8 (OC, C)^T) * inp_inverse * weight_inverse
+        + bias: the reference's fp8_matmul_forward. inp8 and weight8 are float8 tensors (e4m3 or
+        e5m2, not both e5m2), their inverses one-element fp32 device tensors (1 / the scale each
+        was quantized with; fp8_scale writes them). Both operands are K-major, as Hopper's fp8
+        tensor cores require: out^T = weight8 @ inp8^T is cuBLASLt's "TN" product. fast_accum:
+        the tensor cores' faster, less often promoted accumulation (forward passes use it)."""
+        OC, C = weight8.shape
+        N = inp8.numel() // C
+        op = "matmul_forward_fp8"
+        for name, t in (("inp8", inp8), ("weight8", weight8)):
+            if t.dtype not in FP8_TYPES or not t.is_cuda or not t.is_contiguous():
+                raise ValueError(f"{op}: {name} must be a contiguous float8 CUDA tensor, got {t.dtype}")
+        if inp8.dtype == weight8.dtype == torch.float8_e5m2:
+            raise ValueError(f"{op}: e5m2 x e5m2 has no fp8 matmul; quantize one operand to e4m3")
+        if C % 16 or OC % 16:
+            raise ValueError(f"{op}: fp8 matmuls need C and OC multiples of 16, got C={C}, OC={OC}")
+        for name, t in (("inp_inverse", inp_inverse), ("weight_inverse", weight_inverse)):
+            if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda:
+                raise ValueError(f"{op}: {name} must be one fp32 CUDA element")
+        check_tensor(op, "out", out)
+        if N == 0:
+            return
+        self._require_plan(op)
+        Lt, A = self.lt.Epilogue, self.lt.MatmulDescAttribute
+        epilogue = Lt.DEFAULT if bias is None else Lt.BIAS
+        key = (int(epilogue), OP_T, OP_N, OC, N, C, C, C, OC, 0,
+               tuple(_alignment(t) for t in (weight8, inp8, out, out)))
+        pointers = {A.A_SCALE_POINTER: weight_inverse, A.B_SCALE_POINTER: inp_inverse}
+        if bias is not None:
+            check_tensor(op, "bias", bias)
+            pointers[A.BIAS_POINTER] = bias
+        plan = self._get(key, pointers, ((A.FAST_ACCUM, np.int8(bool(fast_accum))),),
+                         (FP8_TYPES[weight8.dtype], FP8_TYPES[inp8.dtype]))
+        self._run(plan, weight8, inp8, out, beta=False)
 
     # ---------------------------------------------------------------- backward
     def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):

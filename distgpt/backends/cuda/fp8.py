@@ -1,0 +1,79 @@
+"""FP8 casts on our kernels (kernels/fp8.cu), the reference's fp8_* ops for bf16 inputs on the
+GPU (issue #13): the per-tensor power-of-two scale from an amax, and the saturating cast to
+e4m3 or e5m2 that also records the input's amax, plain or with the transposed copy that a
+weight needs as the K-major operand of the backward's fp8 matmul.
+
+Outputs are torch float8 tensors (float8_e4m3fn, float8_e5m2), whose dtype picks the format;
+scales and amaxes are one-element fp32 device tensors, so nothing waits for the host."""
+import numpy as np
+import torch
+
+from distgpt.backends.cuda.runtime import KernelModule, i32, ptr, sm_count
+from distgpt.backends.reference import FP8_FORMATS, fp8_max
+
+THREADS = 256        # fp8_quantize: threads per block, 8 elements each per iteration
+TILE = 32            # fp8_quantize_transpose: TILE x TILE elements per block ...
+TILE_ROWS = THREADS // TILE  # ... of (TILE, TILE_ROWS) threads
+BLOCKS_PER_SM = 4
+KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_TILE=TILE)
+FORMAT_OF = {dtype: name for name, dtype in FP8_FORMATS.items()}
+
+
+def _check(op, out, amax, inp, scale):
+    if out.dtype not in FORMAT_OF:
+        raise ValueError(f"{op}: out must be float8_e4m3fn or float8_e5m2, got {out.dtype}")
+    if inp.dtype != torch.bfloat16:
+        raise ValueError(f"{op}: inp must be torch.bfloat16, got {inp.dtype}")
+    for name, t in (("out", out), ("inp", inp)):
+        if not t.is_cuda or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be a contiguous CUDA tensor")
+    if out.shape != inp.shape:
+        raise ValueError(f"{op}: out {tuple(out.shape)} and inp {tuple(inp.shape)} differ in shape")
+    for name, t in (("amax", amax), ("scale", scale)):
+        if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda:
+            raise ValueError(f"{op}: {name} must be one fp32 CUDA element, got {t.dtype} {tuple(t.shape)}")
+
+
+def fp8_quantize(out, amax, inp, scale):
+    """out = fp8(inp * scale), saturated, rounded to nearest even; amax = max |inp| (zeroed,
+    then merged from every block: order-free, so deterministic)."""
+    op = "fp8_quantize"
+    _check(op, out, amax, inp, scale)
+    if inp.data_ptr() % 16 or out.data_ptr() % 8:
+        raise ValueError(f"{op}: inp must start 16-byte aligned and out 8-byte aligned")
+    amax.zero_()
+    n = inp.numel()
+    if n == 0:
+        return
+    blocks = max(1, min(BLOCKS_PER_SM * sm_count(inp.device), -(-n // (8 * THREADS))))
+    KERNELS.launch(f"fp8_quantize_{FORMAT_OF[out.dtype]}_kernel", blocks, THREADS,
+                   (ptr(out), ptr(amax), ptr(inp), ptr(scale), np.int64(n)))
+
+
+def fp8_quantize_transpose(out, out_t, amax, inp, scale):
+    """fp8_quantize of a (R, C) matrix into out (R, C) and out_t (C, R) in one pass."""
+    op = "fp8_quantize_transpose"
+    _check(op, out, amax, inp, scale)
+    if inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) or out_t.dtype != out.dtype \
+            or not out_t.is_cuda or not out_t.is_contiguous():
+        raise ValueError(f"{op}: inp must be (R, C) and out_t a contiguous (C, R) tensor of out's dtype")
+    amax.zero_()
+    R, C = inp.shape
+    if R == 0 or C == 0:
+        return
+    grid = (-(-C // TILE), -(-R // TILE))
+    KERNELS.launch(f"fp8_quantize_transpose_{FORMAT_OF[out.dtype]}_kernel", grid, (TILE, TILE_ROWS),
+                   (ptr(out), ptr(out_t), ptr(amax), ptr(inp), ptr(scale), i32(R), i32(C)))
+
+
+def fp8_scale(scale, amax, fmt, margin=0, inverse=None):
+    """On the device: scale = the largest power of two with amax * scale <= fp8_max(fmt) /
+    2^margin (1 when amax is 0 or not finite); inverse (optional) = 1 / scale."""
+    op = "fp8_scale"
+    for name, t in (("scale", scale), ("amax", amax), ("inverse", inverse)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda):
+            raise ValueError(f"{op}: {name} must be one fp32 CUDA element")
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"{op}: fmt={fmt!r}: choose one of {', '.join(FP8_FORMATS)}")
+    KERNELS.launch("fp8_scale_kernel", 1, 32, (ptr(scale), ptr(inverse), ptr(amax),
+                                               np.float64(fp8_max(fmt) / 2 ** margin)))

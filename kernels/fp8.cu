@@ -1,0 +1,153 @@
+// FP8 casts for the scaled fp8 matmuls (issue #13), the reference's fp8_* ops on the GPU:
+//
+//   fp8_quantize            out[i] = fp8(inp[i] * scale), saturated; amax = max |inp[i]|
+//   fp8_quantize_transpose  the same for a (R, C) matrix, writing out (R, C) and out_t (C, R):
+//                           Hopper's fp8 tensor cores take both operands K-major, so a weight
+//                           feeds the backward's dinp = dout @ W as its transpose
+//   fp8_scale               scale = the largest power of two with amax * scale <= limit, else 1
+//
+// One pass over the input: the cast and the amax that the next scale needs come from the same
+// load (delayed scaling quantizes with the previous scale and records this amax; current
+// scaling runs fp8_scale in between two passes). The format is a template argument: E4M3 for
+// weights and activations, E5M2 for gradients.
+//
+// amax is deterministic: the maximum does not depend on the order it is taken in. Each block
+// takes its maximum over the bit patterns of |x| (for non-negative floats, and for NaN above
+// them all, the unsigned order of the bits is the order of the values, so a NaN wins as in the
+// reference) and merges it with atomicMax into amax, which the caller zeroes first.
+#include "common.cuh"
+#include <cuda_fp8.h>
+
+#ifndef FP8_THREADS
+#error "FP8_THREADS comes from backends/cuda/fp8.py (compiled in as -DFP8_THREADS=...)"
+#endif
+#ifndef FP8_TILE
+#error "FP8_TILE comes from backends/cuda/fp8.py (compiled in as -DFP8_TILE=...)"
+#endif
+
+// the unsigned bits of |x|: their order is the order of |x| (NaN above +inf)
+__device__ __forceinline__ unsigned int abs_bits(float x) {
+    return __float_as_uint(x) & 0x7fffffffu;
+}
+
+__device__ __forceinline__ unsigned int block_max(unsigned int v) {
+    __shared__ unsigned int warp_max[32];
+    for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    const int id = threadIdx.y * blockDim.x + threadIdx.x;  // blocks are 1-D or 2-D
+    const int warp = id / 32, lane = id % 32;
+    const int warps = (blockDim.x * blockDim.y + 31) / 32;
+    if (lane == 0) warp_max[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < warps ? warp_max[lane] : 0u;
+        for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    }
+    return v;  // valid in the block's first thread
+}
+
+template <__nv_fp8_interpretation_t FORMAT>
+__device__ __forceinline__ __nv_fp8_storage_t to_fp8(float x) {
+    // saturating: past the format's largest finite value (e4m3 has no infinity) x clips to it
+    return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, FORMAT);
+}
+
+// out, inp: n elements, 16-byte aligned; 8 per thread and iteration (one 16-byte bf16 load,
+// one 8-byte fp8 store), grid-stride
+template <__nv_fp8_interpretation_t FORMAT>
+__device__ void quantize(__nv_fp8_storage_t* out, float* amax, const floatX* inp, const float* scale_ptr,
+                         long long n) {
+    const float scale = *scale_ptr;
+    unsigned int local = 0u;
+    const long long n8 = n / 8;
+    const long long stride = (long long)gridDim.x * FP8_THREADS;
+    for (long long k = (long long)blockIdx.x * FP8_THREADS + threadIdx.x; k < n8; k += stride) {
+        const x128 x = load128cs(inp + k * 8);
+        union { __nv_fp8_storage_t q[8]; uint2 packed; } y;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float v = __bfloat162float(x[j]);
+            local = max(local, abs_bits(v));
+            y.q[j] = to_fp8<FORMAT>(v * scale);
+        }
+        *reinterpret_cast<uint2*>(out + k * 8) = y.packed;
+    }
+    // the n % 8 elements past the last vector: the grid's first threads
+    const long long tail = n8 * 8 + (long long)blockIdx.x * FP8_THREADS + threadIdx.x;
+    if (tail < n) {
+        const float v = __bfloat162float(inp[tail]);
+        local = max(local, abs_bits(v));
+        out[tail] = to_fp8<FORMAT>(v * scale);
+    }
+    const unsigned int m = block_max(local);
+    if (threadIdx.x == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), m);
+}
+
+extern "C" __global__ void __launch_bounds__(FP8_THREADS)
+fp8_quantize_e4m3_kernel(__nv_fp8_storage_t* out, float* amax, const floatX* inp, const float* scale, long long n) {
+    quantize<__NV_E4M3>(out, amax, inp, scale, n);
+}
+
+extern "C" __global__ void __launch_bounds__(FP8_THREADS)
+fp8_quantize_e5m2_kernel(__nv_fp8_storage_t* out, float* amax, const floatX* inp, const float* scale, long long n) {
+    quantize<__NV_E5M2>(out, amax, inp, scale, n);
+}
+
+// (R, C) row-major in, out (R, C) and out_t (C, R). One FP8_TILE x FP8_TILE tile per block of
+// (FP8_TILE, FP8_THREADS / FP8_TILE) threads: read row-wise (coalesced), write out row-wise,
+// stage the fp8 bytes in shared memory and write out_t row-wise too.
+template <__nv_fp8_interpretation_t FORMAT>
+__device__ void quantize_transpose(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
+                                   const floatX* inp, const float* scale_ptr, int R, int C) {
+    __shared__ __nv_fp8_storage_t tile[FP8_TILE][FP8_TILE + 4];  // +4: no bank conflicts on the column reads
+    const float scale = *scale_ptr;
+    const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
+    const int tx = threadIdx.x, ty = threadIdx.y, rows_per_pass = blockDim.y;
+    unsigned int local = 0u;
+    for (int dr = ty; dr < FP8_TILE; dr += rows_per_pass) {
+        const int r = r0 + dr, c = c0 + tx;
+        if (r < R && c < C) {
+            const float v = __bfloat162float(inp[(long long)r * C + c]);
+            local = max(local, abs_bits(v));
+            const __nv_fp8_storage_t q = to_fp8<FORMAT>(v * scale);
+            out[(long long)r * C + c] = q;
+            tile[dr][tx] = q;
+        }
+    }
+    __syncthreads();
+    for (int dc = ty; dc < FP8_TILE; dc += rows_per_pass) {
+        const int c = c0 + dc, r = r0 + tx;
+        if (r < R && c < C) out_t[(long long)c * R + r] = tile[tx][dc];
+    }
+    const unsigned int m = block_max(local);
+    if (threadIdx.x == 0 && threadIdx.y == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), m);
+}
+
+extern "C" __global__ void __launch_bounds__(FP8_THREADS)
+fp8_quantize_transpose_e4m3_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
+                                   const floatX* inp, const float* scale, int R, int C) {
+    quantize_transpose<__NV_E4M3>(out, out_t, amax, inp, scale, R, C);
+}
+
+extern "C" __global__ void __launch_bounds__(FP8_THREADS)
+fp8_quantize_transpose_e5m2_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
+                                   const floatX* inp, const float* scale, int R, int C) {
+    quantize_transpose<__NV_E5M2>(out, out_t, amax, inp, scale, R, C);
+}
+
+// scale[0] = 2^(floor(log2(limit / amax))), or 1 when amax is 0 or not finite; inverse[0] =
+// 1 / scale[0] (exact: a power of two; skipped when null), what cuBLASLt's A/B_SCALE_POINTER
+// multiplies by.
+// One thread. floor(log2(q)) is frexp's exponent less one (q = m 2^e, 0.5 <= m < 1): exact,
+// where a rounded log2 could land on the wrong side of a power of two.
+extern "C" __global__ void fp8_scale_kernel(float* scale, float* inverse, const float* amax, double limit) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    const double a = (double)amax[0];
+    float s = 1.0f;
+    if (a > 0.0 && a <= 1.7976931348623157e308) {  // positive and finite (NaN fails both)
+        int e;
+        frexp(limit / a, &e);
+        s = (float)ldexp(1.0, e - 1);
+    }
+    scale[0] = s;
+    if (inverse != nullptr) inverse[0] = 1.0f / s;
+}

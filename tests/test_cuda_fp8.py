@@ -1,0 +1,141 @@
+"""Our FP8 cast kernels (kernels/fp8.cu) against the reference's fp8_* ops on the same bf16
+inputs. Tolerance: none. Both compute x * scale exactly (bf16 times a power of two, in fp32 or
+fp64, is exact while it stays in range) and then round to the nearest fp8 value, ties to even,
+saturating; amax is a maximum, exact in any order. So every byte and every amax must be equal,
+and a second run bitwise equal to the first."""
+import pytest
+import torch
+
+from distgpt.backends import reference
+from gpu_check import requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def inputs(shape, spread, seed):
+    """bf16 values spread over many binades (so every fp8 exponent and the subnormals appear),
+    a few past the scaled range (saturation), and exact zeros and negative zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x * torch.exp2(torch.randint(-spread, spread + 1, shape, generator=gen).double())
+    flat = x.view(-1)
+    flat[:: 97] = 0.0
+    flat[1:: 101] = -0.0
+    return x.to(torch.bfloat16)
+
+
+def as_bytes(t):
+    return t.view(torch.uint8).cpu()
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("n", [1, 7, 8, 4096 + 5, 3 * 2**20 + 3])
+def test_quantize_matches_the_reference_bit_for_bit(fmt, n):
+    from distgpt.backends.cuda import fp8
+    x = inputs((n,), 12, seed=n)
+    # the scale of a smaller amax than the tensor's: some values saturate
+    amax_for_scale = torch.tensor([float(x.abs().max().float()) / 4], dtype=torch.float32)
+    scale = torch.zeros(1)
+    reference.fp8_scale(scale, amax_for_scale, fmt)
+    want, want_amax = torch.empty(n, dtype=FORMATS[fmt]), torch.zeros(1)
+    reference.fp8_quantize(want, want_amax, x.double(), scale)
+    runs = []
+    for _ in range(2):
+        got = torch.full((n + 8,), 0x55, dtype=torch.uint8, device="cuda").view(FORMATS[fmt])[:n]
+        got_amax = torch.full((1,), float("nan"), device="cuda")
+        fp8.fp8_quantize(got, got_amax, x.cuda(), scale.cuda())
+        runs.append((as_bytes(got), got_amax.cpu()))
+    assert torch.equal(runs[0][0], as_bytes(want)), f"{fmt} n={n}: bytes differ from the reference"
+    assert float(runs[0][1]) == float(want_amax)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", [(1, 1), (33, 65), (768, 2304), (1600, 6400)])
+def test_quantize_transpose_matches_the_reference_bit_for_bit(fmt, shape):
+    from distgpt.backends.cuda import fp8
+    R, C = shape
+    x = inputs(shape, 6, seed=R * C)
+    scale = torch.zeros(1)
+    reference.fp8_scale(scale, x.abs().max().float().reshape(1), fmt, margin=1)
+    want, want_t, want_amax = (torch.empty(R, C, dtype=FORMATS[fmt]), torch.empty(C, R, dtype=FORMATS[fmt]),
+                               torch.zeros(1))
+    reference.fp8_quantize_transpose(want, want_t, want_amax, x.double(), scale)
+    got = torch.empty(R, C, dtype=FORMATS[fmt], device="cuda")
+    got_t = torch.empty(C, R, dtype=FORMATS[fmt], device="cuda")
+    got_amax = torch.full((1,), float("nan"), device="cuda")
+    fp8.fp8_quantize_transpose(got, got_t, got_amax, x.cuda(), scale.cuda())
+    assert torch.equal(as_bytes(got), as_bytes(want))
+    assert torch.equal(as_bytes(got_t), as_bytes(want_t))
+    assert float(got_amax) == float(want_amax)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_scale_matches_the_reference_at_and_around_powers_of_two(fmt):
+    from distgpt.backends.cuda import fp8
+    limit = reference.fp8_max(fmt)
+    amaxes = [0.0, float("inf"), float("nan"), 1e-30, 3e38]
+    for k in range(-20, 21, 3):
+        amaxes += [limit / 2 ** k, limit / 2 ** k * (1 + 2 ** -20), limit / 2 ** k * (1 - 2 ** -20)]
+    for margin in (0, 2):
+        for a in amaxes:
+            amax = torch.tensor([a], dtype=torch.float32)
+            want, want_inv = torch.zeros(1), torch.zeros(1)
+            reference.fp8_scale(want, amax, fmt, margin, inverse=want_inv)
+            got, got_inv = torch.zeros(1, device="cuda"), torch.zeros(1, device="cuda")
+            fp8.fp8_scale(got, amax.cuda(), fmt, margin, inverse=got_inv)
+            assert float(got) == float(want) and float(got_inv) == float(want_inv), f"amax {a!r} margin {margin}"
+
+
+def test_a_nan_input_gives_a_nan_amax():
+    """A NaN must reach the next scale (which then falls back to 1) and the spike guard, not be
+    dropped by a max that ignores NaN."""
+    from distgpt.backends.cuda import fp8
+    x = torch.ones(1000, dtype=torch.bfloat16)
+    x[517] = float("nan")
+    out = torch.empty(1000, dtype=torch.float8_e4m3fn, device="cuda")
+    amax = torch.zeros(1, device="cuda")
+    fp8.fp8_quantize(out, amax, x.cuda(), torch.ones(1, device="cuda"))
+    assert torch.isnan(amax).all()
+
+
+# fp8 matmul: the tensor cores multiply fp8 values exactly and accumulate in fp32 (with
+# fast_accum, partial sums are promoted to fp32 less often: still ~2^-13 relative per partial),
+# then one bf16 rounding of the result (2^-9 relative, 2^-8 at a neighbouring value): rtol 2e-2
+# for fast_accum, 1e-2 without. atol covers results near 0: sums of C terms of size ~|a||w|,
+# about sqrt(C) * rms(terms) * 1e-2.
+SHAPES = [(128, 768, 2304), (256, 1600, 6400), (1024, 3072, 768), (48, 64, 32)]
+
+
+@pytest.mark.parametrize("fast_accum", [True, False])
+@pytest.mark.parametrize("formats", [("e4m3", "e4m3"), ("e5m2", "e4m3")])
+@pytest.mark.parametrize("N,C,OC", SHAPES)
+def test_fp8_matmul_matches_the_reference(N, C, OC, formats, fast_accum):
+    from distgpt.backends.cuda import fp8
+    from distgpt.backends.cuda.matmul import Matmuls
+    from gpu_check import assert_close
+    mm = Matmuls()
+    mm.plan("cuda")
+    torch.manual_seed(N + C + OC)
+    x = torch.randn(N, C).to(torch.bfloat16)
+    w = (torch.randn(OC, C) * 0.05).to(torch.bfloat16)
+    b = torch.randn(OC).to(torch.bfloat16)
+    operands = []
+    for t, fmt in ((x, formats[0]), (w, formats[1])):
+        scale, inverse, amax = (torch.zeros(1, device="cuda") for _ in range(3))
+        fp8.fp8_scale(scale, t.abs().max().float().reshape(1).cuda(), fmt, inverse=inverse)
+        q = torch.empty(t.shape, dtype=FORMATS[fmt], device="cuda")
+        fp8.fp8_quantize(q, amax, t.cuda(), scale)
+        operands.append((q, inverse))
+    (x8, x_inv), (w8, w_inv) = operands
+    out = torch.full((N, OC), float("nan"), dtype=torch.bfloat16, device="cuda")
+    mm.forward_fp8(out, x8, x_inv, w8, w_inv, b.cuda(), fast_accum=fast_accum)
+    want = torch.empty(N, OC, dtype=torch.float64)
+    reference.fp8_matmul_forward(want, x8.cpu(), x_inv.cpu(), w8.cpu(), w_inv.cpu(), b.double())
+    rms = float(want.pow(2).mean().sqrt())
+    assert_close("fp8 matmul", out, want, atol=1e-2 * rms, rtol=2e-2 if fast_accum else 1e-2)
+    again = torch.empty_like(out)
+    mm.forward_fp8(again, x8, x_inv, w8, w_inv, b.cuda(), fast_accum=fast_accum)
+    assert torch.equal(again, out)
