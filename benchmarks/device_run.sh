@@ -9,7 +9,8 @@
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/)
 #   STAGE=launch                  benchmarks/device_run.sh        (2 GPUs: rendezvous launch = mpirun, bitwise)
 #   STAGE=overlap                 benchmarks/device_run.sh        (2 GPUs: buckets reduced during the backward
-#                                 = after it, bitwise, deterministic bench losses; zero stages alike)
+#                                 = after it, bitwise, deterministic bench losses; zero stages alike;
+#                                 another bucket size adds the norm up in another order: last bits)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
@@ -46,7 +47,7 @@ if [ "$STAGE" = launch ]; then  # 2 GPUs: started without mpirun (rendezvous) = 
   python3 benchmarks/launch_check.py 2>&1 | tee "$OUT/launch.log"
 fi
 if [ "$STAGE" = overlap ]; then
-  for args in "" "--no-overlap" "--bucket-mb 4" "--zero-stage 0"; do
+  for args in "--overlap true" "--overlap false" "--overlap true --bucket-mb 4" "--overlap true --zero-stage 0"; do
     mpirun --allow-run-as-root -np 2 --bind-to none -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST \
         -x NVSHMEM_DISABLE_NVLS -x PYTHONPATH python3 -m distgpt bench --model gpt2_124m --batch 8 --steps 8 \
         --warmup 2 --deterministic --json $args 2>&1 | grep '^{' \

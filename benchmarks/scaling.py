@@ -12,8 +12,9 @@ caps, clocks, temperature: a few percent), and N GPUs at work at once may run sl
 alone, whatever the code does. --independent also runs N single-GPU benches at the same time,
 one per GPU, with no communication at all: their summed tok/s is what N GPUs deliver at best
 here, and "scaling vs independent" is the share of it the data-parallel run keeps.
---no-overlap-too adds each N-GPU run with the gradients summed after the whole backward
-(overlap_comm=false), the before/after of the overlap in one call."""
+By default each run takes overlap_comm=auto (overlap only across nodes or over NCCL's socket
+transport); --no-overlap-too runs each N-GPU measurement twice instead, overlap_comm=true and
+false, the before/after of the overlap in one call."""
 import argparse
 import json
 import os
@@ -27,11 +28,11 @@ from distgpt.bench import summarize
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def bench_args(model, batch, recompute, a, overlap=True):
+def bench_args(model, batch, recompute, a, overlap="auto"):
     return [sys.executable, "-m", "distgpt", "bench", "--model", model, "--batch", batch,
             "--recompute", recompute, "--seq", str(a.seq), "--steps", str(a.steps),
             "--accum", str(a.accum), "--zero-stage", str(a.zero_stage), "--json",
-            *(["--deterministic"] if a.deterministic else []), *([] if overlap else ["--no-overlap"])]
+            *(["--deterministic"] if a.deterministic else []), "--overlap", overlap]
 
 
 def result_of(proc, what):
@@ -43,7 +44,7 @@ def result_of(proc, what):
     return summarize(json.loads(lines[-1]))
 
 
-def bench(model, batch, recompute, gpus, a, overlap=True):
+def bench(model, batch, recompute, gpus, a, overlap="auto"):
     args = bench_args(model, batch, recompute, a, overlap)
     env = dict(os.environ, **NCCL_ENV)
     if gpus > 1:
@@ -82,7 +83,7 @@ def main():
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--no-overlap-too", action="store_true",
-                   help="also run each N-GPU measurement with overlap_comm=false")
+                   help="run each N-GPU measurement with overlap_comm=true and with false")
     p.add_argument("--independent", action="store_true",
                    help="also run N single-GPU benches at once (the machine's best case for N GPUs)")
     a = p.parse_args()
@@ -92,7 +93,7 @@ def main():
         recompute = rest[0] if rest else "0"
         base = None
         for gpus in a.gpus:
-            for overlap in ([True, False] if a.no_overlap_too and gpus > 1 else [True]):
+            for overlap in (["true", "false"] if a.no_overlap_too and gpus > 1 else ["auto"]):
                 r = bench(model, batch, recompute, gpus, a, overlap)
                 if r is None:
                     continue
@@ -100,7 +101,7 @@ def main():
                 base = r if gpus == min(a.gpus) else base
                 scale = r["tok_s"] / base["tok_s"] * min(a.gpus) / gpus if base else float("nan")
                 together = None
-                if a.independent and gpus > 1 and overlap:
+                if a.independent and gpus > 1 and overlap != "false":
                     ind = independent(model, batch, recompute, gpus, a)
                     if ind is not None:
                         together = r["tok_s"] / ind["tok_s"]
@@ -114,7 +115,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, batch, recompute, gpus, overlap, r, scale, together in rows:
         local = r.get("local_step_s", 0.0)
-        print(f"| {model} | {batch} | {recompute} | {r['accum']} | {gpus} | {'yes' if overlap else 'no'} | "
+        print(f"| {model} | {batch} | {recompute} | {r['accum']} | {gpus} | {'yes' if r['overlap'] else 'no'} | "
               f"{1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | {r['tok_s'] / gpus:,.0f} | {100 * r['mfu']:.1f}% | "
               f"{r['device_used_gb']:.1f} | {1000 * r['comm_s']:.1f} | {1000 * local:.1f} | "
               f"{1000 * (r['step_s'] - local) if gpus > 1 else 0:.1f} | {scale:.3f} | "

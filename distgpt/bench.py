@@ -34,14 +34,14 @@ def peak_flops():
 
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
-                    pause_s=0.0, rendezvous="", overlap=True, bucket_mb=None):
+                    pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
     from distgpt.model.gpt2 import GPT2
     from distgpt.model.micro_step import MicroStep
     from distgpt.optim import ShardedAdamW
-    from distgpt.parallel.data_parallel import DataParallel
+    from distgpt.parallel.data_parallel import DataParallel, overlap_wanted
 
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
                        "backend=cuda", "device=cuda", "dtype=bfloat16"])
@@ -54,6 +54,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     model.init_weights(cfg.seed)
     dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
                       model.grads.element_size(), dist.device)
+    overlap = overlap_wanted(overlap, dist.nodes)
     optimizer = ShardedAdamW(model, dp, cfg.optim, backend)
     gen = torch.Generator(device=dist.device).manual_seed(1000 + dist.rank)  # each rank its own tokens
     x = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
@@ -178,8 +179,9 @@ def main(argv=None):
     p.add_argument("--recompute", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="the bitwise-reproducible attention backward")
     p.add_argument("--no-graphs", action="store_true", help="launch every kernel from Python (no CUDA graph)")
-    p.add_argument("--no-overlap", action="store_true",
-                   help="sum the gradients over ranks after the whole backward (overlap_comm=false)")
+    p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
+                   help="sum each gradient bucket over ranks during the backward (overlap_comm; auto: "
+                        "when the ranks span nodes or NCCL runs over its socket transport)")
     p.add_argument("--bucket-mb", type=float, default=None, help="gradient bucket size (bucket_mb, 25)")
     p.add_argument("--pause-ms", type=float, default=0.0,
                    help="idle the GPU this long between timed steps (a step that is faster so is "
@@ -207,7 +209,7 @@ def main(argv=None):
                                   a.accum, a.zero_stage, deterministic=a.deterministic,
                                   profile_steps=profile_steps, profile_trace=a.profile_trace,
                                   cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000,
-                                  rendezvous=a.rendezvous, overlap=not a.no_overlap,
+                                  rendezvous=a.rendezvous, overlap=a.overlap,
                                   bucket_mb=a.bucket_mb))
     if not r.pop("is_main"):
         return 0

@@ -109,8 +109,9 @@ class Config:
     deterministic: bool = False  # backend=cuda: bitwise-reproducible runs and resumes, through a
     #                              deterministic attention backward (~8% slower at 124M)
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
-    overlap_comm: bool = True  # sum each bucket of gradients over ranks during the backward (GPUs: on
-    #                            a communication stream); false: after the whole backward
+    overlap_comm: str = "auto"  # sum each bucket of gradients over ranks during the backward (on a
+    #                             communication stream): true | false | auto (when the ranks span
+    #                             nodes: over NVLink it does not pay, see parallel/data_parallel.py)
     bucket_mb: float = 25.0  # gradient bucket size: layers are grouped until a bucket holds this much
     rendezvous: str = ""  # ranks started without MPI meet here: file:DIR (shared) or tcp:HOST:PORT
     #                       (rank 0's address); rank and world come from RANK/WORLD_SIZE/LOCAL_RANK or srun
@@ -225,6 +226,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"seed={cfg.seed} must be >= 0 (it seeds the weights and the data order)")
     if cfg.zero_stage not in (0, 1):
         raise ConfigError(f"zero_stage={cfg.zero_stage}: choose 0 (all-reduce) or 1 (sharded AdamW)")
+    if str(cfg.overlap_comm).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"overlap_comm={cfg.overlap_comm}: choose auto, true or false")
     if not cfg.bucket_mb > 0:
         raise ConfigError(f"bucket_mb={cfg.bucket_mb} must be > 0 (megabytes of gradient per bucket; 25 is usual)")
     if o.warmup_steps < 0 or not 0.0 <= o.final_lr_frac <= 1.0 or not 0.0 < o.decay_frac <= 1.0:

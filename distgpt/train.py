@@ -22,7 +22,7 @@ from distgpt.model import memory
 from distgpt.model.gpt2 import GPT2
 from distgpt.model.micro_step import MicroStep
 from distgpt.optim import ShardedAdamW, learning_rate
-from distgpt.parallel.data_parallel import DataParallel
+from distgpt.parallel.data_parallel import DataParallel, overlap_wanted
 from distgpt.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from distgpt.sample import generate
 from distgpt.spikes import SpikeGuard
@@ -103,6 +103,7 @@ class Trainer:
         self.skips_in_a_row = 0
         self.dp = DataParallel(dist.comm, self.model.layout, cfg.zero_stage, cfg.bucket_mb,
                                self.model.grads.element_size(), dist.device)
+        self.overlap = overlap_wanted(cfg.overlap_comm, dist.nodes)
         self.optimizer = ShardedAdamW(self.model, self.dp, cfg.optim, self.backend, self.guard)
         self.micro_step = MicroStep(self.model, use_graph=t.cuda_graphs and cfg.backend == "cuda")
         if resume_from is not None:
@@ -259,7 +260,7 @@ class Trainer:
             x, y = self.train_loader.next_batch()
             # forward + backward (a CUDA graph on GPUs); the last one's backward also starts
             # summing the gradient buckets over ranks
-            overlap = self.dp if micro == self.accum - 1 and self.cfg.overlap_comm else None
+            overlap = self.dp if micro == self.accum - 1 and self.overlap else None
             self.reduced[:1] += self.micro_step(x, y, dloss, overlap)
         if self.signals is not None and self.signals.received:
             self.reduced[1:].fill_(1.0)  # the sum tells every rank that some rank was signalled

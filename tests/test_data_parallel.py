@@ -12,7 +12,7 @@ from distgpt.model.gpt2 import GPT2
 from distgpt.model.layout import ParameterLayout
 from distgpt.optim import ShardedAdamW
 from distgpt.parallel.comm import CollectiveWatchdog, LocalComm
-from distgpt.parallel.data_parallel import DataParallel, make_buckets
+from distgpt.parallel.data_parallel import DataParallel, make_buckets, overlap_wanted
 
 
 class FakeComm(LocalComm):
@@ -229,3 +229,15 @@ def test_with_nothing_to_send_adamw_runs_once_per_decay_kind(world, zero_stage):
     assert len(dp.buckets) == 5
     (bucket, segments), = opt.pieces
     assert bucket is None and [d for _, _, _, d in segments] == [True, False]
+
+
+def test_overlap_auto_means_across_a_network():
+    socket_only = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}
+    assert overlap_wanted("auto", nodes=2, environ={}) is True
+    assert overlap_wanted("auto", nodes=1, environ={}) is False
+    assert overlap_wanted("auto", nodes=1, environ=socket_only) is True
+    assert overlap_wanted("auto", nodes=1, environ={"NCCL_P2P_DISABLE": "1"}) is False  # shared memory left
+    assert overlap_wanted("true", nodes=1, environ={}) is True and overlap_wanted(True, 1, {}) is True
+    assert overlap_wanted("False", nodes=4, environ=socket_only) is False
+    with pytest.raises(ValueError, match="overlap_comm=sometimes"):
+        overlap_wanted("sometimes", 1, {})

@@ -24,7 +24,7 @@ COMMON = ["+run=debug_cpu", "model.n_layer=2", "model.n_embd=64", "model.n_head=
           "train.sample_every=0", "train.checkpoint_every=4", "train.log_every=100",
           # each of the two layers its own gradient bucket (0.19 MB of fp32 matrices per layer),
           # so buckets straddle the ranks' slices and the backward's hooks reduce three of them
-          "bucket_mb=0.1",
+          "bucket_mb=0.1", "overlap_comm=true",
           # the shipped text, tokenized into each test's own data/ts_* shards on first use
           f"data.source={builtin_text('tinyshakespeare')}"]
 # Ranks sum fp32 gradients in another order than one process's accumulation. Relative errors

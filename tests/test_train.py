@@ -280,6 +280,8 @@ def test_finished_run_says_so(tmp_path, shards, capsys):
     ("train.seq_len=2048", "train.seq_len=2048 must be in 1..model.block_size=1024"),
     ("seed=-1", "seed=-1 must be >= 0"),
     ("data.shuffle=maybe", "data.shuffle: "),
+    ("overlap_comm=sometimes", "overlap_comm=sometimes: choose auto, true or false"),
+    ("bucket_mb=0", "bucket_mb=0.0 must be > 0"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, expected):
     assert main(["train", *SMALL, f"out_dir={tmp_path}", override]) == 2

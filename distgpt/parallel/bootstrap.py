@@ -8,6 +8,7 @@ the environment, and rank 0's NCCL id reaches the others through the rendezvous 
 (parallel/rendezvous.py). Nothing but that id and a few control messages goes through the store.
 """
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class DistState:
     local_rank: int
     comm: Communicator
     device: torch.device
+    nodes: int = 1  # distinct hosts among the ranks
 
     @property
     def is_main(self) -> bool:
@@ -108,4 +110,5 @@ def bootstrap(device: str, comm_timeout_s: float = 600.0, rendezvous: str = "") 
         if world > 1:
             from distgpt.parallel.nccl import NcclComm
             comm = NcclComm(control, dev, timeout_s=comm_timeout_s)
-    return DistState(rank, world, local_rank, comm, dev)
+    nodes = len(set(comm.all_gather_object(socket.gethostname()))) if world > 1 else 1
+    return DistState(rank, world, local_rank, comm, dev, nodes)
