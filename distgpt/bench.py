@@ -88,7 +88,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
             times.append(start.elapsed_time(end) / 1000)
         if pause_s:  # the GPU idles between steps: a step faster this way is held back by power or heat
             time.sleep(pause_s)
-    comm_s = time_collectives(model, dp, dist) if dist.world > 1 else 0.0
+    comm_s, reduce_s, gather_s = time_collectives(model, dp, dist) if dist.world > 1 else (0.0, 0.0, 0.0)
     # the same step with every collective skipped, on the same GPUs: what the step costs without
     # communication, so (step - this) is the communication the step exposes. Ranks run unsynchronised
     # here, so each times its own steps and the slowest rank's median counts.
@@ -100,7 +100,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         from distgpt.profile import profile_step_kernels
         profile = profile_step_kernels(step, profile_steps, profile_trace if dist.is_main else None)
     mine = {"times": times, "device_used_gb": (total - free) / 1e9, "torch_peak_gb": torch_peak_gb,
-            "comm_s": comm_s, "local_s": local_s}
+            "comm_s": comm_s, "reduce_s": reduce_s, "gather_s": gather_s, "local_s": local_s}
     if profile is not None and dist.world > 1:  # every rank's categories: where a straggler spends
         mine["profile"] = {k: profile[k] for k in ("step_ms", "kernel_ms", "idle_ms", "categories")}
     ranks = dist.comm.all_gather_object(mine)
@@ -118,25 +118,29 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
             "torch_peak_gb": max(r["torch_peak_gb"] for r in ranks),
             "comm_s": max(r["comm_s"] for r in ranks),
+            "reduce_s": max(r["reduce_s"] for r in ranks), "gather_s": max(r["gather_s"] for r in ranks),
             "local_step_s": max(r["local_s"] for r in ranks),
             "rank_step_s": [statistics.median(r["times"]) for r in ranks],
             "first_loss": losses[0], "last_loss": losses[-1], "is_main": dist.is_main, **extra}
 
 
 def time_collectives(model, dp, dist, repeats=10):
-    """Median time of one step's collectives alone, one after the other: the gradient buckets'
-    reductions (all-reduces at zero_stage 0) and, at zero_stage 1, the updated weights' way back."""
+    """Median times of one step's collectives alone, one after the other: (all of them, the
+    gradient buckets' reductions (all-reduces at zero_stage 0), the updated weights' way back
+    (zero_stage 1))."""
     samples = []
     for _ in range(repeats):
         dist.comm.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
         dp.reduce_gradients(model.grads)
+        middle.record()
         dp.gather_weights(model.params)
         end.record()
         torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1000)
-    return statistics.median(samples)
+        samples.append((start.elapsed_time(end) / 1000, start.elapsed_time(middle) / 1000,
+                        middle.elapsed_time(end) / 1000))
+    return tuple(statistics.median(column) for column in zip(*samples))
 
 
 def time_without_collectives(step, dp, steps):
@@ -217,7 +221,8 @@ def main(argv=None):
         print(json.dumps(r), flush=True)
     else:
         per_gpu = f" ({r['tok_s'] / r['world']:,.0f} per GPU)" if r["world"] > 1 else ""
-        comm = (f", collectives alone {r['comm_s'] * 1000:.1f} ms, the step without them "
+        comm = (f", collectives alone {r['comm_s'] * 1000:.1f} ms (gradients {r['reduce_s'] * 1000:.1f}, "
+                f"weights {r['gather_s'] * 1000:.1f}), the step without them "
                 f"{r['local_step_s'] * 1000:.1f} ms (exposed {1000 * (r['step_s'] - r['local_step_s']):.1f} ms)"
                 if r["world"] > 1 else "")
         print(f"{r['model']} {r['world']} GPU(s) B={r['B']} T={r['T']} accum={r['accum']}: "
