@@ -32,7 +32,8 @@ def bench_args(model, batch, recompute, a, overlap="auto"):
     return [sys.executable, "-m", "distgpt", "bench", "--model", model, "--batch", batch,
             "--recompute", recompute, "--seq", str(a.seq), "--steps", str(a.steps),
             "--accum", str(a.accum), "--zero-stage", str(a.zero_stage), "--json",
-            *(["--deterministic"] if a.deterministic else []), "--overlap", overlap]
+            *(["--deterministic"] if a.deterministic else []), "--overlap", overlap,
+            *(["--gather-in-forward"] if a.gather_in_forward else [])]
 
 
 def result_of(proc, what):
@@ -84,6 +85,8 @@ def main():
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--no-overlap-too", action="store_true",
                    help="run each N-GPU measurement with overlap_comm=true and with false")
+    p.add_argument("--gather-in-forward", action="store_true",
+                   help="all-gather the updated weights during the next forward (gather_in_forward)")
     p.add_argument("--independent", action="store_true",
                    help="also run N single-GPU benches at once (the machine's best case for N GPUs)")
     a = p.parse_args()

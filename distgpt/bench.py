@@ -34,7 +34,7 @@ def peak_flops():
 
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
-                    pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None):
+                    pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward=False):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
@@ -55,6 +55,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
                       model.grads.element_size(), dist.device)
     overlap = overlap_wanted(overlap, dist.nodes)
+    dp.gather_in_forward = gather_in_forward
     optimizer = ShardedAdamW(model, dp, cfg.optim, backend)
     gen = torch.Generator(device=dist.device).manual_seed(1000 + dist.rank)  # each rank its own tokens
     x = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
@@ -70,7 +71,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
             # the last micro-step's backward sums the gradient buckets over ranks as it goes
             # (not while bench times the step without collectives: its graph holds them)
             last = micro == accum - 1 and overlap and dp.communicate
-            loss += micro_step(x[micro], y[micro], dloss, dp if last else None)
+            gather = micro == 0 and dp.gather_pending() and dp.communicate
+            loss += micro_step(x[micro], y[micro], dloss, dp if last else None, dp if gather else None)
         dp.reduce_gradients(model.grads)
         optimizer.step(1e-4)
         dp.gather_weights(model.params)
@@ -112,7 +114,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         extra["rank_profiles"] = [r["profile"] for r in ranks]
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "cuda_graphs": cuda_graphs, "overlap": overlap, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
@@ -136,6 +138,7 @@ def time_collectives(model, dp, dist, repeats=10):
         dp.reduce_gradients(model.grads)
         middle.record()
         dp.gather_weights(model.params)
+        dp.complete_gather(model.params)  # gather_in_forward: what the next forward would gather
         end.record()
         torch.cuda.synchronize()
         samples.append((start.elapsed_time(end) / 1000, start.elapsed_time(middle) / 1000,
@@ -187,6 +190,8 @@ def main(argv=None):
                    help="sum each gradient bucket over ranks during the backward (overlap_comm; auto: "
                         "when the ranks span nodes or NCCL runs over its socket transport)")
     p.add_argument("--bucket-mb", type=float, default=None, help="gradient bucket size (bucket_mb, 25)")
+    p.add_argument("--gather-in-forward", action="store_true",
+                   help="zero_stage=1: all-gather the updated weights during the next forward (gather_in_forward)")
     p.add_argument("--pause-ms", type=float, default=0.0,
                    help="idle the GPU this long between timed steps (a step that is faster so is "
                         "held back by the GPU's power or clock limits, not by the code)")
@@ -214,7 +219,7 @@ def main(argv=None):
                                   profile_steps=profile_steps, profile_trace=a.profile_trace,
                                   cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000,
                                   rendezvous=a.rendezvous, overlap=a.overlap,
-                                  bucket_mb=a.bucket_mb))
+                                  bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward))
     if not r.pop("is_main"):
         return 0
     if a.json:

@@ -113,6 +113,8 @@ class Config:
     #                             communication stream): true | false | auto (when the ranks span
     #                             nodes: over NVLink it does not pay, see parallel/data_parallel.py)
     bucket_mb: float = 25.0  # gradient bucket size: layers are grouped until a bucket holds this much
+    gather_in_forward: bool = False  # zero_stage=1: all-gather the updated weights during the next
+    #                                  step's forward, bucket by bucket, instead of after the update
     rendezvous: str = ""  # ranks started without MPI meet here: file:DIR (shared) or tcp:HOST:PORT
     #                       (rank 0's address); rank and world come from RANK/WORLD_SIZE/LOCAL_RANK or srun
     wandb: bool = False

@@ -104,6 +104,7 @@ class Trainer:
         self.dp = DataParallel(dist.comm, self.model.layout, cfg.zero_stage, cfg.bucket_mb,
                                self.model.grads.element_size(), dist.device)
         self.overlap = overlap_wanted(cfg.overlap_comm, dist.nodes)
+        self.dp.gather_in_forward = cfg.gather_in_forward
         self.optimizer = ShardedAdamW(self.model, self.dp, cfg.optim, self.backend, self.guard)
         self.micro_step = MicroStep(self.model, use_graph=t.cuda_graphs and cfg.backend == "cuda")
         if resume_from is not None:
@@ -261,7 +262,9 @@ class Trainer:
             # forward + backward (a CUDA graph on GPUs); the last one's backward also starts
             # summing the gradient buckets over ranks
             overlap = self.dp if micro == self.accum - 1 and self.overlap else None
-            self.reduced[:1] += self.micro_step(x, y, dloss, overlap)
+            # the first one's forward gathers the weights the last update left on their owners
+            gather = self.dp if micro == 0 and self.dp.gather_pending() else None
+            self.reduced[:1] += self.micro_step(x, y, dloss, overlap, gather)
         if self.signals is not None and self.signals.received:
             self.reduced[1:].fill_(1.0)  # the sum tells every rank that some rank was signalled
         # the mean loss over ranks before the update: the spike guard decides from it on every
@@ -294,6 +297,7 @@ class Trainer:
                            f"optim.lr or raise optim.warmup_steps, then {restart}")
 
     def evaluate(self):
+        self.dp.complete_gather(self.model.params)  # weights a deferred gather left on their owners
         loss = validation_loss(self.model, self.val_loader, self.val_steps * self.accum, self.dist.comm,
                                self.dist.device)
         self.log.log_eval(self.step, loss, self.tokens_seen)
@@ -310,11 +314,13 @@ class Trainer:
                 "memory_gb": torch.cuda.max_memory_allocated(self.dist.device) / 1e9}
 
     def evaluate_hellaswag(self):
+        self.dp.complete_gather(self.model.params)
         result = hellaswag.evaluate(self.model, self.hellaswag_items, self.dist.comm)
         self.log.log_hellaswag(self.step, result, self.tokens_seen)
         return result
 
     def sample(self):
+        self.dp.complete_gather(self.model.params)  # a collective: every rank, before rank 0 samples
         if not self.dist.is_main:
             return
         t = self.cfg.train
@@ -324,6 +330,7 @@ class Trainer:
         self.log.log_sample(self.step, decode(tokens[1:]))
 
     def save(self):
+        self.dp.complete_gather(self.model.params)
         state = {"train_loader": self.train_loader.state_dict(), "tokens_seen": self.tokens_seen,
                  "config": to_yaml(self.cfg), "dtype": self.cfg.dtype, "model": self.cfg.model.name,
                  "spike_guard": self.guard.state_dict(), "skips_in_a_row": self.skips_in_a_row}

@@ -241,3 +241,38 @@ def test_overlap_auto_means_across_a_network():
     assert overlap_wanted("False", nodes=4, environ=socket_only) is False
     with pytest.raises(ValueError, match="overlap_comm=sometimes"):
         overlap_wanted("sometimes", 1, {})
+
+
+def test_gather_in_forward_waits_for_each_bucket_before_its_layer():
+    """With gather_in_forward the update sends nothing; the next forward queues every bucket's
+    all-gather first (embeddings' bucket, then layer 0 upwards) and asks for each layer's bucket
+    just before the layer; complete_gather does the same at once, and only when pending."""
+    cfg = ModelConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=100, padded_vocab_size=128, block_size=16)
+    model = GPT2(cfg, reference, 1, 8, pad_multiple=2)
+    model.init_weights(0)
+    comm = FakeComm(0, 2)
+    dp = DataParallel(comm, model.layout, 1, bucket_mb=2 * 12288 * 4 / 2**20, element_bytes=4)
+    dp.gather_in_forward = True
+    assert [b.layers for b in dp.buckets] == [[2, 3], [0, 1], []]
+    opt = ShardedAdamW(model, dp, OptimConfig(lr=1e-3), reference)
+    model.grads.normal_()
+    comm.calls.clear()
+    opt.step(1e-3)
+    dp.gather_weights(model.params)
+    assert [c[0] for c in comm.calls] == ["all_reduce"] and dp.gather_pending()  # the norm's parts only
+    comm.calls.clear()
+    needed = []
+    dp.gather_before_forward(model.params)
+    model.forward(torch.zeros(1, 8, dtype=torch.long), layer_needed=needed.append)
+    dp.gathered_in_forward()
+    assert needed == [None, 0, 1, 2, 3] and not dp.gather_pending()
+    gathers = [c for c in comm.calls if c[0] == "all_gather"]
+    assert gathers == [("all_gather", model.params[s:].data_ptr(), 2 * part, None)
+                       for b in dp.update_order for s, e, part in b.splits]
+    assert dp.update_order[0] is dp.buckets[-1] and dp.update_order[1].layers == [0, 1]
+    comm.calls.clear()
+    dp.complete_gather(model.params)
+    assert comm.calls == []  # nothing pending
+    dp.gather_weights(model.params)
+    dp.complete_gather(model.params)
+    assert len(comm.calls) == len(gathers) and not dp.gather_pending()

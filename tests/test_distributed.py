@@ -76,6 +76,8 @@ def runs(tmp_path_factory):
             train(tmp, f"r{ranks}z{zero}", ranks, f"zero_stage={zero}")
     # the gradients summed after the whole backward
     train(tmp, "r2z1_after", 2, "zero_stage=1", "overlap_comm=false")
+    # the updated weights gathered during the next step's forward
+    train(tmp, "r2z1_gather", 2, "zero_stage=1", "gather_in_forward=true")
     return tmp
 
 
@@ -102,13 +104,16 @@ def test_zero_stages_are_bitwise_equal_on_two_ranks(runs):
 
 
 def test_reducing_during_the_backward_changes_no_bit(runs):
-    """Buckets reduced as the backward finishes them, or all of them after it: each element is
-    summed over the same ranks in the same collective, so the runs are bitwise equal. (Another
+    """Buckets reduced as the backward finishes them, or all of them after it, and the weights
+    gathered after the update or during the next forward (with evaluations and checkpoints in
+    between, which gather first): the same collectives on the same numbers, so the runs are
+    bitwise equal. (Another
     bucket_mb cuts the ranks' parts elsewhere, and the global norm is then added up in another
     order: equal within rounding, as another world size is.)"""
-    assert metrics(runs, "r2z1_after") == metrics(runs, "r2z1")
-    w0, w1 = weights(runs, "r2z1_after"), weights(runs, "r2z1")
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    for name in ("r2z1_after", "r2z1_gather"):
+        assert metrics(runs, name) == metrics(runs, "r2z1"), name
+        w0, w1 = weights(runs, name), weights(runs, "r2z1")
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), name
 
 
 @pytest.mark.parametrize("ranks_after", [1, 4])

@@ -67,17 +67,21 @@ class GPT2:
         self.grads.zero_()
 
     # ------------------------------------------------------------ forward
-    def forward(self, tokens, targets=None, dloss=0.0):
+    def forward(self, tokens, targets=None, dloss=0.0, layer_needed=None):
         """tokens (b, t) on the model's device, b <= B, t <= T. With targets (b, t): returns the
         mean loss (a 0-d tensor), leaves each position's loss in `self.token_losses` (b, t) and
         runs the lm head's backward for the objective sum(dloss * loss per token): wte's
         gradient accumulates here, dlnf waits for backward(). dloss 0 (evaluation) computes
         the losses only. Without targets: leaves logits (b, t, Vp) in `self.logits` and
         returns None; only b * t <= R rows fit in the logits chunk (R >= T: see
-        layout.classifier_rows)."""
+        layout.classifier_rows). layer_needed(layer), if given, is called before a layer's
+        weights are first read (layer None: the embeddings and the small tensors, before the
+        encoder), so weights still arriving from other ranks can be waited for one layer at a time."""
         ops, P, NH = self.ops, self.p, self.n_head
         b, t = tokens.shape
         a = self.acts.view(b, t)
+        if layer_needed is not None:
+            layer_needed(None)
         ops.encoder_forward(a["encoded"], tokens, P["transformer.wte.weight"],
                             P["transformer.wpe.weight"])
         residual = a["encoded"]
@@ -87,6 +91,8 @@ class GPT2:
                 ops.layernorm_forward(ln1, a["ln1_mean.0"], a["ln1_rstd.0"], residual,
                                       lp.ln1_w, lp.ln1_b)
             # (the previous block already wrote this block's ln1, fused with its residual add)
+            if layer_needed is not None:
+                layer_needed(layer)
             ops.matmul_forward(a[f"qkv.{layer}"], ln1, lp.qkv_w, lp.qkv_b)  # (b, t, 3C)
             ops.attention_forward(a[f"atty.{layer}"], a[f"att_lse.{layer}"], a[f"qkv.{layer}"], NH)
             ops.matmul_forward(a["proj_out"], a[f"atty.{layer}"], lp.attproj_w, lp.attproj_b)

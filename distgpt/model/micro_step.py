@@ -15,8 +15,10 @@ and dloss (both fixed for a run), so a change of either captures a new graph.
 The last micro-step of an optimizer step carries the data-parallel layer (`dp`): its backward
 hands each finished layer to it, so the gradient buckets are summed over ranks on a
 communication stream while the backward runs, and the step's stream waits for them before the
-micro-step ends. Captured, the graph holds those collectives too (NCCL supports capture); it is
-a separate graph from the plain micro-steps' one, and both stay cached.
+micro-step ends. Likewise the first micro-step of a step can carry it as `gather` (weights
+still to be all-gathered, gather_in_forward): the all-gathers are queued before the forward,
+which waits for each bucket before the layer that reads it. Captured, the graph holds those
+collectives too (NCCL supports capture); each combination is its own cached graph.
 
 Sequence: the first call runs eagerly (kernels compile, cuBLASLt and cuDNN plans are made),
 the second captures and then replays (a capture only records), later calls replay. Replays are
@@ -32,7 +34,7 @@ class MicroStep:
         B, T = model.acts.B, model.acts.T
         self.tokens = torch.zeros((B, T), dtype=torch.int64, device=model.device)
         self.targets = torch.zeros((B, T), dtype=torch.int64, device=model.device)
-        self.graphs = {}  # (b, t, dloss, reduces?) -> [captured graph or None, its loss, calls]
+        self.graphs = {}  # (b, t, dloss, reduces?, gathers?) -> [captured graph or None, its loss, calls]
         self.device = model.device
         if self.device.type == "cuda":
             # two pinned host slots, so a batch's host-to-device copy is asynchronous (a copy from
@@ -41,12 +43,13 @@ class MicroStep:
             self.copied = [torch.cuda.Event(), torch.cuda.Event()]
             self.slot = 0
 
-    def __call__(self, x, y, dloss, dp=None):
+    def __call__(self, x, y, dloss, dp=None, gather=None):
         """Forward + backward of one micro-batch (x, y: (b, t) int64, on the device or pinned
         host memory); gradients accumulate into model.grads. Returns the mean loss as a 0-d
         device tensor (the graph's static output when replaying: read it before the next call).
         dp: the data-parallel layer on the last micro-step (its gradients are then summed over
-        ranks during the backward), None on the others."""
+        ranks during the backward), None on the others. gather: the data-parallel layer when the
+        weights are still to be gathered (the first micro-step after a deferred update)."""
         b, t = x.shape
         # the planned buffers' first b*t tokens, contiguous as the kernels read them
         tokens = self.tokens.view(-1)[:b * t].view(b, t)
@@ -56,30 +59,38 @@ class MicroStep:
         else:
             tokens.copy_(x)
             targets.copy_(y)
-        loss = self._run(tokens, targets, dloss, dp)
+        loss = self._run(tokens, targets, dloss, dp, gather)
         if dp is not None:
             dp.reduced_in_backward()
+        if gather is not None:
+            gather.gathered_in_forward()
         return loss
 
-    def _run(self, tokens, targets, dloss, dp):
+    def _run(self, tokens, targets, dloss, dp, gather):
         if not self.use_graph:
-            return self._eager(tokens, targets, dloss, dp)
+            return self._eager(tokens, targets, dloss, dp, gather)
         b, t = tokens.shape
-        entry = self.graphs.setdefault((b, t, float(dloss), dp is not None), [None, None, 0])
+        key = (b, t, float(dloss), dp is not None, gather is not None)
+        entry = self.graphs.setdefault(key, [None, None, 0])
         entry[2] += 1
         if entry[2] == 1:
-            return self._eager(tokens, targets, dloss, dp)
+            return self._eager(tokens, targets, dloss, dp, gather)
         if entry[0] is None:
             graph = torch.cuda.CUDAGraph()
             # thread_local: the collective watchdog's thread may query CUDA during the capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                entry[1] = self._eager(tokens, targets, dloss, dp)
+                entry[1] = self._eager(tokens, targets, dloss, dp, gather)
             entry[0] = graph
         entry[0].replay()
         return entry[1]
 
-    def _eager(self, tokens, targets, dloss, dp):
-        loss = self.model.forward(tokens, targets, dloss)
+    def _eager(self, tokens, targets, dloss, dp, gather):
+        if gather is None:
+            loss = self.model.forward(tokens, targets, dloss)
+        else:
+            gather.gather_before_forward(self.model.params)
+            loss = self.model.forward(tokens, targets, dloss, layer_needed=gather.layer_needed)
+            gather.forward_done()
         if dp is None:
             self.model.backward()
         else:

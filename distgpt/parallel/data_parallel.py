@@ -21,6 +21,13 @@ state for its parts alone (`owned`), updates them bucket by bucket, and after ea
 go back in the forward's order (embeddings first, then layer 0, 1, ...). zero_stage=0
 all-reduces each bucket and every rank owns and updates everything.
 
+With `gather_in_forward` (zero_stage 1, several ranks) the weights do not travel after the
+update at all: `gather_weights` only marks them pending, and the next step's first micro-step
+all-gathers every bucket on the communication stream before its forward, which waits for each
+bucket just before the first layer that uses it (`layer_needed`): the embeddings' bucket before
+the encoder, layer l's bucket before layer l. Whatever reads the weights between steps
+(evaluation, sampling, checkpoints) calls `complete_gather` first.
+
 Each element is summed over the same ranks whichever bucket or collective carries it, and every
 rank issues every collective in the same order. Without a GPU (MpiComm, StoreComm in tests) the
 collectives run inline, in the same order, so the CPU tests exercise the same bookkeeping.
@@ -54,10 +61,12 @@ def overlap_wanted(setting, nodes, environ=os.environ):
 
 
 class Bucket:
-    def __init__(self, index, ranges, first_layer):
-        """ranges: [(start, end)] of the flat buffer; first_layer: the lowest layer in it (its
-        gradients are final after that layer's backward), None for the last bucket."""
-        self.index, self.ranges, self.first_layer = index, ranges, first_layer
+    def __init__(self, index, ranges, layers):
+        """ranges: [(start, end)] of the flat buffer; layers: those whose matrices it holds
+        (none for the last bucket)."""
+        self.index, self.ranges, self.layers = index, ranges, sorted(layers)
+        # the lowest layer: the bucket's gradients are final after its backward
+        self.first_layer = self.layers[0] if self.layers else None
         self.splits = []  # per range (start, end, part): rank r owns [start + r part, start + (r+1) part)
 
     @property
@@ -77,7 +86,7 @@ def make_buckets(layout, bucket_elements):
             start, end = min(s for s, _ in ranges), max(e for _, e in ranges)
             if end - start != size:
                 raise ValueError("a bucket's layers are not contiguous in the flat buffer")
-            buckets.append(Bucket(len(buckets), [(start, end)], first_layer=layer))
+            buckets.append(Bucket(len(buckets), [(start, end)], group))
             group = []
     covered = sorted(r for b in buckets for r in b.ranges)
     rest, at = [], 0
@@ -85,7 +94,7 @@ def make_buckets(layout, bucket_elements):
         if start > at:
             rest.append((at, start))
         at = max(at, end)
-    buckets.append(Bucket(len(buckets), rest, first_layer=None))
+    buckets.append(Bucket(len(buckets), rest, []))
     return buckets
 
 
@@ -105,6 +114,8 @@ class DataParallel:
                 part = (end - start) // (world * ALIGN_ELEMENTS) * ALIGN_ELEMENTS
                 bucket.splits.append((start, end, part))
         self._after_layer = {b.first_layer: b for b in self.buckets if b.first_layer is not None}
+        # the bucket holding each layer's matrices (the forward waits for it before that layer)
+        self._bucket_of_layer = {layer: b for b in self.buckets for layer in b.layers}
         # the weights' way back: the last bucket (embeddings) first, then layer 0, 1, ...
         self.update_order = [self.buckets[-1]] + self.buckets[-2::-1]
         self.owned = self.owned_by(comm.rank)
@@ -122,6 +133,9 @@ class DataParallel:
         self.grads = None  # the flat gradient buffer, for the backward's hooks
         self._reduced_in_backward = False
         self._sent = set()  # buckets whose weights went out during this optimizer step
+        self.gather_in_forward = False  # set by the trainer (config gather_in_forward)
+        self._gather_pending = False  # updated weights not yet gathered (gather_in_forward)
+        self._bucket_ready = {}  # bucket index -> CUDA event after its all-gather (GPU)
         # False: every collective is skipped (bench's "same step without communication", which
         # measures how much of the step the collectives expose; training never turns it off)
         self.communicate = True
@@ -215,9 +229,73 @@ class DataParallel:
         """The optimizer has updated this rank's parts of `bucket`: all-gather the bucket's new
         weights while the next bucket is updated (zero_stage 1; every rank calls this for every
         bucket, in update_order)."""
-        if self.zero_stage != 1 or not self.communicate:
+        if self.zero_stage != 1 or not self.communicate or self._deferring():
             return
         self._sent.add(bucket.index)
+        self._all_gather(bucket, params)
+
+    def gather_weights(self, params):
+        """After the update: every rank's parts of the working weights on every rank. Sends what
+        weights_updated has not yet sent, then makes the step's stream wait for all of it; with
+        gather_in_forward, only marks the weights pending for the next forward."""
+        if self._deferring() and self.communicate:
+            self._gather_pending = True
+            return
+        if self.zero_stage == 1 and self.communicate:
+            for bucket in self.update_order:
+                if bucket.index not in self._sent:
+                    self.weights_updated(bucket, params)
+            self._join()
+        self._sent.clear()
+
+    # ------------------------------------------------------------ the weights in the next forward
+    def gather_pending(self):
+        return self._gather_pending
+
+    def gather_before_forward(self, params):
+        """Queue every bucket's all-gather on the communication stream, each followed by an event
+        the forward waits on (inside the micro-step, so a captured CUDA graph holds it all)."""
+        self._bucket_ready = {}
+        for bucket in self.update_order:
+            self._all_gather(bucket, params)
+            if self.stream is not None:
+                self._bucket_ready[bucket.index] = event = torch.cuda.Event()
+                event.record(self.stream)
+
+    def layer_needed(self, layer):
+        """The forward is about to use layer `layer`'s weights (None: the embeddings and the
+        small tensors, before the encoder): wait for the bucket that holds them."""
+        bucket = self.buckets[-1] if layer is None else self._bucket_of_layer[layer]
+        event = self._bucket_ready.get(bucket.index)
+        if event is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(event)
+
+    def forward_done(self):
+        """Join the communication stream (every bucket has been waited on by now)."""
+        self._join()
+
+    def gathered_in_forward(self):
+        """Called by the micro-step after a forward with these hooks ran or was replayed."""
+        self._gather_pending = False
+
+    def complete_gather(self, params):
+        """Pending weights gathered now, before anything outside a training step reads them."""
+        if self._gather_pending:
+            for bucket in self.update_order:
+                self._all_gather(bucket, params)
+            self._join()
+            self._gather_pending = False
+
+    def sum_over_ranks(self, tensor):
+        """A small per-rank statistic (the shards' squared gradient norms) summed in place."""
+        if self.communicate:
+            self.comm.all_reduce(tensor)
+
+    # ------------------------------------------------------------ helpers
+    def _deferring(self):
+        return self.gather_in_forward and self.zero_stage == 1 and self.world > 1
+
+    def _all_gather(self, bucket, params):
         W, r = self.world, self.rank
         with self._on_comm_stream():
             with self.comm.group(f"weight all-gather, bucket {bucket.index}"):
@@ -228,22 +306,6 @@ class DataParallel:
                     if start + W * part < end:  # the uneven remainder, the last rank's
                         self.comm.broadcast(params[start + W * part:end], root=W - 1)
 
-    def gather_weights(self, params):
-        """After the update: every rank's parts of the working weights on every rank. Sends what
-        weights_updated has not yet sent, then makes the step's stream wait for all of it."""
-        if self.zero_stage == 1 and self.communicate:
-            for bucket in self.update_order:
-                if bucket.index not in self._sent:
-                    self.weights_updated(bucket, params)
-            self._join()
-        self._sent.clear()
-
-    def sum_over_ranks(self, tensor):
-        """A small per-rank statistic (the shards' squared gradient norms) summed in place."""
-        if self.communicate:
-            self.comm.all_reduce(tensor)
-
-    # ------------------------------------------------------------ helpers
     def _reduce(self, bucket, grads):
         if not self.communicate:
             return
