@@ -47,11 +47,12 @@ if [ "$STAGE" = launch ]; then  # 2 GPUs: started without mpirun (rendezvous) = 
   python3 benchmarks/launch_check.py 2>&1 | tee "$OUT/launch.log"
 fi
 if [ "$STAGE" = overlap ]; then
-  for args in "--overlap true" "--overlap false" "--overlap true --bucket-mb 4" "--overlap true --zero-stage 0"; do
+  for args in "--overlap true" "--overlap false" "--overlap true --gather-in-forward" \
+      "--overlap true --bucket-mb 4" "--overlap true --zero-stage 0"; do
     mpirun --allow-run-as-root -np 2 --bind-to none -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST \
         -x NVSHMEM_DISABLE_NVLS -x PYTHONPATH python3 -m distgpt bench --model gpt2_124m --batch 8 --steps 8 \
         --warmup 2 --deterministic --json $args 2>&1 | grep '^{' \
-      | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); print(f\"overlap={r['overlap']} zero={r['zero_stage']} buckets={r['buckets']}: losses {r['first_loss']!r} {r['last_loss']!r}\")" \
+      | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); print(f\"overlap={r['overlap']} gather_in_forward={r['gather_in_forward']} zero={r['zero_stage']} buckets={r['buckets']}: losses {r['first_loss']!r} {r['last_loss']!r}\")" \
       | tee -a "$OUT/overlap.log"
   done
 fi
