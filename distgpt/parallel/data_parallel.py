@@ -296,6 +296,8 @@ class DataParallel:
         return self.gather_in_forward and self.zero_stage == 1 and self.world > 1
 
     def _all_gather(self, bucket, params):
+        if self.world == 1:
+            return
         W, r = self.world, self.rank
         with self._on_comm_stream():
             with self.comm.group(f"weight all-gather, bucket {bucket.index}"):
@@ -307,7 +309,7 @@ class DataParallel:
                         self.comm.broadcast(params[start + W * part:end], root=W - 1)
 
     def _reduce(self, bucket, grads):
-        if not self.communicate:
+        if not self.communicate or self.world == 1:  # a sum over one rank
             return
         W, r = self.world, self.rank
         with self._on_comm_stream():

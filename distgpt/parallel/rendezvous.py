@@ -200,4 +200,13 @@ class StoreControl:
         return [obj if r == self.rank else self.store.get(f"{key}/{r}") for r in range(self.world)]
 
     def barrier(self):
+        """Every rank has arrived, and every rank has seen that: rank 0, which may serve the TCP
+        store and close it once past the barrier, leaves only after the others have read what
+        they needed from it (with arrival alone, a rank still reading could find it gone)."""
         self.allgather(True)
+        key = self._key("left")
+        if self.rank != 0:
+            self.store.set(f"{key}/{self.rank}", True)
+        else:
+            for r in range(1, self.world):
+                self.store.get(f"{key}/{r}")
