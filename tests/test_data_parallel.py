@@ -12,7 +12,8 @@ from distgpt.model.gpt2 import GPT2
 from distgpt.model.layout import ParameterLayout
 from distgpt.optim import ShardedAdamW
 from distgpt.parallel.comm import CollectiveWatchdog, LocalComm
-from distgpt.parallel.data_parallel import DataParallel, make_buckets, overlap_wanted
+from distgpt.parallel.buckets import make_buckets
+from distgpt.parallel.data_parallel import DataParallel, overlap_wanted
 
 
 class FakeComm(LocalComm):

@@ -4,11 +4,9 @@ and every collective over gradients and weights. The trainer's step reads as the
     forward + backward (each micro-step; the last one hands this layer to the backward)
       -> dp.reduce_gradients()  -> optimizer.step()  -> dp.gather_weights()
 
-Buckets. The flat buffer puts each layer's four matrices side by side (model/layout.py), and
-their gradients are final once the backward has finished that layer. Consecutive layers, from
-the last one down, are grouped into buckets of at least `bucket_mb`; the last bucket is
-everything else (embeddings, biases, layernorms: final only when the backward ends). On the
-last micro-step the backward calls `layer_done(layer)` after each layer, and a bucket whose
+Buckets (parallel/buckets.py) group consecutive layers' gradients, at least `bucket_mb` each,
+the embeddings and small tensors last. On the last micro-step the backward calls
+`layer_done(layer)` after each layer, and a bucket whose
 layers are all done has its gradients summed at once, on a communication stream ordered after
 the backward's kernels by a CUDA event, while the backward goes on with the layers below.
 
@@ -39,6 +37,7 @@ from contextlib import nullcontext
 import torch
 
 from distgpt.model.layout import ALIGN_ELEMENTS
+from distgpt.parallel.buckets import make_buckets
 
 DEFAULT_BUCKET_MB = 25
 OVERLAP_SETTINGS = ("auto", "true", "false")
@@ -58,44 +57,6 @@ def overlap_wanted(setting, nodes, environ=os.environ):
         return setting == "true"
     network_only = environ.get("NCCL_P2P_DISABLE") == "1" and environ.get("NCCL_SHM_DISABLE") == "1"
     return nodes > 1 or network_only
-
-
-class Bucket:
-    def __init__(self, index, ranges, layers):
-        """ranges: [(start, end)] of the flat buffer; layers: those whose matrices it holds
-        (none for the last bucket)."""
-        self.index, self.ranges, self.layers = index, ranges, sorted(layers)
-        # the lowest layer: the bucket's gradients are final after its backward
-        self.first_layer = self.layers[0] if self.layers else None
-        self.splits = []  # per range (start, end, part): rank r owns [start + r part, start + (r+1) part)
-
-    @property
-    def numel(self):
-        return sum(end - start for start, end in self.ranges)
-
-
-def make_buckets(layout, bucket_elements):
-    """Buckets in the backward's order: layers L-1 ... 0 grouped until each holds at least
-    `bucket_elements`, then the rest of the flat buffer (up to layout.total) as the last."""
-    buckets, group = [], []
-    for layer in reversed(range(layout.n_layer)):
-        group.append(layer)
-        ranges = [layout.layer_matrices(x) for x in group]
-        size = sum(end - start for start, end in ranges)
-        if size >= bucket_elements or layer == 0:
-            start, end = min(s for s, _ in ranges), max(e for _, e in ranges)
-            if end - start != size:
-                raise ValueError("a bucket's layers are not contiguous in the flat buffer")
-            buckets.append(Bucket(len(buckets), [(start, end)], group))
-            group = []
-    covered = sorted(r for b in buckets for r in b.ranges)
-    rest, at = [], 0
-    for start, end in covered + [(layout.total, layout.total)]:
-        if start > at:
-            rest.append((at, start))
-        at = max(at, end)
-    buckets.append(Bucket(len(buckets), rest, []))
-    return buckets
 
 
 class DataParallel:
