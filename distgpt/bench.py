@@ -68,11 +68,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         model.zero_grad()
         loss = torch.zeros((), device=dist.device)
         for micro in range(accum):
-            # the last micro-step's backward sums the gradient buckets over ranks as it goes
-            # (not while bench times the step without collectives: its graph holds them)
-            last = micro == accum - 1 and overlap and dp.communicate
-            gather = micro == 0 and dp.gather_pending() and dp.communicate
-            loss += micro_step(x[micro], y[micro], dloss, dp if last else None, dp if gather else None)
+            loss += micro_step(x[micro], y[micro], dloss, *dp.micro_step_hooks(micro, accum, overlap))
         dp.reduce_gradients(model.grads)
         optimizer.step(1e-4)
         dp.gather_weights(model.params)

@@ -259,12 +259,10 @@ class Trainer:
         dloss = 1.0 / self.tokens_per_step
         for micro in range(self.accum):
             x, y = self.train_loader.next_batch()
-            # forward + backward (a CUDA graph on GPUs); the last one's backward also starts
-            # summing the gradient buckets over ranks
-            overlap = self.dp if micro == self.accum - 1 and self.overlap else None
-            # the first one's forward gathers the weights the last update left on their owners
-            gather = self.dp if micro == 0 and self.dp.gather_pending() else None
-            self.reduced[:1] += self.micro_step(x, y, dloss, overlap, gather)
+            # forward + backward (a CUDA graph on GPUs); the last one's backward may also sum
+            # the gradient buckets over ranks, the first one's forward gather the weights
+            self.reduced[:1] += self.micro_step(x, y, dloss, *self.dp.micro_step_hooks(micro, self.accum,
+                                                                                      self.overlap))
         if self.signals is not None and self.signals.received:
             self.reduced[1:].fill_(1.0)  # the sum tells every rank that some rank was signalled
         # the mean loss over ranks before the update: the spike guard decides from it on every

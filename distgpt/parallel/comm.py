@@ -179,6 +179,24 @@ class LocalComm(Communicator):
         pass
 
 
+class WatchedControl:
+    """Control messages (small objects, barriers) through `self.control` (MpiControl or a
+    rendezvous StoreControl), each waited on under `self.watchdog`: what MpiComm and NcclComm
+    share."""
+
+    def broadcast_object(self, obj, root=0):
+        with self.watchdog.waiting_on("broadcast_object"):
+            return self.control.bcast(obj, root=root)
+
+    def all_gather_object(self, obj):
+        with self.watchdog.waiting_on("all_gather_object"):
+            return self.control.allgather(obj)
+
+    def barrier(self):
+        with self.watchdog.waiting_on("barrier"):
+            self.control.barrier()
+
+
 class MpiControl:
     """Control messages (small objects, barriers) over MPI, as NcclComm needs them: the same two
     calls StoreControl offers over a rendezvous store."""
@@ -197,13 +215,13 @@ class MpiControl:
         self.comm.Barrier()
 
 
-class MpiComm(Communicator):
+class MpiComm(WatchedControl, Communicator):
     """CPU tensors over MPI. Each collective names itself in any error it raises."""
 
     def __init__(self, mpi_comm, timeout_s=0.0):
         from mpi4py import MPI
         self._MPI = MPI
-        self.comm = mpi_comm
+        self.comm, self.control = mpi_comm, MpiControl(mpi_comm)
         self.rank, self.world = mpi_comm.Get_rank(), mpi_comm.Get_size()
         # mpi4py releases the GIL inside blocking MPI calls, so the watchdog thread runs
         self.watchdog = CollectiveWatchdog(self.rank, timeout_s, "MPI")
@@ -241,15 +259,3 @@ class MpiComm(Communicator):
     def broadcast(self, tensor, root=0):
         with self.watchdog.waiting_on("broadcast"):
             self.comm.Bcast(self._np(tensor), root=root)
-
-    def broadcast_object(self, obj, root=0):
-        with self.watchdog.waiting_on("broadcast_object"):
-            return self.comm.bcast(obj, root=root)
-
-    def all_gather_object(self, obj):
-        with self.watchdog.waiting_on("all_gather_object"):
-            return self.comm.allgather(obj)
-
-    def barrier(self):
-        with self.watchdog.waiting_on("barrier"):
-            self.comm.Barrier()

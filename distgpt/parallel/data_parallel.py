@@ -74,8 +74,8 @@ class DataParallel:
             for start, end in bucket.ranges:
                 part = (end - start) // (world * ALIGN_ELEMENTS) * ALIGN_ELEMENTS
                 bucket.splits.append((start, end, part))
-        self._after_layer = {b.first_layer: b for b in self.buckets if b.first_layer is not None}
-        # the bucket holding each layer's matrices (the forward waits for it before that layer)
+        # the bucket holding each layer's matrices: the backward completes it at its first layer,
+        # the forward waits for it before that layer
         self._bucket_of_layer = {layer: b for b in self.buckets for layer in b.layers}
         # the weights' way back: the last bucket (embeddings) first, then layer 0, 1, ...
         self.update_order = [self.buckets[-1]] + self.buckets[-2::-1]
@@ -157,8 +157,8 @@ class DataParallel:
 
     def layer_done(self, layer):
         """The backward has finished `layer`: reduce the bucket that it completes, if any."""
-        bucket = self._after_layer.get(layer)
-        if bucket is not None:
+        bucket = self._bucket_of_layer.get(layer)
+        if bucket is not None and bucket.first_layer == layer:
             self._reduce(bucket, self.grads)
 
     def backward_done(self):
@@ -171,6 +171,17 @@ class DataParallel:
     def reduced_in_backward(self):
         """Called by the micro-step after a backward with these hooks ran or was replayed."""
         self._reduced_in_backward = True
+
+    def micro_step_hooks(self, micro, accum, overlap):
+        """(reduce, gather) for micro-step `micro` of `accum`, as MicroStep takes them: this
+        layer on the last micro-step when its backward sums the buckets (overlap), and on the
+        first when weights are still to be gathered; None otherwise (and while collectives are
+        off: a captured graph would hold them)."""
+        if not self.communicate:
+            return None, None
+        reduce = self if overlap and micro == accum - 1 else None
+        gather = self if micro == 0 and self._gather_pending else None
+        return reduce, gather
 
     # ------------------------------------------------------------ the step
     def reduce_gradients(self, grads):

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from distgpt.parallel.comm import CollectiveWatchdog, Communicator
+from distgpt.parallel.comm import CollectiveWatchdog, Communicator, WatchedControl
 
 _NCCL_DTYPES = {torch.float32: "NCCL_FLOAT32", torch.bfloat16: "NCCL_BFLOAT16",
                 torch.float16: "NCCL_FLOAT16", torch.float64: "NCCL_FLOAT64", torch.int64: "NCCL_INT64"}
@@ -27,7 +27,7 @@ class NcclError(RuntimeError):
     pass
 
 
-class NcclComm(Communicator):
+class NcclComm(WatchedControl, Communicator):
     def __init__(self, control, device, timeout_s=600.0):
         """control: MpiControl or rendezvous.StoreControl (bcast of small objects, barrier)."""
         from cupy.cuda import nccl
@@ -124,15 +124,6 @@ class NcclComm(Communicator):
         self._run("broadcast", lambda s: self.comm.bcast(
             tensor.data_ptr(), tensor.numel(), self._dtype(tensor), root, s))
 
-    def broadcast_object(self, obj, root=0):
-        with self.watchdog.waiting_on("broadcast_object"):
-            return self.control.bcast(obj, root=root)
-
-    def all_gather_object(self, obj):
-        with self.watchdog.waiting_on("all_gather_object"):
-            return self.control.allgather(obj)
-
     def barrier(self):
-        torch.cuda.current_stream(self.device).synchronize()
-        with self.watchdog.waiting_on("barrier"):
-            self.control.barrier()
+        self.synchronize()  # the GPU's queued work first, then the ranks meet
+        super().barrier()
