@@ -8,6 +8,10 @@
 #   STAGE=shuffle [TEXT=...]      benchmarks/device_run.sh        (val loss, shuffled vs file order;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/)
 #   STAGE=launch                  benchmarks/device_run.sh        (2 GPUs: rendezvous launch = mpirun, bitwise)
+#   STAGE=fp8                     benchmarks/device_run.sh gpt2_124m:64 gpt2_1558m:16:2   (the fp8 GPU tests, then
+#                                 bf16 and fp8=true side by side, then the fp8 profile of each config)
+#   STAGE=fp8parity               benchmarks/device_run.sh        (val loss, fp8 against bf16, 124M and 350M;
+#                                 first: cp ../shared/data/shakespeare.txt benchmarks/)
 #   STAGE=overlap                 benchmarks/device_run.sh        (2 GPUs: buckets reduced during the backward
 #                                 = after it, bitwise, deterministic bench losses; zero stages alike;
 #                                 another bucket size adds the norm up in another order: last bits)
@@ -42,6 +46,21 @@ if [ "$STAGE" = profile ] && [ $# -gt 0 ]; then
     python3 -m distgpt bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" --profile \
         "${trace[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/profile_${model}_${batch}.log"
   done
+fi
+if [ "$STAGE" = fp8 ]; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_fp8.py tests/test_cuda_model.py 2>&1 \
+    | tee "$OUT/fp8_tests.log" | tail -15
+  python3 benchmarks/throughput.py "$@" --fp8-too --no-baseline ${BENCH_ARGS:-} 2>&1 | tee "$OUT/fp8_bench.log" \
+    | grep -v '^{'
+  for item in "$@"; do
+    IFS=: read -r model batch recompute <<< "$item"
+    python3 -m distgpt bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" --fp8 --profile \
+        2>&1 | tee "$OUT/fp8_profile_${model}_${batch}.log" | grep -v '^\s*$' | grep -v Warning | head -45
+  done
+fi
+if [ "$STAGE" = fp8parity ]; then
+  python3 benchmarks/fp8_parity.py "${TEXT:-benchmarks/shakespeare.txt}" ${PARITY_ARGS:-} 2>&1 \
+    | tee "$OUT/fp8_parity.log" | tail -40
 fi
 if [ "$STAGE" = launch ]; then  # 2 GPUs: started without mpirun (rendezvous) = the mpirun run, bitwise
   python3 benchmarks/launch_check.py 2>&1 | tee "$OUT/launch.log"

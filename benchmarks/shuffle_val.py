@@ -16,11 +16,8 @@ plays, and unshuffled training reads the plays one after another.
     python benchmarks/shuffle_val.py TEXT --smoke     # CPU: the tiny model, a few steps
 """
 import argparse
-import json
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+
+from train_runs import distgpt, metrics, work_dir
 
 GPU = ["model=gpt2_124m", "backend=cuda", "device=cuda", "dtype=bfloat16", "train.micro_batch=8",
        "train.seq_len=1024", "train.max_steps=150", "train.val_every=25", "train.val_steps=10",
@@ -33,16 +30,8 @@ COMMON = ["optim.schedule=constant", "optim.lr=6e-4", "optim.warmup_steps=0", "t
 RUNS = {"shuffled": "data.shuffle=true", "file order": "data.shuffle=false"}
 
 
-def distgpt(*args):
-    proc = subprocess.run([sys.executable, "-m", "distgpt", *args], capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"distgpt {args[0]} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
 def val_curve(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    return {r["step"]: r["val_loss"] for r in metrics(run_dir) if "val_loss" in r}
 
 
 def table(curves):
@@ -60,14 +49,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="a new work directory (default: a new temporary one)")
     parser.add_argument("--smoke", action="store_true", help="CPU check: the tiny model, 4 steps")
     a = parser.parse_args(argv)
-    if not Path(a.text).is_file():
-        sys.exit(f"{a.text}: no such file; copy ../shared/data/shakespeare.txt into the working tree first")
-    root = Path(a.out or tempfile.mkdtemp(prefix="shuffle-val-"))
-    print(f"work directory: {root}", flush=True)
-    data = root / "data"
-    distgpt("prepare", a.text, "--out", str(data), "--name", "shakespeare")
-    shards = [f"data.train={data}/shakespeare_train_*.bin", f"data.val={data}/shakespeare_val_*.bin",
-              "data.source="]
+    root, shards = work_dir(a.text, a.out, "shuffle-val-")
     curves = {}
     for name, switch in RUNS.items():
         run = name.replace(" ", "_")

@@ -1,8 +1,9 @@
 """distgpt against the PyTorch baseline, same GPU, same shapes, one call; a table at the end.
 
-    python benchmarks/throughput.py gpt2_124m:64:2 gpt2_350m:32 gpt2_1558m:16:2 [--steps 30]
+    python benchmarks/throughput.py gpt2_124m:64:2 gpt2_350m:32 gpt2_1558m:16:2 [--steps 30] [--fp8-too]
 
-(model:batch[:recompute]; recompute defaults to --recompute)
+(model:batch[:recompute]; recompute defaults to --recompute). --fp8-too also runs distgpt with
+fp8=true at each config (the ratio column is then fp8 against bf16).
 
 Each measurement runs in its own process, so peak memory is each one's own."""
 import argparse
@@ -33,6 +34,7 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--recompute", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--fp8-too", action="store_true", help="also distgpt with the fp8 block matmuls")
     a = p.parse_args()
     rows = []
     for item in a.configs:
@@ -42,14 +44,19 @@ def main():
         ours = run([sys.executable, "-m", "distgpt", "bench", *common, "--recompute", recompute, "--json"])
         base = None if a.no_baseline else run([sys.executable, str(HERE / "torch_baseline.py"), *common])
         rows.append((model, batch, ours, base))
-        for r in (ours, base):
+        if a.fp8_too:
+            fp8 = run([sys.executable, "-m", "distgpt", "bench", *common, "--recompute", recompute, "--json", "--fp8"])
+            if fp8:
+                fp8["impl"] = "distgpt fp8"
+            rows.append((model, batch, fp8, ours))
+        for r in (ours, base) + ((fp8,) if a.fp8_too else ()):
             if r:
                 print(json.dumps(r), flush=True)
     print("\n| model | B | impl | recompute | ms/step | tok/s | MFU | device GB | torch peak GB | speed ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model, batch, ours, base in rows:
         for r in (ours, base):
-            if r is None:
+            if r is None or (r is base and r["impl"] == "distgpt"):  # fp8 rows: base is the bf16 row above
                 continue
             ratio = f"{ours['tok_s'] / base['tok_s']:.3f}" if ours and base and r is ours else ""
             print(f"| {model} | {batch} | {r['impl']} | {r['recompute']} | {1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | "

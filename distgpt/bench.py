@@ -34,7 +34,8 @@ def peak_flops():
 
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
-                    pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward=False):
+                    pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward=False,
+                    fp8=False):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
@@ -50,7 +51,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     backend.set_deterministic(deterministic)
     torch.cuda.reset_peak_memory_stats()
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
-                 pad_multiple=dist.world)
+                 pad_multiple=dist.world, fp8=fp8)
     model.init_weights(cfg.seed)
     dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
                       model.grads.element_size(), dist.device)
@@ -110,7 +111,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         extra["rank_profiles"] = [r["profile"] for r in ranks]
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "cuda_graphs": cuda_graphs, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "fp8": fp8, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
@@ -182,6 +183,7 @@ def main(argv=None):
     p.add_argument("--recompute", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="the bitwise-reproducible attention backward")
     p.add_argument("--no-graphs", action="store_true", help="launch every kernel from Python (no CUDA graph)")
+    p.add_argument("--fp8", action="store_true", help="the blocks' matmuls with fp8 operands (fp8=true)")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
                    help="sum each gradient bucket over ranks during the backward (overlap_comm; auto: "
                         "when the ranks span nodes or NCCL runs over its socket transport)")
@@ -215,7 +217,7 @@ def main(argv=None):
                                   profile_steps=profile_steps, profile_trace=a.profile_trace,
                                   cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000,
                                   rendezvous=a.rendezvous, overlap=a.overlap,
-                                  bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward))
+                                  bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward, fp8=a.fp8))
     if not r.pop("is_main"):
         return 0
     if a.json:
@@ -226,7 +228,7 @@ def main(argv=None):
                 f"weights {r['gather_s'] * 1000:.1f}), the step without them "
                 f"{r['local_step_s'] * 1000:.1f} ms (exposed {1000 * (r['step_s'] - r['local_step_s']):.1f} ms)"
                 if r["world"] > 1 else "")
-        print(f"{r['model']} {r['world']} GPU(s) B={r['B']} T={r['T']} accum={r['accum']}: "
+        print(f"{r['model']}{' fp8' if r['fp8'] else ''} {r['world']} GPU(s) B={r['B']} T={r['T']} accum={r['accum']}: "
               f"{r['step_s'] * 1000:.1f} ms/step, {r['tok_s']:,.0f} tok/s{per_gpu}, MFU {100 * r['mfu']:.1f}%, "
               f"device memory {r['device_used_gb']:.1f} GB/GPU (torch peak {r['torch_peak_gb']:.1f} GB){comm}, "
               f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}", flush=True)

@@ -108,6 +108,9 @@ class Config:
     zero_stage: int = 1  # 0: all-reduce grads; 1: shard AdamW state across ranks
     deterministic: bool = False  # backend=cuda: bitwise-reproducible runs and resumes, through a
     #                              deterministic attention backward (~8% slower at 124M)
+    fp8: bool = False  # the transformer blocks' matmuls with fp8 operands (e4m3 weights and
+    #                    activations, e5m2 gradients, current per-tensor scaling; weight gradients,
+    #                    lm head, master weights and AdamW unchanged); backend=cuda needs Hopper/Ada
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
     overlap_comm: str = "auto"  # sum each bucket of gradients over ranks during the backward (on a
     #                             communication stream): true | false | auto (when the ranks span
@@ -236,6 +239,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("optim: warmup_steps >= 0, final_lr_frac in [0, 1] and decay_frac in (0, 1] are required")
     if o.lr <= 0 or o.grad_clip < 0:
         raise ConfigError(f"optim: lr={o.lr} must be > 0 and grad_clip={o.grad_clip} >= 0")
+    if cfg.fp8 and m.n_embd % 16:
+        raise ConfigError(f"fp8=true: model.n_embd={m.n_embd} must be a multiple of 16 (fp8 matmuls' shapes); "
+                          f"pick another width or fp8=false")
     if cfg.backend == "reference" and cfg.dtype == "bfloat16":
         raise ConfigError("dtype=bfloat16 needs backend=cuda; the reference backend runs float32 or float64")
     if cfg.init_from and cfg.init_from.partition(":")[0] not in ("hf", "llmc"):

@@ -28,6 +28,7 @@ CATEGORIES = (
     ("gelu", ("gelu_",)),
     ("bias gradients", ("bias_backward",)),
     ("classifier", ("fused_classifier",)),
+    ("fp8 casts", ("fp8_",)),  # fp8=true: the amax and cast passes (kernels/fp8.cu)
     ("adamw", ("adamw",)),
     ("global norm", ("global_norm", "clip_scale")),  # the norm and the clipping factor from it
     # the dwte scatter: our encoder kernels plus torch.sort's CUB radix sort of the tokens

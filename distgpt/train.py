@@ -79,18 +79,21 @@ class Trainer:
         scratch_rows = [] if scratch is None else scratch(self.B, self.T, cfg.model.n_embd, cfg.model.n_head,
                                                            dist.device)
         plan, planned_bytes = memory.format_estimate(memory.estimate(
-            cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage, scratch_rows))
+            cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage, scratch_rows, cfg.fp8))
         self.log.info(plan)
         check_fits(planned_bytes, dist.device)
+        if cfg.fp8:
+            check_fp8_device(dist.device)
         self.model = GPT2(cfg.model, self.backend, self.B, self.T, dtype, dist.device,
-                          t.recompute, pad_multiple=dist.world)
+                          t.recompute, pad_multiple=dist.world, fp8=cfg.fp8)
         if scratch is not None:  # what the libraries really asked for, beside the estimate
             taken = sum(nbytes for _, nbytes in self.backend.scratch())
             self.log.info(f"backend scratch planned: {taken / 2**20:,.1f} MiB (estimated "
                           f"{sum(nbytes for _, nbytes in scratch_rows) / 2**20:,.1f} MiB)")
         self.log.info(f"model {cfg.model.name}: {self.model.num_parameters:,} parameters | "
                       f"{self.tokens_per_step:,} tokens/step = {dist.world} rank(s) x {self.accum} "
-                      f"micro-steps x B={self.B} x T={self.T} | backend {cfg.backend} ({cfg.dtype})")
+                      f"micro-steps x B={self.B} x T={self.T} | backend {cfg.backend} ({cfg.dtype}"
+                      f"{', fp8 block matmuls' if cfg.fp8 else ''})")
         self.step, self.tokens_seen = 0, 0
         resume_from = self._checkpoint_to_resume()
         if resume_from is None and cfg.init_from:
@@ -388,6 +391,14 @@ def builtin_text(name):
     if not path.is_file():
         raise FileNotFoundError(f"data.source: no builtin text '{name}'; the package ships 'tinyshakespeare'")
     return Path(str(path))
+
+
+def check_fp8_device(device):
+    """fp8=true on a GPU needs fp8 tensor cores (compute capability 8.9: Ada, Hopper and later)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise TrainingError(f"fp8=true needs a GPU with fp8 tensor cores (compute capability 8.9+, e.g. "
+                            f"H100); {torch.cuda.get_device_name(device)} is sm_{major}{minor}: set fp8=false")
 
 
 def check_fits(planned_bytes, device):

@@ -5,11 +5,17 @@
 //                           Hopper's fp8 tensor cores take both operands K-major, so a weight
 //                           feeds the backward's dinp = dout @ W as its transpose
 //   fp8_scale               scale = the largest power of two with amax * scale <= limit, else 1
+//   fp8_amax                amax = max(amax, max |inp[i]|)
+//   fp8_cast(_transpose)    current scaling, what training uses: the scale is taken from the
+//                           amax fp8_amax just recorded (each thread derives it, no launch in
+//                           between), the tensor is quantized with it and block 0 writes the
+//                           inverse the matmul multiplies by
 //
-// One pass over the input: the cast and the amax that the next scale needs come from the same
-// load (delayed scaling quantizes with the previous scale and records this amax; current
-// scaling runs fp8_scale in between two passes). The format is a template argument: E4M3 for
-// weights and activations, E5M2 for gradients.
+// Delayed scaling (quantize with a past scale while recording this amax) needs one pass per
+// tensor; current scaling two reads (amax, then cast), but no history to keep, checkpoint or
+// warm up, and no clipping when a tensor's range jumps. Training takes current scaling (see
+// model/fp8.py for the measured cost); the format is a template argument: E4M3 for weights and
+// activations, E5M2 for gradients.
 //
 // amax is deterministic: the maximum does not depend on the order it is taken in. Each block
 // takes its maximum over the bit patterns of |x| (for non-negative floats, and for NaN above
@@ -45,6 +51,17 @@ __device__ __forceinline__ unsigned int block_max(unsigned int v) {
     return v;  // valid in the block's first thread
 }
 
+// the largest power of two s with amax * s <= limit, or 1 when amax is 0 or not finite.
+// floor(log2(q)) is frexp's exponent less one (q = m 2^e, 0.5 <= m < 1): exact, where a rounded
+// log2 could land on the wrong side of a power of two
+__device__ __forceinline__ float pow2_scale(float amax, double limit) {
+    const double a = (double)amax;
+    if (!(a > 0.0 && a <= 1.7976931348623157e308)) return 1.0f;  // zero, inf or NaN (NaN fails both)
+    int e;
+    frexp(limit / a, &e);
+    return (float)ldexp(1.0, e - 1);
+}
+
 template <__nv_fp8_interpretation_t FORMAT>
 __device__ __forceinline__ __nv_fp8_storage_t to_fp8(float x) {
     // saturating: past the format's largest finite value (e4m3 has no infinity) x clips to it
@@ -52,11 +69,14 @@ __device__ __forceinline__ __nv_fp8_storage_t to_fp8(float x) {
 }
 
 // out, inp: n elements, 16-byte aligned; 8 per thread and iteration (one 16-byte bf16 load,
-// one 8-byte fp8 store), grid-stride
-template <__nv_fp8_interpretation_t FORMAT>
+// one 8-byte fp8 store), grid-stride. CAST=false: quantize with *scale_ptr and record amax (out
+// may be null: fp8_amax records only); CAST=true: the scale comes from *amax (current scaling)
+// and inverse gets 1 / scale.
+template <__nv_fp8_interpretation_t FORMAT, bool CAST>
 __device__ void quantize(__nv_fp8_storage_t* out, float* amax, const floatX* inp, const float* scale_ptr,
-                         long long n) {
-    const float scale = *scale_ptr;
+                         float* inverse, double limit, long long n) {
+    const float scale = CAST ? pow2_scale(*amax, limit) : (out != nullptr ? *scale_ptr : 1.0f);
+    if (CAST && blockIdx.x == 0 && threadIdx.x == 0) *inverse = 1.0f / scale;
     unsigned int local = 0u;
     const long long n8 = n / 8;
     const long long stride = (long long)gridDim.x * FP8_THREADS;
@@ -69,37 +89,58 @@ __device__ void quantize(__nv_fp8_storage_t* out, float* amax, const floatX* inp
             local = max(local, abs_bits(v));
             y.q[j] = to_fp8<FORMAT>(v * scale);
         }
-        *reinterpret_cast<uint2*>(out + k * 8) = y.packed;
+        if (out != nullptr) *reinterpret_cast<uint2*>(out + k * 8) = y.packed;
     }
     // the n % 8 elements past the last vector: the grid's first threads
     const long long tail = n8 * 8 + (long long)blockIdx.x * FP8_THREADS + threadIdx.x;
     if (tail < n) {
         const float v = __bfloat162float(inp[tail]);
         local = max(local, abs_bits(v));
-        out[tail] = to_fp8<FORMAT>(v * scale);
+        if (out != nullptr) out[tail] = to_fp8<FORMAT>(v * scale);
     }
+    if (CAST) return;  // amax is this cast's input, not its output
     const unsigned int m = block_max(local);
     if (threadIdx.x == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), m);
 }
 
 extern "C" __global__ void __launch_bounds__(FP8_THREADS)
 fp8_quantize_e4m3_kernel(__nv_fp8_storage_t* out, float* amax, const floatX* inp, const float* scale, long long n) {
-    quantize<__NV_E4M3>(out, amax, inp, scale, n);
+    quantize<__NV_E4M3, false>(out, amax, inp, scale, nullptr, 0.0, n);
 }
 
 extern "C" __global__ void __launch_bounds__(FP8_THREADS)
 fp8_quantize_e5m2_kernel(__nv_fp8_storage_t* out, float* amax, const floatX* inp, const float* scale, long long n) {
-    quantize<__NV_E5M2>(out, amax, inp, scale, n);
+    quantize<__NV_E5M2, false>(out, amax, inp, scale, nullptr, 0.0, n);
+}
+
+// amax = max(amax, max |inp|): the first of current scaling's two reads (no output written)
+extern "C" __global__ void __launch_bounds__(FP8_THREADS)
+fp8_amax_kernel(float* amax, const floatX* inp, long long n) {
+    quantize<__NV_E4M3, false>(nullptr, amax, inp, nullptr, nullptr, 0.0, n);
+}
+
+extern "C" __global__ void __launch_bounds__(FP8_THREADS)
+fp8_cast_e4m3_kernel(__nv_fp8_storage_t* out, float* inverse, const floatX* inp, float* amax, double limit,
+                     long long n) {
+    quantize<__NV_E4M3, true>(out, amax, inp, nullptr, inverse, limit, n);
+}
+
+extern "C" __global__ void __launch_bounds__(FP8_THREADS)
+fp8_cast_e5m2_kernel(__nv_fp8_storage_t* out, float* inverse, const floatX* inp, float* amax, double limit,
+                     long long n) {
+    quantize<__NV_E5M2, true>(out, amax, inp, nullptr, inverse, limit, n);
 }
 
 // (R, C) row-major in, out (R, C) and out_t (C, R). One FP8_TILE x FP8_TILE tile per block of
 // (FP8_TILE, FP8_THREADS / FP8_TILE) threads: read row-wise (coalesced), write out row-wise,
 // stage the fp8 bytes in shared memory and write out_t row-wise too.
-template <__nv_fp8_interpretation_t FORMAT>
+template <__nv_fp8_interpretation_t FORMAT, bool CAST>
 __device__ void quantize_transpose(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
-                                   const floatX* inp, const float* scale_ptr, int R, int C) {
+                                   const floatX* inp, const float* scale_ptr, float* inverse, double limit,
+                                   int R, int C) {
     __shared__ __nv_fp8_storage_t tile[FP8_TILE][FP8_TILE + 4];  // +4: no bank conflicts on the column reads
-    const float scale = *scale_ptr;
+    const float scale = CAST ? pow2_scale(*amax, limit) : *scale_ptr;
+    if (CAST && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0) *inverse = 1.0f / scale;
     const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
     const int tx = threadIdx.x, ty = threadIdx.y, rows_per_pass = blockDim.y;
     unsigned int local = 0u;
@@ -118,6 +159,7 @@ __device__ void quantize_transpose(__nv_fp8_storage_t* out, __nv_fp8_storage_t* 
         const int c = c0 + dc, r = r0 + tx;
         if (r < R && c < C) out_t[(long long)c * R + r] = tile[tx][dc];
     }
+    if (CAST) return;
     const unsigned int m = block_max(local);
     if (threadIdx.x == 0 && threadIdx.y == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), m);
 }
@@ -125,29 +167,26 @@ __device__ void quantize_transpose(__nv_fp8_storage_t* out, __nv_fp8_storage_t* 
 extern "C" __global__ void __launch_bounds__(FP8_THREADS)
 fp8_quantize_transpose_e4m3_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
                                    const floatX* inp, const float* scale, int R, int C) {
-    quantize_transpose<__NV_E4M3>(out, out_t, amax, inp, scale, R, C);
+    quantize_transpose<__NV_E4M3, false>(out, out_t, amax, inp, scale, nullptr, 0.0, R, C);
 }
 
 extern "C" __global__ void __launch_bounds__(FP8_THREADS)
 fp8_quantize_transpose_e5m2_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
                                    const floatX* inp, const float* scale, int R, int C) {
-    quantize_transpose<__NV_E5M2>(out, out_t, amax, inp, scale, R, C);
+    quantize_transpose<__NV_E5M2, false>(out, out_t, amax, inp, scale, nullptr, 0.0, R, C);
 }
 
-// scale[0] = 2^(floor(log2(limit / amax))), or 1 when amax is 0 or not finite; inverse[0] =
-// 1 / scale[0] (exact: a power of two; skipped when null), what cuBLASLt's A/B_SCALE_POINTER
-// multiplies by.
-// One thread. floor(log2(q)) is frexp's exponent less one (q = m 2^e, 0.5 <= m < 1): exact,
-// where a rounded log2 could land on the wrong side of a power of two.
+extern "C" __global__ void __launch_bounds__(FP8_THREADS)
+fp8_cast_transpose_e4m3_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* inverse,
+                               const floatX* inp, float* amax, double limit, int R, int C) {
+    quantize_transpose<__NV_E4M3, true>(out, out_t, amax, inp, nullptr, inverse, limit, R, C);
+}
+
+// scale[0] = pow2_scale(amax[0], limit); inverse[0] = 1 / scale[0] (exact: a power of two;
+// skipped when null), what cuBLASLt's A/B_SCALE_POINTER multiplies by. One thread.
 extern "C" __global__ void fp8_scale_kernel(float* scale, float* inverse, const float* amax, double limit) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    const double a = (double)amax[0];
-    float s = 1.0f;
-    if (a > 0.0 && a <= 1.7976931348623157e308) {  // positive and finite (NaN fails both)
-        int e;
-        frexp(limit / a, &e);
-        s = (float)ldexp(1.0, e - 1);
-    }
+    const float s = pow2_scale(amax[0], limit);
     scale[0] = s;
     if (inverse != nullptr) inverse[0] = 1.0f / s;
 }

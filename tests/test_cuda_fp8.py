@@ -139,3 +139,98 @@ def test_fp8_matmul_matches_the_reference(N, C, OC, formats, fast_accum):
     again = torch.empty_like(out)
     mm.forward_fp8(again, x8, x_inv, w8, w_inv, b.cuda(), fast_accum=fast_accum)
     assert torch.equal(again, out)
+
+
+# ---------------------------------------------------------------- current scaling (training's casts)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("n", [8, 4096 + 5, 3 * 2**20 + 3])
+def test_cast_matches_the_reference_bit_for_bit(fmt, n):
+    """fp8_cast: the amax pass, then the cast with the scale taken from it; bytes, amax and
+    inverse all equal to the reference's, and a running amax already larger sets the scale."""
+    from distgpt.backends.cuda import fp8
+    x = inputs((n,), 12, seed=n + 1)
+    for start in (0.0, float(x.abs().max().float()) * 64):
+        want, want_amax, want_inv = torch.empty(n, dtype=FORMATS[fmt]), torch.tensor([start]), torch.zeros(1)
+        reference.fp8_cast(want, want_inv, want_amax, x.double())
+        got = torch.empty(n, dtype=FORMATS[fmt], device="cuda")
+        got_amax, got_inv = torch.tensor([start], device="cuda"), torch.zeros(1, device="cuda")
+        fp8.fp8_cast(got, got_inv, got_amax, x.cuda())
+        assert torch.equal(as_bytes(got), as_bytes(want)), f"{fmt} n={n} amax from {start}: bytes differ"
+        assert float(got_amax) == float(want_amax) and float(got_inv) == float(want_inv)
+
+
+@pytest.mark.parametrize("shape", [(33, 65), (768, 2304), (6400, 1600)])
+def test_cast_transpose_matches_the_reference_bit_for_bit(shape):
+    from distgpt.backends.cuda import fp8
+    R, C = shape
+    x = inputs(shape, 6, seed=R + C)
+    want, want_t = torch.empty(R, C, dtype=torch.float8_e4m3fn), torch.empty(C, R, dtype=torch.float8_e4m3fn)
+    want_inv = torch.zeros(1)
+    reference.fp8_cast_transpose(want, want_t, want_inv, torch.zeros(1), x.double())
+    got = torch.empty(R, C, dtype=torch.float8_e4m3fn, device="cuda")
+    got_t = torch.empty(C, R, dtype=torch.float8_e4m3fn, device="cuda")
+    got_inv = torch.zeros(1, device="cuda")
+    fp8.fp8_cast_transpose(got, got_t, got_inv, torch.zeros(1, device="cuda"), x.cuda())
+    assert torch.equal(as_bytes(got), as_bytes(want)) and torch.equal(as_bytes(got_t), as_bytes(want_t))
+    assert float(got_inv) == float(want_inv)
+
+
+def cast_pair(t, fmt, transpose=False):
+    """t's fp8 copy by current scaling on the GPU (and its transpose), with the inverse scale."""
+    from distgpt.backends.cuda import fp8
+    t = t.cuda().contiguous()
+    q = torch.empty(t.shape, dtype=FORMATS[fmt], device="cuda")
+    inv = torch.zeros(1, device="cuda")
+    if transpose:
+        q_t = torch.empty(t.shape[1], t.shape[0], dtype=FORMATS[fmt], device="cuda")
+        fp8.fp8_cast_transpose(q, q_t, inv, torch.zeros(1, device="cuda"), t)
+        return q, q_t, inv
+    fp8.fp8_cast(q, inv, torch.zeros(1, device="cuda"), t)
+    return q, inv
+
+
+# the GELU epilogues (or their split forms) add one bf16 rounding of the pre-activation and
+# one of the result to the product's: rtol 2e-2 as above, atol a hundredth of the result's rms
+@pytest.mark.parametrize("N,C,OC", [(256, 768, 3072), (512, 1600, 6400)])
+def test_fp8_fc_forward_with_gelu_matches_the_reference(N, C, OC):
+    from distgpt.backends.cuda.matmul import Matmuls
+    from gpu_check import assert_close
+    mm = Matmuls()
+    mm.plan("cuda")
+    torch.manual_seed(N + OC)
+    x, w = torch.randn(N, C).to(torch.bfloat16), (torch.randn(OC, C) * 0.03).to(torch.bfloat16)
+    b = (torch.randn(OC) * 0.1).to(torch.bfloat16)
+    x8, x_inv = cast_pair(x, "e4m3")
+    w8, w_inv = cast_pair(w, "e4m3")
+    pre, act = (torch.full((N, OC), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    mm.forward_fp8(pre, x8, x_inv, w8, w_inv, b.cuda(), gelu_out=act)
+    want_pre, want_act = torch.empty(N, OC, dtype=torch.float64), torch.empty(N, OC, dtype=torch.float64)
+    reference.fp8_matmul_forward(want_pre, x8.cpu(), x_inv.cpu(), w8.cpu(), w_inv.cpu(), b.double(),
+                                 gelu_out=want_act)
+    for name, got, want in (("pre-activation", pre, want_pre), ("gelu", act, want_act)):
+        rms = float(want.pow(2).mean().sqrt())
+        assert_close(f"fp8 fc {name}", got, want, atol=1e-2 * rms, rtol=2e-2)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("N,C,OC", [(256, 3072, 768), (512, 1600, 4800)])
+def test_fp8_backward_input_matches_the_reference(N, C, OC, gelu):
+    """dinp = dout (e5m2) @ W (from W^T's e4m3 copy), times gelu' of the pre-activation when
+    gelu: the fc projection's backward (dGELU) and the others' (plain)."""
+    from distgpt.backends.cuda.matmul import Matmuls
+    from gpu_check import assert_close
+    mm = Matmuls()
+    mm.plan("cuda")
+    torch.manual_seed(N + C + int(gelu))
+    w = (torch.randn(OC, C) * 0.03).to(torch.bfloat16)
+    dout = (torch.randn(N, OC) * 1e-5).to(torch.bfloat16)
+    pre = torch.randn(N, C).to(torch.bfloat16)
+    _, w8_t, w_inv = cast_pair(w, "e4m3", transpose=True)
+    d8, d_inv = cast_pair(dout, "e5m2")
+    dinp = torch.full((N, C), float("nan"), dtype=torch.bfloat16, device="cuda")
+    mm.backward_input_fp8(dinp, d8, d_inv, w8_t, w_inv, gelu_inp=pre.cuda() if gelu else None)
+    want = torch.empty(N, C, dtype=torch.float64)
+    reference.fp8_matmul_backward_input(want, d8.cpu(), d_inv.cpu(), w8_t.cpu(), w_inv.cpu(),
+                                        gelu_inp=pre.double() if gelu else None)
+    rms = float(want.pow(2).mean().sqrt())
+    assert_close("fp8 dinp", dinp, want, atol=1e-2 * rms, rtol=2e-2)

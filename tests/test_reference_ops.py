@@ -373,3 +373,59 @@ def test_fp8_matmul_is_the_product_of_the_dequantised_operands():
     # and it is close to the unquantised product: e4m3 operands, ~2^-4 each, errors averaging out
     full = x @ w.t() + b
     assert ((out - full).norm() / full.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("fmt", sorted(FP8_CASES))
+def test_fp8_cast_is_current_scaling(fmt):
+    """fp8_cast = the amax folded in, fp8_scale of it, fp8_quantize with that scale, and the
+    inverse: the values land in range whatever the tensor's magnitude."""
+    for magnitude in (1e-6, 1.0, 1e4):
+        x = torch.randn(64, 48, **f64) * magnitude
+        amax, inverse = torch.zeros(1), torch.full((1,), float("nan"))
+        out = torch.empty(64, 48, dtype=ops.FP8_FORMATS[fmt])
+        ops.fp8_cast(out, inverse, amax, x)
+        scale, want_amax = torch.empty(1), torch.empty(1)
+        ops.fp8_scale(scale, x.abs().max().float().reshape(1), fmt)
+        want = torch.empty_like(out)
+        ops.fp8_quantize(want, want_amax, x, scale)
+        assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+        assert float(amax) == float(want_amax) and float(inverse) == 1.0 / float(scale)
+        assert ops.fp8_max(fmt) / 2 <= float(out.double().abs().max()) <= ops.fp8_max(fmt)  # range used
+    # amax is a running maximum: a larger value already there sets the scale
+    amax = torch.tensor([1e3])
+    ops.fp8_cast(out, inverse, amax, torch.ones(64, 48, **f64))
+    assert float(amax) == 1e3 and float(out.double().max()) < ops.fp8_max(fmt) / 100
+    t_out, t_t = torch.empty(64, 48, dtype=torch.float8_e4m3fn), torch.empty(48, 64, dtype=torch.float8_e4m3fn)
+    ops.fp8_cast_transpose(t_out, t_t, inverse, torch.zeros(1), x)
+    assert torch.equal(t_t.view(torch.uint8), t_out.t().contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_fp8_matmul_backward_input_against_autograd(gelu):
+    """The input gradient from fp8 operands is autograd's gradient of x @ W^T (through GELU when
+    gelu) taken with the dequantised dout and W; and matmul_backward with dinp None leaves
+    dinp alone and still accumulates dW and dbias."""
+    N, C, OC = 6, 16, 32
+    w = torch.randn(OC, C, **f64) * 0.1
+    dout = torch.randn(N, OC, **f64) * 1e-4  # gradient-sized: e5m2's range must be scaled into
+    pre = torch.randn(N, C, **f64)
+    w8, w8_t = torch.empty(OC, C, dtype=torch.float8_e4m3fn), torch.empty(C, OC, dtype=torch.float8_e4m3fn)
+    w_inv, d_inv = torch.empty(1), torch.empty(1)
+    ops.fp8_cast_transpose(w8, w8_t, w_inv, torch.zeros(1), w)
+    d8 = torch.empty(N, OC, dtype=torch.float8_e5m2)
+    ops.fp8_cast(d8, d_inv, torch.zeros(1), dout)
+    dinp = poisoned(N, C)
+    ops.fp8_matmul_backward_input(dinp, d8, d_inv, w8_t, w_inv, gelu_inp=pre if gelu else None)
+    wq, dq = w8.double() * float(w_inv), d8.double() * float(d_inv)
+    x = pre.clone().requires_grad_(True)
+    y = (F.gelu(x, approximate="tanh") if gelu else x) @ wq.t()
+    y.backward(dq)
+    check("fp8 dinp", dinp, x.grad, "backward")
+    if not gelu:  # and close to the exact product: e5m2 (2^-3) and e4m3 (2^-4) operands
+        exact = dout @ w
+        assert ((dinp - exact).norm() / exact.norm()).item() < 0.15
+    dw, db, untouched = torch.zeros(OC, C, **f64), torch.zeros(OC, **f64), poisoned(N, C)
+    ops.matmul_backward(None, dw, db, dout, pre, w)
+    check("dW without dinp", dw, dout.t() @ pre, "backward")
+    check("dbias without dinp", db, dout.sum(0), "backward")
+    assert untouched.isnan().all()

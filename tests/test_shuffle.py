@@ -148,10 +148,11 @@ def test_state_from_before_shuffling(tmp_path):
     assert "resume it with data.shuffle=false" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_shuffle_val_benchmark_smoke(tmp_path, capsys):
+def test_shuffle_val_benchmark_smoke(tmp_path, capsys, monkeypatch):
     """benchmarks/shuffle_val.py --smoke: both runs on the CPU, from the same weights, validated
     on the same (unshuffled) tokens; the table has a row per evaluation."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "shuffle_val.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its helpers (train_runs.py), as when run as a script
     spec = importlib.util.spec_from_file_location("shuffle_val", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

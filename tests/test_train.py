@@ -65,9 +65,12 @@ def test_tiny_model_learns_shakespeare(tmp_path, shards):
     assert evals[-1]["val_loss"] < bar, f"val loss {evals[-1]['val_loss']:.3f} did not beat unigram {bar:.3f}"
 
 
-def test_resume_is_bitwise_identical(tmp_path, shards):
+@pytest.mark.parametrize("precision", [[], ["fp8=true"]], ids=["dtype", "fp8"])
+def test_resume_is_bitwise_identical(tmp_path, shards, precision):
+    """Also with fp8=true: current scaling keeps no state besides the weights, so a resumed run
+    recomputes the same scales."""
     common = [*SMALL, *shards, f"out_dir={tmp_path}", "train.val_every=5", "train.checkpoint_every=10",
-              "train.total_batch_tokens=512", "train.micro_batch=2", "train.seq_len=64"]  # 2 micro-steps
+              "train.total_batch_tokens=512", "train.micro_batch=2", "train.seq_len=64", *precision]  # 2 micro-steps
     assert main(["train", *common, "name=straight", "train.max_steps=20"]) == 0
     assert main(["train", *common, "name=resumed", "train.max_steps=20", "train.stop_after=10"]) == 0
     assert checkpoint.find_latest(tmp_path / "resumed").name == "step_00000010"
@@ -282,11 +285,18 @@ def test_finished_run_says_so(tmp_path, shards, capsys):
     ("data.shuffle=maybe", "data.shuffle: "),
     ("overlap_comm=sometimes", "overlap_comm=sometimes: choose auto, true or false"),
     ("bucket_mb=0", "bucket_mb=0.0 must be > 0"),
+    ("fp8=maybe", "fp8: "),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, expected):
     assert main(["train", *SMALL, f"out_dir={tmp_path}", override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_fp8_at_a_width_fp8_matmuls_cannot_take_is_one_clear_line(tmp_path, capsys):
+    assert main(["train", *SMALL, f"out_dir={tmp_path}", "fp8=true", "model.n_embd=72", "model.n_head=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fp8=true: model.n_embd=72 must be a multiple of 16" in err[0], err
 
 
 def test_missing_data_file_is_one_clear_line(tmp_path, capsys):

@@ -93,14 +93,16 @@ def matmul_forward(out, inp, weight, bias, gelu_out=None):
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
     """dinp = dout @ weight (overwrites); dweight += dout^T @ inp; dbias += column sums of dout.
     dbias may be None (the tied lm head has no bias). With gelu_inp, this layer's input was
-    gelu(gelu_inp) and dinp is the gradient of gelu_inp instead: (dout @ weight) * gelu'(gelu_inp)."""
+    gelu(gelu_inp) and dinp is the gradient of gelu_inp instead: (dout @ weight) * gelu'(gelu_inp).
+    dinp None: the weight's and bias's gradients only (fp8 runs compute dinp apart)."""
     OC, C = weight.shape
     dout2 = dout.reshape(-1, OC)
-    torch.matmul(dout2, weight, out=dinp.view(-1, C))
+    if dinp is not None:
+        torch.matmul(dout2, weight, out=dinp.view(-1, C))
     dweight += dout2.t() @ inp.reshape(-1, C)
     if dbias is not None:
         dbias += dout2.sum(dim=0)
-    if gelu_inp is not None:
+    if dinp is not None and gelu_inp is not None:
         gelu_backward(dinp, gelu_inp, dinp)
 
 
@@ -379,19 +381,52 @@ def fp8_quantize_transpose(out, out_t, amax, inp, scale):
     out_t.copy_(out.t())
 
 
+def fp8_cast(out, inverse, amax, inp):
+    """Current scaling, as training casts each matmul operand: amax = max(amax, max |inp|) (the
+    caller zeroes it first), out = fp8(inp * s) with s = fp8_scale's power of two for that amax
+    and out's format, inverse = 1 / s (one fp32 element: what the scaled matmul multiplies by)."""
+    fmt = next(name for name, dtype in FP8_FORMATS.items() if dtype == out.dtype)
+    seen = float(inp.abs().max()) if inp.numel() else 0.0
+    amax.fill_(max(float(amax.reshape(-1)[0]), seen) if not math.isnan(seen) else seen)
+    scale = torch.zeros(1, dtype=torch.float32, device=inp.device)
+    fp8_scale(scale, amax, fmt, inverse=inverse)
+    limit = fp8_max(fmt)
+    out.copy_((inp.double() * float(scale[0])).clamp(-limit, limit).to(out.dtype))
+
+
+def fp8_cast_transpose(out, out_t, inverse, amax, inp):
+    """fp8_cast of a matrix inp (R, C) into out (R, C) and its transpose into out_t (C, R): a
+    weight, read as W by the forward and as W^T by the backward's input gradient."""
+    fp8_cast(out, inverse, amax, inp)
+    out_t.copy_(out.t())
+
+
 def fp8_dequantize(x8, scale):
     """The values an fp8 tensor stands for: x8 / scale, in float64."""
     return x8.double() / float(scale.reshape(-1)[0])
 
 
-def fp8_matmul_forward(out, inp, inp_inverse, weight, weight_inverse, bias):
+def fp8_matmul_forward(out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None):
     """out (..., OC) = dequant(inp) (..., C) @ dequant(weight) (OC, C)^T + bias: what a scaled fp8
     matmul computes (the tensor cores multiply the fp8 values exactly and accumulate in fp32;
     here in float64), written in out's dtype. Each operand comes with the inverse of the scale it
-    was quantized with (one fp32 element, from fp8_scale(inverse=)): cuBLASLt multiplies by it."""
+    was quantized with (one fp32 element, from fp8_scale(inverse=)): cuBLASLt multiplies by it.
+    With gelu_out, also gelu_out = gelu(out), as matmul_forward."""
     OC, C = weight.shape
     product = ((inp.double() * float(inp_inverse.reshape(-1)[0])).reshape(-1, C)
                @ (weight.double() * float(weight_inverse.reshape(-1)[0])).t())
     if bias is not None:
         product = product + bias.double()
     out.view(-1, OC).copy_(product)
+    if gelu_out is not None:
+        gelu_forward(gelu_out, out)
+
+
+def fp8_matmul_backward_input(dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None):
+    """dinp (..., C) = dequant(dout) (..., OC) @ dequant(weight_t)^T, weight_t the (C, OC)
+    transposed fp8 copy of the layer's weight (both operands K-major); with gelu_inp, times
+    gelu'(gelu_inp), as matmul_backward's input gradient. The weight gradient stays a bf16
+    product (matmul_backward with dinp None)."""
+    fp8_matmul_forward(dinp, dout, dout_inverse, weight_t, weight_inverse, None)
+    if gelu_inp is not None:
+        gelu_backward(dinp, gelu_inp, dinp)

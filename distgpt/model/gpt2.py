@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from distgpt.model.fp8 import Fp8Matmuls
 from distgpt.model.layout import (CLASSIFIER_CHUNK_ROWS, RESIDUAL_PROJECTIONS, ActivationPlan,
                                   ParameterLayout, layer_tensors)
 
@@ -21,7 +22,7 @@ INIT_STD = 0.02
 
 class GPT2:
     def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
-                 pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS):
+                 pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False):
         m = model_cfg
         self.cfg, self.ops, self.recompute = m, backend, recompute
         self.n_layer, self.n_head, self.n_embd = m.n_layer, m.n_head, m.n_embd
@@ -42,6 +43,8 @@ class GPT2:
         self._saved = None  # (activations view, tokens) of the last forward, for backward
         self.logits = None  # (b, t, Vp) after a forward without targets
         self.token_losses = None  # (b, t) losses of each position after a forward with targets
+        # fp8=True: the blocks' matmuls take fp8 operands (model/fp8.py); None: all bf16 (or the dtype)
+        self.fp8 = Fp8Matmuls(backend, self.p_layers, m.n_layer, m.n_embd, B * T, self.device) if fp8 else None
         if hasattr(backend, "plan"):  # kernels reserve their scratch once, here
             backend.plan(B, T, m.n_embd, m.n_head, self.device)
 
@@ -82,6 +85,8 @@ class GPT2:
         a = self.acts.view(b, t)
         if layer_needed is not None:
             layer_needed(None)
+        if self.fp8 is not None:
+            self.fp8.begin_forward()
         ops.encoder_forward(a["encoded"], tokens, P["transformer.wte.weight"],
                             P["transformer.wpe.weight"])
         residual = a["encoded"]
@@ -93,16 +98,18 @@ class GPT2:
             # (the previous block already wrote this block's ln1, fused with its residual add)
             if layer_needed is not None:
                 layer_needed(layer)
-            ops.matmul_forward(a[f"qkv.{layer}"], ln1, lp.qkv_w, lp.qkv_b)  # (b, t, 3C)
+            if self.fp8 is not None:
+                self.fp8.cast_weights(layer)
+            self._matmul(layer, "qkv", a[f"qkv.{layer}"], ln1, lp.qkv_b)  # (b, t, 3C)
             ops.attention_forward(a[f"atty.{layer}"], a[f"att_lse.{layer}"], a[f"qkv.{layer}"], NH)
-            ops.matmul_forward(a["proj_out"], a[f"atty.{layer}"], lp.attproj_w, lp.attproj_b)
+            self._matmul(layer, "attproj", a["proj_out"], a[f"atty.{layer}"], lp.attproj_b)
             ops.residual_layernorm_forward(a[f"residual2.{layer}"], ln2, a[f"ln2_mean.{layer}"],
                                            a[f"ln2_rstd.{layer}"], residual, a["proj_out"],
                                            lp.ln2_w, lp.ln2_b)
             # fc and its GELU in one op (one matmul epilogue on the GPU): fch keeps the
             # pre-activation for the backward, fch_gelu feeds the projection
-            ops.matmul_forward(a[f"fch.{layer}"], ln2, lp.fc_w, lp.fc_b, gelu_out=fch_gelu)  # (b, t, 4C)
-            ops.matmul_forward(a["proj_out"], fch_gelu, lp.fcproj_w, lp.fcproj_b)
+            self._matmul(layer, "fc", a[f"fch.{layer}"], ln2, lp.fc_b, gelu_out=fch_gelu)  # (b, t, 4C)
+            self._matmul(layer, "fcproj", a["proj_out"], fch_gelu, lp.fcproj_b)
             # the block's output residual, fused with the next block's ln1 (or the final ln_f)
             if layer + 1 < self.n_layer:
                 nxt = self.p_layers[layer + 1]
@@ -169,17 +176,16 @@ class GPT2:
             # MLP branch; dres is d(residual3) and flows on unchanged to residual2
             # d_4C is the gradient of fc's pre-activation: the projection's input gradient
             # times gelu'(fch), fused (the dGELU epilogue on the GPU)
-            ops.matmul_backward(d_4C, lg.fcproj_w, None, dres, fch_gelu, lp.fcproj_w,
-                                gelu_inp=a[f"fch.{layer}"])
-            ops.matmul_backward(d_C, lg.fc_w, lg.fc_b, d_4C, ln2, lp.fc_w)
+            self._matmul_backward(layer, "fcproj", d_4C, None, dres, fch_gelu, gelu_inp=a[f"fch.{layer}"])
+            self._matmul_backward(layer, "fc", d_C, lg.fc_b, d_4C, ln2)
             ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
                                    lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"],
                                    dproj_bias=lg.attproj_b)
             # attention branch; dres is now d(residual2)
-            ops.matmul_backward(d_C, lg.attproj_w, None, dres, a[f"atty.{layer}"], lp.attproj_w)
+            self._matmul_backward(layer, "attproj", d_C, None, dres, a[f"atty.{layer}"])
             ops.attention_backward(d_3C, d_C, a[f"qkv.{layer}"], a[f"atty.{layer}"],
                                    a[f"att_lse.{layer}"], NH)
-            ops.matmul_backward(d_C, lg.qkv_w, lg.qkv_b, d_3C, ln1, lp.qkv_w)
+            self._matmul_backward(layer, "qkv", d_C, lg.qkv_b, d_3C, ln1)
             if layer_done is not None:
                 layer_done(layer)
             # dres becomes d(residual3) of the layer below, whose MLP projection added into it
@@ -189,6 +195,25 @@ class GPT2:
         ops.encoder_backward(G["transformer.wte.weight"], G["transformer.wpe.weight"], dres, tokens)
 
     # ------------------------------------------------------------ helpers
+    def _matmul(self, layer, m, out, inp, bias, gelu_out=None):
+        """One of a block's matmuls (m: qkv, attproj, fc, fcproj): out = inp @ W^T + bias, and
+        gelu_out = gelu(out) for fc; in bf16 (the dtype), or with fp8 operands when fp8=True."""
+        if self.fp8 is not None:
+            self.fp8.forward(layer, m, out, inp, bias, gelu_out)
+        else:
+            self.ops.matmul_forward(out, inp, getattr(self.p_layers[layer], f"{m}_w"), bias, gelu_out=gelu_out)
+
+    def _matmul_backward(self, layer, m, dinp, dbias, dout, inp, gelu_inp=None):
+        """Its backward: dinp = dout @ W (times gelu'(gelu_inp)), dW += dout^T @ inp, dbias +=
+        column sums of dout. With fp8 the input gradient is an fp8 product; dW and dbias stay in
+        the dtype."""
+        weight, dweight = getattr(self.p_layers[layer], f"{m}_w"), getattr(self.g_layers[layer], f"{m}_w")
+        if self.fp8 is None:
+            self.ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=gelu_inp)
+            return
+        self.fp8.backward_input(layer, m, dinp, dout, gelu_inp)
+        self.ops.matmul_backward(None, dweight, dbias, dout, inp, weight)
+
     def _act(self, a, name, layer):
         """A per-layer activation, or the one shared buffer when recompute rebuilds it."""
         return a.get(f"{name}.{layer}", a.get(name))

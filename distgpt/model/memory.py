@@ -1,12 +1,14 @@
 """The memory a run will take, from its shape alone, before anything is allocated."""
 import torch
 
+from distgpt.model.fp8 import fp8_bytes
 from distgpt.model.layout import ParameterLayout, activation_slots, pack_slots
 
 
-def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scratch=()):
-    """[(buffer, bytes)] for one rank: parameters, gradients, optimizer state, activations, and
-    the backend's own scratch (backend_scratch: its estimate_scratch() rows, if it has any)."""
+def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scratch=(), fp8=False):
+    """[(buffer, bytes)] for one rank: parameters, gradients, optimizer state, activations, the
+    fp8 path's copies and scratch (fp8=True), and the backend's own scratch (backend_scratch:
+    its estimate_scratch() rows, if it has any)."""
     m = model_cfg
     layout = ParameterLayout(m.n_layer, m.n_embd, m.vocab_size, m.padded_vocab_size,
                              m.block_size, pad_multiple=world)
@@ -22,6 +24,7 @@ def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scrat
              shard * state_elt * (3 if has_master else 2)),
             (f"activations (B={B}, T={T}, recompute={recompute})",
              act_elems[False] * elt + act_elems[True] * max(elt, 4))] + \
+        (fp8_bytes(m.n_layer, m.n_embd, B * T) if fp8 else []) + \
         [(f"backend: {name}", nbytes) for name, nbytes in backend_scratch]
 
 

@@ -153,9 +153,19 @@ class CudaBackend:
     def fp8_quantize_transpose(self, out, out_t, amax, inp, scale):
         fp8.fp8_quantize_transpose(out, out_t, amax, inp, scale)
 
-    def fp8_matmul_forward(self, out, inp, inp_inverse, weight, weight_inverse, bias):
+    def fp8_cast(self, out, inverse, amax, inp):
+        fp8.fp8_cast(out, inverse, amax, inp)
+
+    def fp8_cast_transpose(self, out, out_t, inverse, amax, inp):
+        fp8.fp8_cast_transpose(out, out_t, inverse, amax, inp)
+
+    def fp8_matmul_forward(self, out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None):
         self._planned("fp8_matmul_forward", self.matmuls).forward_fp8(out, inp, inp_inverse, weight,
-                                                                       weight_inverse, bias)
+                                                                       weight_inverse, bias, gelu_out)
+
+    def fp8_matmul_backward_input(self, dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None):
+        self._planned("fp8_matmul_backward_input", self.matmuls).backward_input_fp8(
+            dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp)
 
     def adamw_update(self, param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
                      seed=0):

@@ -1,7 +1,9 @@
 """FP8 casts on our kernels (kernels/fp8.cu), the reference's fp8_* ops for bf16 inputs on the
 GPU (issue #13): the per-tensor power-of-two scale from an amax, and the saturating cast to
 e4m3 or e5m2 that also records the input's amax, plain or with the transposed copy that a
-weight needs as the K-major operand of the backward's fp8 matmul.
+weight needs as the K-major operand of the backward's fp8 matmul; and the current-scaling
+casts training uses (fp8_cast, fp8_cast_transpose): the amax, then the cast with the scale
+taken from it, two launches.
 
 Outputs are torch float8 tensors (float8_e4m3fn, float8_e5m2), whose dtype picks the format;
 scales and amaxes are one-element fp32 device tensors, so nothing waits for the host."""
@@ -34,6 +36,54 @@ def _check(op, out, amax, inp, scale):
             raise ValueError(f"{op}: {name} must be one fp32 CUDA element, got {t.dtype} {tuple(t.shape)}")
 
 
+def _check_one(op, **tensors):
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda:
+            raise ValueError(f"{op}: {name} must be one fp32 CUDA element, got {t.dtype} {tuple(t.shape)}")
+
+
+def _grid(inp):
+    return max(1, min(BLOCKS_PER_SM * sm_count(inp.device), -(-inp.numel() // (8 * THREADS))))
+
+
+def fp8_amax(amax, inp):
+    """amax = max(amax, max |inp|) (the caller zeroes it first): current scaling's first read."""
+    op = "fp8_amax"
+    _check_one(op, amax=amax)
+    if inp.dtype != torch.bfloat16 or not inp.is_cuda or not inp.is_contiguous() or inp.data_ptr() % 16:
+        raise ValueError(f"{op}: inp must be a contiguous, 16-byte aligned bf16 CUDA tensor")
+    if inp.numel():
+        KERNELS.launch("fp8_amax_kernel", _grid(inp), THREADS, (ptr(amax), ptr(inp), np.int64(inp.numel())))
+
+
+def fp8_cast(out, inverse, amax, inp):
+    """Current scaling: amax = max(amax, max |inp|) (zero on entry), out = fp8(inp * s) with s
+    the power of two fp8_scale takes from amax, inverse = 1 / s. The reference's fp8_cast."""
+    op = "fp8_cast"
+    _check(op, out, amax, inp, inverse)
+    if inp.data_ptr() % 16 or out.data_ptr() % 8:
+        raise ValueError(f"{op}: inp must start 16-byte aligned and out 8-byte aligned")
+    fp8_amax(amax, inp)
+    fmt = FORMAT_OF[out.dtype]
+    KERNELS.launch(f"fp8_cast_{fmt}_kernel", _grid(inp), THREADS,
+                   (ptr(out), ptr(inverse), ptr(inp), ptr(amax), np.float64(fp8_max(fmt)), np.int64(inp.numel())))
+
+
+def fp8_cast_transpose(out, out_t, inverse, amax, inp):
+    """fp8_cast of a (R, C) matrix into out (R, C) and out_t (C, R), e4m3 (weights)."""
+    op = "fp8_cast_transpose"
+    _check(op, out, amax, inp, inverse)
+    if out.dtype != torch.float8_e4m3fn or inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) \
+            or out_t.dtype != out.dtype or not out_t.is_cuda or not out_t.is_contiguous():
+        raise ValueError(f"{op}: inp must be (R, C), out float8_e4m3fn and out_t a contiguous (C, R) tensor of out's dtype")
+    fp8_amax(amax, inp)
+    R, C = inp.shape
+    grid = (-(-C // TILE), -(-R // TILE))
+    KERNELS.launch("fp8_cast_transpose_e4m3_kernel", grid, (TILE, TILE_ROWS),
+                   (ptr(out), ptr(out_t), ptr(inverse), ptr(inp), ptr(amax), np.float64(fp8_max("e4m3")),
+                    i32(R), i32(C)))
+
+
 def fp8_quantize(out, amax, inp, scale):
     """out = fp8(inp * scale), saturated, rounded to nearest even; amax = max |inp| (zeroed,
     then merged from every block: order-free, so deterministic)."""
@@ -45,8 +95,7 @@ def fp8_quantize(out, amax, inp, scale):
     n = inp.numel()
     if n == 0:
         return
-    blocks = max(1, min(BLOCKS_PER_SM * sm_count(inp.device), -(-n // (8 * THREADS))))
-    KERNELS.launch(f"fp8_quantize_{FORMAT_OF[out.dtype]}_kernel", blocks, THREADS,
+    KERNELS.launch(f"fp8_quantize_{FORMAT_OF[out.dtype]}_kernel", _grid(inp), THREADS,
                    (ptr(out), ptr(amax), ptr(inp), ptr(scale), np.int64(n)))
 
 

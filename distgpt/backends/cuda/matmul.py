@@ -37,7 +37,7 @@ Deterministic: a fixed algorithm per plan and no atomics in cuBLASLt's reduction
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.gelu import gelu_backward
+from distgpt.backends.cuda.gelu import gelu_backward, gelu_forward
 from distgpt.backends.cuda.runtime import check_tensor, median_ms
 
 # cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
@@ -133,6 +133,7 @@ class Matmuls:
         self.bias_gradients = bias_gradients
         self.dgelu = dgelu  # "auto": time the two forms once per shape; "fused" | "split": always that
         self.dgelu_choice = {}  # plan key -> "fused" | "split", what "auto" measured
+        self.fp8_unsupported = set()  # fp8 epilogue plans cuBLASLt has no kernel for (split instead)
         self.lt = None
         self.plans = {}
         self.workspace = None
@@ -206,72 +207,115 @@ class Matmuls:
         plan = self._get(key, pointers)
         self._run(plan, weight, inp, result, beta=False)
 
-    def forward_fp8(self, out, inp8, inp_inverse, weight8, weight_inverse, bias=None, fast_accum=True):
+    def forward_fp8(self, out, inp8, inp_inverse, weight8, weight_inverse, bias=None, gelu_out=None,
+                    fast_accum=True):
         """out (..., OC) bf16 = (inp8 (..., C) @ weight8 (OC, C)^T) * inp_inverse * weight_inverse
-        + bias: the reference's fp8_matmul_forward. inp8 and weight8 are float8 tensors (e4m3 or
-        e5m2, not both e5m2), their inverses one-element fp32 device tensors (1 / the scale each
-        was quantized with; fp8_scale writes them). Both operands are K-major, as Hopper's fp8
-        tensor cores require: out^T = weight8 @ inp8^T is cuBLASLt's "TN" product. fast_accum:
-        the tensor cores' faster, less often promoted accumulation (forward passes use it)."""
-        OC, C = weight8.shape
-        N = inp8.numel() // C
+        + bias (with gelu_out: also gelu_out = gelu(out)): the reference's fp8_matmul_forward.
+        inp8 and weight8 are float8 tensors (e4m3 or e5m2, not both e5m2), their inverses
+        one-element fp32 device tensors (1 / the scale each was quantized with). Both operands
+        are K-major, as Hopper's fp8 tensor cores require: out^T = weight8 @ inp8^T is
+        cuBLASLt's "TN" product. fast_accum: the tensor cores' faster, less often promoted
+        accumulation (forward passes use it)."""
         op = "matmul_forward_fp8"
+        self._check_fp8(op, out, inp8, inp_inverse, weight8, weight_inverse)
+        OC, C = weight8.shape
+        if inp8.numel() == 0:
+            return
+        Lt, A = self.lt.Epilogue, self.lt.MatmulDescAttribute
+        pointers = {}
+        if bias is not None:
+            check_tensor(op, "bias", bias)
+            pointers[A.BIAS_POINTER] = bias
+        if gelu_out is not None:
+            if bias is None:
+                raise ValueError(f"{op}: the fused GELU form needs a bias (GPT-2's fc has one)")
+            check_tensor(op, "gelu_out", gelu_out)
+            fused = {**pointers, A.EPILOGUE_AUX_POINTER: out}  # the pre-activation is the aux output
+            if self._fp8_product(Lt.GELU_AUX_BIAS, gelu_out, inp8, inp_inverse, weight8, weight_inverse,
+                                 fused, OC, fast_accum):
+                return
+            # no fp8 kernel with this epilogue here: the product with its bias, then GELU
+            self._fp8_product(Lt.BIAS, out, inp8, inp_inverse, weight8, weight_inverse, pointers, 0,
+                              fast_accum, required=True)
+            gelu_forward(gelu_out, out)
+            return
+        self._fp8_product(Lt.DEFAULT if bias is None else Lt.BIAS, out, inp8, inp_inverse, weight8,
+                          weight_inverse, pointers, 0, fast_accum, required=True)
+
+    def backward_input_fp8(self, dinp, dout8, dout_inverse, weight8_t, weight_inverse, gelu_inp=None):
+        """dinp (..., C) = dout8 (..., OC) @ weight8_t (C, OC)^T, scaled back by both inverses,
+        times gelu'(gelu_inp) when given: the reference's fp8_matmul_backward_input. weight8_t
+        is the weight's transposed fp8 copy, so both operands are K-major (TN).
+        The GELU derivative is our gelu_backward after the product, not cuBLASLt's DGELU
+        epilogue: with fp8 operands cuBLASLt runs that epilogue as a separate pass of its own
+        (cublasLt::epilogue::impl::globalKernel), 1102 us a call at 1558M B=16 against about
+        150 for gelu_backward (H100, 2026-11-23)."""
+        op = "matmul_backward_input_fp8"
+        self._check_fp8(op, dinp, dout8, dout_inverse, weight8_t, weight_inverse)
+        if dout8.numel() == 0:
+            return
+        self._fp8_product(self.lt.Epilogue.DEFAULT, dinp, dout8, dout_inverse, weight8_t, weight_inverse, {},
+                          0, fast_accum=False, required=True)
+        if gelu_inp is not None:
+            check_tensor(op, "gelu_inp", gelu_inp)
+            gelu_backward(dinp, gelu_inp, dinp)
+
+    def _check_fp8(self, op, out, inp8, inp_inverse, weight8, weight_inverse):
         for name, t in (("inp8", inp8), ("weight8", weight8)):
             if t.dtype not in FP8_TYPES or not t.is_cuda or not t.is_contiguous():
                 raise ValueError(f"{op}: {name} must be a contiguous float8 CUDA tensor, got {t.dtype}")
         if inp8.dtype == weight8.dtype == torch.float8_e5m2:
             raise ValueError(f"{op}: e5m2 x e5m2 has no fp8 matmul; quantize one operand to e4m3")
+        OC, C = weight8.shape
         if C % 16 or OC % 16:
             raise ValueError(f"{op}: fp8 matmuls need C and OC multiples of 16, got C={C}, OC={OC}")
         for name, t in (("inp_inverse", inp_inverse), ("weight_inverse", weight_inverse)):
-            if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda:
-                raise ValueError(f"{op}: {name} must be one fp32 CUDA element")
+            if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda or t.data_ptr() % 16:
+                raise ValueError(f"{op}: {name} must be one fp32 CUDA element at a 16-byte aligned address "
+                                 f"(cuBLASLt's scale pointers)")
         check_tensor(op, "out", out)
-        if N == 0:
-            return
         self._require_plan(op)
-        Lt, A = self.lt.Epilogue, self.lt.MatmulDescAttribute
-        epilogue = Lt.DEFAULT if bias is None else Lt.BIAS
-        key = (int(epilogue), OP_T, OP_N, OC, N, C, C, C, OC, 0,
+
+    def _fp8_product(self, epilogue, out, inp8, inp_inverse, weight8, weight_inverse, pointers, aux_ld,
+                     fast_accum, required=False):
+        """out^T = weight8 @ inp8^T (TN) with this epilogue; False when cuBLASLt has no fp8
+        kernel for it (remembered per shape, so a run asks once), unless required."""
+        OC, C = weight8.shape
+        N = inp8.numel() // C
+        A = self.lt.MatmulDescAttribute
+        key = (int(epilogue), OP_T, OP_N, OC, N, C, C, C, OC, aux_ld,
                tuple(_alignment(t) for t in (weight8, inp8, out, out)))
-        pointers = {A.A_SCALE_POINTER: weight_inverse, A.B_SCALE_POINTER: inp_inverse}
-        if bias is not None:
-            check_tensor(op, "bias", bias)
-            pointers[A.BIAS_POINTER] = bias
-        plan = self._get(key, pointers, ((A.FAST_ACCUM, np.int8(bool(fast_accum))),),
-                         (FP8_TYPES[weight8.dtype], FP8_TYPES[inp8.dtype]))
+        attributes = ((A.FAST_ACCUM, np.int8(bool(fast_accum))),)
+        types = (FP8_TYPES[weight8.dtype], FP8_TYPES[inp8.dtype])
+        if key + types in self.fp8_unsupported:
+            return False
+        pointers = {**pointers, A.A_SCALE_POINTER: weight_inverse, A.B_SCALE_POINTER: inp_inverse}
+        try:
+            plan = self._get(key, pointers, attributes, types)
+        except Exception:  # cuBLASLt reports "not supported" as an error status or as no algorithm
+            if required or torch.cuda.is_current_stream_capturing():
+                raise
+            self.fp8_unsupported.add(key + types)
+            return False
         self._run(plan, weight8, inp8, out, beta=False)
+        return True
 
     # ---------------------------------------------------------------- backward
     def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
         """dinp = dout @ weight (overwrites; times gelu'(gelu_inp) when given); dweight += dout^T @
-        inp; dbias += the column sums of dout (bias.cu)."""
+        inp; dbias += the column sums of dout (bias.cu). dinp None: dweight and dbias only (fp8
+        runs take dinp from backward_input_fp8)."""
         OC, C = weight.shape
         N = dout.numel() // OC
         for name, t in (("dinp", dinp), ("dweight", dweight), ("dout", dout), ("inp", inp), ("weight", weight)):
-            check_tensor("matmul_backward", name, t)
+            if t is not None or name != "dinp":
+                check_tensor("matmul_backward", name, t)
         if N == 0:
             return
         self._require_plan("matmul_backward")
-        E, A = self.lt.Epilogue, self.lt.MatmulDescAttribute
-        # dinp^T (C, N) = W^T-as-stored (C, OC) @ dout^T (OC, N)
-        aligns = tuple(_alignment(t) for t in (weight, dout, dinp, dinp))
-        plain = (int(E.DEFAULT), OP_N, OP_N, C, N, OC, C, OC, C, 0, aligns)
-        if gelu_inp is None:
-            self._run(self._get(plain, {}), weight, dout, dinp, beta=False)
-        else:
-            check_tensor("matmul_backward", "gelu_inp", gelu_inp)
-            fused = (int(E.DGELU), OP_N, OP_N, C, N, OC, C, OC, C, C, aligns)
-
-            def run_fused():
-                self._run(self._get(fused, {A.EPILOGUE_AUX_POINTER: gelu_inp}), weight, dout, dinp, beta=False)
-
-            def run_split():  # the plain product, then gelu' in place (gelu_backward allows dinp is dout)
-                self._run(self._get(plain, {}), weight, dout, dinp, beta=False)
-                gelu_backward(dinp, gelu_inp, dinp)
-
-            form = self._dgelu_form(fused, run_fused, run_split)
-            (run_fused if form == "fused" else run_split)()
+        E = self.lt.Epilogue
+        if dinp is not None:
+            self._input_gradient(dinp, dout, weight, gelu_inp)
         # dW^T (C, OC) += inp^T (C, N) @ dout (N, OC): beta = 1 accumulates (an fp32 sum inside
         # cuBLASLt, one rounding to bf16)
         key = (int(E.DEFAULT), OP_N, OP_T, C, OC, N, C, OC, C, 0,
@@ -281,6 +325,31 @@ class Matmuls:
             if self.bias_gradients is None:
                 raise RuntimeError("matmul_backward: a dbias needs the BiasGradients this Matmuls was made with")
             self.bias_gradients.backward(dbias, dout)
+
+    def _input_gradient(self, dinp, dout, weight, gelu_inp):
+        """dinp = dout @ weight, times gelu'(gelu_inp) when given (the DGELU epilogue or the
+        split form, see _dgelu_form)."""
+        OC, C = weight.shape
+        N = dout.numel() // OC
+        E, A = self.lt.Epilogue, self.lt.MatmulDescAttribute
+        # dinp^T (C, N) = W^T-as-stored (C, OC) @ dout^T (OC, N)
+        aligns = tuple(_alignment(t) for t in (weight, dout, dinp, dinp))
+        plain = (int(E.DEFAULT), OP_N, OP_N, C, N, OC, C, OC, C, 0, aligns)
+        if gelu_inp is None:
+            self._run(self._get(plain, {}), weight, dout, dinp, beta=False)
+            return
+        check_tensor("matmul_backward", "gelu_inp", gelu_inp)
+        fused = (int(E.DGELU), OP_N, OP_N, C, N, OC, C, OC, C, C, aligns)
+
+        def run_fused():
+            self._run(self._get(fused, {A.EPILOGUE_AUX_POINTER: gelu_inp}), weight, dout, dinp, beta=False)
+
+        def run_split():  # the plain product, then gelu' in place (gelu_backward allows dinp is dout)
+            self._run(self._get(plain, {}), weight, dout, dinp, beta=False)
+            gelu_backward(dinp, gelu_inp, dinp)
+
+        form = self._dgelu_form(fused, run_fused, run_split)
+        (run_fused if form == "fused" else run_split)()
 
     def _dgelu_form(self, key, run_fused, run_split):
         """"fused" or "split" for this shape: self.dgelu when it names one, else the measured

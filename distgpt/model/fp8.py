@@ -1,0 +1,122 @@
+"""FP8 matmuls for the transformer blocks (`fp8=true`, issue #13): what the model keeps for them
+and the order it casts in.
+
+Each block's four matmuls (qkv, attention projection, fc, fc projection) take FP8 operands in
+the forward and for the input gradient in the backward; the weight gradient stays a bf16
+product of the bf16 activations the model keeps anyway, and the lm head, attention, master
+weights, moments and the optimizer are unchanged. Formats:
+- weights and activations: e4m3 (more precision), per-tensor scales;
+- the gradient flowing into a matmul's backward (dout): e5m2 (more range: gradients span more
+  binades than activations).
+
+Scaling is current scaling: before each cast, one pass takes the tensor's amax and the cast
+uses the largest power-of-two scale that keeps it in range (fp8_cast). That costs a second
+read of each cast tensor against delayed scaling (a scale from past amaxes), but there is no
+amax history to warm up, checkpoint or resume, a tensor whose range jumps is never clipped,
+and a run is bitwise reproducible by construction (the amax is an order-free maximum).
+
+What is kept, planned once with the model:
+- each block matrix's fp8 copy W8 (OC, C) for the forward and its transpose W8t (C, OC) for
+  the input gradient (Hopper's fp8 tensor cores take both operands K-major), cast from the bf16
+  weights in every forward, layer by layer (so a forward always reads the current weights,
+  whatever changed them: an update, a gather, a checkpoint load);
+- one fp8 scratch of rows x 4C bytes: each cast activation or gradient lives there only until
+  its matmul has read it;
+- one fp32 amax and one inverse scale per cast ("site": layer x {weight, input, gradient} x
+  matrix), the amaxes zeroed together at the start of each forward.
+"""
+import torch
+
+MATRICES = ("qkv", "attproj", "fc", "fcproj")  # the block's matmuls, in forward order
+WEIGHT, INPUT, GRADIENT = range(3)  # what a site casts
+ACTIVATION_FORMAT = torch.float8_e4m3fn  # weights and matmul inputs
+GRADIENT_FORMAT = torch.float8_e5m2  # the gradients entering a matmul's backward
+SITE_STRIDE = 4  # fp32 elements between two sites' scales: cuBLASLt wants its scale pointers
+#                  16-byte aligned (a packed array failed with NOT_SUPPORTED at every odd site)
+
+
+def fp8_weight_numel(n_layer, C):
+    """Elements of the block matrices: 3C^2 + C^2 + 4C^2 + 4C^2 per layer."""
+    return n_layer * 12 * C * C
+
+
+def fp8_bytes(n_layer, C, rows):
+    """[(what, bytes)] the fp8 path plans: the weights' two fp8 copies and the cast scratch."""
+    return [("fp8 weights (W and W^T per block matrix)", 2 * fp8_weight_numel(n_layer, C)),
+            (f"fp8 cast scratch ({rows} rows x 4C)", rows * 4 * C)]
+
+
+class Fp8Matmuls:
+    """The fp8 state of one model: weight copies, cast scratch, amaxes and inverse scales, and
+    the forward / input-gradient products of the block matmuls over the backend's fp8 ops."""
+
+    def __init__(self, ops, p_layers, n_layer, C, rows, device):
+        self.ops, self.p_layers = ops, p_layers
+        self.weights8, self.weights8_t = [], []  # [layer] -> {matrix: (OC, C)} and {matrix: (C, OC)}
+        self.flat = flat = torch.zeros(2 * fp8_weight_numel(n_layer, C), dtype=torch.uint8, device=device)
+        offset = 0
+        for layer in range(n_layer):
+            w8, w8_t = {}, {}
+            for m in MATRICES:
+                OC, Cin = getattr(p_layers[layer], f"{m}_w").shape
+                n = OC * Cin
+                w8[m] = flat[offset:offset + n].view(ACTIVATION_FORMAT).view(OC, Cin)
+                w8_t[m] = flat[offset + n:offset + 2 * n].view(ACTIVATION_FORMAT).view(Cin, OC)
+                offset += 2 * n
+            self.weights8.append(w8)
+            self.weights8_t.append(w8_t)
+        self.scratch = torch.zeros(rows * 4 * C, dtype=torch.uint8, device=device)
+        sites = n_layer * 3 * len(MATRICES)
+        self.amax = torch.zeros(sites, SITE_STRIDE, dtype=torch.float32, device=device)
+        self.inverse = torch.ones(sites, SITE_STRIDE, dtype=torch.float32, device=device)
+
+    @property
+    def nbytes(self):
+        return self.flat.nbytes + self.scratch.nbytes + self.amax.nbytes + self.inverse.nbytes
+
+    @property
+    def amaxes(self):
+        """Each site's amax from the last forward and backward (one per site)."""
+        return self.amax[:, 0]
+
+    @property
+    def inverses(self):
+        return self.inverse[:, 0]
+
+    def _site(self, layer, what, m):
+        i = (layer * 3 + what) * len(MATRICES) + MATRICES.index(m)
+        return self.amax[i, :1], self.inverse[i, :1]
+
+    def _cast(self, x, fmt, layer, what, m):
+        """x's fp8 copy in the scratch (x contiguous, its own shape) and its inverse scale."""
+        out = self.scratch[:x.numel()].view(fmt).view(x.shape)
+        amax, inverse = self._site(layer, what, m)
+        self.ops.fp8_cast(out, inverse, amax, x)
+        return out, inverse
+
+    # ------------------------------------------------------------ forward
+    def begin_forward(self):
+        """Zero every site's amax (the casts take the maximum into it): one launch a forward."""
+        self.amax.zero_()
+
+    def cast_weights(self, layer):
+        """The layer's four matrices into W8 and W8t, before its first matmul reads them."""
+        for m in MATRICES:
+            amax, inverse = self._site(layer, WEIGHT, m)
+            self.ops.fp8_cast_transpose(self.weights8[layer][m], self.weights8_t[layer][m], inverse, amax,
+                                        getattr(self.p_layers[layer], f"{m}_w"))
+
+    def forward(self, layer, m, out, inp, bias, gelu_out=None):
+        """out = inp @ W^T + bias (and gelu_out = gelu(out)) with inp and W in e4m3."""
+        inp8, inp_inverse = self._cast(inp, ACTIVATION_FORMAT, layer, INPUT, m)
+        _, w_inverse = self._site(layer, WEIGHT, m)
+        self.ops.fp8_matmul_forward(out, inp8, inp_inverse, self.weights8[layer][m], w_inverse, bias,
+                                    gelu_out=gelu_out)
+
+    # ------------------------------------------------------------ backward
+    def backward_input(self, layer, m, dinp, dout, gelu_inp=None):
+        """dinp = dout @ W (times gelu'(gelu_inp)) with dout in e5m2 and W^T in e4m3."""
+        dout8, dout_inverse = self._cast(dout, GRADIENT_FORMAT, layer, GRADIENT, m)
+        _, w_inverse = self._site(layer, WEIGHT, m)
+        self.ops.fp8_matmul_backward_input(dinp, dout8, dout_inverse, self.weights8_t[layer][m], w_inverse,
+                                           gelu_inp=gelu_inp)
