@@ -46,27 +46,29 @@ def read_run(run_dir):
 
 
 def report(model, runs):
-    """The markdown table of one model's runs and whether fp8 agrees with bf16 within TOLERANCE."""
-    (bf16, bf16_skips, bf16_bad, bf16_tok), (fp8, fp8_skips, fp8_bad, fp8_tok) = runs["bf16"], runs["fp8"]
-    again = runs.get("bf16_again", (None,))[0]
-    noise_head = " val loss bf16, again | bf16 again vs bf16 |" if again else ""
-    lines = [f"### {model}", "", f"| step | val loss bf16 | val loss fp8 | fp8 vs bf16 |{noise_head}",
-             "|---|---|---|---|" + ("---|---|" if again else "")]
-    worst = 0.0
-    for step in sorted(bf16):
-        a, b = bf16[step], fp8.get(step, float("nan"))
-        gap = (b - a) / a
-        worst = max(worst, abs(gap)) if math.isfinite(gap) else float("inf")
-        noise = ""
-        if again:
-            c = again.get(step, float("nan"))
-            noise = f" {c:.4f} | {100 * (c - a) / a:+.2f}% |"
-        lines.append(f"| {step} | {a:.4f} | {b:.4f} | {100 * gap:+.2f}% |{noise}")
-    lines += ["", f"largest gap {100 * worst:.2f}% (tolerance {100 * TOLERANCE:.0f}%); skipped steps: bf16 "
-              f"{bf16_skips or 'none'}, fp8 {fp8_skips or 'none'}; non-finite steps: bf16 {bf16_bad or 'none'}, "
-              f"fp8 {fp8_bad or 'none'}; median tok/s: bf16 {bf16_tok:,.0f}, fp8 {fp8_tok:,.0f} "
-              f"({fp8_tok / bf16_tok:.3f}x)", ""]
-    ok = worst <= TOLERANCE and not (bf16_skips or fp8_skips or bf16_bad or fp8_bad)
+    """The markdown table of one model's runs, each against the first (bf16), and whether the
+    fp8 run agrees with it within TOLERANCE with no skipped or non-finite step in either."""
+    base_name, (base, *_, base_tok) = next(iter(runs.items()))
+    others = [(name, run) for name, run in runs.items() if name != base_name]
+    lines = [f"### {model}", "", f"| step | val loss {base_name} |"
+             + "".join(f" val loss {name} | {name} vs {base_name} |" for name, _ in others),
+             "|---|---|" + "---|---|" * len(others)]
+    worst = {name: 0.0 for name, _ in others}
+    for step in sorted(base):
+        cells = []
+        for name, (val, *_) in others:
+            gap = (val.get(step, float("nan")) - base[step]) / base[step]
+            worst[name] = max(worst[name], abs(gap)) if math.isfinite(gap) else float("inf")
+            cells.append(f" {val.get(step, float('nan')):.4f} | {100 * gap:+.2f}% |")
+        lines.append(f"| {step} | {base[step]:.4f} |" + "".join(cells))
+    lines.append("")
+    for name, run in runs.items():
+        _, skips, bad, tok = run
+        gap = f"largest gap {100 * worst[name]:.2f}%, " if name in worst else ""
+        lines.append(f"- {name}: {gap}skipped steps {skips or 'none'}, non-finite steps {bad or 'none'}, "
+                     f"median {tok:,.0f} tok/s ({tok / base_tok:.3f}x {base_name})")
+    lines.append("")
+    ok = worst["fp8"] <= TOLERANCE and not any(runs[n][1] or runs[n][2] for n in (base_name, "fp8"))
     return "\n".join(lines), ok
 
 
@@ -77,18 +79,26 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="a new work directory (default: a new temporary one)")
     parser.add_argument("--smoke", action="store_true", help="CPU check: the tiny model, 6 steps")
     parser.add_argument("--noise", action="store_true", help="a second bf16 run: the noise floor (see above)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE]",
+                        help="one more run with these overrides, reported beside (e.g. "
+                             "fp8_e4m3=fp8=true,fp8_gradients=e4m3); repeatable")
     a = parser.parse_args(argv)
+    variants = {"bf16": ["fp8=false"], "fp8": ["fp8=true"]}
+    if a.noise:
+        variants["bf16_again"] = ["fp8=false"]
+    for item in a.variant:
+        label, _, overrides = item.partition("=")
+        variants[label] = overrides.split(",")
     root, shards = work_dir(a.text, a.out, "fp8-parity-")
     tables, all_ok = [], True
     for model in (["tiny"] if a.smoke else a.models):
         runs = {}
-        for precision in ("bf16", "fp8") + (("bf16_again",) if a.noise else ()):
-            name = f"{model}_{precision}"
-            distgpt("train", *(SMOKE if a.smoke else GPU + [f"model={model}"]), *COMMON, *shards,
-                    f"fp8={'true' if precision == 'fp8' else 'false'}", f"out_dir={root}", f"name={name}",
-                    "resume=none")
-            runs[precision] = read_run(root / name)
-            print(f"{name}: val loss {runs[precision][0]}", flush=True)
+        for label, overrides in variants.items():
+            name = f"{model}_{label}"
+            distgpt("train", *(SMOKE if a.smoke else GPU + [f"model={model}"]), *COMMON, *shards, *overrides,
+                    f"out_dir={root}", f"name={name}", "resume=none")
+            runs[label] = read_run(root / name)
+            print(f"{name}: val loss {runs[label][0]}", flush=True)
         table, ok = report(model, runs)
         tables.append(table)
         all_ok &= ok

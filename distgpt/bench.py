@@ -35,7 +35,7 @@ def peak_flops():
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
                     pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward=False,
-                    fp8=False):
+                    fp8=False, fp8_gradients="e4m3"):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
@@ -51,7 +51,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     backend.set_deterministic(deterministic)
     torch.cuda.reset_peak_memory_stats()
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
-                 pad_multiple=dist.world, fp8=fp8)
+                 pad_multiple=dist.world, fp8=fp8, fp8_gradients=fp8_gradients)
     model.init_weights(cfg.seed)
     dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
                       model.grads.element_size(), dist.device)
@@ -184,6 +184,7 @@ def main(argv=None):
     p.add_argument("--deterministic", action="store_true", help="the bitwise-reproducible attention backward")
     p.add_argument("--no-graphs", action="store_true", help="launch every kernel from Python (no CUDA graph)")
     p.add_argument("--fp8", action="store_true", help="the blocks' matmuls with fp8 operands (fp8=true)")
+    p.add_argument("--fp8-gradients", choices=("e4m3", "e5m2"), default="e4m3", help="with --fp8: fp8_gradients")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
                    help="sum each gradient bucket over ranks during the backward (overlap_comm; auto: "
                         "when the ranks span nodes or NCCL runs over its socket transport)")
@@ -217,7 +218,8 @@ def main(argv=None):
                                   profile_steps=profile_steps, profile_trace=a.profile_trace,
                                   cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000,
                                   rendezvous=a.rendezvous, overlap=a.overlap,
-                                  bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward, fp8=a.fp8))
+                                  bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward, fp8=a.fp8,
+                                  fp8_gradients=a.fp8_gradients))
     if not r.pop("is_main"):
         return 0
     if a.json:

@@ -109,8 +109,11 @@ class Config:
     deterministic: bool = False  # backend=cuda: bitwise-reproducible runs and resumes, through a
     #                              deterministic attention backward (~8% slower at 124M)
     fp8: bool = False  # the transformer blocks' matmuls with fp8 operands (e4m3 weights and
-    #                    activations, e5m2 gradients, current per-tensor scaling; weight gradients,
-    #                    lm head, master weights and AdamW unchanged); backend=cuda needs Hopper/Ada
+    #                    activations, current per-tensor scaling; weight gradients, lm head, master
+    #                    weights and AdamW unchanged); backend=cuda needs Hopper/Ada
+    fp8_gradients: str = "e4m3"  # fp8=true: the format of the gradients entering the matmuls'
+    #                              backward: e4m3 (one more mantissa bit; closer to bf16's loss,
+    #                              see model/fp8.py) | e5m2 (more range)
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
     overlap_comm: str = "auto"  # sum each bucket of gradients over ranks during the backward (on a
     #                             communication stream): true | false | auto (when the ranks span
@@ -130,6 +133,7 @@ ConfigStore.instance().store(name="distgpt_schema", node=Config)
 BACKENDS = ("reference", "cuda")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float64")
+FP8_GRADIENT_FORMATS = ("e5m2", "e4m3")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 # one GPU thread sums the spike guard's window each step: a few thousand values stay microseconds
 MAX_SKIP_WINDOW = 4096
@@ -239,6 +243,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("optim: warmup_steps >= 0, final_lr_frac in [0, 1] and decay_frac in (0, 1] are required")
     if o.lr <= 0 or o.grad_clip < 0:
         raise ConfigError(f"optim: lr={o.lr} must be > 0 and grad_clip={o.grad_clip} >= 0")
+    if cfg.fp8_gradients not in FP8_GRADIENT_FORMATS:
+        raise ConfigError(f"fp8_gradients={cfg.fp8_gradients}: choose one of {', '.join(FP8_GRADIENT_FORMATS)}")
     if cfg.fp8 and m.n_embd % 16:
         raise ConfigError(f"fp8=true: model.n_embd={m.n_embd} must be a multiple of 16 (fp8 matmuls' shapes); "
                           f"pick another width or fp8=false")

@@ -212,11 +212,12 @@ def test_fp8_fc_forward_with_gelu_matches_the_reference(N, C, OC):
         assert_close(f"fp8 fc {name}", got, want, atol=1e-2 * rms, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dout_format", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("N,C,OC", [(256, 3072, 768), (512, 1600, 4800)])
-def test_fp8_backward_input_matches_the_reference(N, C, OC, gelu):
-    """dinp = dout (e5m2) @ W (from W^T's e4m3 copy), times gelu' of the pre-activation when
-    gelu: the fc projection's backward (dGELU) and the others' (plain)."""
+def test_fp8_backward_input_matches_the_reference(N, C, OC, gelu, dout_format):
+    """dinp = dout (e4m3 or e5m2: fp8_gradients) @ W (from W^T's e4m3 copy), times gelu' of the
+    pre-activation when gelu: the fc projection's backward (dGELU) and the others' (plain)."""
     from distgpt.backends.cuda.matmul import Matmuls
     from gpu_check import assert_close
     mm = Matmuls()
@@ -226,7 +227,7 @@ def test_fp8_backward_input_matches_the_reference(N, C, OC, gelu):
     dout = (torch.randn(N, OC) * 1e-5).to(torch.bfloat16)
     pre = torch.randn(N, C).to(torch.bfloat16)
     _, w8_t, w_inv = cast_pair(w, "e4m3", transpose=True)
-    d8, d_inv = cast_pair(dout, "e5m2")
+    d8, d_inv = cast_pair(dout, dout_format)
     dinp = torch.full((N, C), float("nan"), dtype=torch.bfloat16, device="cuda")
     mm.backward_input_fp8(dinp, d8, d_inv, w8_t, w_inv, gelu_inp=pre.cuda() if gelu else None)
     want = torch.empty(N, C, dtype=torch.float64)

@@ -73,10 +73,13 @@ def test_fp8_parity_benchmark_smoke(tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("fp8_parity", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main([str(builtin_text("tinyshakespeare")), "--smoke", "--noise", "--out", str(tmp_path)]) == 0
+    assert bench.main([str(builtin_text("tinyshakespeare")), "--smoke", "--noise", "--out", str(tmp_path),
+                       "--variant", "fp8_e5m2=fp8=true,fp8_gradients=e5m2"]) == 0
     out = capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r[0][2:]) for r in rows] == [0, 3, 6]
-    for step, bf16, fp8, gap, again, noise in rows:
-        assert abs(float(fp8) - float(bf16)) <= 0.01 * float(bf16) and again == bf16 and noise == "+0.00% |"
-    assert out.strip().endswith("PASS")
+    for step, bf16, fp8, gap, again, noise, e5m2, gap_e5m2 in rows:
+        assert abs(float(fp8) - float(bf16)) <= 0.01 * float(bf16) and again == bf16 and noise == "+0.00%"
+        assert abs(float(e5m2) - float(bf16)) <= 0.01 * float(bf16)
+        assert (e5m2 == fp8) == (step == "| 0")  # the gradients' format shows once a step was taken
+    assert "- fp8: largest gap" in out and out.strip().endswith("PASS")

@@ -22,7 +22,7 @@ INIT_STD = 0.02
 
 class GPT2:
     def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
-                 pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False):
+                 pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False, fp8_gradients="e4m3"):
         m = model_cfg
         self.cfg, self.ops, self.recompute = m, backend, recompute
         self.n_layer, self.n_head, self.n_embd = m.n_layer, m.n_head, m.n_embd
@@ -44,7 +44,8 @@ class GPT2:
         self.logits = None  # (b, t, Vp) after a forward without targets
         self.token_losses = None  # (b, t) losses of each position after a forward with targets
         # fp8=True: the blocks' matmuls take fp8 operands (model/fp8.py); None: all bf16 (or the dtype)
-        self.fp8 = Fp8Matmuls(backend, self.p_layers, m.n_layer, m.n_embd, B * T, self.device) if fp8 else None
+        self.fp8 = (Fp8Matmuls(backend, self.p_layers, m.n_layer, m.n_embd, B * T, self.device, fp8_gradients)
+                    if fp8 else None)
         if hasattr(backend, "plan"):  # kernels reserve their scratch once, here
             backend.plan(B, T, m.n_embd, m.n_head, self.device)
 
