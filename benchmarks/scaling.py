@@ -33,7 +33,7 @@ def bench_args(model, batch, recompute, a, overlap="auto"):
             "--recompute", recompute, "--seq", str(a.seq), "--steps", str(a.steps),
             "--accum", str(a.accum), "--zero-stage", str(a.zero_stage), "--json",
             *(["--deterministic"] if a.deterministic else []), "--overlap", overlap,
-            *(["--gather-in-forward"] if a.gather_in_forward else [])]
+            "--gather-in-forward", "true" if a.gather_in_forward else "auto"]
 
 
 def result_of(proc, what):
@@ -86,7 +86,8 @@ def main():
     p.add_argument("--no-overlap-too", action="store_true",
                    help="run each N-GPU measurement with overlap_comm=true and with false")
     p.add_argument("--gather-in-forward", action="store_true",
-                   help="all-gather the updated weights during the next forward (gather_in_forward)")
+                   help="all-gather the updated weights during the next forward (gather_in_forward=true; "
+                        "without it: auto)")
     p.add_argument("--independent", action="store_true",
                    help="also run N single-GPU benches at once (the machine's best case for N GPUs)")
     a = p.parse_args()

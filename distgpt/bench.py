@@ -34,7 +34,7 @@ def peak_flops():
 
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
-                    pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward=False,
+                    pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward="auto",
                     fp8=False, fp8_gradients="e4m3"):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
@@ -42,7 +42,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     from distgpt.model.gpt2 import GPT2
     from distgpt.model.micro_step import MicroStep
     from distgpt.optim import ShardedAdamW
-    from distgpt.parallel.data_parallel import DataParallel, overlap_wanted
+    from distgpt.parallel.data_parallel import DataParallel, gather_in_forward_wanted, overlap_wanted
 
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
                        "backend=cuda", "device=cuda", "dtype=bfloat16"])
@@ -56,7 +56,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
                       model.grads.element_size(), dist.device)
     overlap = overlap_wanted(overlap, dist.nodes)
-    dp.gather_in_forward = gather_in_forward
+    gather_in_forward = dp.gather_in_forward = gather_in_forward_wanted(gather_in_forward, dist.nodes)
     optimizer = ShardedAdamW(model, dp, cfg.optim, backend)
     gen = torch.Generator(device=dist.device).manual_seed(1000 + dist.rank)  # each rank its own tokens
     x = torch.randint(0, cfg.model.vocab_size, (accum, B, T), device=dist.device, generator=gen)
@@ -189,8 +189,9 @@ def main(argv=None):
                    help="sum each gradient bucket over ranks during the backward (overlap_comm; auto: "
                         "when the ranks span nodes or NCCL runs over its socket transport)")
     p.add_argument("--bucket-mb", type=float, default=None, help="gradient bucket size (bucket_mb, 25)")
-    p.add_argument("--gather-in-forward", action="store_true",
-                   help="zero_stage=1: all-gather the updated weights during the next forward (gather_in_forward)")
+    p.add_argument("--gather-in-forward", choices=("auto", "true", "false"), default="auto", nargs="?",
+                   const="true", help="zero_stage=1: all-gather the updated weights during the next forward "
+                                      "(gather_in_forward; auto: as --overlap auto; the bare flag: true)")
     p.add_argument("--pause-ms", type=float, default=0.0,
                    help="idle the GPU this long between timed steps (a step that is faster so is "
                         "held back by the GPU's power or clock limits, not by the code)")

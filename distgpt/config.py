@@ -119,8 +119,9 @@ class Config:
     #                             communication stream): true | false | auto (when the ranks span
     #                             nodes: over NVLink it does not pay, see parallel/data_parallel.py)
     bucket_mb: float = 25.0  # gradient bucket size: layers are grouped until a bucket holds this much
-    gather_in_forward: bool = False  # zero_stage=1: all-gather the updated weights during the next
-    #                                  step's forward, bucket by bucket, instead of after the update
+    gather_in_forward: str = "auto"  # zero_stage=1: all-gather the updated weights during the next
+    #                                  step's forward, bucket by bucket, instead of after the update:
+    #                                  true | false | auto (where overlap_comm=auto overlaps)
     rendezvous: str = ""  # ranks started without MPI meet here: file:DIR (shared) or tcp:HOST:PORT
     #                       (rank 0's address); rank and world come from RANK/WORLD_SIZE/LOCAL_RANK or srun
     wandb: bool = False
@@ -235,8 +236,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"seed={cfg.seed} must be >= 0 (it seeds the weights and the data order)")
     if cfg.zero_stage not in (0, 1):
         raise ConfigError(f"zero_stage={cfg.zero_stage}: choose 0 (all-reduce) or 1 (sharded AdamW)")
-    if str(cfg.overlap_comm).lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"overlap_comm={cfg.overlap_comm}: choose auto, true or false")
+    for name in ("overlap_comm", "gather_in_forward"):
+        if str(getattr(cfg, name)).lower() not in ("auto", "true", "false"):
+            raise ConfigError(f"{name}={getattr(cfg, name)}: choose auto, true or false")
     if not cfg.bucket_mb > 0:
         raise ConfigError(f"bucket_mb={cfg.bucket_mb} must be > 0 (megabytes of gradient per bucket; 25 is usual)")
     if o.warmup_steps < 0 or not 0.0 <= o.final_lr_frac <= 1.0 or not 0.0 < o.decay_frac <= 1.0:

@@ -22,7 +22,7 @@ from distgpt.model import memory
 from distgpt.model.gpt2 import GPT2
 from distgpt.model.micro_step import MicroStep
 from distgpt.optim import ShardedAdamW, learning_rate
-from distgpt.parallel.data_parallel import DataParallel, overlap_wanted
+from distgpt.parallel.data_parallel import DataParallel, gather_in_forward_wanted, overlap_wanted
 from distgpt.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from distgpt.sample import generate
 from distgpt.spikes import SpikeGuard
@@ -107,7 +107,7 @@ class Trainer:
         self.dp = DataParallel(dist.comm, self.model.layout, cfg.zero_stage, cfg.bucket_mb,
                                self.model.grads.element_size(), dist.device)
         self.overlap = overlap_wanted(cfg.overlap_comm, dist.nodes)
-        self.dp.gather_in_forward = cfg.gather_in_forward
+        self.dp.gather_in_forward = gather_in_forward_wanted(cfg.gather_in_forward, dist.nodes)
         self.optimizer = ShardedAdamW(self.model, self.dp, cfg.optim, self.backend, self.guard)
         self.micro_step = MicroStep(self.model, use_graph=t.cuda_graphs and cfg.backend == "cuda")
         if resume_from is not None:

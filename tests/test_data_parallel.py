@@ -13,7 +13,7 @@ from distgpt.model.layout import ParameterLayout
 from distgpt.optim import ShardedAdamW
 from distgpt.parallel.comm import CollectiveWatchdog, LocalComm
 from distgpt.parallel.buckets import make_buckets
-from distgpt.parallel.data_parallel import DataParallel, overlap_wanted
+from distgpt.parallel.data_parallel import DataParallel, gather_in_forward_wanted, overlap_wanted
 
 
 class FakeComm(LocalComm):
@@ -242,6 +242,11 @@ def test_overlap_auto_means_across_a_network():
     assert overlap_wanted("False", nodes=4, environ=socket_only) is False
     with pytest.raises(ValueError, match="overlap_comm=sometimes"):
         overlap_wanted("sometimes", 1, {})
+    # gather_in_forward=auto: the same test (it measured faster over the socket transport only)
+    assert gather_in_forward_wanted("auto", 1, socket_only) is True and gather_in_forward_wanted("auto", 1, {}) is False
+    assert gather_in_forward_wanted(True, 1, {}) is True and gather_in_forward_wanted("false", 2, {}) is False
+    with pytest.raises(ValueError, match="gather_in_forward=maybe"):
+        gather_in_forward_wanted("maybe", 1, {})
 
 
 def test_gather_in_forward_waits_for_each_bucket_before_its_layer():

@@ -286,6 +286,7 @@ def test_finished_run_says_so(tmp_path, shards, capsys):
     ("overlap_comm=sometimes", "overlap_comm=sometimes: choose auto, true or false"),
     ("bucket_mb=0", "bucket_mb=0.0 must be > 0"),
     ("fp8=maybe", "fp8: "),
+    ("gather_in_forward=sometimes", "gather_in_forward=sometimes: choose auto, true or false"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, expected):
     assert main(["train", *SMALL, f"out_dir={tmp_path}", override]) == 2
