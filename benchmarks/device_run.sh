@@ -12,7 +12,7 @@
 #                                 bf16 and fp8=true side by side, then the fp8 profile of each config)
 #   STAGE=fp8parity               benchmarks/device_run.sh        (val loss, fp8 against bf16, 124M and 350M;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/)
-#   STAGE=overlap                 benchmarks/device_run.sh        (2 GPUs: buckets reduced during the backward
+#   STAGE=overlap [BENCH_ARGS=--fp8] benchmarks/device_run.sh     (2 GPUs: buckets reduced during the backward
 #                                 = after it, bitwise, deterministic bench losses; zero stages alike;
 #                                 another bucket size adds the norm up in another order: last bits)
 set -uo pipefail
@@ -70,8 +70,8 @@ if [ "$STAGE" = overlap ]; then
       "--overlap true --bucket-mb 4" "--overlap true --zero-stage 0"; do
     mpirun --allow-run-as-root -np 2 --bind-to none -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST \
         -x NVSHMEM_DISABLE_NVLS -x PYTHONPATH python3 -m distgpt bench --model gpt2_124m --batch 8 --steps 8 \
-        --warmup 2 --deterministic --json $args 2>&1 | grep '^{' \
-      | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); print(f\"overlap={r['overlap']} gather_in_forward={r['gather_in_forward']} zero={r['zero_stage']} buckets={r['buckets']}: losses {r['first_loss']!r} {r['last_loss']!r}\")" \
+        --warmup 2 --deterministic --json $args ${BENCH_ARGS:-} 2>&1 | grep '^{' \
+      | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); print(f\"fp8={r['fp8']} overlap={r['overlap']} gather_in_forward={r['gather_in_forward']} zero={r['zero_stage']} buckets={r['buckets']}: losses {r['first_loss']!r} {r['last_loss']!r}\")" \
       | tee -a "$OUT/overlap.log"
   done
 fi
