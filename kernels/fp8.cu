@@ -15,7 +15,7 @@
 // tensor; current scaling two reads (amax, then cast), but no history to keep, checkpoint or
 // warm up, and no clipping when a tensor's range jumps. Training takes current scaling (see
 // model/fp8.py for the measured cost); the format is a template argument: E4M3 for weights and
-// activations, E5M2 for gradients.
+// activations, E4M3 or E5M2 for gradients (fp8_gradients).
 //
 // amax is deterministic: the maximum does not depend on the order it is taken in. Each block
 // takes its maximum over the bit patterns of |x| (for non-negative floats, and for NaN above

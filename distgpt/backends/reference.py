@@ -386,12 +386,12 @@ def fp8_cast(out, inverse, amax, inp):
     caller zeroes it first), out = fp8(inp * s) with s = fp8_scale's power of two for that amax
     and out's format, inverse = 1 / s (one fp32 element: what the scaled matmul multiplies by)."""
     fmt = next(name for name, dtype in FP8_FORMATS.items() if dtype == out.dtype)
-    seen = float(inp.abs().max()) if inp.numel() else 0.0
+    seen, scale = (torch.zeros(1, dtype=torch.float32, device=inp.device) for _ in range(2))
+    fp8_quantize(out, seen, inp, torch.ones_like(scale))  # seen = max |inp|
+    seen = float(seen)
     amax.fill_(max(float(amax.reshape(-1)[0]), seen) if not math.isnan(seen) else seen)
-    scale = torch.zeros(1, dtype=torch.float32, device=inp.device)
     fp8_scale(scale, amax, fmt, inverse=inverse)
-    limit = fp8_max(fmt)
-    out.copy_((inp.double() * float(scale[0])).clamp(-limit, limit).to(out.dtype))
+    fp8_quantize(out, torch.zeros_like(scale), inp, scale)
 
 
 def fp8_cast_transpose(out, out_t, inverse, amax, inp):

@@ -31,11 +31,11 @@ What is kept, planned once with the model:
 """
 import torch
 
+from distgpt.backends.reference import FP8_FORMATS
+
 MATRICES = ("qkv", "attproj", "fc", "fcproj")  # the block's matmuls, in forward order
 WEIGHT, INPUT, GRADIENT = range(3)  # what a site casts
 ACTIVATION_FORMAT = torch.float8_e4m3fn  # weights and matmul inputs
-GRADIENT_FORMATS = {"e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}  # of the gradients
-#                                                                             entering a backward
 SITE_STRIDE = 4  # fp32 elements between two sites' scales: cuBLASLt wants its scale pointers
 #                  16-byte aligned (a packed array failed with NOT_SUPPORTED at every odd site)
 
@@ -57,7 +57,7 @@ class Fp8Matmuls:
 
     def __init__(self, ops, p_layers, n_layer, C, rows, device, gradient_format="e4m3"):
         self.ops, self.p_layers = ops, p_layers
-        self.gradient_format = GRADIENT_FORMATS[gradient_format]
+        self.gradient_format = FP8_FORMATS[gradient_format]  # of the gradients entering a backward
         self.weights8, self.weights8_t = [], []  # [layer] -> {matrix: (OC, C)} and {matrix: (C, OC)}
         self.flat = flat = torch.zeros(2 * fp8_weight_numel(n_layer, C), dtype=torch.uint8, device=device)
         offset = 0

@@ -21,7 +21,13 @@ KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_TILE=TILE)
 FORMAT_OF = {dtype: name for name, dtype in FP8_FORMATS.items()}
 
 
-def _check(op, out, amax, inp, scale):
+def _check_one(op, **tensors):
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda:
+            raise ValueError(f"{op}: {name} must be one fp32 CUDA element, got {t.dtype} {tuple(t.shape)}")
+
+
+def _check(op, out, inp, **one_elements):
     if out.dtype not in FORMAT_OF:
         raise ValueError(f"{op}: out must be float8_e4m3fn or float8_e5m2, got {out.dtype}")
     if inp.dtype != torch.bfloat16:
@@ -31,15 +37,7 @@ def _check(op, out, amax, inp, scale):
             raise ValueError(f"{op}: {name} must be a contiguous CUDA tensor")
     if out.shape != inp.shape:
         raise ValueError(f"{op}: out {tuple(out.shape)} and inp {tuple(inp.shape)} differ in shape")
-    for name, t in (("amax", amax), ("scale", scale)):
-        if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda:
-            raise ValueError(f"{op}: {name} must be one fp32 CUDA element, got {t.dtype} {tuple(t.shape)}")
-
-
-def _check_one(op, **tensors):
-    for name, t in tensors.items():
-        if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda:
-            raise ValueError(f"{op}: {name} must be one fp32 CUDA element, got {t.dtype} {tuple(t.shape)}")
+    _check_one(op, **one_elements)
 
 
 def _grid(inp):
@@ -60,7 +58,7 @@ def fp8_cast(out, inverse, amax, inp):
     """Current scaling: amax = max(amax, max |inp|) (zero on entry), out = fp8(inp * s) with s
     the power of two fp8_scale takes from amax, inverse = 1 / s. The reference's fp8_cast."""
     op = "fp8_cast"
-    _check(op, out, amax, inp, inverse)
+    _check(op, out, inp, amax=amax, inverse=inverse)
     if inp.data_ptr() % 16 or out.data_ptr() % 8:
         raise ValueError(f"{op}: inp must start 16-byte aligned and out 8-byte aligned")
     fp8_amax(amax, inp)
@@ -72,7 +70,7 @@ def fp8_cast(out, inverse, amax, inp):
 def fp8_cast_transpose(out, out_t, inverse, amax, inp):
     """fp8_cast of a (R, C) matrix into out (R, C) and out_t (C, R), e4m3 (weights)."""
     op = "fp8_cast_transpose"
-    _check(op, out, amax, inp, inverse)
+    _check(op, out, inp, amax=amax, inverse=inverse)
     if out.dtype != torch.float8_e4m3fn or inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) \
             or out_t.dtype != out.dtype or not out_t.is_cuda or not out_t.is_contiguous():
         raise ValueError(f"{op}: inp must be (R, C), out float8_e4m3fn and out_t a contiguous (C, R) tensor of out's dtype")
@@ -88,7 +86,7 @@ def fp8_quantize(out, amax, inp, scale):
     """out = fp8(inp * scale), saturated, rounded to nearest even; amax = max |inp| (zeroed,
     then merged from every block: order-free, so deterministic)."""
     op = "fp8_quantize"
-    _check(op, out, amax, inp, scale)
+    _check(op, out, inp, amax=amax, scale=scale)
     if inp.data_ptr() % 16 or out.data_ptr() % 8:
         raise ValueError(f"{op}: inp must start 16-byte aligned and out 8-byte aligned")
     amax.zero_()
@@ -102,7 +100,7 @@ def fp8_quantize(out, amax, inp, scale):
 def fp8_quantize_transpose(out, out_t, amax, inp, scale):
     """fp8_quantize of a (R, C) matrix into out (R, C) and out_t (C, R) in one pass."""
     op = "fp8_quantize_transpose"
-    _check(op, out, amax, inp, scale)
+    _check(op, out, inp, amax=amax, scale=scale)
     if inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) or out_t.dtype != out.dtype \
             or not out_t.is_cuda or not out_t.is_contiguous():
         raise ValueError(f"{op}: inp must be (R, C) and out_t a contiguous (C, R) tensor of out's dtype")

@@ -37,7 +37,7 @@ Deterministic: a fixed algorithm per plan and no atomics in cuBLASLt's reduction
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.gelu import gelu_backward, gelu_forward
+from distgpt.backends.cuda.gelu import gelu_backward
 from distgpt.backends.cuda.runtime import check_tensor, median_ms
 
 # cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
@@ -133,7 +133,6 @@ class Matmuls:
         self.bias_gradients = bias_gradients
         self.dgelu = dgelu  # "auto": time the two forms once per shape; "fused" | "split": always that
         self.dgelu_choice = {}  # plan key -> "fused" | "split", what "auto" measured
-        self.fp8_unsupported = set()  # fp8 epilogue plans cuBLASLt has no kernel for (split instead)
         self.lt = None
         self.plans = {}
         self.workspace = None
@@ -226,21 +225,16 @@ class Matmuls:
         if bias is not None:
             check_tensor(op, "bias", bias)
             pointers[A.BIAS_POINTER] = bias
-        if gelu_out is not None:
-            if bias is None:
-                raise ValueError(f"{op}: the fused GELU form needs a bias (GPT-2's fc has one)")
-            check_tensor(op, "gelu_out", gelu_out)
-            fused = {**pointers, A.EPILOGUE_AUX_POINTER: out}  # the pre-activation is the aux output
-            if self._fp8_product(Lt.GELU_AUX_BIAS, gelu_out, inp8, inp_inverse, weight8, weight_inverse,
-                                 fused, OC, fast_accum):
-                return
-            # no fp8 kernel with this epilogue here: the product with its bias, then GELU
-            self._fp8_product(Lt.BIAS, out, inp8, inp_inverse, weight8, weight_inverse, pointers, 0,
-                              fast_accum, required=True)
-            gelu_forward(gelu_out, out)
+        if gelu_out is None:
+            self._fp8_product(Lt.DEFAULT if bias is None else Lt.BIAS, out, inp8, inp_inverse, weight8,
+                              weight_inverse, pointers, 0, fast_accum)
             return
-        self._fp8_product(Lt.DEFAULT if bias is None else Lt.BIAS, out, inp8, inp_inverse, weight8,
-                          weight_inverse, pointers, 0, fast_accum, required=True)
+        if bias is None:
+            raise ValueError(f"{op}: the fused GELU form needs a bias (GPT-2's fc has one)")
+        check_tensor(op, "gelu_out", gelu_out)
+        pointers[A.EPILOGUE_AUX_POINTER] = out  # the pre-activation is the aux output
+        self._fp8_product(Lt.GELU_AUX_BIAS, gelu_out, inp8, inp_inverse, weight8, weight_inverse, pointers, OC,
+                          fast_accum)
 
     def backward_input_fp8(self, dinp, dout8, dout_inverse, weight8_t, weight_inverse, gelu_inp=None):
         """dinp (..., C) = dout8 (..., OC) @ weight8_t (C, OC)^T, scaled back by both inverses,
@@ -255,7 +249,7 @@ class Matmuls:
         if dout8.numel() == 0:
             return
         self._fp8_product(self.lt.Epilogue.DEFAULT, dinp, dout8, dout_inverse, weight8_t, weight_inverse, {},
-                          0, fast_accum=False, required=True)
+                          0, fast_accum=False)
         if gelu_inp is not None:
             check_tensor(op, "gelu_inp", gelu_inp)
             gelu_backward(dinp, gelu_inp, dinp)
@@ -277,9 +271,9 @@ class Matmuls:
         self._require_plan(op)
 
     def _fp8_product(self, epilogue, out, inp8, inp_inverse, weight8, weight_inverse, pointers, aux_ld,
-                     fast_accum, required=False):
-        """out^T = weight8 @ inp8^T (TN) with this epilogue; False when cuBLASLt has no fp8
-        kernel for it (remembered per shape, so a run asks once), unless required."""
+                     fast_accum):
+        """out^T = weight8 @ inp8^T (TN) with this epilogue, the operands' inverse scales and the
+        epilogue's pointers."""
         OC, C = weight8.shape
         N = inp8.numel() // C
         A = self.lt.MatmulDescAttribute
@@ -287,18 +281,8 @@ class Matmuls:
                tuple(_alignment(t) for t in (weight8, inp8, out, out)))
         attributes = ((A.FAST_ACCUM, np.int8(bool(fast_accum))),)
         types = (FP8_TYPES[weight8.dtype], FP8_TYPES[inp8.dtype])
-        if key + types in self.fp8_unsupported:
-            return False
         pointers = {**pointers, A.A_SCALE_POINTER: weight_inverse, A.B_SCALE_POINTER: inp_inverse}
-        try:
-            plan = self._get(key, pointers, attributes, types)
-        except Exception:  # cuBLASLt reports "not supported" as an error status or as no algorithm
-            if required or torch.cuda.is_current_stream_capturing():
-                raise
-            self.fp8_unsupported.add(key + types)
-            return False
-        self._run(plan, weight8, inp8, out, beta=False)
-        return True
+        self._run(self._get(key, pointers, attributes, types), weight8, inp8, out, beta=False)
 
     # ---------------------------------------------------------------- backward
     def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
