@@ -35,7 +35,7 @@ def peak_flops():
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
                     pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward="auto",
-                    fp8=False, fp8_gradients="e4m3"):
+                    fp8=False, fp8_gradients="e4m3", tune_matmuls=True):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
@@ -53,6 +53,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
                  pad_multiple=dist.world, fp8=fp8, fp8_gradients=fp8_gradients)
     model.init_weights(cfg.seed)
+    if not tune_matmuls:  # cuBLASLt's first heuristic answer for every matmul (as deterministic runs)
+        backend.matmuls.tune = False
     dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
                       model.grads.element_size(), dist.device)
     overlap = overlap_wanted(overlap, dist.nodes)
@@ -111,7 +113,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         extra["rank_profiles"] = [r["profile"] for r in ranks]
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "cuda_graphs": cuda_graphs, "fp8": fp8, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "fp8": fp8, "tune_matmuls": tune_matmuls, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
@@ -185,6 +187,8 @@ def main(argv=None):
     p.add_argument("--no-graphs", action="store_true", help="launch every kernel from Python (no CUDA graph)")
     p.add_argument("--fp8", action="store_true", help="the blocks' matmuls with fp8 operands (fp8=true)")
     p.add_argument("--fp8-gradients", choices=("e4m3", "e5m2"), default="e4m3", help="with --fp8: fp8_gradients")
+    p.add_argument("--no-tune", action="store_true",
+                   help="every matmul takes cuBLASLt's first heuristic answer, untimed (as deterministic runs do)")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
                    help="sum each gradient bucket over ranks during the backward (overlap_comm; auto: "
                         "when the ranks span nodes or NCCL runs over its socket transport)")
@@ -220,7 +224,7 @@ def main(argv=None):
                                   cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000,
                                   rendezvous=a.rendezvous, overlap=a.overlap,
                                   bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward, fp8=a.fp8,
-                                  fp8_gradients=a.fp8_gradients))
+                                  fp8_gradients=a.fp8_gradients, tune_matmuls=not a.no_tune))
     if not r.pop("is_main"):
         return 0
     if a.json:

@@ -119,3 +119,30 @@ def test_no_allocation_after_plan(mm):
         mm.forward(pre, inp, weight, bias, act)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
+
+
+def test_tuning_times_once_keeps_its_choice_and_restores_the_accumulator():
+    """tune=True: each plan's first call times the heuristic's candidates and keeps one; the
+    weight gradient (beta = 1) still ends as before + the product (the timed runs added into
+    it, and it was put back); a second call takes the same algorithm: the same increment, bitwise."""
+    from distgpt.backends.cuda.bias import BiasGradients
+    from distgpt.backends.cuda.matmul import Matmuls
+    m = Matmuls(BiasGradients(768, "cuda"), dgelu="fused", tune=True)
+    m.plan("cuda")
+    N, C, OC = 4096, 768, 2304
+    dout, inp, weight = bf16(N, OC), bf16(N, C), bf16(OC, C, scale=OC ** -0.5)
+    dweight0 = bf16(OC, C)
+    dweight, dinp = dweight0.clone(), nan(N, C)
+    m.backward(dinp, dweight, None, dout, inp, weight)
+    assert len(m.plans) == 2 and all(p.choice is not None for p in m.plans.values())
+    assert any(p.candidates > 1 for p in m.plans.values()), "the heuristic offered one algorithm only"
+    want_dinp, want_dw = torch.empty(N, C, device="cuda"), torch.zeros(OC, C, device="cuda")
+    reference.matmul_backward(want_dinp, want_dw, None, dout.float(), inp.float(), weight.float())
+    assert_close("dinp (tuned)", dinp, want_dinp, 2e-3, RTOL)
+    assert_close("dweight (+=, tuned)", dweight, dweight0.float() + want_dw, atol(N), RTOL)
+    choices = {k: p.choice for k, p in m.plans.items()}
+    zeros_a, zeros_b = torch.zeros_like(dweight), torch.zeros_like(dweight)
+    m.backward(nan(N, C), zeros_a, None, dout, inp, weight)
+    m.backward(nan(N, C), zeros_b, None, dout, inp, weight)
+    assert {k: p.choice for k, p in m.plans.items()} == choices
+    assert torch.equal(zeros_a, zeros_b)

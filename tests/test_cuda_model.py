@@ -92,9 +92,14 @@ def test_fp8_step_matches_reference_fp32():
 
 
 def twenty_steps(use_graph=False, fp8=False):
+    """Twenty steps of a fresh model and backend. The matmuls take cuBLASLt's first answers
+    (tune off, as deterministic runs do): two runs compared bit for bit must not each time the
+    candidate algorithms and keep different ones."""
     from distgpt.backends.cuda import CudaBackend
     from distgpt.model.micro_step import MicroStep
-    model = build(CudaBackend(), torch.bfloat16, fp8=fp8)
+    backend = CudaBackend()
+    model = build(backend, torch.bfloat16, fp8=fp8)
+    backend.matmuls.tune = False
     micro_step = MicroStep(model, use_graph)
     opt = ShardedAdamW(model, DataParallel(LocalComm(), model.layout, 1), OptimConfig(lr=1e-3), model.ops)
     gen = torch.Generator(device="cuda").manual_seed(7)

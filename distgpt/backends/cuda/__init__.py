@@ -38,22 +38,24 @@ class CudaBackend:
         self.bias_gradients = BiasGradients(C, device)  # per-block bias-gradient partials
         self.encoder_gradients = EncoderGradients(B * T, device)  # token sort buffers
         self.layernorm_gradients = layernorm.LayerNormGradients(C, device, self.bias_gradients)
-        self.matmuls = Matmuls(self.bias_gradients, dgelu="fused" if self.deterministic else "auto")
+        self.matmuls = Matmuls(self.bias_gradients, dgelu="fused" if self.deterministic else "auto",
+                               tune=not self.deterministic)
         self.matmuls.plan(device)  # cuBLASLt handle and workspace
         self.attention.plan(B, T, C, n_head, device)  # cuDNN graphs for (B, T) and their workspace
         self.norm = GlobalNorm(device)  # per-block squared-norm partials
 
     def set_deterministic(self, flag):
         """deterministic=true: FlashAttention-2 with a deterministic backward instead of cuDNN's
-        (whose dq adds with atomics). The matmuls are deterministic either way: one algorithm per
-        plan, the heuristic's first (timing the candidates on the first call and keeping the
-        fastest measured no faster, 2026-11-22, and would make the choice differ between runs),
-        except the choice between the dGELU epilogue and the plain product + gelu_backward, which
-        is measured per shape only when not deterministic (see matmul.py)."""
+        (whose dq adds with atomics). Each matmul is deterministic for a given algorithm; what a
+        deterministic run gives up is the timed choices, which could differ between two runs:
+        the algorithm of each plan (the heuristic's first instead of the fastest of its
+        candidates) and the choice between the dGELU epilogue and the plain product +
+        gelu_backward (see matmul.py)."""
         self.deterministic = bool(flag)
         self.attention.set_deterministic(flag)
         if self.matmuls is not None:
             self.matmuls.dgelu = "fused" if self.deterministic else "auto"
+            self.matmuls.tune = not self.deterministic
 
     def scratch(self):
         """[(what, bytes)] of the scratch plan() allocated."""

@@ -28,12 +28,22 @@ memory as a column-major (K, R) one. So every product below is written transpose
     out (N, OC) = inp (N, C) @ W (OC, C)^T   is   out^T (OC, N) = W^T @ inp^T
 with M = OC, so a bias along OC is cuBLASLt's bias along M.
 
-A plan (descriptor, layouts, the heuristic's best algorithm) is made once per shape, epilogue and
-pointer alignment, and reused for every layer; the per-call work is setting the epilogue's
-pointers and one cublasLtMatmul on torch's current stream, with one workspace planned up front.
-Nothing is allocated in the step, so a step can be captured in a CUDA graph.
+A plan (descriptor, layouts, the heuristic's first CANDIDATES answers) is made once per shape,
+epilogue and pointer alignment, and reused for every layer; the per-call work is setting the
+epilogue's pointers and one cublasLtMatmul on torch's current stream, with one workspace planned
+up front. Nothing is allocated on the GPU in the step, so a step can be captured in a CUDA graph.
 
-Deterministic: a fixed algorithm per plan and no atomics in cuBLASLt's reductions."""
+Which answer runs: the heuristic's first is not the fastest at many of GPT-2's shapes. Timed one
+by one on an H100 (benchmarks/matmul_algo_probe.py, 2026-11-23), the best of its first eight
+answers took 24% less for 124M's qkv input gradient (430 -> 325 us), 9% less for 1558M's fused
+dGELU product (613 -> 560 us); over a step's products, 78.3 -> 73.1 ms at 124M B=64 and 241.0 ->
+234.6 ms at 1558M B=16. So unless the run is deterministic (`tune`), the first call of each plan
+times its candidates on the call's own operands and keeps the fastest (when it beats the first
+answer by TUNE_MARGIN). A product that accumulates (beta = 1, the weight gradients) has its
+output saved to host memory before the timing and put back after it.
+
+Deterministic: a fixed algorithm per plan (the first answer when deterministic: a timed choice
+could differ between two runs) and no atomics in cuBLASLt's reductions."""
 import numpy as np
 import torch
 
@@ -51,6 +61,10 @@ MAX_ALIGN = 256
 DGELU_FORMS = ("auto", "fused", "split")
 SPLIT_MARGIN = 0.95  # the split form must time under 95% of the epilogue's to be chosen
 TIMING_REPEATS = 5
+CANDIDATES = 8  # the heuristic's answers a plan keeps, to time when tuning
+TUNE_MARGIN = 0.98  # another answer replaces the first only when it times under 98% of it
+TUNE_REPEATS = 10
+VALIDATE_ELEMENTS = 1 << 22  # the elements of a candidate's result compared with the first answer's
 
 
 
@@ -63,6 +77,22 @@ def _bindings():
     return cublasLt
 
 
+def _agrees(got, want):
+    """Two bf16 results of the same product by different algorithms: each element within two bf16
+    ulps (2^-6 relative) of the other's, or within 2^-6 of the result's rms where it cancels."""
+    finite = torch.isfinite(want)
+    if not torch.isfinite(got).equal(finite):
+        return False
+    # the same infinities and NaN where NaN (nan_to_num: NaN -> 0, +-inf -> +-the largest float)
+    if not torch.equal(got[~finite].nan_to_num(0.0), want[~finite].nan_to_num(0.0)):
+        return False
+    got, want = got[finite], want[finite]
+    if want.numel() == 0:
+        return True
+    rms = want.square().mean().sqrt()
+    return bool(((got - want).abs() <= 2.0 ** -6 * (want.abs() + rms)).all())
+
+
 def _alignment(t):
     p = t.data_ptr()
     return MAX_ALIGN if p % MAX_ALIGN == 0 else p & -p
@@ -71,9 +101,11 @@ def _alignment(t):
 class _Plan:
     """One cuBLASLt problem: descriptor, the four layouts and the chosen algorithm."""
 
-    def __init__(self, lt, handle, workspace_bytes, key, pointers, attributes=(), types=(CUDA_R_16BF, CUDA_R_16BF)):
+    def __init__(self, lt, handle, workspace_bytes, key, pointers, attributes=(), types=(CUDA_R_16BF, CUDA_R_16BF),
+                 candidates=CANDIDATES):
         """attributes: further (MatmulDescAttribute, numpy scalar) pairs set before the heuristic;
-        types: the data types of A and B (bf16, or fp8 with their scale pointers set)."""
+        types: the data types of A and B (bf16, or fp8 with their scale pointers set); candidates:
+        how many of the heuristic's answers to keep (the first is the default algorithm)."""
         (epilogue, transa, transb, m, n, k, lda, ldb, ldd, aux_ld, aligns) = key
         self.lt = lt
         self._pointer = np.zeros(1, dtype=np.uint64)
@@ -101,16 +133,21 @@ class _Plan:
         for attr, value in zip((P.MIN_ALIGNMENT_A_BYTES, P.MIN_ALIGNMENT_B_BYTES,
                                 P.MIN_ALIGNMENT_C_BYTES, P.MIN_ALIGNMENT_D_BYTES), aligns):
             self._set_pref(pref, attr, np.uint32(value))
-        self.heuristic = lt.MatmulHeuristicResult(1)
+        self.heuristic = lt.MatmulHeuristicResult(candidates)
         found = np.zeros(1, dtype=np.int32)
-        lt.matmul_algo_get_heuristic(handle, self.desc, self.a, self.b, self.d, self.d, pref, 1,
+        lt.matmul_algo_get_heuristic(handle, self.desc, self.a, self.b, self.d, self.d, pref, candidates,
                                      self.heuristic.ptr, found.ctypes.data)
         lt.matmul_preference_destroy(pref)
         if found[0] == 0:
             raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue}, m={m} n={n} k={k}, "
                                f"alignments {aligns}")
-        self.algo = self.heuristic.ptr  # the algo is the struct's first member
-        self.workspace_needed = int(self.heuristic.workspace_size)
+        self.candidates = int(found[0])
+        self.choice = None  # the timed answer's index, once tuned
+        self.algo = self.algorithm(0)
+
+    def algorithm(self, index):
+        """A pointer to the index-th answer's algorithm (the struct's first member)."""
+        return self.heuristic.ptr + index * self.lt.matmul_heuristic_result_dtype.itemsize
 
     def _set(self, attr, value):
         value = np.array(value)  # a 0-d array: its buffer is what the C call reads
@@ -129,9 +166,10 @@ class Matmuls:
     """The cuBLASLt handle, the workspace and the plan cache; bias gradients go to the
     BiasGradients (column-sum kernels) it is given."""
 
-    def __init__(self, bias_gradients=None, dgelu="auto"):
+    def __init__(self, bias_gradients=None, dgelu="auto", tune=True):
         self.bias_gradients = bias_gradients
         self.dgelu = dgelu  # "auto": time the two forms once per shape; "fused" | "split": always that
+        self.tune = tune  # time each plan's candidate algorithms on its first call (False: the first answer)
         self.dgelu_choice = {}  # plan key -> "fused" | "split", what "auto" measured
         self.lt = None
         self.plans = {}
@@ -169,11 +207,60 @@ class Matmuls:
         return plan
 
     def _run(self, plan, a, b, d, beta):
+        """d = a-op @ b-op (+ d when beta), with the plan's timed algorithm when tuning."""
+        if not self.tune:
+            self._launch(plan, plan.algo, a, b, d, beta)
+            return
+        if plan.choice is None:
+            plan.choice = self._tune(plan, a, b, d, beta)
+        self._launch(plan, plan.algorithm(plan.choice or 0), a, b, d, beta)
+
+    def _launch(self, plan, algo, a, b, d, beta):
         alpha_ptr = self._one.ctypes.data
         beta_ptr = (self._one if beta else self._zero).ctypes.data
         self.lt.matmul(self.handle, plan.desc, alpha_ptr, a.data_ptr(), plan.a, b.data_ptr(), plan.b,
-                       beta_ptr, d.data_ptr(), plan.d, d.data_ptr(), plan.d, plan.algo,
+                       beta_ptr, d.data_ptr(), plan.d, d.data_ptr(), plan.d, algo,
                        self.workspace.data_ptr(), WORKSPACE_BYTES, torch.cuda.current_stream().cuda_stream)
+
+    def _tune(self, plan, a, b, d, beta):
+        """The index of the plan's fastest candidate on these operands, 0 (the heuristic's first)
+        unless another beats it by TUNE_MARGIN and computes what the first computes (within two
+        bf16 ulps: some answers evaluate an epilogue less exactly, e.g. two of the dGELU kernels
+        at N = 256, C = 1600); None inside a CUDA graph capture, which must not synchronise (the
+        first answer runs there, and a later call outside tunes). The timed runs overwrite d,
+        which the caller's own run then writes again; an accumulating product's d is saved to
+        host memory first and put back (no GPU memory is taken)."""
+        if plan.candidates == 1:
+            return 0
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        saved = d.to("cpu") if beta else None
+        times = []
+        for index in range(plan.candidates):
+            algo = plan.algorithm(index)
+            try:
+                times.append(median_ms(lambda: self._launch(plan, algo, a, b, d, beta), 2, TUNE_REPEATS))
+            except Exception:  # an answer that does not run on these operands is no candidate
+                times.append(float("inf"))
+        choice, first = 0, None
+        for index in sorted(range(len(times)), key=times.__getitem__):
+            if index == 0 or not times[index] < TUNE_MARGIN * times[0]:
+                break
+            first = self._sample(plan, 0, a, b, d, beta, saved) if first is None else first
+            if _agrees(self._sample(plan, index, a, b, d, beta, saved), first):
+                choice = index
+                break
+        if saved is not None:
+            d.copy_(saved)
+        return choice
+
+    def _sample(self, plan, index, a, b, d, beta, saved):
+        """The first VALIDATE_ELEMENTS elements of d (contiguous, so they copy to the host with no
+        GPU staging) after one run of the index-th candidate (from the saved d when accumulating)."""
+        if saved is not None:
+            d.copy_(saved)
+        self._launch(plan, plan.algorithm(index), a, b, d, beta)
+        return d.view(-1)[:VALIDATE_ELEMENTS].to("cpu").float()
 
     # ---------------------------------------------------------------- forward
     def forward(self, out, inp, weight, bias, gelu_out=None):

@@ -1,0 +1,131 @@
+"""Probe: does cuBLASLt's first heuristic answer leave time on the table at GPT-2's shapes?
+
+Matmuls takes the heuristic's first algorithm for every plan. Here each plan a step uses (the
+block's four forward products with their epilogues, the input and weight gradients, the lm
+head's chunk products) is run through Matmuls once, then timed with each of the heuristic's
+first --algos answers back to back. The table gives the first answer's time, the best one's and
+what the step would save with the best (times the calls per step).
+
+    python3 benchmarks/matmul_algo_probe.py [--models gpt2_124m:64 gpt2_1558m:16] [--algos 16]
+"""
+import argparse
+
+import numpy as np
+import torch
+
+from distgpt.backends.cuda.bias import BiasGradients
+from distgpt.backends.cuda.matmul import WORKSPACE_BYTES, Matmuls
+from distgpt.backends.cuda.runtime import median_ms
+from distgpt.model.layout import CLASSIFIER_CHUNK_ROWS
+
+SHAPES = {"gpt2_124m": (12, 768), "gpt2_350m": (24, 1024), "gpt2_774m": (36, 1280), "gpt2_1558m": (48, 1600)}
+VP, T = 50304, 1024
+
+
+class Recorder(Matmuls):
+    """Matmuls that remembers each plan's last call (its operands), to run it again."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = {}  # id(plan) -> [plan, (a, b, d, beta), label, calls per step]
+        self.label, self.per_step = None, 1
+
+    def _run(self, plan, a, b, d, beta):
+        self.calls.setdefault(id(plan), [plan, None, self.label, self.per_step])[1] = (a, b, d, beta)
+        super()._run(plan, a, b, d, beta)
+
+
+def candidates(mm, plan, n):
+    """The heuristic's first n answers for this plan's descriptor and layouts (pointers to them)."""
+    lt = mm.lt
+    pref = lt.matmul_preference_create()
+    value = np.array(np.uint64(WORKSPACE_BYTES))
+    lt.matmul_preference_set_attribute(pref, lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES,
+                                       value.ctypes.data, value.nbytes)
+    results = lt.MatmulHeuristicResult(n)
+    found = np.zeros(1, dtype=np.int32)
+    lt.matmul_algo_get_heuristic(mm.handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref, n,
+                                 results.ptr, found.ctypes.data)
+    lt.matmul_preference_destroy(pref)
+    return results, int(found[0])
+
+
+def run_model(model, B, n_algos):
+    L, C = SHAPES[model]
+    N = B * T
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    mm = Recorder(BiasGradients(4 * C, "cuda"), dgelu="fused", tune=False)
+    mm.plan("cuda")
+
+    def t(*shape, scale=1.0):
+        return torch.randn(*shape, **bf) * scale
+
+    ln, atty, fch, fchg = t(N, C), t(N, C), t(N, 4 * C), t(N, 4 * C)
+    out3, outC = t(N, 3 * C), t(N, C)
+    W = {"qkv": t(3 * C, C, scale=0.02), "attproj": t(C, C, scale=0.02), "fc": t(4 * C, C, scale=0.02),
+         "fcproj": t(C, 4 * C, scale=0.02)}
+    dW = {k: torch.zeros_like(w) for k, w in W.items()}
+    b = {k: t(w.shape[0], scale=0.02) for k, w in W.items()}
+    d3C, dC, d4C = t(N, 3 * C), t(N, C), t(N, 4 * C)
+    mm.per_step = L
+    for label, call in (
+            ("fwd qkv", lambda: mm.forward(out3, ln, W["qkv"], b["qkv"])),
+            ("fwd attproj", lambda: mm.forward(outC, atty, W["attproj"], b["attproj"])),
+            ("fwd fc+gelu", lambda: mm.forward(fch, ln, W["fc"], b["fc"], gelu_out=fchg)),
+            ("fwd fcproj", lambda: mm.forward(outC, fchg, W["fcproj"], b["fcproj"])),
+            ("bwd qkv", lambda: mm.backward(dC, dW["qkv"], None, d3C, ln, W["qkv"])),
+            ("bwd attproj", lambda: mm.backward(dC, dW["attproj"], None, outC, atty, W["attproj"])),
+            ("bwd fc", lambda: mm.backward(dC, dW["fc"], None, d4C, ln, W["fc"])),
+            ("bwd fcproj+dgelu", lambda: mm.backward(d4C, dW["fcproj"], None, dC, fchg, W["fcproj"],
+                                                     gelu_inp=fch))):
+        mm.label = label
+        call()
+    R = min(N, max(T, CLASSIFIER_CHUNK_ROWS))
+    logits, x, dx, wte = t(R, VP), t(R, C), t(R, C), t(VP, C, scale=0.02)
+    dwte = torch.zeros_like(wte)
+    mm.per_step, mm.label = N // R, "lm head fwd"
+    mm.forward(logits, x, wte, None)
+    mm.label = "lm head bwd"
+    mm.backward(dx, dwte, None, logits, x, wte)
+    torch.cuda.synchronize()
+    rows, total_first, total_best = [], 0.0, 0.0
+    for plan, (a, b_, d, beta), label, per_step in mm.calls.values():
+        results, found = candidates(mm, plan, n_algos)
+        first_algo = plan.algo
+        times = []
+        for i in range(found):
+            plan.algo = results.ptr + i * mm.lt.matmul_heuristic_result_dtype.itemsize
+            try:
+                times.append(median_ms(lambda: mm._run(plan, a, b_, d, beta), 3, 15))
+            except Exception:  # an answer that does not run here: not a candidate
+                times.append(float("inf"))
+        plan.algo = first_algo
+        first, best = times[0], min(times)
+        rank = times.index(best)
+        total_first += first * per_step
+        total_best += best * per_step
+        rows.append(f"| {model} | {label} | {per_step} | {found} | {first * 1000:.0f} | {best * 1000:.0f} "
+                    f"(#{rank}) | {100 * (1 - best / first):.1f}% | {(first - best) * per_step:.2f} |")
+    return rows, total_first, total_best
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["gpt2_124m:64", "gpt2_1558m:16"], help="model:B")
+    p.add_argument("--algos", type=int, default=16)
+    a = p.parse_args()
+    print("| model | product | calls/step | answers | first us | best us (rank) | gain | ms/step saved |")
+    print("|---|---|---|---|---|---|---|---|")
+    summary = []
+    for item in a.models:
+        model, B = item.split(":")
+        rows, first, best = run_model(model, int(B), a.algos)
+        print("\n".join(rows), flush=True)
+        summary.append(f"{model} B={B}: matmuls {first:.1f} ms a step with the first answers, {best:.1f} with "
+                       f"the best ({first - best:.1f} ms saved)")
+        torch.cuda.empty_cache()
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
