@@ -61,6 +61,24 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// amax (the largest |x|, what an fp8 cast scales by), deterministic: for non-negative floats,
+// and for NaN above them all, the unsigned order of the bits is the order of the values, so a
+// maximum over the bits of |x| is max |x| whatever order it is taken in (a NaN wins, as in the
+// reference). merge_amax folds one warp's maximum into *amax (zeroed by the caller first): every
+// lane passes its own, lane 0 merges, and skips the atomic where amax already holds as much.
+__device__ __forceinline__ unsigned int abs_bits(float x) {
+    return __float_as_uint(x) & 0x7fffffffu;
+}
+__device__ __forceinline__ unsigned int warp_max_bits(unsigned int v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+__device__ __forceinline__ void merge_amax(float* amax, unsigned int local) {
+    const unsigned int m = warp_max_bits(local);
+    unsigned int* bits = reinterpret_cast<unsigned int*>(amax);
+    if (threadIdx.x % 32 == 0 && m > *reinterpret_cast<volatile unsigned int*>(bits)) atomicMax(bits, m);
+}
+
 // Sum over the whole block, same result in every thread; the order of additions is fixed by
 // the thread layout, so the result is deterministic. `shared` holds at least 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* shared) {

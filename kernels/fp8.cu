@@ -31,22 +31,17 @@
 #error "FP8_TILE comes from backends/cuda/fp8.py (compiled in as -DFP8_TILE=...)"
 #endif
 
-// the unsigned bits of |x|: their order is the order of |x| (NaN above +inf)
-__device__ __forceinline__ unsigned int abs_bits(float x) {
-    return __float_as_uint(x) & 0x7fffffffu;
-}
-
+// the maximum of the block's v (abs_bits values, common.cuh), valid in its first thread
 __device__ __forceinline__ unsigned int block_max(unsigned int v) {
     __shared__ unsigned int warp_max[32];
-    for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    v = warp_max_bits(v);
     const int id = threadIdx.y * blockDim.x + threadIdx.x;  // blocks are 1-D or 2-D
     const int warp = id / 32, lane = id % 32;
     const int warps = (blockDim.x * blockDim.y + 31) / 32;
     if (lane == 0) warp_max[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = lane < warps ? warp_max[lane] : 0u;
-        for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+        v = warp_max_bits(lane < warps ? warp_max[lane] : 0u);
     }
     return v;  // valid in the block's first thread
 }

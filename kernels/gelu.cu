@@ -3,6 +3,7 @@
 //
 //   forward   out  = 0.5 x (1 + tanh(s (x + 0.044715 x^3))),  s = sqrt(2 / pi)      (overwrites)
 //   backward  dinp = gelu'(x) * dout                                                 (overwrites)
+//             (gelu_backward_amax: and amax = max(amax, max |dinp|), for the fp8 cast that follows)
 //
 // gelu_backward may run in place (dinp == dout, as the model does for the 4C buffer): each
 // thread reads its 8 elements of inp and dout before it writes the same 8 of dinp, and no
@@ -32,12 +33,13 @@ extern "C" __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, l
 }
 
 // gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) s (1 + 3 * 0.044715 x^2),  t = tanh(s (x + 0.044715 x^3))
-extern "C" __global__ void gelu_backward_kernel(floatX* dinp, const floatX* inp, const floatX* dout, long long n8) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n8) return;
-    const x128 x = load128(inp + i * 8);
-    const x128 g = load128(dout + i * 8);
+// for the 8 elements at i8 * 8; returns the abs_bits maximum of what it wrote
+__device__ __forceinline__ unsigned int gelu_backward8(floatX* dinp, const floatX* inp, const floatX* dout,
+                                                       long long i8) {
+    const x128 x = load128(inp + i8 * 8);
+    const x128 g = load128(dout + i8 * 8);
     x128 o;
+    unsigned int local = 0u;
 #pragma unroll
     for (int j = 0; j < 8; j++) {
         const float v = __bfloat162float(x[j]);
@@ -45,6 +47,23 @@ extern "C" __global__ void gelu_backward_kernel(floatX* dinp, const floatX* inp,
         const float dinner = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * v * v);
         const float grad = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * dinner;
         o[j] = __float2bfloat16_rn(grad * __bfloat162float(g[j]));
+        local = max(local, abs_bits(__bfloat162float(o[j])));
     }
-    store128(dinp + i * 8, o);
+    store128(dinp + i8 * 8, o);
+    return local;
+}
+
+extern "C" __global__ void gelu_backward_kernel(floatX* dinp, const floatX* inp, const floatX* dout, long long n8) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n8) gelu_backward8(dinp, inp, dout, i);
+}
+
+// The same, also merging max |dinp| into amax (fp8=true: the gradient fc's backward casts next,
+// so its cast needs no amax pass of its own). One merge per warp, which skips the atomic once
+// amax holds as much: the plain kernel's grid and speed (a grid-stride loop over a few blocks
+// per SM, tried first, ran 245 us against 200 at 1558M B=16: too few loads in flight).
+extern "C" __global__ void gelu_backward_amax_kernel(floatX* dinp, const floatX* inp, const floatX* dout,
+                                                     float* amax, long long n8) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    merge_amax(amax, i < n8 ? gelu_backward8(dinp, inp, dout, i) : 0u);
 }

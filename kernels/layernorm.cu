@@ -7,6 +7,9 @@
 //                               and, in the _sum variant, dproj_bias += column sums of the updated
 //                               dinp: the bias gradient of the projection that added into this
 //                               residual, taken while the row is in registers (no second read)
+//   *_amax_kernel_CH twins (of all but the residual add): with fp8=true, max |output| merged
+//   into the fp8 cast's amax of the matmul that reads the output next (common.cuh: merge_amax),
+//   so that cast needs no pass of its own over the tensor to find it
 //
 // One warp per row of C channels; lane l holds the 16-byte chunks (k*32 + l)*8, k < CH, in
 // registers. CH = ceil(C / 256) is a template parameter, so the arrays stay in registers (indexed
@@ -55,11 +58,13 @@ __device__ __forceinline__ void opaque(x128& v) {
 
 // Mean, rstd and the normalised output of one row whose bf16 values x are in registers.
 // CH (chunks per lane, ceil(C / 256)) only bounds the unrolled loops: chunks past C are skipped,
-// so every CH gives the same bits for the same row.
-template <int CH>
+// so every CH gives the same bits for the same row. amax (fp8=true, may be null): merged with the
+// row's max |output| as stored in bf16, what the next matmul's fp8 cast would otherwise re-read.
+template <int CH, bool AMAX>
 __device__ __forceinline__ void normalize_row(x128 (&x)[CH], floatX* out_row,
                                               float* mean_out, float* rstd_out,
-                                              const floatX* weight, const floatX* bias, int C, int lane) {
+                                              const floatX* weight, const floatX* bias, float* amax,
+                                              int C, int lane) {
     float sum = 0.0f;
 #pragma unroll
     for (int k = 0; k < CH; k++) {
@@ -83,6 +88,7 @@ __device__ __forceinline__ void normalize_row(x128 (&x)[CH], floatX* out_row,
     const float rstd = rsqrtf(__fadd_rn(__fdiv_rn(warp_sum(sq), (float)C), LN_EPS));
 #pragma unroll
     for (int k = 0; k < CH; k++) opaque(x[k]);
+    unsigned int local = 0u;
 #pragma unroll
     for (int k = 0; k < CH; k++) {
         if (!chunk_on(k, lane, C)) continue;
@@ -93,19 +99,21 @@ __device__ __forceinline__ void normalize_row(x128 (&x)[CH], floatX* out_row,
         for (int j = 0; j < 8; j++) {
             const float n = __fmul_rn(__fsub_rn(__bfloat162float(x[k][j]), mean), rstd);
             o[j] = __float2bfloat16_rn(__fmaf_rn(n, __bfloat162float(w[j]), __bfloat162float(b[j])));
+            if (AMAX) local = max(local, abs_bits(__bfloat162float(o[j])));
         }
         store128(out_row + c, o);
     }
+    if (AMAX) merge_amax(amax, local);
     if (lane == 0) {
         *mean_out = mean;
         *rstd_out = rstd;
     }
 }
 
-template <int CH>
+template <int CH, bool AMAX>
 __device__ __forceinline__ void layernorm_forward_impl(floatX* out, float* mean, float* rstd,
                                                        const floatX* inp, const floatX* weight,
-                                                       const floatX* bias, int N, int C) {
+                                                       const floatX* bias, float* amax, int N, int C) {
     const int lane = threadIdx.x % 32, row = blockIdx.x * LN_FWD_WARPS + threadIdx.x / 32;
     if (row >= N) return;
     const long long base = (long long)row * C;
@@ -113,7 +121,7 @@ __device__ __forceinline__ void layernorm_forward_impl(floatX* out, float* mean,
 #pragma unroll
     for (int k = 0; k < CH; k++)
         if (chunk_on(k, lane, C)) x[k] = load128(inp + base + (k * 32 + lane) * 8);
-    normalize_row<CH>(x, out + base, mean + row, rstd + row, weight, bias, C, lane);
+    normalize_row<CH, AMAX>(x, out + base, mean + row, rstd + row, weight, bias, amax, C, lane);
 }
 
 __device__ __forceinline__ x128 add_bf16(const x128& a, const x128& b) {
@@ -123,11 +131,11 @@ __device__ __forceinline__ x128 add_bf16(const x128& a, const x128& b) {
     return s;
 }
 
-template <int CH>
+template <int CH, bool AMAX>
 __device__ __forceinline__ void residual_layernorm_forward_impl(floatX* residual_out, floatX* ln_out,
                                                                 float* mean, float* rstd, const floatX* a,
                                                                 const floatX* b, const floatX* weight,
-                                                                const floatX* bias, int N, int C) {
+                                                                const floatX* bias, float* amax, int N, int C) {
     const int lane = threadIdx.x % 32, row = blockIdx.x * LN_FWD_WARPS + threadIdx.x / 32;
     if (row >= N) return;
     const long long base = (long long)row * C;
@@ -139,7 +147,7 @@ __device__ __forceinline__ void residual_layernorm_forward_impl(floatX* residual
         x[k] = add_bf16(load128(a + at), load128(b + at));
         store128(residual_out + at, x[k]);
     }
-    normalize_row<CH>(x, ln_out + base, mean + row, rstd + row, weight, bias, C, lane);
+    normalize_row<CH, AMAX>(x, ln_out + base, mean + row, rstd + row, weight, bias, amax, C, lane);
 }
 
 // out = bf16(a + b), 8 elements per thread; n8 = number of 16-byte chunks. The same add_bf16 as
@@ -159,10 +167,13 @@ extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* a,
 // instead of two: 73 vs 79 us at B*T = 32768, C = 768 on an H100. At CH = 7 it would spill (128
 // registers, the cap for 2 blocks of 256 threads per SM) and gained nothing (91 vs 93 us), so the
 // CH = 7 kernel loads dinp in pass 2.
-template <int CH, bool PREFETCH, int NSUM>
+// amax (fp8=true, may be null): merged with max |dinp| after the update, as stored in bf16: the
+// gradient the projection below casts next.
+template <int CH, bool PREFETCH, int NSUM, bool AMAX>
 __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* partials, const floatX* dout,
                                                         const floatX* inp, const floatX* weight,
-                                                        const float* mean, const float* rstd, int N, int C) {
+                                                        const float* mean, const float* rstd, float* amax,
+                                                        int N, int C) {
     extern __shared__ float smem[];  // LN_BWD_WARPS * NSUM * C floats
     f128* slots = reinterpret_cast<f128*>(smem);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, C4 = C / 4, C8 = C / 8;
@@ -172,6 +183,7 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
     f128* db_acc = dw_acc + C4;
     f128* ds_acc = db_acc + C4;  // NSUM == 3: the column sums of the updated dinp
     const float inv_C = 1.0f / (float)C;
+    unsigned int local = 0u;  // max |dinp| bits over this lane's elements
     for (int row = blockIdx.x * LN_BWD_WARPS + warp; row < N; row += gridDim.x * LN_BWD_WARPS) {
         const long long base = (long long)row * C;
         x128 x[CH], g[CH], di[CH];
@@ -222,6 +234,7 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
                 const float dx = fmaf(__bfloat162float(g[k][j]), __bfloat162float(w[j]) * r,
                                       fmaf(__bfloat162float(x[k][j]), -a, b));
                 acc[j] = __float2bfloat16_rn(__bfloat162float(acc[j]) + dx);
+                if (AMAX) local = max(local, abs_bits(__bfloat162float(acc[j])));
             }
             store128(dst, acc);
             if (NSUM == 3) {  // the rounded bf16 values, as a separate column sum of dinp would read them
@@ -235,6 +248,7 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
             }
         }
     }
+    if (AMAX) merge_amax(amax, local);
     __syncthreads();
     // the block's partials: warps added in order 0, 1, ..., LN_BWD_WARPS-1
     for (int s = threadIdx.x; s < NSUM * C4; s += blockDim.x) {
@@ -249,28 +263,38 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
     }
 }
 
-// The extern "C" entry points, one set per CH (NVRTC looks kernels up by these names).
-#define LAYERNORM_KERNELS(CH)                                                                          \
-    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32) layernorm_forward_kernel_##CH(     \
+// The extern "C" entry points, one set per CH (NVRTC looks kernels up by these names), each with
+// an _amax twin that also merges max |output| into amax (fp8 runs). Twins, not a null check, so
+// the plain kernels compile as they did: the amax code cost them registers and 4-5% of their time.
+#define LAYERNORM_KERNEL_SET(CH, SUFFIX, AMAX)                                                         \
+    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32) layernorm_forward##SUFFIX##_##CH( \
         floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight,               \
-        const floatX* bias, int N, int C) {                                                            \
-        layernorm_forward_impl<CH>(out, mean, rstd, inp, weight, bias, N, C);                          \
+        const floatX* bias, float* amax, int N, int C) {                                               \
+        layernorm_forward_impl<CH, AMAX>(out, mean, rstd, inp, weight, bias, amax, N, C);              \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32) residual_layernorm_forward_kernel_##CH( \
+    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32)                                     \
+    residual_layernorm_forward##SUFFIX##_##CH(                                                         \
         floatX* residual_out, floatX* ln_out, float* mean, float* rstd, const floatX* a,              \
-        const floatX* b, const floatX* weight, const floatX* bias, int N, int C) {                    \
-        residual_layernorm_forward_impl<CH>(residual_out, ln_out, mean, rstd, a, b, weight, bias, N, C); \
+        const floatX* b, const floatX* weight, const floatX* bias, float* amax, int N, int C) {       \
+        residual_layernorm_forward_impl<CH, AMAX>(residual_out, ln_out, mean, rstd, a, b, weight, bias, amax, \
+                                                  N, C);                                               \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2) layernorm_backward_kernel_##CH( \
+    extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2) layernorm_backward##SUFFIX##_##CH( \
         floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
-        const float* mean, const float* rstd, int N, int C) {                                          \
-        layernorm_backward_impl<CH, (CH < 7), 2>(dinp, partials, dout, inp, weight, mean, rstd, N, C); \
+        const float* mean, const float* rstd, float* amax, int N, int C) {                             \
+        layernorm_backward_impl<CH, (CH < 7), 2, AMAX>(dinp, partials, dout, inp, weight, mean, rstd, amax, \
+                                                       N, C);                                          \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2) layernorm_backward_sum_kernel_##CH( \
+    extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2)                                  \
+    layernorm_backward_sum##SUFFIX##_##CH(                                                             \
         floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
-        const float* mean, const float* rstd, int N, int C) {                                          \
-        layernorm_backward_impl<CH, (CH < 7), 3>(dinp, partials, dout, inp, weight, mean, rstd, N, C); \
+        const float* mean, const float* rstd, float* amax, int N, int C) {                             \
+        layernorm_backward_impl<CH, (CH < 7), 3, AMAX>(dinp, partials, dout, inp, weight, mean, rstd, amax, \
+                                                       N, C);                                          \
     }
+#define LAYERNORM_KERNELS(CH)                                                                          \
+    LAYERNORM_KERNEL_SET(CH, _kernel, false)                                                           \
+    LAYERNORM_KERNEL_SET(CH, _amax_kernel, true)
 LAYERNORM_KERNELS(1)
 LAYERNORM_KERNELS(2)
 LAYERNORM_KERNELS(3)

@@ -235,3 +235,53 @@ def test_fp8_backward_input_matches_the_reference(N, C, OC, gelu, dout_format):
                                         gelu_inp=pre.double() if gelu else None)
     rms = float(want.pow(2).mean().sqrt())
     assert_close("fp8 dinp", dinp, want, atol=1e-2 * rms, rtol=2e-2)
+
+
+def rows(N, C, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, C, generator=gen) * scale).to(torch.bfloat16).cuda()
+
+
+@pytest.mark.parametrize("C", [768, 1600])
+def test_producers_take_the_amax_the_cast_would(C):
+    """fp8=true's fused amax: each kernel given an amax writes exactly what it writes without
+    one, and leaves in amax the bits fp8_amax (the cast's own pass) finds over that output. A
+    row made large checks that the maximum is the whole tensor's, not one block's."""
+    from distgpt.backends.cuda import fp8, gelu
+    from gpu_check import planned_backend
+    N = 4096
+    backend = planned_backend(4, 1024, C, C // 64)
+    weight, bias = rows(1, C, 1).view(C) * 1 + 1, rows(1, C, 2).view(C)
+    mean, rstd = (torch.empty(N, device="cuda") for _ in range(2))
+
+    def check(name, run, output):
+        """run(amax or None) writes output; with an amax: same bytes, and amax = fp8_amax(output)."""
+        run(None)
+        plain = output.clone()
+        amax = torch.zeros(1, device="cuda")
+        run(amax)
+        assert torch.equal(output, plain), f"{name}: the output changed with an amax"
+        want = torch.zeros(1, device="cuda")
+        fp8.fp8_amax(want, output)
+        assert torch.equal(amax, want) and want.item() > 0, f"{name}: amax {amax.item()} != {want.item()}"
+
+    x, y = rows(N, C, 3), rows(N, C, 4)
+    x[N // 3] *= 40  # one large row, far from the first block's
+    out, res = torch.empty_like(x), torch.empty_like(x)
+    check("layernorm_forward", lambda a: backend.layernorm_forward(out, mean, rstd, x, weight, bias, amax=a), out)
+    check("residual_layernorm_forward",
+          lambda a: backend.residual_layernorm_forward(res, out, mean, rstd, x, y, weight, bias, amax=a), out)
+    dout, dinp0 = rows(N, C, 5), rows(N, C, 6)
+    dinp0[N - 7] *= 30
+    dinp = torch.empty_like(dinp0)
+    for dproj in (None, torch.zeros(C, dtype=torch.bfloat16, device="cuda")):
+        def backward(a):
+            dinp.copy_(dinp0)  # the residual gradient accumulates: the same start each run
+            dw, db = (torch.zeros(C, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+            backend.layernorm_backward(dinp, dw, db, dout, x, weight, mean, rstd,
+                                       dproj_bias=None if dproj is None else dproj.zero_(), amax=a)
+        check(f"layernorm_backward (dproj_bias {dproj is not None})", backward, dinp)
+    pre, g4 = rows(N, 4 * C, 7), rows(N, 4 * C, 8)
+    g4[5] *= 50
+    d4 = torch.empty_like(g4)
+    check("gelu_backward", lambda a: gelu.gelu_backward(d4, pre, g4, a), d4)

@@ -91,7 +91,7 @@ def test_fp8_step_matches_reference_fp32():
     assert torch.isfinite(fast.fp8.inverses).all() and (fast.fp8.amaxes > 0).all()
 
 
-def twenty_steps(use_graph=False, fp8=False):
+def twenty_steps(use_graph=False, fp8=False, fuse_amax=True):
     """Twenty steps of a fresh model and backend. The matmuls take cuBLASLt's first answers
     (tune off, as deterministic runs do): two runs compared bit for bit must not each time the
     candidate algorithms and keep different ones."""
@@ -100,6 +100,8 @@ def twenty_steps(use_graph=False, fp8=False):
     backend = CudaBackend()
     model = build(backend, torch.bfloat16, fp8=fp8)
     backend.matmuls.tune = False
+    if fp8:
+        model.fp8.fuse_amax = fuse_amax
     micro_step = MicroStep(model, use_graph)
     opt = ShardedAdamW(model, DataParallel(LocalComm(), model.layout, 1), OptimConfig(lr=1e-3), model.ops)
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -131,6 +133,14 @@ def test_cuda_graph_replay_is_bitwise_the_eager_step(fp8):
     eager, graphed = twenty_steps(use_graph=False, fp8=fp8), twenty_steps(use_graph=True, fp8=fp8)
     assert eager[0] == graphed[0], "losses differ between the eager and the CUDA-graph step"
     assert torch.equal(eager[1], graphed[1]) and torch.equal(eager[2], graphed[2])
+
+
+def test_fp8_amax_taken_by_the_producers_is_bitwise_the_casts_own():
+    """fp8: the layernorms and the GELU derivative take the amax of what they write (fuse_amax),
+    and the run is bit for bit the one where each cast takes its own amax pass."""
+    fused, separate = twenty_steps(fp8=True), twenty_steps(fp8=True, fuse_amax=False)
+    assert fused[0] == separate[0], "losses differ between fused and separate amax passes"
+    assert torch.equal(fused[1], separate[1]) and torch.equal(fused[2], separate[2])
 
 
 def test_scratch_estimate_is_what_plan_takes():

@@ -83,3 +83,40 @@ def test_fp8_parity_benchmark_smoke(tmp_path, capsys, monkeypatch):
         assert abs(float(e5m2) - float(bf16)) <= 0.01 * float(bf16)
         assert (e5m2 == fp8) == (step == "| 0")  # the gradients' format shows once a step was taken
     assert "- fp8: largest gap" in out and out.strip().endswith("PASS")
+
+
+class StrictCasts:
+    """The reference backend, except that a cast told its amax is known (its producer merged it,
+    fp8 fuse_amax) checks that it is: exactly max |inp|. Counts the casts it checked."""
+
+    def __init__(self):
+        self.checked = 0
+
+    def __getattr__(self, name):
+        return getattr(reference, name)
+
+    def fp8_cast(self, out, inverse, amax, inp, amax_known=False):
+        if amax_known:
+            self.checked += 1
+            assert float(amax) == float(inp.abs().max()), "a producer left a wrong amax"
+        reference.fp8_cast(out, inverse, amax, inp, amax_known)
+
+
+def test_each_fused_amax_is_what_its_cast_would_take():
+    """Every site whose producer takes the amax (model/fp8.py PRODUCED: five a layer) gets it
+    from that producer, equal to max |tensor|, and the step is bitwise the one where every cast
+    takes its own (fuse_amax=False)."""
+    from distgpt.model.fp8 import PRODUCED
+    strict = StrictCasts()
+    runs = []
+    for backend, fuse in ((strict, True), (reference, False)):
+        model = GPT2(SHAPE, backend, B, T, fp8=True)
+        model.fp8.fuse_amax = fuse
+        model.init_weights(3)
+        gen = torch.Generator().manual_seed(3)
+        x, y = (torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2))
+        runs.append((float(model.forward(x, y, 1.0 / (B * T))), model))
+        model.backward()
+    assert strict.checked == len(PRODUCED) * SHAPE.n_layer
+    (loss_a, a), (loss_b, b) = runs
+    assert loss_a == loss_b and torch.equal(a.grads, b.grads) and torch.equal(a.fp8.amaxes, b.fp8.amaxes)

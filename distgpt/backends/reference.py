@@ -41,8 +41,18 @@ def encoder_backward(dwte, dwpe, dout, tokens):
 
 
 # ---------------------------------------------------------------- layernorm
-def layernorm_forward(out, mean, rstd, inp, weight, bias):
-    """out (B,T,C) = (inp - mean) * rstd * weight + bias; saves mean, rstd (B,T) for backward."""
+def merge_amax(amax, x):
+    """amax = max(amax, max |x|) in place (one element; NaN wins, as in a cast's amax): what an
+    op given `amax` takes of its output, so the fp8 cast of that output skips its own pass."""
+    if amax is None or x.numel() == 0:
+        return
+    seen = float(x.abs().max())
+    amax.fill_(seen if math.isnan(seen) else max(float(amax.reshape(-1)[0]), seen))
+
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None):
+    """out (B,T,C) = (inp - mean) * rstd * weight + bias; saves mean, rstd (B,T) for backward.
+    amax (fp8 runs): also amax = max(amax, max |out|), of out as stored."""
     mu = inp.mean(dim=-1, keepdim=True)
     centered = inp - mu
     var = (centered * centered).mean(dim=-1, keepdim=True)  # biased, as GPT-2
@@ -50,14 +60,16 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
     out.copy_(centered * r * weight + bias)
     mean.copy_(mu.squeeze(-1))
     rstd.copy_(r.squeeze(-1))
+    merge_amax(amax, out)
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None):
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None):
     """dinp += d(inp) (residual stream: see the module note); dweight, dbias += their grads.
     dproj_bias, when given, += the column sums of dinp after the update: dinp is then the
     gradient of a residual sum x + proj(y), so its column sums are the bias gradient of proj.
     The model lets the layernorm backward take that sum because it already holds the rows
-    (the CUDA kernel saves a pass over a (B, T, C) gradient)."""
+    (the CUDA kernel saves a pass over a (B, T, C) gradient). amax (fp8 runs): likewise
+    amax = max(amax, max |dinp|) after the update."""
     C = inp.shape[-1]
     norm = (inp - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     dbias += dout.reshape(-1, C).sum(dim=0)
@@ -68,13 +80,14 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dpro
     dinp += dx * rstd.unsqueeze(-1)
     if dproj_bias is not None:
         dproj_bias += dinp.reshape(-1, C).sum(dim=0)
+    merge_amax(amax, dinp)
 
 
-def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias):
+def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias, amax=None):
     """residual_out = a + b, then its layernorm: the pair every block boundary does. The CUDA
     backend fuses them into one pass over memory; here it is the composition."""
     residual_forward(residual_out, a, b)
-    layernorm_forward(ln_out, mean, rstd, residual_out, weight, bias)
+    layernorm_forward(ln_out, mean, rstd, residual_out, weight, bias, amax)
 
 
 # ---------------------------------------------------------------- matmul (nn.Linear layout)
@@ -163,14 +176,16 @@ def gelu_forward(out, inp):
     out.copy_(0.5 * x * (1.0 + torch.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))))
 
 
-def gelu_backward(dinp, inp, dout):
-    """dinp = gelu'(inp) * dout (overwrites; dinp may be the same tensor as dout)."""
+def gelu_backward(dinp, inp, dout, amax=None):
+    """dinp = gelu'(inp) * dout (overwrites; dinp may be the same tensor as dout); amax (fp8
+    runs): also amax = max(amax, max |dinp|)."""
     x = inp
     inner = GELU_SCALE * (x + GELU_CUBIC * x * x * x)
     t = torch.tanh(inner)
     dinner = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
     grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
     dinp.copy_(grad * dout)
+    merge_amax(amax, dinp)
 
 
 # ---------------------------------------------------------------- residual
@@ -381,10 +396,12 @@ def fp8_quantize_transpose(out, out_t, amax, inp, scale):
     out_t.copy_(out.t())
 
 
-def fp8_cast(out, inverse, amax, inp):
+def fp8_cast(out, inverse, amax, inp, amax_known=False):
     """Current scaling, as training casts each matmul operand: amax = max(amax, max |inp|) (the
     caller zeroes it first), out = fp8(inp * s) with s = fp8_scale's power of two for that amax
-    and out's format, inverse = 1 / s (one fp32 element: what the scaled matmul multiplies by)."""
+    and out's format, inverse = 1 / s (one fp32 element: what the scaled matmul multiplies by).
+    amax_known: the op that wrote inp already merged max |inp| into amax (its `amax` argument),
+    so max(amax, max |inp|) is amax: the CUDA op skips that pass; here it is taken anyway."""
     fmt = next(name for name, dtype in FP8_FORMATS.items() if dtype == out.dtype)
     seen, scale = (torch.zeros(1, dtype=torch.float32, device=inp.device) for _ in range(2))
     fp8_quantize(out, seen, inp, torch.ones_like(scale))  # seen = max |inp|
@@ -422,11 +439,14 @@ def fp8_matmul_forward(out, inp, inp_inverse, weight, weight_inverse, bias, gelu
         gelu_forward(gelu_out, out)
 
 
-def fp8_matmul_backward_input(dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None):
+def fp8_matmul_backward_input(dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None, amax=None):
     """dinp (..., C) = dequant(dout) (..., OC) @ dequant(weight_t)^T, weight_t the (C, OC)
     transposed fp8 copy of the layer's weight (both operands K-major); with gelu_inp, times
     gelu'(gelu_inp), as matmul_backward's input gradient. The weight gradient stays a bf16
-    product (matmul_backward with dinp None)."""
+    product (matmul_backward with dinp None). amax (with gelu_inp): also amax = max(amax,
+    max |dinp|), taken with the GELU derivative (the CUDA op's gelu_backward writes dinp)."""
+    if amax is not None and gelu_inp is None:
+        raise ValueError("fp8_matmul_backward_input: amax is taken with the GELU derivative; pass gelu_inp")
     fp8_matmul_forward(dinp, dout, dout_inverse, weight_t, weight_inverse, None)
     if gelu_inp is not None:
-        gelu_backward(dinp, gelu_inp, dinp)
+        gelu_backward(dinp, gelu_inp, dinp, amax)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from distgpt.model.fp8 import Fp8Matmuls
+from distgpt.model.fp8 import GRADIENT, INPUT, Fp8Matmuls
 from distgpt.model.layout import (CLASSIFIER_CHUNK_ROWS, RESIDUAL_PROJECTIONS, ActivationPlan,
                                   ParameterLayout, layer_tensors)
 
@@ -95,7 +95,7 @@ class GPT2:
             ln1, ln2, fch_gelu = (self._act(a, n, layer) for n in ("ln1", "ln2", "fch_gelu"))
             if layer == 0:
                 ops.layernorm_forward(ln1, a["ln1_mean.0"], a["ln1_rstd.0"], residual,
-                                      lp.ln1_w, lp.ln1_b)
+                                      lp.ln1_w, lp.ln1_b, amax=self._amax(0, INPUT, "qkv"))
             # (the previous block already wrote this block's ln1, fused with its residual add)
             if layer_needed is not None:
                 layer_needed(layer)
@@ -106,7 +106,7 @@ class GPT2:
             self._matmul(layer, "attproj", a["proj_out"], a[f"atty.{layer}"], lp.attproj_b)
             ops.residual_layernorm_forward(a[f"residual2.{layer}"], ln2, a[f"ln2_mean.{layer}"],
                                            a[f"ln2_rstd.{layer}"], residual, a["proj_out"],
-                                           lp.ln2_w, lp.ln2_b)
+                                           lp.ln2_w, lp.ln2_b, amax=self._amax(layer, INPUT, "fc"))
             # fc and its GELU in one op (one matmul epilogue on the GPU): fch keeps the
             # pre-activation for the backward, fch_gelu feeds the projection
             self._matmul(layer, "fc", a[f"fch.{layer}"], ln2, lp.fc_b, gelu_out=fch_gelu)  # (b, t, 4C)
@@ -117,11 +117,13 @@ class GPT2:
                 ln_out, ln_mean, ln_rstd = (self._act(a, "ln1", layer + 1),
                                             a[f"ln1_mean.{layer + 1}"], a[f"ln1_rstd.{layer + 1}"])
                 ln_w, ln_b = nxt.ln1_w, nxt.ln1_b
+                ln_amax = self._amax(layer + 1, INPUT, "qkv")
             else:
                 ln_out, ln_mean, ln_rstd = a["lnf"], a["lnf_mean"], a["lnf_rstd"]
                 ln_w, ln_b = P["transformer.ln_f.weight"], P["transformer.ln_f.bias"]
+                ln_amax = None  # the lm head is a bf16 matmul
             ops.residual_layernorm_forward(a[f"residual3.{layer}"], ln_out, ln_mean, ln_rstd,
-                                           a[f"residual2.{layer}"], a["proj_out"], ln_w, ln_b)
+                                           a[f"residual2.{layer}"], a["proj_out"], ln_w, ln_b, amax=ln_amax)
             residual = a[f"residual3.{layer}"]
         # tied lm head: logits = lnf @ wte^T over the padded vocabulary, R rows at a time
         # through the (R, Vp) scratch
@@ -168,7 +170,8 @@ class GPT2:
         dres.zero_()
         ops.layernorm_backward(dres, G["transformer.ln_f.weight"], G["transformer.ln_f.bias"], d_C,
                                a[f"residual3.{L - 1}"], P["transformer.ln_f.weight"],
-                               a["lnf_mean"], a["lnf_rstd"], dproj_bias=self.g_layers[L - 1].fcproj_b)
+                               a["lnf_mean"], a["lnf_rstd"], dproj_bias=self.g_layers[L - 1].fcproj_b,
+                               amax=self._amax(L - 1, GRADIENT, "fcproj"))
         for layer in reversed(range(L)):
             lp, lg = self.p_layers[layer], self.g_layers[layer]
             residual_in = a["encoded"] if layer == 0 else a[f"residual3.{layer - 1}"]
@@ -181,7 +184,7 @@ class GPT2:
             self._matmul_backward(layer, "fc", d_C, lg.fc_b, d_4C, ln2)
             ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
                                    lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"],
-                                   dproj_bias=lg.attproj_b)
+                                   dproj_bias=lg.attproj_b, amax=self._amax(layer, GRADIENT, "attproj"))
             # attention branch; dres is now d(residual2)
             self._matmul_backward(layer, "attproj", d_C, None, dres, a[f"atty.{layer}"])
             ops.attention_backward(d_3C, d_C, a[f"qkv.{layer}"], a[f"atty.{layer}"],
@@ -192,7 +195,8 @@ class GPT2:
             # dres becomes d(residual3) of the layer below, whose MLP projection added into it
             ops.layernorm_backward(dres, lg.ln1_w, lg.ln1_b, d_C, residual_in, lp.ln1_w,
                                    a[f"ln1_mean.{layer}"], a[f"ln1_rstd.{layer}"],
-                                   dproj_bias=self.g_layers[layer - 1].fcproj_b if layer else None)
+                                   dproj_bias=self.g_layers[layer - 1].fcproj_b if layer else None,
+                                   amax=self._amax(layer - 1, GRADIENT, "fcproj") if layer else None)
         ops.encoder_backward(G["transformer.wte.weight"], G["transformer.wpe.weight"], dres, tokens)
 
     # ------------------------------------------------------------ helpers
@@ -214,6 +218,11 @@ class GPT2:
             return
         self.fp8.backward_input(layer, m, dinp, dout, gelu_inp)
         self.ops.matmul_backward(None, dweight, dbias, dout, inp, weight)
+
+    def _amax(self, layer, what, m):
+        """With fp8: the amax of the cast that will read this op's output (for the op to take as
+        it writes), or None (bf16, or a cast that takes its own)."""
+        return None if self.fp8 is None else self.fp8.producer_amax(layer, what, m)
 
     def _act(self, a, name, layer):
         """A per-layer activation, or the one shared buffer when recompute rebuilds it."""

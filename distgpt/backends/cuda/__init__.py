@@ -92,18 +92,18 @@ class CudaBackend:
         self._planned("encoder_backward", self.encoder_gradients).backward(dwte, dwpe, dout, tokens)
 
     # ------------------------------------------------------------ layernorm and the residual
-    def layernorm_forward(self, out, mean, rstd, inp, weight, bias):
-        layernorm.layernorm_forward(out, mean, rstd, inp, weight, bias)
+    def layernorm_forward(self, out, mean, rstd, inp, weight, bias, amax=None):
+        layernorm.layernorm_forward(out, mean, rstd, inp, weight, bias, amax)
 
-    def residual_layernorm_forward(self, residual_out, ln_out, mean, rstd, a, b, weight, bias):
-        layernorm.residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias)
+    def residual_layernorm_forward(self, residual_out, ln_out, mean, rstd, a, b, weight, bias, amax=None):
+        layernorm.residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias, amax)
 
     def residual_forward(self, out, a, b):
         layernorm.residual_forward(out, a, b)
 
-    def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None):
+    def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None):
         self._planned("layernorm_backward", self.layernorm_gradients).backward(
-            dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias)
+            dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias, amax)
 
     # ------------------------------------------------------------ matmuls and GELU
     def matmul_forward(self, out, inp, weight, bias, gelu_out=None):
@@ -115,8 +115,8 @@ class CudaBackend:
     def gelu_forward(self, out, inp):
         gelu.gelu_forward(out, inp)
 
-    def gelu_backward(self, dinp, inp, dout):
-        gelu.gelu_backward(dinp, inp, dout)
+    def gelu_backward(self, dinp, inp, dout, amax=None):
+        gelu.gelu_backward(dinp, inp, dout, amax)
 
     # ------------------------------------------------------------ attention
     def attention_forward(self, out, lse, qkv, n_head):
@@ -155,8 +155,8 @@ class CudaBackend:
     def fp8_quantize_transpose(self, out, out_t, amax, inp, scale):
         fp8.fp8_quantize_transpose(out, out_t, amax, inp, scale)
 
-    def fp8_cast(self, out, inverse, amax, inp):
-        fp8.fp8_cast(out, inverse, amax, inp)
+    def fp8_cast(self, out, inverse, amax, inp, amax_known=False):
+        fp8.fp8_cast(out, inverse, amax, inp, amax_known)
 
     def fp8_cast_transpose(self, out, out_t, inverse, amax, inp):
         fp8.fp8_cast_transpose(out, out_t, inverse, amax, inp)
@@ -165,9 +165,10 @@ class CudaBackend:
         self._planned("fp8_matmul_forward", self.matmuls).forward_fp8(out, inp, inp_inverse, weight,
                                                                        weight_inverse, bias, gelu_out)
 
-    def fp8_matmul_backward_input(self, dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None):
+    def fp8_matmul_backward_input(self, dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None,
+                                  amax=None):
         self._planned("fp8_matmul_backward_input", self.matmuls).backward_input_fp8(
-            dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp)
+            dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp, amax)
 
     def adamw_update(self, param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
                      seed=0):

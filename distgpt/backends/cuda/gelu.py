@@ -4,7 +4,7 @@ loads and stores, fp32 arithmetic. Both ops overwrite; gelu_backward may run in 
 backward 196 us, 3.0-3.1 TB/s."""
 import numpy as np
 
-from distgpt.backends.cuda.runtime import KernelModule, check_tensor, ceil_div, ptr
+from distgpt.backends.cuda.runtime import KernelModule, check_amax, check_tensor, ceil_div, ptr
 from distgpt.backends.reference import GELU_CUBIC, GELU_SCALE
 
 THREADS = 256
@@ -30,9 +30,17 @@ def gelu_forward(out, inp):
         KERNELS.launch("gelu_forward_kernel", ceil_div(n8, THREADS), THREADS, (ptr(out), ptr(inp), np.int64(n8)))
 
 
-def gelu_backward(dinp, inp, dout):
-    """dinp = gelu'(inp) * dout (overwrites; dinp may be the same tensor as dout)."""
-    n8 = _check("gelu_backward", [("inp", inp), ("dout", dout), ("dinp", dinp)])
+def gelu_backward(dinp, inp, dout, amax=None):
+    """dinp = gelu'(inp) * dout (overwrites; dinp may be the same tensor as dout); with amax (one
+    fp32 element), also amax = max(amax, max |dinp|)."""
+    op = "gelu_backward"
+    n8 = _check(op, [("inp", inp), ("dout", dout), ("dinp", dinp)])
+    if amax is None:
+        if n8:
+            KERNELS.launch("gelu_backward_kernel", ceil_div(n8, THREADS), THREADS,
+                           (ptr(dinp), ptr(inp), ptr(dout), np.int64(n8)))
+        return
+    check_amax(op, amax)
     if n8:
-        KERNELS.launch("gelu_backward_kernel", ceil_div(n8, THREADS), THREADS,
-                       (ptr(dinp), ptr(inp), ptr(dout), np.int64(n8)))
+        KERNELS.launch("gelu_backward_amax_kernel", ceil_div(n8, THREADS), THREADS,
+                       (ptr(dinp), ptr(inp), ptr(dout), ptr(amax), np.int64(n8)))

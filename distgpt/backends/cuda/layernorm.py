@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from distgpt.backends.reference import LAYERNORM_EPS
-from distgpt.backends.cuda.runtime import KernelModule, check_tensor, ceil_div, i32, ptr
+from distgpt.backends.cuda.runtime import KernelModule, check_amax, check_tensor, ceil_div, i32, ptr
 
 CHUNK = 256          # channels one warp covers per 16-byte step (32 lanes x 8 bf16)
 MAX_C = 7 * CHUNK    # kernels exist for 1..7 chunks per lane (GPT-2 XL: C = 1600)
@@ -56,6 +56,11 @@ def _check_width(op, C):
 
 
 
+def _kind(amax):
+    """The kernel name's middle: the _amax twin merges max |output| into amax (fp8 runs)."""
+    return "_kernel" if amax is None else "_amax_kernel"
+
+
 def _check_row_op(op, rows_like, stats, params):
     """rows_like: (..., C) bf16 tensors of the same shape; stats: fp32 (...) mean/rstd; params:
     bf16 (C,) weight/bias. Returns (N rows, C)."""
@@ -78,27 +83,33 @@ def _check_row_op(op, rows_like, stats, params):
     return N, C
 
 
-def layernorm_forward(out, mean, rstd, inp, weight, bias):
-    """out (B,T,C) = (inp - mean) * rstd * weight + bias; mean, rstd (B,T) fp32 saved for backward."""
+def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None):
+    """out (B,T,C) = (inp - mean) * rstd * weight + bias; mean, rstd (B,T) fp32 saved for backward.
+    amax (one fp32 element, fp8 runs): also amax = max(amax, max |out|)."""
     op = "layernorm_forward"
     N, C = _check_row_op(op, [("inp", inp), ("out", out)], [("mean", mean), ("rstd", rstd)],
                          [("weight", weight), ("bias", bias)])
+    if amax is not None:
+        check_amax(op, amax)
     if N == 0:
         return
-    KERNELS.launch(f"layernorm_forward_kernel_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS), FWD_WARPS * 32,
-                   (ptr(out), ptr(mean), ptr(rstd), ptr(inp), ptr(weight), ptr(bias), i32(N), i32(C)))
+    KERNELS.launch(f"layernorm_forward{_kind(amax)}_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS), FWD_WARPS * 32,
+                   (ptr(out), ptr(mean), ptr(rstd), ptr(inp), ptr(weight), ptr(bias), ptr(amax), i32(N), i32(C)))
 
 
-def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias):
-    """residual_out = a + b (bf16), then ln_out/mean/rstd = its layernorm: one pass over memory."""
+def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias, amax=None):
+    """residual_out = a + b (bf16), then ln_out/mean/rstd = its layernorm: one pass over memory.
+    amax (fp8 runs): also amax = max(amax, max |ln_out|)."""
     op = "residual_layernorm_forward"
     N, C = _check_row_op(op, [("a", a), ("b", b), ("residual_out", residual_out), ("ln_out", ln_out)],
                          [("mean", mean), ("rstd", rstd)], [("weight", weight), ("bias", bias)])
+    if amax is not None:
+        check_amax(op, amax)
     if N == 0:
         return
-    KERNELS.launch(f"residual_layernorm_forward_kernel_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS),
+    KERNELS.launch(f"residual_layernorm_forward{_kind(amax)}_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS),
                    FWD_WARPS * 32, (ptr(residual_out), ptr(ln_out), ptr(mean), ptr(rstd), ptr(a), ptr(b),
-                                    ptr(weight), ptr(bias), i32(N), i32(C)))
+                                    ptr(weight), ptr(bias), ptr(amax), i32(N), i32(C)))
 
 
 def residual_forward(out, a, b):
@@ -132,10 +143,13 @@ class LayerNormGradients:
     def nbytes(self):
         return self.partials.nbytes
 
-    def backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None):
-        """dinp += d(inp) (the residual stream accumulates); dweight, dbias += their gradients; and
-        dproj_bias, when given, += the column sums of dinp after the update."""
+    def backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None):
+        """dinp += d(inp) (the residual stream accumulates); dweight, dbias += their gradients;
+        dproj_bias, when given, += the column sums of dinp after the update; amax (fp8 runs),
+        when given, = max(amax, max |dinp| after the update)."""
         op = "layernorm_backward"
+        if amax is not None:
+            check_amax(op, amax)
         params = [("weight", weight), ("dweight", dweight), ("dbias", dbias)]
         if dproj_bias is not None:
             params.append(("dproj_bias", dproj_bias))
@@ -149,12 +163,12 @@ class LayerNormGradients:
         P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm)
         if nsum == 3 and P < backward_grid(C, 2, self.sms, self.smem_per_sm)[0]:
             # the third sum would halve the blocks per SM: two passes are faster there
-            self.backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
+            self.backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, amax=amax)
             self.bias_gradients.backward(dproj_bias, dinp)
             return
-        name = "layernorm_backward_kernel" if nsum == 2 else "layernorm_backward_sum_kernel"
-        KERNELS.launch(f"{name}_{ceil_div(C, CHUNK)}", P, BWD_WARPS * 32,
+        name = "layernorm_backward" if nsum == 2 else "layernorm_backward_sum"
+        KERNELS.launch(f"{name}{_kind(amax)}_{ceil_div(C, CHUNK)}", P, BWD_WARPS * 32,
                        (ptr(dinp), ptr(self.partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd),
-                        i32(N), i32(C)), shared_mem=smem)
+                        ptr(amax), i32(N), i32(C)), shared_mem=smem)
         KERNELS.launch("layernorm_backward_reduce_kernel", ceil_div(nsum * C // 4, 32), (32, RED_Y),
                        (ptr(dweight), ptr(dbias), ptr(dproj_bias), ptr(self.partials), i32(P), i32(C), i32(nsum)))

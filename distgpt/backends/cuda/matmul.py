@@ -323,23 +323,27 @@ class Matmuls:
         self._fp8_product(Lt.GELU_AUX_BIAS, gelu_out, inp8, inp_inverse, weight8, weight_inverse, pointers, OC,
                           fast_accum)
 
-    def backward_input_fp8(self, dinp, dout8, dout_inverse, weight8_t, weight_inverse, gelu_inp=None):
+    def backward_input_fp8(self, dinp, dout8, dout_inverse, weight8_t, weight_inverse, gelu_inp=None, amax=None):
         """dinp (..., C) = dout8 (..., OC) @ weight8_t (C, OC)^T, scaled back by both inverses,
         times gelu'(gelu_inp) when given: the reference's fp8_matmul_backward_input. weight8_t
-        is the weight's transposed fp8 copy, so both operands are K-major (TN).
+        is the weight's transposed fp8 copy, so both operands are K-major (TN). amax (with
+        gelu_inp): also amax = max(amax, max |dinp|), taken by gelu_backward as it writes dinp
+        (the gradient the next fp8 cast reads).
         The GELU derivative is our gelu_backward after the product, not cuBLASLt's DGELU
         epilogue: with fp8 operands cuBLASLt runs that epilogue as a separate pass of its own
         (cublasLt::epilogue::impl::globalKernel), 1102 us a call at 1558M B=16 against about
         150 for gelu_backward (H100, 2026-11-23)."""
         op = "matmul_backward_input_fp8"
         self._check_fp8(op, dinp, dout8, dout_inverse, weight8_t, weight_inverse)
+        if amax is not None and gelu_inp is None:
+            raise ValueError(f"{op}: amax is taken by the GELU derivative's pass; without gelu_inp there is none")
         if dout8.numel() == 0:
             return
         self._fp8_product(self.lt.Epilogue.DEFAULT, dinp, dout8, dout_inverse, weight8_t, weight_inverse, {},
                           0, fast_accum=False)
         if gelu_inp is not None:
             check_tensor(op, "gelu_inp", gelu_inp)
-            gelu_backward(dinp, gelu_inp, dinp)
+            gelu_backward(dinp, gelu_inp, dinp, amax)
 
     def _check_fp8(self, op, out, inp8, inp_inverse, weight8, weight_inverse):
         for name, t in (("inp8", inp8), ("weight8", weight8)):

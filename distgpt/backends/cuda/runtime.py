@@ -124,6 +124,12 @@ def check_tensor(op, name, t, dtype=torch.bfloat16):
         raise ValueError(f"{op}: {name} must be 16-byte aligned for 128-bit access")
 
 
+def check_amax(op, amax):
+    """An fp8 amax a kernel merges into (atomically, as fp32 bits): one fp32 CUDA element."""
+    if amax.dtype != torch.float32 or amax.numel() != 1 or not amax.is_cuda:
+        raise ValueError(f"{op}: amax must be one fp32 CUDA element, got {amax.dtype} {tuple(amax.shape)}")
+
+
 def ceil_div(a, b):
     return -(-a // b)
 
