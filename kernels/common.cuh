@@ -79,6 +79,18 @@ __device__ __forceinline__ void merge_amax(float* amax, unsigned int local) {
     if (threadIdx.x % 32 == 0 && m > *reinterpret_cast<volatile unsigned int*>(bits)) atomicMax(bits, m);
 }
 
+// merge_amax for a whole 1-D block (every thread calls it): one load of amax, and at most one
+// atomic, per block rather than per warp, for kernels of many short blocks (gelu_backward's
+// 51,200 at 1558M B=16), so that they do not all read the one amax address.
+__device__ __forceinline__ void block_merge_amax(float* amax, unsigned int local) {
+    __shared__ unsigned int warp_maxima[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    local = warp_max_bits(local);
+    if (lane == 0) warp_maxima[warp] = local;
+    __syncthreads();
+    if (warp == 0) merge_amax(amax, lane < (int)(blockDim.x / 32) ? warp_maxima[lane] : 0u);
+}
+
 // Sum over the whole block, same result in every thread; the order of additions is fixed by
 // the thread layout, so the result is deterministic. `shared` holds at least 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* shared) {

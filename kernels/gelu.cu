@@ -59,11 +59,12 @@ extern "C" __global__ void gelu_backward_kernel(floatX* dinp, const floatX* inp,
 }
 
 // The same, also merging max |dinp| into amax (fp8=true: the gradient fc's backward casts next,
-// so its cast needs no amax pass of its own). One merge per warp, which skips the atomic once
-// amax holds as much: the plain kernel's grid and speed (a grid-stride loop over a few blocks
-// per SM, tried first, ran 245 us against 200 at 1558M B=16: too few loads in flight).
+// so its cast needs no amax pass of its own): the plain kernel's grid, one merge per block.
+// H100, (16384, 6400), separate buffers: 258.4 us against 254.3 for the plain kernel; a
+// grid-stride loop over a few blocks per SM instead ran 245 us in the step against 221 (too few
+// loads in flight).
 extern "C" __global__ void gelu_backward_amax_kernel(floatX* dinp, const floatX* inp, const floatX* dout,
                                                      float* amax, long long n8) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    merge_amax(amax, i < n8 ? gelu_backward8(dinp, inp, dout, i) : 0u);
+    block_merge_amax(amax, i < n8 ? gelu_backward8(dinp, inp, dout, i) : 0u);
 }
