@@ -53,7 +53,9 @@ def test_quantize_matches_the_reference_bit_for_bit(fmt, n):
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("shape", [(1, 1), (33, 65), (768, 2304), (1600, 6400)])
+# (1, 1) and (33, 65) take the scalar kernel, the rest (multiples of 8) the 16-byte-vector one,
+# (8, 8) and (72, 200) with partial tiles
+@pytest.mark.parametrize("shape", [(1, 1), (33, 65), (8, 8), (72, 200), (768, 2304), (1600, 6400)])
 def test_quantize_transpose_matches_the_reference_bit_for_bit(fmt, shape):
     from distgpt.backends.cuda import fp8
     R, C = shape
@@ -159,7 +161,7 @@ def test_cast_matches_the_reference_bit_for_bit(fmt, n):
         assert float(got_amax) == float(want_amax) and float(got_inv) == float(want_inv)
 
 
-@pytest.mark.parametrize("shape", [(33, 65), (768, 2304), (6400, 1600)])
+@pytest.mark.parametrize("shape", [(33, 65), (72, 200), (768, 2304), (6400, 1600)])
 def test_cast_transpose_matches_the_reference_bit_for_bit(shape):
     from distgpt.backends.cuda import fp8
     R, C = shape

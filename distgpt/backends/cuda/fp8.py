@@ -16,8 +16,10 @@ from distgpt.backends.reference import FP8_FORMATS, fp8_max
 THREADS = 256        # fp8_quantize: threads per block, 8 elements each per iteration
 TILE = 32            # fp8_quantize_transpose: TILE x TILE elements per block ...
 TILE_ROWS = THREADS // TILE  # ... of (TILE, TILE_ROWS) threads
+VTILE = 64           # the vectorized transpose (R, C multiples of 8): VTILE x VTILE per block of THREADS
+VEC = 8              # ... in 16-byte loads of 8 bf16
 BLOCKS_PER_SM = 4
-KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_TILE=TILE)
+KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_TILE=TILE, FP8_VTILE=VTILE)
 FORMAT_OF = {dtype: name for name, dtype in FP8_FORMATS.items()}
 
 
@@ -42,6 +44,16 @@ def _check(op, out, inp, **one_elements):
 
 def _grid(inp):
     return max(1, min(BLOCKS_PER_SM * sm_count(inp.device), -(-inp.numel() // (8 * THREADS))))
+
+
+def _transpose_launch(kernel, fmt, inp, out, out_t):
+    """(name, grid, block) of a transposing cast: the 16-byte-vector kernel where R and C are
+    multiples of 8 and the buffers aligned for it (every GPT-2 weight), else the scalar one."""
+    R, C = inp.shape
+    if R % VEC == 0 and C % VEC == 0 and inp.data_ptr() % 16 == 0 and out.data_ptr() % 8 == 0 \
+            and out_t.data_ptr() % 8 == 0:
+        return f"{kernel}_vec_{fmt}_kernel", (-(-C // VTILE), -(-R // VTILE)), THREADS
+    return f"{kernel}_{fmt}_kernel", (-(-C // TILE), -(-R // TILE)), (TILE, TILE_ROWS)
 
 
 def fp8_amax(amax, inp):
@@ -79,10 +91,9 @@ def fp8_cast_transpose(out, out_t, inverse, amax, inp):
         raise ValueError(f"{op}: inp must be (R, C), out float8_e4m3fn and out_t a contiguous (C, R) tensor of out's dtype")
     fp8_amax(amax, inp)
     R, C = inp.shape
-    grid = (-(-C // TILE), -(-R // TILE))
-    KERNELS.launch("fp8_cast_transpose_e4m3_kernel", grid, (TILE, TILE_ROWS),
-                   (ptr(out), ptr(out_t), ptr(inverse), ptr(inp), ptr(amax), np.float64(fp8_max("e4m3")),
-                    i32(R), i32(C)))
+    name, grid, block = _transpose_launch("fp8_cast_transpose", "e4m3", inp, out, out_t)
+    KERNELS.launch(name, grid, block, (ptr(out), ptr(out_t), ptr(inverse), ptr(inp), ptr(amax),
+                                       np.float64(fp8_max("e4m3")), i32(R), i32(C)))
 
 
 def fp8_quantize(out, amax, inp, scale):
@@ -111,9 +122,8 @@ def fp8_quantize_transpose(out, out_t, amax, inp, scale):
     R, C = inp.shape
     if R == 0 or C == 0:
         return
-    grid = (-(-C // TILE), -(-R // TILE))
-    KERNELS.launch(f"fp8_quantize_transpose_{FORMAT_OF[out.dtype]}_kernel", grid, (TILE, TILE_ROWS),
-                   (ptr(out), ptr(out_t), ptr(amax), ptr(inp), ptr(scale), i32(R), i32(C)))
+    name, grid, block = _transpose_launch("fp8_quantize_transpose", FORMAT_OF[out.dtype], inp, out, out_t)
+    KERNELS.launch(name, grid, block, (ptr(out), ptr(out_t), ptr(amax), ptr(inp), ptr(scale), i32(R), i32(C)))
 
 
 def fp8_scale(scale, amax, fmt, margin=0, inverse=None):
