@@ -30,6 +30,9 @@
 #ifndef FP8_TILE
 #error "FP8_TILE comes from backends/cuda/fp8.py (compiled in as -DFP8_TILE=...)"
 #endif
+#ifndef FP8_UNROLL
+#error "FP8_UNROLL comes from backends/cuda/fp8.py (compiled in as -DFP8_UNROLL=...)"
+#endif
 #ifndef FP8_VTILE
 #error "FP8_VTILE comes from backends/cuda/fp8.py (compiled in as -DFP8_VTILE=...)"
 #endif
@@ -66,10 +69,11 @@ __device__ __forceinline__ __nv_fp8_storage_t to_fp8(float x) {
     return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, FORMAT);
 }
 
-// out, inp: n elements, 16-byte aligned; 8 per thread and iteration (one 16-byte bf16 load,
-// one 8-byte fp8 store), grid-stride. CAST=false: quantize with *scale_ptr and record amax (out
-// may be null: fp8_amax records only); CAST=true: the scale comes from *amax (current scaling)
-// and inverse gets 1 / scale.
+// out, inp: n elements, 16-byte aligned; 8 per 16-byte bf16 load and 8-byte fp8 store,
+// grid-stride, FP8_UNROLL loads in flight per thread before the first is used (a weight of a
+// few MB is otherwise a chain of dependent round trips: 25 us for 15 MB). CAST=false: quantize
+// with *scale_ptr and record amax (out may be null: fp8_amax records only); CAST=true: the scale
+// comes from *amax (current scaling) and inverse gets 1 / scale.
 template <__nv_fp8_interpretation_t FORMAT, bool CAST>
 __device__ void quantize(__nv_fp8_storage_t* out, float* amax, const floatX* inp, const float* scale_ptr,
                          float* inverse, double limit, long long n) {
@@ -78,16 +82,24 @@ __device__ void quantize(__nv_fp8_storage_t* out, float* amax, const floatX* inp
     unsigned int local = 0u;
     const long long n8 = n / 8;
     const long long stride = (long long)gridDim.x * FP8_THREADS;
-    for (long long k = (long long)blockIdx.x * FP8_THREADS + threadIdx.x; k < n8; k += stride) {
-        const x128 x = load128cs(inp + k * 8);
-        union { __nv_fp8_storage_t q[8]; uint2 packed; } y;
+    for (long long k0 = (long long)blockIdx.x * FP8_THREADS + threadIdx.x; k0 < n8; k0 += FP8_UNROLL * stride) {
+        x128 x[FP8_UNROLL];
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const float v = __bfloat162float(x[j]);
-            local = max(local, abs_bits(v));
-            y.q[j] = to_fp8<FORMAT>(v * scale);
+        for (int u = 0; u < FP8_UNROLL; u++)
+            if (k0 + u * stride < n8) x[u] = load128cs(inp + (k0 + u * stride) * 8);
+#pragma unroll
+        for (int u = 0; u < FP8_UNROLL; u++) {
+            const long long k = k0 + u * stride;
+            if (k >= n8) break;
+            union { __nv_fp8_storage_t q[8]; uint2 packed; } y;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float v = __bfloat162float(x[u][j]);
+                local = max(local, abs_bits(v));
+                y.q[j] = to_fp8<FORMAT>(v * scale);
+            }
+            if (out != nullptr) *reinterpret_cast<uint2*>(out + k * 8) = y.packed;
         }
-        if (out != nullptr) *reinterpret_cast<uint2*>(out + k * 8) = y.packed;
     }
     // the n % 8 elements past the last vector: the grid's first threads
     const long long tail = n8 * 8 + (long long)blockIdx.x * FP8_THREADS + threadIdx.x;
@@ -211,41 +223,27 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* out, __nv_fp8_storage
     if (threadIdx.x == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), m);
 }
 
-extern "C" __global__ void __launch_bounds__(FP8_THREADS)
-fp8_quantize_transpose_vec_e4m3_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
-                                       const floatX* inp, const float* scale, int R, int C) {
-    quantize_transpose_vec<__NV_E4M3, false>(out, out_t, amax, inp, scale, nullptr, 0.0, R, C);
-}
-
-extern "C" __global__ void __launch_bounds__(FP8_THREADS)
-fp8_quantize_transpose_vec_e5m2_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
-                                       const floatX* inp, const float* scale, int R, int C) {
-    quantize_transpose_vec<__NV_E5M2, false>(out, out_t, amax, inp, scale, nullptr, 0.0, R, C);
-}
-
-extern "C" __global__ void __launch_bounds__(FP8_THREADS)
-fp8_cast_transpose_vec_e4m3_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* inverse,
-                                   const floatX* inp, float* amax, double limit, int R, int C) {
-    quantize_transpose_vec<__NV_E4M3, true>(out, out_t, amax, inp, nullptr, inverse, limit, R, C);
-}
-
-extern "C" __global__ void __launch_bounds__(FP8_THREADS)
-fp8_quantize_transpose_e4m3_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
-                                   const floatX* inp, const float* scale, int R, int C) {
-    quantize_transpose<__NV_E4M3, false>(out, out_t, amax, inp, scale, nullptr, 0.0, R, C);
-}
-
-extern "C" __global__ void __launch_bounds__(FP8_THREADS)
-fp8_quantize_transpose_e5m2_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
-                                   const floatX* inp, const float* scale, int R, int C) {
-    quantize_transpose<__NV_E5M2, false>(out, out_t, amax, inp, scale, nullptr, 0.0, R, C);
-}
-
-extern "C" __global__ void __launch_bounds__(FP8_THREADS)
-fp8_cast_transpose_e4m3_kernel(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* inverse,
-                               const floatX* inp, float* amax, double limit, int R, int C) {
-    quantize_transpose<__NV_E4M3, true>(out, out_t, amax, inp, nullptr, inverse, limit, R, C);
-}
+// The entry points of a transposing tile function FN: quantize with a given scale (e4m3, e5m2)
+// and current scaling's cast (e4m3, weights), named fp8_quantize_transpose<SUFFIX>_<fmt>_kernel
+// and fp8_cast_transpose<SUFFIX>_e4m3_kernel (backends/cuda/fp8.py picks a SUFFIX per shape)
+#define TRANSPOSE_KERNELS(SUFFIX, FN)                                                                    \
+    extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_quantize_transpose##SUFFIX##_e4m3_kernel( \
+        __nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax, const floatX* inp,             \
+        const float* scale, int R, int C) {                                                              \
+        FN<__NV_E4M3, false>(out, out_t, amax, inp, scale, nullptr, 0.0, R, C);                          \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_quantize_transpose##SUFFIX##_e5m2_kernel( \
+        __nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax, const floatX* inp,             \
+        const float* scale, int R, int C) {                                                              \
+        FN<__NV_E5M2, false>(out, out_t, amax, inp, scale, nullptr, 0.0, R, C);                          \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_cast_transpose##SUFFIX##_e4m3_kernel(    \
+        __nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* inverse, const floatX* inp,          \
+        float* amax, double limit, int R, int C) {                                                       \
+        FN<__NV_E4M3, true>(out, out_t, amax, inp, nullptr, inverse, limit, R, C);                       \
+    }
+TRANSPOSE_KERNELS(, quantize_transpose)
+TRANSPOSE_KERNELS(_vec, quantize_transpose_vec)
 
 // scale[0] = pow2_scale(amax[0], limit); inverse[0] = 1 / scale[0] (exact: a power of two;
 // skipped when null), what cuBLASLt's A/B_SCALE_POINTER multiplies by. One thread.

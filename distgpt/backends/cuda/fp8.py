@@ -13,13 +13,14 @@ import torch
 from distgpt.backends.cuda.runtime import KernelModule, i32, ptr, sm_count
 from distgpt.backends.reference import FP8_FORMATS, fp8_max
 
-THREADS = 256        # fp8_quantize: threads per block, 8 elements each per iteration
+THREADS = 256        # fp8_quantize: threads per block, 8 elements each per load ...
+UNROLL = 4           # ... and this many loads in flight per thread
 TILE = 32            # fp8_quantize_transpose: TILE x TILE elements per block ...
 TILE_ROWS = THREADS // TILE  # ... of (TILE, TILE_ROWS) threads
 VTILE = 64           # the vectorized transpose (R, C multiples of 8): VTILE x VTILE per block of THREADS
 VEC = 8              # ... in 16-byte loads of 8 bf16
 BLOCKS_PER_SM = 4
-KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_TILE=TILE, FP8_VTILE=VTILE)
+KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_UNROLL=UNROLL, FP8_TILE=TILE, FP8_VTILE=VTILE)
 FORMAT_OF = {dtype: name for name, dtype in FP8_FORMATS.items()}
 
 
