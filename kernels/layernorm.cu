@@ -27,7 +27,10 @@
 // count); each warp takes rows warp_id, warp_id + warps_in_grid, ... and keeps its own fp32
 // dweight/dbias (and dproj_bias) sums in shared memory; the block adds its warps in order 0..7 and
 // writes NSUM*C partials (NSUM = 2, or 3 with dproj_bias). Phase 2 sums the blocks' partials in a
-// fixed order and adds into dweight/dbias/dproj_bias.
+// fixed order and adds into dweight/dbias/dproj_bias. The _sum_narrow kernels are the _sum ones
+// with LN_BWD_NARROW_WARPS warps a block: where 8 warps' three sums leave room for one block per
+// SM (C > 1200 on an H100), half as many warps fit two; with 128 threads a block they have the
+// registers to prefetch dinp at CH = 7 too.
 #include "common.cuh"
 
 // launch constants, defined once in backends/cuda/layernorm.py
@@ -39,6 +42,9 @@
 #endif
 #ifndef LN_BWD_WARPS
 #error "LN_BWD_WARPS comes from backends/cuda/layernorm.py (compiled in as -DLN_BWD_WARPS=...)"
+#endif
+#ifndef LN_BWD_NARROW_WARPS
+#error "LN_BWD_NARROW_WARPS comes from backends/cuda/layernorm.py (compiled in as -DLN_BWD_NARROW_WARPS=...)"
 #endif
 #ifndef RED_Y
 #error "RED_Y comes from backends/cuda/layernorm.py (compiled in as -DRED_Y=...)"
@@ -169,22 +175,22 @@ extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* a,
 // CH = 7 kernel loads dinp in pass 2.
 // amax (fp8=true, may be null): merged with max |dinp| after the update, as stored in bf16: the
 // gradient the projection below casts next.
-template <int CH, bool PREFETCH, int NSUM, bool AMAX>
+template <int CH, bool PREFETCH, int NSUM, bool AMAX, int WARPS>
 __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* partials, const floatX* dout,
                                                         const floatX* inp, const floatX* weight,
                                                         const float* mean, const float* rstd, float* amax,
                                                         int N, int C) {
-    extern __shared__ float smem[];  // LN_BWD_WARPS * NSUM * C floats
+    extern __shared__ float smem[];  // WARPS * NSUM * C floats
     f128* slots = reinterpret_cast<f128*>(smem);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, C4 = C / 4, C8 = C / 8;
-    for (int i = threadIdx.x; i < LN_BWD_WARPS * NSUM * C4; i += blockDim.x) slots[i] = f128::zeros();
+    for (int i = threadIdx.x; i < WARPS * NSUM * C4; i += blockDim.x) slots[i] = f128::zeros();
     __syncthreads();
     f128* dw_acc = slots + warp * NSUM * C4;
     f128* db_acc = dw_acc + C4;
     f128* ds_acc = db_acc + C4;  // NSUM == 3: the column sums of the updated dinp
     const float inv_C = 1.0f / (float)C;
     unsigned int local = 0u;  // max |dinp| bits over this lane's elements
-    for (int row = blockIdx.x * LN_BWD_WARPS + warp; row < N; row += gridDim.x * LN_BWD_WARPS) {
+    for (int row = blockIdx.x * WARPS + warp; row < N; row += gridDim.x * WARPS) {
         const long long base = (long long)row * C;
         x128 x[CH], g[CH], di[CH];
 #pragma unroll
@@ -250,10 +256,10 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
     }
     if (AMAX) merge_amax(amax, local);
     __syncthreads();
-    // the block's partials: warps added in order 0, 1, ..., LN_BWD_WARPS-1
+    // the block's partials: warps added in order 0, 1, ..., WARPS-1
     for (int s = threadIdx.x; s < NSUM * C4; s += blockDim.x) {
         f128 t = slots[s];
-        for (int v = 1; v < LN_BWD_WARPS; v++) {
+        for (int v = 1; v < WARPS; v++) {
             const f128 u = slots[v * NSUM * C4 + s];
 #pragma unroll
             for (int j = 0; j < 4; j++) t[j] += u[j];
@@ -282,15 +288,22 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
     extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2) layernorm_backward##SUFFIX##_##CH( \
         floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
         const float* mean, const float* rstd, float* amax, int N, int C) {                             \
-        layernorm_backward_impl<CH, (CH < 7), 2, AMAX>(dinp, partials, dout, inp, weight, mean, rstd, amax, \
-                                                       N, C);                                          \
+        layernorm_backward_impl<CH, (CH < 7), 2, AMAX, LN_BWD_WARPS>(dinp, partials, dout, inp, weight, mean, \
+                                                                     rstd, amax, N, C);                \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2)                                  \
     layernorm_backward_sum##SUFFIX##_##CH(                                                             \
         floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
         const float* mean, const float* rstd, float* amax, int N, int C) {                             \
-        layernorm_backward_impl<CH, (CH < 7), 3, AMAX>(dinp, partials, dout, inp, weight, mean, rstd, amax, \
-                                                       N, C);                                          \
+        layernorm_backward_impl<CH, (CH < 7), 3, AMAX, LN_BWD_WARPS>(dinp, partials, dout, inp, weight, mean, \
+                                                                     rstd, amax, N, C);                \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(LN_BWD_NARROW_WARPS * 32, 2)                           \
+    layernorm_backward_sum_narrow##SUFFIX##_##CH(                                                      \
+        floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
+        const float* mean, const float* rstd, float* amax, int N, int C) {                             \
+        layernorm_backward_impl<CH, true, 3, AMAX, LN_BWD_NARROW_WARPS>(dinp, partials, dout, inp, weight,    \
+                                                                        mean, rstd, amax, N, C);       \
     }
 #define LAYERNORM_KERNELS(CH)                                                                          \
     LAYERNORM_KERNEL_SET(CH, _kernel, false)                                                           \

@@ -28,11 +28,12 @@ CHUNK = 256          # channels one warp covers per 16-byte step (32 lanes x 8 b
 MAX_C = 7 * CHUNK    # kernels exist for 1..7 chunks per lane (GPT-2 XL: C = 1600)
 FWD_WARPS = 8        # rows per block of the forward kernels
 BWD_WARPS = 8        # warps per block of the backward
+NARROW_WARPS = 4     # ... of its _sum_narrow twin, where 8 warps' three sums fit one block per SM
 BWD_BLOCKS_PER_SM = 2  # at most 2 x 8 warps per SM (__launch_bounds__(256, 2) in the kernels)
 RED_Y = 16           # warp rows of the partials reduction
 SMEM_RESERVED = 1024  # shared memory the driver keeps per block on sm_80+
 KERNELS = KernelModule("layernorm", LN_EPS=f"{LAYERNORM_EPS!r}f", LN_FWD_WARPS=FWD_WARPS,
-                       LN_BWD_WARPS=BWD_WARPS, RED_Y=RED_Y)
+                       LN_BWD_WARPS=BWD_WARPS, LN_BWD_NARROW_WARPS=NARROW_WARPS, RED_Y=RED_Y)
 
 
 def partials_elements(C, sms):
@@ -41,10 +42,10 @@ def partials_elements(C, sms):
     return BWD_BLOCKS_PER_SM * sms * 3 * C
 
 
-def backward_grid(C, nsum, sms, smem_per_sm):
-    """(blocks, shared bytes per block) of layernorm_backward: LN_BWD_WARPS warps each with nsum
-    * C fp32 sums, as many blocks per SM (up to 2) as the SM's shared memory holds."""
-    smem = BWD_WARPS * nsum * C * 4
+def backward_grid(C, nsum, sms, smem_per_sm, warps=BWD_WARPS):
+    """(blocks, shared bytes per block) of layernorm_backward: `warps` warps each with nsum * C
+    fp32 sums, as many blocks per SM (up to 2) as the SM's shared memory holds."""
+    smem = warps * nsum * C * 4
     per_sm = max(1, min(BWD_BLOCKS_PER_SM, smem_per_sm // (smem + SMEM_RESERVED)))
     return per_sm * sms, smem
 
@@ -137,6 +138,7 @@ class LayerNormGradients:
         self.C, self.sms = C, props.multi_processor_count
         self.smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
         self.bias_gradients = bias_gradients
+        self.narrow_sums = True  # False: two passes where 8 warps' three sums do not fit (A/B timing)
         self.partials = torch.empty(partials_elements(C, self.sms), dtype=torch.float32, device=device)
 
     @property
@@ -160,14 +162,18 @@ class LayerNormGradients:
         if N == 0:
             return
         nsum = 2 if dproj_bias is None else 3
+        name, warps = ("layernorm_backward" if nsum == 2 else "layernorm_backward_sum"), BWD_WARPS
         P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm)
         if nsum == 3 and P < backward_grid(C, 2, self.sms, self.smem_per_sm)[0]:
-            # the third sum would halve the blocks per SM: two passes are faster there
-            self.backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, amax=amax)
-            self.bias_gradients.backward(dproj_bias, dinp)
-            return
-        name = "layernorm_backward" if nsum == 2 else "layernorm_backward_sum"
-        KERNELS.launch(f"{name}{_kind(amax)}_{ceil_div(C, CHUNK)}", P, BWD_WARPS * 32,
+            # the third sum would halve the blocks per SM: half the warps a block keep two blocks
+            # per SM where that fits, else two passes
+            P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm, NARROW_WARPS)
+            if not self.narrow_sums or P < backward_grid(C, 2, self.sms, self.smem_per_sm)[0]:
+                self.backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, amax=amax)
+                self.bias_gradients.backward(dproj_bias, dinp)
+                return
+            name, warps = "layernorm_backward_sum_narrow", NARROW_WARPS
+        KERNELS.launch(f"{name}{_kind(amax)}_{ceil_div(C, CHUNK)}", P, warps * 32,
                        (ptr(dinp), ptr(self.partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd),
                         ptr(amax), i32(N), i32(C)), shared_mem=smem)
         KERNELS.launch("layernorm_backward_reduce_kernel", ceil_div(nsum * C // 4, 32), (32, RED_Y),
