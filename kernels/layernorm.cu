@@ -272,6 +272,14 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
 // The extern "C" entry points, one set per CH (NVRTC looks kernels up by these names), each with
 // an _amax twin that also merges max |output| into amax (fp8 runs). Twins, not a null check, so
 // the plain kernels compile as they did: the amax code cost them registers and 4-5% of their time.
+// one layernorm_backward entry point: NSUM sums, WARPS warps a block, PREFETCH dinp with the row
+#define LN_BACKWARD_ENTRY(NAME, CH, NSUM, WARPS, PREFETCH, AMAX)                                        \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 2) NAME(                                    \
+        floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
+        const float* mean, const float* rstd, float* amax, int N, int C) {                             \
+        layernorm_backward_impl<CH, PREFETCH, NSUM, AMAX, WARPS>(dinp, partials, dout, inp, weight, mean, rstd, \
+                                                                 amax, N, C);                          \
+    }
 #define LAYERNORM_KERNEL_SET(CH, SUFFIX, AMAX)                                                         \
     extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32) layernorm_forward##SUFFIX##_##CH( \
         floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight,               \
@@ -285,26 +293,9 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
         residual_layernorm_forward_impl<CH, AMAX>(residual_out, ln_out, mean, rstd, a, b, weight, bias, amax, \
                                                   N, C);                                               \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2) layernorm_backward##SUFFIX##_##CH( \
-        floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
-        const float* mean, const float* rstd, float* amax, int N, int C) {                             \
-        layernorm_backward_impl<CH, (CH < 7), 2, AMAX, LN_BWD_WARPS>(dinp, partials, dout, inp, weight, mean, \
-                                                                     rstd, amax, N, C);                \
-    }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(LN_BWD_WARPS * 32, 2)                                  \
-    layernorm_backward_sum##SUFFIX##_##CH(                                                             \
-        floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
-        const float* mean, const float* rstd, float* amax, int N, int C) {                             \
-        layernorm_backward_impl<CH, (CH < 7), 3, AMAX, LN_BWD_WARPS>(dinp, partials, dout, inp, weight, mean, \
-                                                                     rstd, amax, N, C);                \
-    }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(LN_BWD_NARROW_WARPS * 32, 2)                           \
-    layernorm_backward_sum_narrow##SUFFIX##_##CH(                                                      \
-        floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
-        const float* mean, const float* rstd, float* amax, int N, int C) {                             \
-        layernorm_backward_impl<CH, true, 3, AMAX, LN_BWD_NARROW_WARPS>(dinp, partials, dout, inp, weight,    \
-                                                                        mean, rstd, amax, N, C);       \
-    }
+    LN_BACKWARD_ENTRY(layernorm_backward##SUFFIX##_##CH, CH, 2, LN_BWD_WARPS, (CH < 7), AMAX)            \
+    LN_BACKWARD_ENTRY(layernorm_backward_sum##SUFFIX##_##CH, CH, 3, LN_BWD_WARPS, (CH < 7), AMAX)        \
+    LN_BACKWARD_ENTRY(layernorm_backward_sum_narrow##SUFFIX##_##CH, CH, 3, LN_BWD_NARROW_WARPS, true, AMAX)
 #define LAYERNORM_KERNELS(CH)                                                                          \
     LAYERNORM_KERNEL_SET(CH, _kernel, false)                                                           \
     LAYERNORM_KERNEL_SET(CH, _amax_kernel, true)

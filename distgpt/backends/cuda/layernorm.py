@@ -8,11 +8,13 @@ the blocks' partials in a fixed order into the bf16 gradients. Given dproj_bias,
 column sums of the updated dinp there: the bias gradient of the projection (attention or MLP)
 whose output joined the residual stream at this point, which would otherwise take its own pass
 over a (B, T, C) gradient (bias.cu). That third sum costs shared memory (3*C floats per warp);
-where it leaves room for fewer blocks per SM than the plain kernel (C > 1200 on an H100) the
-separate pass is faster, and is what runs. Measured on an H100 (benchmarks/layernorm_bias_bench.py,
-2026-11-22), plain + bias_backward against fused: N = 65536, C = 768: 214.8 against 197.1 us;
-N = 32768, C = 1024: 159.5 against 135.9; N = 16384, C = 1600: 147.5 against 149.5 (one block
-per SM). residual_layernorm_forward gives
+where it leaves room for fewer blocks per SM than the plain kernel (C > 1200 on an H100), the
+_sum_narrow kernel runs it with half the warps a block, two blocks per SM (or, where even that
+does not fit, the plain kernel and the separate pass). Measured on an H100
+(benchmarks/layernorm_bias_bench.py, 2026-11-22), plain + bias_backward against fused: N = 65536,
+C = 768: 214.8 against 197.1 us; N = 32768, C = 1024: 159.5 against 135.9; N = 16384, C = 1600:
+147.5 against 149.5 with 8 warps (one block per SM); 2026-11-23, N = 16384, C = 1600: 186.6
+against 160.1 with 4 (narrow), 120 against 115 in the 1558M step. residual_layernorm_forward gives
 bitwise the ln_out/mean/rstd of residual_forward followed by layernorm_forward.
 
 Measured on an H100 (kernel time, B*T = 32768, C = 768): layernorm_forward 36 us (2.8 TB/s;
