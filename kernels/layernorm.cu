@@ -40,6 +40,9 @@
 #ifndef LN_FWD_WARPS
 #error "LN_FWD_WARPS comes from backends/cuda/layernorm.py (compiled in as -DLN_FWD_WARPS=...)"
 #endif
+#ifndef LN_FWD_MIN_BLOCKS
+#error "LN_FWD_MIN_BLOCKS comes from backends/cuda/layernorm.py (compiled in as -DLN_FWD_MIN_BLOCKS=...)"
+#endif
 #ifndef LN_BWD_WARPS
 #error "LN_BWD_WARPS comes from backends/cuda/layernorm.py (compiled in as -DLN_BWD_WARPS=...)"
 #endif
@@ -281,12 +284,12 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
                                                                  amax, N, C);                          \
     }
 #define LAYERNORM_KERNEL_SET(CH, SUFFIX, AMAX)                                                         \
-    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32) layernorm_forward##SUFFIX##_##CH( \
+    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32, LN_FWD_MIN_BLOCKS) layernorm_forward##SUFFIX##_##CH( \
         floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight,               \
         const floatX* bias, float* amax, int N, int C) {                                               \
         layernorm_forward_impl<CH, AMAX>(out, mean, rstd, inp, weight, bias, amax, N, C);              \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32)                                     \
+    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32, LN_FWD_MIN_BLOCKS)                                     \
     residual_layernorm_forward##SUFFIX##_##CH(                                                         \
         floatX* residual_out, floatX* ln_out, float* mean, float* rstd, const floatX* a,              \
         const floatX* b, const floatX* weight, const floatX* bias, float* amax, int N, int C) {       \

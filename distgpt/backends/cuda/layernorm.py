@@ -29,12 +29,15 @@ from distgpt.backends.cuda.runtime import KernelModule, check_amax, check_tensor
 CHUNK = 256          # channels one warp covers per 16-byte step (32 lanes x 8 bf16)
 MAX_C = 7 * CHUNK    # kernels exist for 1..7 chunks per lane (GPT-2 XL: C = 1600)
 FWD_WARPS = 8        # rows per block of the forward kernels
+FWD_MIN_BLOCKS = 3   # __launch_bounds__ minimum blocks per SM of the forward kernels: caps the
+#                      CH = 7 residual kernel at 80 registers (from 118: 3 blocks per SM instead of
+#                      2), 95.0 -> 86.2 us at (16384, 1600) on an H100; no change at C = 768, 1024
 BWD_WARPS = 8        # warps per block of the backward
 NARROW_WARPS = 4     # ... of its _sum_narrow twin, where 8 warps' three sums fit one block per SM
 BWD_BLOCKS_PER_SM = 2  # at most 2 x 8 warps per SM (__launch_bounds__(256, 2) in the kernels)
 RED_Y = 16           # warp rows of the partials reduction
 SMEM_RESERVED = 1024  # shared memory the driver keeps per block on sm_80+
-KERNELS = KernelModule("layernorm", LN_EPS=f"{LAYERNORM_EPS!r}f", LN_FWD_WARPS=FWD_WARPS,
+KERNELS = KernelModule("layernorm", LN_EPS=f"{LAYERNORM_EPS!r}f", LN_FWD_WARPS=FWD_WARPS, LN_FWD_MIN_BLOCKS=FWD_MIN_BLOCKS,
                        LN_BWD_WARPS=BWD_WARPS, LN_BWD_NARROW_WARPS=NARROW_WARPS, RED_Y=RED_Y)
 
 
