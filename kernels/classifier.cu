@@ -126,6 +126,28 @@ __device__ __forceinline__ void fix_target(floatX* x, int target, float target_l
         x[target] = __float2bfloat16_rn(dloss * (softmax(target_logit, stats) - 1.0f));
 }
 
+// What both kernels know of their row (block) before pass 1: where it is, its target (-1 when
+// outside [0, V)) and, in thread 0, the target's logit, read before any thread overwrites the
+// row; the counts of whole real, real and all vectors; whether this thread owns the partial last
+// vector (V % 8 != 0), as its last.
+struct Row {
+    floatX* x;
+    int target, nfull, nv, nall;
+    bool valid_target, owns_partial;
+    float target_logit;
+};
+__device__ __forceinline__ Row row_setup(floatX* logits, const long long* targets, int V, int Vp) {
+    Row r;
+    r.x = logits + (long long)blockIdx.x * Vp;
+    const long long t = targets[blockIdx.x];
+    r.valid_target = t >= 0 && t < V;
+    r.target = r.valid_target ? (int)t : -1;
+    r.target_logit = threadIdx.x == 0 && r.valid_target ? bf(r.x[r.target]) : 0.0f;
+    r.nfull = V / 8, r.nv = (V + 7) / 8, r.nall = Vp / 8;
+    r.owns_partial = r.nfull < r.nv && threadIdx.x == r.nfull % CLS_THREADS;
+    return r;
+}
+
 // ---------------------------------------------------------------- cp.async (sm_80+)
 // 16 bytes global -> shared without passing through registers; .cg caches in L2 only. Before
 // sm_80 a plain streaming copy through registers, and the commit/wait are no-ops.
@@ -159,15 +181,9 @@ fused_classifier_smem_kernel(floatX* logits, float* losses, const long long* tar
                              float dloss) {
     extern __shared__ x128 row_smem[];
     __shared__ float red[32];
-    const long long row = blockIdx.x;
-    floatX* x = logits + row * Vp;
-    const long long t = targets[row];
-    const bool valid_target = t >= 0 && t < V;
-    const int target = valid_target ? (int)t : -1;
-    float target_logit = 0.0f;
-    if (threadIdx.x == 0 && valid_target) target_logit = bf(x[target]);
-    const int nfull = V / 8, nv = (V + 7) / 8, nall = Vp / 8;  // whole real, real, all vectors
-    const bool owns_partial = nfull < nv && threadIdx.x == nfull % CLS_THREADS;
+    const Row r = row_setup(logits, targets, V, Vp);
+    floatX* x = r.x;
+    const int target = r.target, nfull = r.nfull, nv = r.nv, nall = r.nall;
 
     // ---------------------------------------------------------------- pass 1: copy, max and sum of exp
     // A group is committed for every stage, empty past the row's end, so that "at most
@@ -187,11 +203,11 @@ fused_classifier_smem_kernel(floatX* logits, float* losses, const long long* tar
         cp_async_commit();
         online_add(m, s, v);
     }
-    if (owns_partial) {  // the partial vector nfull is this thread's last
+    if (r.owns_partial) {  // the partial vector nfull is this thread's last
         cp_async_wait<0>();
         online_add(m, s, mask_padding(row_smem[nfull], V - nfull * 8));
     }
-    const float2 stats = finish_row(m, s, target_logit, valid_target, losses + row, red);
+    const float2 stats = finish_row(m, s, r.target_logit, r.valid_target, losses + blockIdx.x, red);
 
     // ---------------------------------------------------------------- pass 2: the gradient
     for (int base = threadIdx.x; base < nall; base += CLS_UNROLL * CLS_THREADS) {
@@ -209,9 +225,9 @@ fused_classifier_smem_kernel(floatX* logits, float* losses, const long long* tar
             else if (i >= nv) store128(x + i * 8, x128::zeros());
         }
     }
-    if (owns_partial)
+    if (r.owns_partial)
         store128(x + nfull * 8, grad_partial(row_smem[nfull], V - nfull * 8, stats, dloss));
-    fix_target(x, target, target_logit, stats, dloss);
+    fix_target(x, target, r.target_logit, stats, dloss);
 }
 
 // ---------------------------------------------------------------- two passes over global memory
@@ -219,15 +235,9 @@ extern "C" __global__ void __launch_bounds__(CLS_THREADS, 2)
 fused_classifier_kernel(floatX* logits, float* losses, const long long* targets, int V, int Vp,
                         float dloss) {
     __shared__ float red[32];
-    const long long row = blockIdx.x;
-    floatX* x = logits + row * Vp;
-    const long long t = targets[row];
-    const bool valid_target = t >= 0 && t < V;
-    const int target = valid_target ? (int)t : -1;
-    float target_logit = 0.0f;
-    if (threadIdx.x == 0 && valid_target) target_logit = bf(x[target]);
-    const int nfull = V / 8, nv = (V + 7) / 8, nall = Vp / 8;  // whole real, real, all vectors
-    const bool owns_partial = nfull < nv && threadIdx.x == nfull % CLS_THREADS;
+    const Row r = row_setup(logits, targets, V, Vp);
+    floatX* x = r.x;
+    const int target = r.target, nfull = r.nfull, nv = r.nv, nall = r.nall;
 
     // ---------------------------------------------------------------- pass 1: max and sum of exp
     float m = -INFINITY, s = 0.0f;
@@ -245,11 +255,11 @@ fused_classifier_kernel(floatX* logits, float* losses, const long long* targets,
         }
     }
     x128 partial;
-    if (owns_partial) {  // the partial vector nfull is this thread's last
+    if (r.owns_partial) {  // the partial vector nfull is this thread's last
         partial = load128(x + nfull * 8);
         online_add(m, s, mask_padding(partial, V - nfull * 8));
     }
-    const float2 stats = finish_row(m, s, target_logit, valid_target, losses + row, red);
+    const float2 stats = finish_row(m, s, r.target_logit, r.valid_target, losses + blockIdx.x, red);
 
     // ---------------------------------------------------------------- pass 2: the gradient
     // re-reads the row (part of it still in L2: a 100 KB row, 2 blocks per SM)
@@ -268,6 +278,6 @@ fused_classifier_kernel(floatX* logits, float* losses, const long long* targets,
             else if (i >= nv) store128(x + i * 8, x128::zeros());
         }
     }
-    if (owns_partial) store128(x + nfull * 8, grad_partial(partial, V - nfull * 8, stats, dloss));
-    fix_target(x, target, target_logit, stats, dloss);
+    if (r.owns_partial) store128(x + nfull * 8, grad_partial(partial, V - nfull * 8, stats, dloss));
+    fix_target(x, target, r.target_logit, stats, dloss);
 }
