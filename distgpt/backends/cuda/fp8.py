@@ -3,7 +3,8 @@ GPU (issue #13): the per-tensor power-of-two scale from an amax, and the saturat
 e4m3 or e5m2 that also records the input's amax, plain or with the transposed copy that a
 weight needs as the K-major operand of the backward's fp8 matmul; and the current-scaling
 casts training uses (fp8_cast, fp8_cast_transpose): the amax, then the cast with the scale
-taken from it, two launches.
+taken from it, two launches (one where the kernel that wrote the tensor already took its amax:
+fp8_cast's amax_known).
 
 Outputs are torch float8 tensors (float8_e4m3fn, float8_e5m2), whose dtype picks the format;
 scales and amaxes are one-element fp32 device tensors, so nothing waits for the host."""
