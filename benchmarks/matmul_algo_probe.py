@@ -1,20 +1,20 @@
 """Probe: does cuBLASLt's first heuristic answer leave time on the table at GPT-2's shapes?
 
-Matmuls takes the heuristic's first algorithm for every plan. Here each plan a step uses (the
-block's four forward products with their epilogues, the input and weight gradients, the lm
-head's chunk products) is run through Matmuls once, then timed with each of the heuristic's
-first --algos answers back to back. The table gives the first answer's time, the best one's and
-what the step would save with the best (times the calls per step).
+Untuned (deterministic runs), Matmuls takes the heuristic's first algorithm for every plan. Here
+each plan a step uses (the block's four forward products with their epilogues, the input and
+weight gradients, the lm head's chunk products) is run through Matmuls once, then timed with
+each of the candidates the plan keeps (matmul.CANDIDATES) back to back. The table gives the
+first answer's time, the best one's and what the step would save with the best (times the calls
+per step).
 
-    python3 benchmarks/matmul_algo_probe.py [--models gpt2_124m:64 gpt2_1558m:16] [--algos 16]
+    python3 benchmarks/matmul_algo_probe.py [--models gpt2_124m:64 gpt2_1558m:16]
 """
 import argparse
 
-import numpy as np
 import torch
 
 from distgpt.backends.cuda.bias import BiasGradients
-from distgpt.backends.cuda.matmul import WORKSPACE_BYTES, Matmuls
+from distgpt.backends.cuda.matmul import Matmuls
 from distgpt.backends.cuda.runtime import median_ms
 from distgpt.model.layout import CLASSIFIER_CHUNK_ROWS
 
@@ -35,22 +35,7 @@ class Recorder(Matmuls):
         super()._run(plan, a, b, d, beta)
 
 
-def candidates(mm, plan, n):
-    """The heuristic's first n answers for this plan's descriptor and layouts (pointers to them)."""
-    lt = mm.lt
-    pref = lt.matmul_preference_create()
-    value = np.array(np.uint64(WORKSPACE_BYTES))
-    lt.matmul_preference_set_attribute(pref, lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES,
-                                       value.ctypes.data, value.nbytes)
-    results = lt.MatmulHeuristicResult(n)
-    found = np.zeros(1, dtype=np.int32)
-    lt.matmul_algo_get_heuristic(mm.handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref, n,
-                                 results.ptr, found.ctypes.data)
-    lt.matmul_preference_destroy(pref)
-    return results, int(found[0])
-
-
-def run_model(model, B, n_algos):
+def run_model(model, B):
     L, C = SHAPES[model]
     N = B * T
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -90,16 +75,14 @@ def run_model(model, B, n_algos):
     torch.cuda.synchronize()
     rows, total_first, total_best = [], 0.0, 0.0
     for plan, (a, b_, d, beta), label, per_step in mm.calls.values():
-        results, found = candidates(mm, plan, n_algos)
-        first_algo = plan.algo
+        found = plan.candidates  # the heuristic's answers the plan keeps (matmul.CANDIDATES)
         times = []
         for i in range(found):
-            plan.algo = results.ptr + i * mm.lt.matmul_heuristic_result_dtype.itemsize
+            algo = plan.algorithm(i)
             try:
-                times.append(median_ms(lambda: mm._run(plan, a, b_, d, beta), 3, 15))
+                times.append(median_ms(lambda: mm._launch(plan, algo, a, b_, d, beta), 3, 15))
             except Exception:  # an answer that does not run here: not a candidate
                 times.append(float("inf"))
-        plan.algo = first_algo
         first, best = times[0], min(times)
         rank = times.index(best)
         total_first += first * per_step
@@ -112,14 +95,13 @@ def run_model(model, B, n_algos):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["gpt2_124m:64", "gpt2_1558m:16"], help="model:B")
-    p.add_argument("--algos", type=int, default=16)
     a = p.parse_args()
     print("| model | product | calls/step | answers | first us | best us (rank) | gain | ms/step saved |")
     print("|---|---|---|---|---|---|---|---|")
     summary = []
     for item in a.models:
         model, B = item.split(":")
-        rows, first, best = run_model(model, int(B), a.algos)
+        rows, first, best = run_model(model, int(B))
         print("\n".join(rows), flush=True)
         summary.append(f"{model} B={B}: matmuls {first:.1f} ms a step with the first answers, {best:.1f} with "
                        f"the best ({first - best:.1f} ms saved)")

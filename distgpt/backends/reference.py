@@ -403,10 +403,8 @@ def fp8_cast(out, inverse, amax, inp, amax_known=False):
     amax_known: the op that wrote inp already merged max |inp| into amax (its `amax` argument),
     so max(amax, max |inp|) is amax: the CUDA op skips that pass; here it is taken anyway."""
     fmt = next(name for name, dtype in FP8_FORMATS.items() if dtype == out.dtype)
-    seen, scale = (torch.zeros(1, dtype=torch.float32, device=inp.device) for _ in range(2))
-    fp8_quantize(out, seen, inp, torch.ones_like(scale))  # seen = max |inp|
-    seen = float(seen)
-    amax.fill_(max(float(amax.reshape(-1)[0]), seen) if not math.isnan(seen) else seen)
+    merge_amax(amax, inp)
+    scale = torch.zeros(1, dtype=torch.float32, device=inp.device)
     fp8_scale(scale, amax, fmt, inverse=inverse)
     fp8_quantize(out, torch.zeros_like(scale), inp, scale)
 

@@ -11,7 +11,7 @@ scales and amaxes are one-element fp32 device tensors, so nothing waits for the 
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.runtime import KernelModule, i32, ptr, sm_count
+from distgpt.backends.cuda.runtime import KernelModule, check_scalars, check_tensor, i32, ptr, sm_count
 from distgpt.backends.reference import FP8_FORMATS, fp8_max
 
 THREADS = 256        # fp8_quantize: threads per block, 8 elements each per load ...
@@ -25,12 +25,6 @@ KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_UNROLL=UNROLL, FP8_TILE=T
 FORMAT_OF = {dtype: name for name, dtype in FP8_FORMATS.items()}
 
 
-def _check_one(op, **tensors):
-    for name, t in tensors.items():
-        if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda:
-            raise ValueError(f"{op}: {name} must be one fp32 CUDA element, got {t.dtype} {tuple(t.shape)}")
-
-
 def _check(op, out, inp, **one_elements):
     if out.dtype not in FORMAT_OF:
         raise ValueError(f"{op}: out must be float8_e4m3fn or float8_e5m2, got {out.dtype}")
@@ -41,7 +35,7 @@ def _check(op, out, inp, **one_elements):
             raise ValueError(f"{op}: {name} must be a contiguous CUDA tensor")
     if out.shape != inp.shape:
         raise ValueError(f"{op}: out {tuple(out.shape)} and inp {tuple(inp.shape)} differ in shape")
-    _check_one(op, **one_elements)
+    check_scalars(op, **one_elements)
 
 
 def _grid(inp):
@@ -61,9 +55,8 @@ def _transpose_launch(kernel, fmt, inp, out, out_t):
 def fp8_amax(amax, inp):
     """amax = max(amax, max |inp|) (the caller zeroes it first): current scaling's first read."""
     op = "fp8_amax"
-    _check_one(op, amax=amax)
-    if inp.dtype != torch.bfloat16 or not inp.is_cuda or not inp.is_contiguous() or inp.data_ptr() % 16:
-        raise ValueError(f"{op}: inp must be a contiguous, 16-byte aligned bf16 CUDA tensor")
+    check_scalars(op, amax=amax)
+    check_tensor(op, "inp", inp)
     if inp.numel():
         KERNELS.launch("fp8_amax_kernel", _grid(inp), THREADS, (ptr(amax), ptr(inp), np.int64(inp.numel())))
 

@@ -4,7 +4,7 @@ loads and stores, fp32 arithmetic. Both ops overwrite; gelu_backward may run in 
 backward 196 us, 3.0-3.1 TB/s."""
 import numpy as np
 
-from distgpt.backends.cuda.runtime import KernelModule, check_amax, check_tensor, ceil_div, ptr
+from distgpt.backends.cuda.runtime import KernelModule, check_scalars, check_tensor, ceil_div, ptr
 from distgpt.backends.reference import GELU_CUBIC, GELU_SCALE
 
 THREADS = 256
@@ -40,7 +40,7 @@ def gelu_backward(dinp, inp, dout, amax=None):
             KERNELS.launch("gelu_backward_kernel", ceil_div(n8, THREADS), THREADS,
                            (ptr(dinp), ptr(inp), ptr(dout), np.int64(n8)))
         return
-    check_amax(op, amax)
+    check_scalars(op, amax=amax)
     if n8:
         KERNELS.launch("gelu_backward_amax_kernel", ceil_div(n8, THREADS), THREADS,
                        (ptr(dinp), ptr(inp), ptr(dout), ptr(amax), np.int64(n8)))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from distgpt.backends.reference import LAYERNORM_EPS
-from distgpt.backends.cuda.runtime import KernelModule, check_amax, check_tensor, ceil_div, i32, ptr
+from distgpt.backends.cuda.runtime import KernelModule, check_scalars, check_tensor, ceil_div, i32, ptr
 
 CHUNK = 256          # channels one warp covers per 16-byte step (32 lanes x 8 bf16)
 MAX_C = 7 * CHUNK    # kernels exist for 1..7 chunks per lane (GPT-2 XL: C = 1600)
@@ -96,7 +96,7 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None):
     N, C = _check_row_op(op, [("inp", inp), ("out", out)], [("mean", mean), ("rstd", rstd)],
                          [("weight", weight), ("bias", bias)])
     if amax is not None:
-        check_amax(op, amax)
+        check_scalars(op, amax=amax)
     if N == 0:
         return
     KERNELS.launch(f"layernorm_forward{_kind(amax)}_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS), FWD_WARPS * 32,
@@ -110,7 +110,7 @@ def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, b
     N, C = _check_row_op(op, [("a", a), ("b", b), ("residual_out", residual_out), ("ln_out", ln_out)],
                          [("mean", mean), ("rstd", rstd)], [("weight", weight), ("bias", bias)])
     if amax is not None:
-        check_amax(op, amax)
+        check_scalars(op, amax=amax)
     if N == 0:
         return
     KERNELS.launch(f"residual_layernorm_forward{_kind(amax)}_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS),
@@ -143,7 +143,6 @@ class LayerNormGradients:
         self.C, self.sms = C, props.multi_processor_count
         self.smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
         self.bias_gradients = bias_gradients
-        self.narrow_sums = True  # False: two passes where 8 warps' three sums do not fit (A/B timing)
         self.partials = torch.empty(partials_elements(C, self.sms), dtype=torch.float32, device=device)
 
     @property
@@ -156,7 +155,7 @@ class LayerNormGradients:
         when given, = max(amax, max |dinp| after the update)."""
         op = "layernorm_backward"
         if amax is not None:
-            check_amax(op, amax)
+            check_scalars(op, amax=amax)
         params = [("weight", weight), ("dweight", dweight), ("dbias", dbias)]
         if dproj_bias is not None:
             params.append(("dproj_bias", dproj_bias))
@@ -169,15 +168,16 @@ class LayerNormGradients:
         nsum = 2 if dproj_bias is None else 3
         name, warps = ("layernorm_backward" if nsum == 2 else "layernorm_backward_sum"), BWD_WARPS
         P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm)
-        if nsum == 3 and P < backward_grid(C, 2, self.sms, self.smem_per_sm)[0]:
+        plain_blocks = backward_grid(C, 2, self.sms, self.smem_per_sm)[0]
+        if P < plain_blocks:
             # the third sum would halve the blocks per SM: half the warps a block keep two blocks
             # per SM where that fits, else two passes
-            P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm, NARROW_WARPS)
-            if not self.narrow_sums or P < backward_grid(C, 2, self.sms, self.smem_per_sm)[0]:
+            name, warps = "layernorm_backward_sum_narrow", NARROW_WARPS
+            P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm, warps)
+            if P < plain_blocks:
                 self.backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, amax=amax)
                 self.bias_gradients.backward(dproj_bias, dinp)
                 return
-            name, warps = "layernorm_backward_sum_narrow", NARROW_WARPS
         KERNELS.launch(f"{name}{_kind(amax)}_{ceil_div(C, CHUNK)}", P, warps * 32,
                        (ptr(dinp), ptr(self.partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd),
                         ptr(amax), i32(N), i32(C)), shared_mem=smem)

@@ -124,10 +124,12 @@ def check_tensor(op, name, t, dtype=torch.bfloat16):
         raise ValueError(f"{op}: {name} must be 16-byte aligned for 128-bit access")
 
 
-def check_amax(op, amax):
-    """An fp8 amax a kernel merges into (atomically, as fp32 bits): one fp32 CUDA element."""
-    if amax.dtype != torch.float32 or amax.numel() != 1 or not amax.is_cuda:
-        raise ValueError(f"{op}: amax must be one fp32 CUDA element, got {amax.dtype} {tuple(amax.shape)}")
+def check_scalars(op, **tensors):
+    """Device scalars the kernels read or merge into (fp8 amaxes, scales, inverse scales): each
+    one fp32 CUDA element."""
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda:
+            raise ValueError(f"{op}: {name} must be one fp32 CUDA element, got {t.dtype} {tuple(t.shape)}")
 
 
 def ceil_div(a, b):
