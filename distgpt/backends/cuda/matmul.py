@@ -78,8 +78,12 @@ def _bindings():
 
 
 def _agrees(got, want):
-    """Two bf16 results of the same product by different algorithms: each element within two bf16
-    ulps (2^-6 relative) of the other's, or within 2^-6 of the result's rms where it cancels."""
+    """Two bf16 results of the same product by different algorithms: each element within one bf16
+    ulp (2^-7 relative) of the other's, or within 2^-10 of the result's rms where it cancels.
+    That is all a different summation order (fp32 sums, one bf16 rounding) moves a result, and it
+    sits inside the tests' budget against the fp32 reference (rtol 1e-2, atol 2e-3 at O(1)
+    results); two ulps and 2^-6 of the rms let a less exact dGELU kernel through, which then
+    failed that budget (N = 512, C = 768, OC = 2304 on an H100, 2026-11-23)."""
     finite = torch.isfinite(want)
     if not torch.isfinite(got).equal(finite):
         return False
@@ -90,7 +94,7 @@ def _agrees(got, want):
     if want.numel() == 0:
         return True
     rms = want.square().mean().sqrt()
-    return bool(((got - want).abs() <= 2.0 ** -6 * (want.abs() + rms)).all())
+    return bool(((got - want).abs() <= 2.0 ** -7 * want.abs() + 2.0 ** -10 * rms).all())
 
 
 def _alignment(t):
@@ -143,7 +147,6 @@ class _Plan:
                                f"alignments {aligns}")
         self.candidates = int(found[0])
         self.choice = None  # the timed answer's index, once tuned
-        self.algo = self.algorithm(0)
 
     def algorithm(self, index):
         """A pointer to the index-th answer's algorithm (the struct's first member)."""
@@ -208,12 +211,9 @@ class Matmuls:
 
     def _run(self, plan, a, b, d, beta):
         """d = a-op @ b-op (+ d when beta), with the plan's timed algorithm when tuning."""
-        if not self.tune:
-            self._launch(plan, plan.algo, a, b, d, beta)
-            return
-        if plan.choice is None:
+        if self.tune and plan.choice is None:
             plan.choice = self._tune(plan, a, b, d, beta)
-        self._launch(plan, plan.algorithm(plan.choice or 0), a, b, d, beta)
+        self._launch(plan, plan.algorithm((plan.choice or 0) if self.tune else 0), a, b, d, beta)
 
     def _launch(self, plan, algo, a, b, d, beta):
         alpha_ptr = self._one.ctypes.data
@@ -224,8 +224,8 @@ class Matmuls:
 
     def _tune(self, plan, a, b, d, beta):
         """The index of the plan's fastest candidate on these operands, 0 (the heuristic's first)
-        unless another beats it by TUNE_MARGIN and computes what the first computes (within two
-        bf16 ulps: some answers evaluate an epilogue less exactly, e.g. two of the dGELU kernels
+        unless another beats it by TUNE_MARGIN and computes what the first computes (within one
+        bf16 ulp, _agrees: some answers evaluate an epilogue less exactly, e.g. two of the dGELU kernels
         at N = 256, C = 1600); None inside a CUDA graph capture, which must not synchronise (the
         first answer runs there, and a later call outside tunes). The timed runs overwrite d,
         which the caller's own run then writes again; an accumulating product's d is saved to
