@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from distgpt.backends.cuda.bias import BiasGradients
-from distgpt.backends.cuda.matmul import Matmuls
+from distgpt.backends.cuda.matmul import Matmuls, _agrees
 from distgpt.backends.cuda.runtime import median_ms
 from distgpt.model.layout import CLASSIFIER_CHUNK_ROWS
 
@@ -83,8 +83,12 @@ def run_model(model, B):
                 times.append(median_ms(lambda: mm._launch(plan, algo, a, b_, d, beta), 3, 15))
             except Exception:  # an answer that does not run here: not a candidate
                 times.append(float("inf"))
-        first, best = times[0], min(times)
-        rank = times.index(best)
+        # the fastest answer that computes what the first computes (what tuning would keep)
+        saved = d.to("cpu") if beta else None
+        want = mm._sample(plan, 0, a, b_, d, beta, saved)
+        rank = next(i for i in sorted(range(found), key=times.__getitem__)
+                    if i == 0 or _agrees(mm._sample(plan, i, a, b_, d, beta, saved), want))
+        first, best = times[0], times[rank]
         total_first += first * per_step
         total_best += best * per_step
         rows.append(f"| {model} | {label} | {per_step} | {found} | {first * 1000:.0f} | {best * 1000:.0f} "
@@ -96,7 +100,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["gpt2_124m:64", "gpt2_1558m:16"], help="model:B")
     a = p.parse_args()
-    print("| model | product | calls/step | answers | first us | best us (rank) | gain | ms/step saved |")
+    print("| model | product | calls/step | answers | first us | best agreeing us (rank) | gain | ms/step saved |")
     print("|---|---|---|---|---|---|---|---|")
     summary = []
     for item in a.models:

@@ -24,7 +24,7 @@ CATEGORIES = (
     ("attention", ("fmha", "flash", "sdpa", "cudnn", "attention")),
     ("matmul", ("gemm", "gemv", "nvjet", "sm90_xmma", "cutlass", "Kernel2", "cublas", "splitKreduce")),
     ("nccl", ("nccl",)),
-    ("layernorm", ("layernorm", "residual_forward")),   # residual_layernorm*, and the plain residual add
+    ("layernorm", ("layernorm",)),
     ("gelu", ("gelu_",)),
     ("bias gradients", ("bias_backward",)),
     ("classifier", ("fused_classifier",)),

@@ -1,4 +1,6 @@
 // Bias gradient of a linear layer: dbias (OC) += column sums of dout (N, OC)   (ACCUMULATES)
+// dout's rows may be `ld` elements apart (a column slice of a wider gradient: the queries' part
+// of dqkv), and phase 2 can hand the fp32 sums over as well (`sums`).
 //
 // Deterministic without atomics, in two phases through a planned fp32 scratch:
 //   phase 1  block (x, y) owns 256 columns (x) and one contiguous range of rows (y). Lane l of
@@ -18,14 +20,47 @@
 #ifndef RED_Y
 #error "RED_Y comes from backends/cuda/bias.py (compiled in as -DRED_Y=...)"
 #endif
+#ifndef PROJ_WARPS
+#error "PROJ_WARPS comes from backends/cuda/bias.py (compiled in as -DPROJ_WARPS=...)"
+#endif
 
 __device__ __forceinline__ void add_row(float (&acc)[8], const x128& d) {
 #pragma unroll
     for (int j = 0; j < 8; j++) acc[j] += __bfloat162float(d[j]);
 }
 
+// columns 4h..4h+3 of a lane's 8
+__device__ __forceinline__ f128 half_of(const float (&acc)[8], int h) {
+    f128 t;
+#pragma unroll
+    for (int j = 0; j < 4; j++) t[j] = acc[4 * h + j];
+    return t;
+}
+
+// A block's per-lane sums of 8 columns (acc, one set per warp) added up in warp order
+// 0..WARPS-1 through shared memory (part: [warp][half of the 8 columns][lane]). Returns true in
+// warp 0, whose lanes then hold the block's totals in acc; the other warps are done.
+template <int WARPS>
+__device__ __forceinline__ bool sum_over_warps(float (&acc)[8], f128 (&part)[WARPS][2][32], int lane, int warp) {
+    part[warp][0][lane] = half_of(acc, 0);
+    part[warp][1][lane] = half_of(acc, 1);
+    __syncthreads();
+    if (warp != 0) return false;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        f128 t = part[0][h][lane];
+        for (int v = 1; v < WARPS; v++) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) t[j] += part[v][h][lane][j];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[4 * h + j] = t[j];
+    }
+    return true;
+}
+
 extern "C" __global__ void __launch_bounds__(BIAS_WARPS * 32)
-bias_backward_kernel(float* partials, const floatX* dout, int N, int OC, int rows_per_block) {
+bias_backward_kernel(float* partials, const floatX* dout, int N, int OC, long long ld, int rows_per_block) {
     __shared__ f128 sums[BIAS_WARPS][2][32];  // [warp][half of the 8 columns][lane]
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int c = (blockIdx.x * 32 + lane) * 8;
@@ -40,36 +75,26 @@ bias_backward_kernel(float* partials, const floatX* dout, int N, int OC, int row
         int r = row_begin + warp;
         // four rows' loads in flight before their adds, which stay in row order
         for (; r + 3 * BIAS_WARPS < row_end; r += 4 * BIAS_WARPS) {
-            const x128 d0 = load128(col + (long long)r * OC);
-            const x128 d1 = load128(col + (long long)(r + BIAS_WARPS) * OC);
-            const x128 d2 = load128(col + (long long)(r + 2 * BIAS_WARPS) * OC);
-            const x128 d3 = load128(col + (long long)(r + 3 * BIAS_WARPS) * OC);
+            const x128 d0 = load128(col + r * ld);
+            const x128 d1 = load128(col + (r + BIAS_WARPS) * ld);
+            const x128 d2 = load128(col + (r + 2 * BIAS_WARPS) * ld);
+            const x128 d3 = load128(col + (r + 3 * BIAS_WARPS) * ld);
             add_row(acc, d0); add_row(acc, d1); add_row(acc, d2); add_row(acc, d3);
         }
-        for (; r < row_end; r += BIAS_WARPS) add_row(acc, load128(col + (long long)r * OC));
+        for (; r < row_end; r += BIAS_WARPS) add_row(acc, load128(col + r * ld));
     }
-    f128 lo, hi;
-#pragma unroll
-    for (int j = 0; j < 4; j++) { lo[j] = acc[j]; hi[j] = acc[4 + j]; }
-    sums[warp][0][lane] = lo;
-    sums[warp][1][lane] = hi;
-    __syncthreads();
-    if (warp != 0 || !active) return;
+    if (!sum_over_warps<BIAS_WARPS>(acc, sums, lane, warp) || !active) return;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        f128 t = sums[0][h][lane];
-        for (int v = 1; v < BIAS_WARPS; v++) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) t[j] += sums[v][h][lane][j];
-        }
-        store128(partials + (long long)blockIdx.y * OC + c + 4 * h, t);
+        store128(partials + (long long)blockIdx.y * OC + c + 4 * h, half_of(acc, h));
     }
 }
 
 // Phase 2: 4 columns per thread; warp row y sums partial rows y, y+RED_Y, ... in order, then
-// thread row 0 adds the RED_Y sums in order 0..RED_Y-1 and adds the total into dbias.
+// thread row 0 adds the RED_Y sums in order 0..RED_Y-1 and adds the total into dbias (and
+// writes it to sums, when given).
 extern "C" __global__ void __launch_bounds__(32 * RED_Y)
-bias_backward_reduce_kernel(floatX* dbias, const float* partials, int RB, int OC) {
+bias_backward_reduce_kernel(floatX* dbias, float* sums, const float* partials, int RB, int OC) {
     __shared__ f128 tile[RED_Y][32];
     const int col4 = blockIdx.x * 32 + threadIdx.x, OC4 = OC / 4;
     f128 acc = f128::zeros();
@@ -90,4 +115,33 @@ bias_backward_reduce_kernel(floatX* dbias, const float* partials, int RB, int OC
     floatX* dst = dbias + col4 * 4;
 #pragma unroll
     for (int j = 0; j < 4; j++) dst[j] = __float2bfloat16_rn(__bfloat162float(dst[j]) + acc[j]);
+    if (sums != nullptr) store128(sums + col4 * 4, acc);
+}
+
+// The values' bias gradient through the attention projection (see qkv_bias_backward in
+// backends/reference.py): dbias (C_in) += sums (C_out) @ weight (C_out, C_in), weight bf16
+// row-major as the projection keeps it. Lane l of warp w holds 8 columns of a 256-column tile
+// (blockIdx.x) and sums rows w, w + PROJ_WARPS, ... in order; warp 0 then adds the warps' sums
+// in order 0..PROJ_WARPS-1, so the result does not depend on timing.
+extern "C" __global__ void __launch_bounds__(PROJ_WARPS * 32)
+projected_bias_kernel(floatX* dbias, const float* sums, const floatX* weight, int C_out, int C_in) {
+    __shared__ f128 part[PROJ_WARPS][2][32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int c = (blockIdx.x * 32 + lane) * 8;
+    const bool active = c < C_in;
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+    if (active) {
+        for (int r = warp; r < C_out; r += PROJ_WARPS) {
+            const x128 w = load128(weight + (long long)r * C_in + c);
+            const float s = sums[r];
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] = fmaf(s, __bfloat162float(w[j]), acc[j]);
+        }
+    }
+    if (!sum_over_warps<PROJ_WARPS>(acc, part, lane, warp) || !active) return;
+    floatX* dst = dbias + c;
+#pragma unroll
+    for (int j = 0; j < 8; j++) dst[j] = __float2bfloat16_rn(__bfloat162float(dst[j]) + acc[j]);
 }

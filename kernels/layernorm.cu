@@ -1,13 +1,12 @@
-// LayerNorm forward and backward, the fused residual add + LayerNorm, and the residual add.
+// LayerNorm forward and backward. (The residual adds before them happen in the projections'
+// matmul epilogues: the forward reads the residual sum the matmul wrote.)
 //
 //   layernorm_forward           out = (x - mean) * rstd * w + b; mean, rstd (B*T) fp32  (overwrites)
-//   residual_layernorm_forward  residual = bf16(a + b), then the layernorm of that bf16 residual
-//   residual_forward            out = bf16(a + b)
 //   layernorm_backward          dinp += dx (residual stream), dweight += , dbias +=   (ACCUMULATE)
 //                               and, in the _sum variant, dproj_bias += column sums of the updated
 //                               dinp: the bias gradient of the projection that added into this
 //                               residual, taken while the row is in registers (no second read)
-//   *_amax_kernel_CH twins (of all but the residual add): with fp8=true, max |output| merged
+//   *_amax_kernel_CH twins: with fp8=true, max |output| merged
 //   into the fp8 cast's amax of the matmul that reads the output next (common.cuh: merge_amax),
 //   so that cast needs no pass of its own over the tensor to find it
 //
@@ -17,11 +16,10 @@
 // <name>_<CH> for CH = 1..7 (C <= 1792 covers GPT-2 XL's 1600); Python picks one by C. The variance is the mean of
 // (x - mean)^2 over the registers (two passes, no E[x^2] - E[x]^2 cancellation).
 //
-// residual_layernorm_forward must give bitwise the same ln_out/mean/rstd as residual_forward then
-// layernorm_forward (backward with recompute=2 rebuilds layernorms with layernorm_forward): both
-// kernels normalise through the one function normalize_row, on the same bf16 values, with
-// explicitly rounded intrinsics (__fadd_rn, __fmaf_rn, ...) that the compiler never contracts or
-// reorders, so inlining into either kernel cannot change a bit.
+// The forward kernels and their _amax twins must give bitwise the same out/mean/rstd (backward
+// with recompute=2 rebuilds layernorms with the plain kernel): all normalise through the one
+// function normalize_row with explicitly rounded intrinsics (__fadd_rn, __fmaf_rn, ...) that the
+// compiler never contracts or reorders, so inlining cannot change a bit.
 //
 // layernorm_backward is deterministic without atomics: phase 1 runs a fixed grid (from the SM
 // count); each warp takes rows warp_id, warp_id + warps_in_grid, ... and keeps its own fp32
@@ -131,40 +129,6 @@ __device__ __forceinline__ void layernorm_forward_impl(floatX* out, float* mean,
     for (int k = 0; k < CH; k++)
         if (chunk_on(k, lane, C)) x[k] = load128(inp + base + (k * 32 + lane) * 8);
     normalize_row<CH, AMAX>(x, out + base, mean + row, rstd + row, weight, bias, amax, C, lane);
-}
-
-__device__ __forceinline__ x128 add_bf16(const x128& a, const x128& b) {
-    x128 s;
-#pragma unroll
-    for (int j = 0; j < 8; j++) s[j] = __float2bfloat16_rn(__fadd_rn(__bfloat162float(a[j]), __bfloat162float(b[j])));
-    return s;
-}
-
-template <int CH, bool AMAX>
-__device__ __forceinline__ void residual_layernorm_forward_impl(floatX* residual_out, floatX* ln_out,
-                                                                float* mean, float* rstd, const floatX* a,
-                                                                const floatX* b, const floatX* weight,
-                                                                const floatX* bias, float* amax, int N, int C) {
-    const int lane = threadIdx.x % 32, row = blockIdx.x * LN_FWD_WARPS + threadIdx.x / 32;
-    if (row >= N) return;
-    const long long base = (long long)row * C;
-    x128 x[CH];
-#pragma unroll
-    for (int k = 0; k < CH; k++) {
-        if (!chunk_on(k, lane, C)) continue;
-        const long long at = base + (k * 32 + lane) * 8;
-        x[k] = add_bf16(load128(a + at), load128(b + at));
-        store128(residual_out + at, x[k]);
-    }
-    normalize_row<CH, AMAX>(x, ln_out + base, mean + row, rstd + row, weight, bias, amax, C, lane);
-}
-
-// out = bf16(a + b), 8 elements per thread; n8 = number of 16-byte chunks. The same add_bf16 as
-// the fused kernel, so both write the same residual.
-extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* a, const floatX* b, long long n8) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n8) return;
-    store128(out + i * 8, add_bf16(load128(a + i * 8), load128(b + i * 8)));
 }
 
 // Phase 1. Shared memory: per warp, C floats of dweight sums then C floats of dbias sums, stored
@@ -289,13 +253,6 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
         const floatX* bias, float* amax, int N, int C) {                                               \
         layernorm_forward_impl<CH, AMAX>(out, mean, rstd, inp, weight, bias, amax, N, C);              \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32, LN_FWD_MIN_BLOCKS)                                     \
-    residual_layernorm_forward##SUFFIX##_##CH(                                                         \
-        floatX* residual_out, floatX* ln_out, float* mean, float* rstd, const floatX* a,              \
-        const floatX* b, const floatX* weight, const floatX* bias, float* amax, int N, int C) {       \
-        residual_layernorm_forward_impl<CH, AMAX>(residual_out, ln_out, mean, rstd, a, b, weight, bias, amax, \
-                                                  N, C);                                               \
-    }                                                                                                  \
     LN_BACKWARD_ENTRY(layernorm_backward##SUFFIX##_##CH, CH, 2, LN_BWD_WARPS, (CH < 7), AMAX)            \
     LN_BACKWARD_ENTRY(layernorm_backward_sum##SUFFIX##_##CH, CH, 3, LN_BWD_WARPS, (CH < 7), AMAX)        \
     LN_BACKWARD_ENTRY(layernorm_backward_sum_narrow##SUFFIX##_##CH, CH, 3, LN_BWD_NARROW_WARPS, true, AMAX)
@@ -312,10 +269,11 @@ LAYERNORM_KERNELS(7)
 
 // Phase 2: column j of the (P, nsum*C) partials, 4 columns per thread: warp row y sums blocks
 // y, y+RED_Y, ... in order, then thread row 0 adds the RED_Y sums in order 0..RED_Y-1 and adds
-// the total into dweight (j < C), dbias (j < 2C) or dproj_bias (nsum = 3, j >= 2C).
+// the total into dweight (j < C), dbias (j < 2C) or dproj_bias (nsum = 3, j >= 2C), the last
+// also written to proj_sum in fp32 when given (the attention's value-bias gradient reads it).
 extern "C" __global__ void __launch_bounds__(32 * RED_Y)
-layernorm_backward_reduce_kernel(floatX* dweight, floatX* dbias, floatX* dproj_bias, const float* partials,
-                                 int P, int C, int nsum) {
+layernorm_backward_reduce_kernel(floatX* dweight, floatX* dbias, floatX* dproj_bias, float* proj_sum,
+                                 const float* partials, int P, int C, int nsum) {
     __shared__ f128 tile[RED_Y][32];
     const int col4 = blockIdx.x * 32 + threadIdx.x, M4 = nsum * C / 4;
     f128 acc = f128::zeros();
@@ -337,4 +295,5 @@ layernorm_backward_reduce_kernel(floatX* dweight, floatX* dbias, floatX* dproj_b
     floatX* dst = col < C ? dweight + col : col < 2 * C ? dbias + (col - C) : dproj_bias + (col - 2 * C);
 #pragma unroll
     for (int j = 0; j < 4; j++) dst[j] = __float2bfloat16_rn(__bfloat162float(dst[j]) + acc[j]);
+    if (proj_sum != nullptr && col >= 2 * C) store128(proj_sum + (col - 2 * C), acc);
 }

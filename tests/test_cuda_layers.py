@@ -1,7 +1,6 @@
-"""Our CUDA layer kernels (encoder, layernorm, residual, GELU, bias gradient) against the reference
-backend run in fp32 on the same bf16 inputs (upcast), at several shapes; every backward run twice
-must give bitwise equal results; the fused residual + layernorm must equal the two separate ops
-bitwise. Overwritten outputs are poisoned with NaN first; accumulated (+=) outputs start from
+"""Our CUDA layer kernels (encoder, layernorm, GELU, bias gradients) against the reference backend
+run in fp32 on the same bf16 inputs (upcast), at several shapes; every backward run twice must
+give bitwise equal results. Overwritten outputs are poisoned with NaN first; accumulated (+=) outputs start from
 random values and are compared as before + reference increment."""
 import pytest
 import torch
@@ -28,8 +27,7 @@ TOLERANCES = {
     "ln_out": (1e-4, 1e-2),   # n * w + b in a different order: ~1e-6 of |n * w| + |b| <= ~5e-6
     "ln_mean": (1e-5, 1e-5),
     "ln_rstd": (0.0, 1e-4),
-    "residual": (1e-5, 1e-2),
-    "ln_dinp": (1e-3, 1e-2),  # fp32 error ~1e-6 of O(1) terms, times rstd = 316 in the constant row
+        "ln_dinp": (1e-3, 1e-2),  # fp32 error ~1e-6 of O(1) terms, times rstd = 316 in the constant row
     "ln_dweight": (1e-3, 1e-2),
     "ln_dbias": (1e-3, 1e-2),
     "gelu_out": (1e-5, 1e-2),
@@ -138,38 +136,6 @@ def test_layernorm_forward(ops, B, T, C):
 
 
 @pytest.mark.parametrize("B,T,C", SHAPES)
-def test_residual_forward(ops, B, T, C):
-    a, b = bf16(B, T, C), bf16(B, T, C)
-    out = poisoned(B, T, C)
-    ops["layernorm"].residual_forward(out, a, b)
-    want = torch.empty(B, T, C, device="cuda")
-    reference.residual_forward(want, a.float(), b.float())
-    check("residual", out, want)
-
-
-@pytest.mark.parametrize("B,T,C", SHAPES)
-def test_residual_layernorm_forward(ops, B, T, C):
-    ln = ops["layernorm"]
-    a, (b, weight, bias) = bf16(B, T, C), ln_inputs(B, T, C)
-    fused = [poisoned(B, T, C), poisoned(B, T, C), poisoned(B, T, dtype=torch.float32),
-             poisoned(B, T, dtype=torch.float32)]
-    ln.residual_layernorm_forward(*fused, a, b, weight, bias)
-    residual_want = torch.empty(B, T, C, device="cuda")
-    reference.residual_forward(residual_want, a.float(), b.float())
-    check("residual", fused[0], residual_want)
-    # the layernorm of the rounded bf16 residual, as the model's backward recomputes it
-    want = reference_layernorm(fused[0], weight, bias)
-    for name, got, expected in zip(("ln_out", "ln_mean", "ln_rstd"), fused[1:], want):
-        check(name, got, expected)
-    separate = [poisoned(B, T, C), poisoned(B, T, C), poisoned(B, T, dtype=torch.float32),
-                poisoned(B, T, dtype=torch.float32)]
-    ln.residual_forward(separate[0], a, b)
-    ln.layernorm_forward(separate[1], separate[2], separate[3], separate[0], weight, bias)
-    for name, x, y in zip(("residual", "ln_out", "mean", "rstd"), fused, separate):
-        assert torch.equal(x, y), f"fused residual+layernorm {name} differs from the separate ops"
-
-
-@pytest.mark.parametrize("B,T,C", SHAPES)
 def test_layernorm_backward(ops, B, T, C):
     inp, weight, _ = ln_inputs(B, T, C)
     _, mean, rstd = reference_layernorm(inp, weight, torch.zeros_like(weight))
@@ -200,8 +166,11 @@ def test_layernorm_backward_with_projection_bias(ops, B, T, C):
     plain = [t.clone() for t in (dinp0, dweight0, dbias0)]
     ln.layernorm_backward(*plain, dout, inp, weight, mean, rstd)
     fused = [t.clone() for t in (dinp0, dweight0, dbias0, dproj0)]
-    ln.layernorm_backward(*fused[:3], dout, inp, weight, mean, rstd, dproj_bias=fused[3])
+    sums = poisoned(C, dtype=torch.float32)
+    ln.layernorm_backward(*fused[:3], dout, inp, weight, mean, rstd, dproj_bias=fused[3], dproj_sum=sums)
     assert torch.equal(fused[0], plain[0]), "layernorm_backward dinp changed when dproj_bias was given"
+    # the fp32 sums handed over are what dproj_bias gained (one bf16 rounding of before + sums)
+    assert torch.equal(fused[3], (dproj0.float() + sums).to(torch.bfloat16)), "dproj_sum is not what dproj_bias gained"
     inc = [torch.zeros(C, device="cuda"), torch.zeros(C, device="cuda")]
     reference.layernorm_backward(torch.zeros(B, T, C, device="cuda"), *inc, dout.float(), inp.float(),
                                  weight.float(), mean, rstd)
@@ -240,6 +209,37 @@ def test_bias_backward(ops, N, OC):
     ops["bias"].backward(dbias, dout)
     check_accumulated("dbias", dbias, dbias0, dout.float().sum(dim=0))
     twice_equal(lambda db: ops["bias"].backward(db, dout), [dbias0])
+
+
+def test_bias_backward_of_a_column_slice_with_sums(ops):
+    """dout a column slice of a wider gradient (rows 3C apart, as the queries' part of dqkv), and
+    phase 2's fp32 sums: the same bits as the contiguous copy, and dbias gained exactly the sums."""
+    N, C = 4096, 768
+    wide = bf16(N, 3 * C)
+    dbias0 = bf16(C)
+    strided, contiguous = dbias0.clone(), dbias0.clone()
+    sums = poisoned(C, dtype=torch.float32)
+    ops["bias"].backward(strided, wide[:, :C], sums=sums)
+    ops["bias"].backward(contiguous, wide[:, :C].contiguous())
+    assert torch.equal(strided, contiguous)
+    assert torch.equal(strided, (dbias0.float() + sums).to(torch.bfloat16))
+    check_accumulated("dbias", strided, dbias0, wide[:, :C].float().sum(dim=0))
+
+
+@pytest.mark.parametrize("N,NH,C", [(512, 12, 768), (2048, 25, 1600), (64, 1, 64)])
+def test_qkv_bias_backward(ops, N, NH, C):
+    """The queries' column sums, the keys' zero (left as they were) and the values' from the
+    projection's sums through its weight, against the reference on the same inputs in fp32."""
+    dqkv, dproj_sum = bf16(N, 3 * C), torch.randn(C, device="cuda") * N ** 0.5
+    w = bf16(C, C, scale=C ** -0.5)
+    dbias0 = bf16(3 * C)
+    dbias = dbias0.clone()
+    ops["bias"].qkv_backward(dbias, dqkv, dproj_sum, w)
+    want = torch.zeros(3 * C, device="cuda")
+    reference.qkv_bias_backward(want, dqkv.float(), dproj_sum, w.float())
+    check_accumulated("dbias", dbias, dbias0, want)
+    assert torch.equal(dbias[C:2 * C], dbias0[C:2 * C]), "the keys' bias gradient is zero: untouched"
+    twice_equal(lambda db: ops["bias"].qkv_backward(db, dqkv, dproj_sum, w), [dbias0])
 
 
 def test_checks_raise_clear_errors(ops):

@@ -47,15 +47,21 @@ def atol(K):
 
 
 @pytest.mark.parametrize("N,C,OC", SHAPES)
-@pytest.mark.parametrize("form", ["plain", "bias", "gelu"])
+@pytest.mark.parametrize("form", ["plain", "bias", "gelu", "bias + residual"])
 def test_forward(mm, N, C, OC, form):
+    """bias + residual: a projection writing the residual sum (cuBLASLt's C, beta = 1)."""
     inp, weight = bf16(N, C), bf16(OC, C, scale=C ** -0.5)
     bias = None if form == "plain" else bf16(OC)
+    residual = bf16(N, OC) if "residual" in form else None
+    residual0 = None if residual is None else residual.clone()
     out, gelu_out = nan(N, OC), (nan(N, OC) if form == "gelu" else None)
-    mm.forward(out, inp, weight, bias, gelu_out)
+    mm.forward(out, inp, weight, bias, gelu_out, residual)
     want, want_gelu = torch.empty(N, OC, device="cuda"), torch.empty(N, OC, device="cuda")
     reference.matmul_forward(want, inp.float(), weight.float(), None if bias is None else bias.float(),
-                             gelu_out=None if gelu_out is None else want_gelu)
+                             gelu_out=None if gelu_out is None else want_gelu,
+                             residual=None if residual is None else residual.float())
+    if residual is not None:
+        assert torch.equal(residual, residual0), "the residual is an input: left as it was"
     assert_close(f"out ({form})", out, want, 2e-3, RTOL)  # weights scaled by C^-1/2: O(1) results
     if gelu_out is not None:
         # compared with gelu of the reference pre-activation: the bf16 rounding of out is not in it
@@ -100,6 +106,12 @@ def test_dgelu_auto_measures_once_and_keeps_its_choice(mm, monkeypatch):
     assert len(mm.dgelu_choice) == 1, "one shape, one measured choice"
     chosen = next(iter(mm.dgelu_choice.values()))
     assert all(torch.equal(d, runs[chosen][0]) for d in runs["auto"]), f"auto differs from its choice {chosen}"
+
+
+def test_residual_must_be_its_own_buffer(mm):
+    out = bf16(8, 16)
+    with pytest.raises(ValueError, match="another buffer than out"):
+        mm.forward(out, bf16(8, 32), bf16(16, 32), bf16(16), residual=out)
 
 
 def test_backward_deterministic(mm):

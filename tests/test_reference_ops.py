@@ -88,16 +88,6 @@ def test_layernorm_backward_takes_the_projection_bias_gradient(B, T, C):
     assert torch.equal(without, dinp), "dproj_bias must not change the residual gradient"
 
 
-def test_residual_layernorm_is_the_composition():
-    B, T, C = 2, 4, 8
-    a, b = torch.randn(B, T, C, **f64), torch.randn(B, T, C, **f64)
-    w, bias = torch.randn(C, **f64), torch.randn(C, **f64)
-    res, ln, mean, rstd = poisoned(B, T, C), poisoned(B, T, C), poisoned(B, T), poisoned(B, T)
-    ops.residual_layernorm_forward(res, ln, mean, rstd, a, b, w, bias)
-    check("residual", res, a + b, "forward")
-    check("ln of residual", ln, F.layer_norm(a + b, (C,), w, bias, eps=ops.LAYERNORM_EPS), "forward")
-
-
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("B,T,C,OC", [(2, 3, 8, 24), (1, 5, 16, 4)])
 def test_matmul(B, T, C, OC, with_bias):
@@ -120,6 +110,22 @@ def test_matmul(B, T, C, OC, with_bias):
     check("matmul dweight (+=)", dw - dw0, w.grad, "backward")
     if with_bias:
         check("matmul dbias (+=)", db - db0, b.grad, "backward")
+
+
+def test_matmul_with_residual():
+    """A projection that writes the residual sum: out = x @ w^T + b + residual, and the residual's
+    gradient is out's (the model's residual stream carries it on unchanged)."""
+    x = torch.randn(2, 3, 8, **f64, requires_grad=True)
+    w = torch.randn(12, 8, **f64, requires_grad=True)
+    b = torch.randn(12, **f64, requires_grad=True)
+    residual = torch.randn(2, 3, 12, **f64, requires_grad=True)
+    out = poisoned(2, 3, 12)
+    ops.matmul_forward(out, x.detach(), w.detach(), b.detach(), residual=residual.detach())
+    want = F.linear(x, w, b) + residual
+    check("matmul + residual out", out, want, "forward")
+    dout = torch.randn(2, 3, 12, **f64)
+    want.backward(dout)
+    check("the residual's gradient is out's", dout, residual.grad, "backward")
 
 
 def test_matmul_with_gelu():
@@ -166,6 +172,44 @@ def test_attention(B, T, NH, HS):
     dqkv = poisoned(B, T, 3 * C)
     ops.attention_backward(dqkv, dout, qkv.detach(), out, lse, NH)
     check("attention dqkv", dqkv, qkv.grad, "backward")
+
+
+@pytest.mark.parametrize("B,T,NH,HS", [(2, 7, 3, 4), (1, 1, 2, 8)])
+def test_qkv_bias_backward(B, T, NH, HS):
+    """The qkv bias gradient from dq's column sums, zero for the keys and the attention
+    projection's column sums through its weight for the values, against autograd through
+    qkv = x @ W^T + b -> causal attention -> atty @ Wp^T + bp."""
+    C = NH * HS
+    x = torch.randn(B, T, C, **f64)
+    w, wp = torch.randn(3 * C, C, **f64), torch.randn(C, C, **f64)
+    b = torch.randn(3 * C, **f64, requires_grad=True)
+    qkv = F.linear(x, w, b)
+    q, k, v = (z.view(B, T, NH, HS).transpose(1, 2) for z in qkv.split(C, dim=-1))
+    atty = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    dres = torch.randn(B, T, C, **f64)
+    F.linear(atty, wp).backward(dres)
+    out, lse = poisoned(B, T, C), poisoned(B, NH, T)
+    ops.attention_forward(out, lse, qkv.detach(), NH)
+    dqkv = poisoned(B, T, 3 * C)
+    ops.attention_backward(dqkv, dres @ wp, qkv.detach(), out, lse, NH)
+    db0 = torch.randn(3 * C, **f64)
+    db = db0.clone()
+    ops.qkv_bias_backward(db, dqkv, dres.reshape(-1, C).sum(dim=0), wp)
+    check("qkv dbias (+=)", db - db0, b.grad, "backward")
+    assert b.grad[C:2 * C].abs().max() < 1e-9, "autograd's key-bias gradient is zero too"
+
+
+def test_layernorm_backward_hands_over_the_projection_sums():
+    """dproj_sum = exactly what dproj_bias gained."""
+    N, C = 6, 8
+    inp, dout, w = (torch.randn(N, C, **f64) for _ in range(3))
+    w = w[0]
+    mean, rstd = inp.mean(-1), torch.rsqrt(inp.var(-1, unbiased=False) + 1e-5)
+    dinp, dw, db, dproj = torch.randn(N, C, **f64), torch.zeros(C, **f64), torch.zeros(C, **f64), torch.randn(C, **f64)
+    before, sums = dproj.clone(), poisoned(C)
+    ops.layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, dproj_bias=dproj, dproj_sum=sums)
+    assert torch.equal(sums, dinp.sum(dim=0))
+    check("dproj_bias gained dproj_sum", dproj - before, sums, "backward")
 
 
 def test_gelu():

@@ -63,13 +63,15 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None):
     merge_amax(amax, out)
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None):
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None,
+                       dproj_sum=None):
     """dinp += d(inp) (residual stream: see the module note); dweight, dbias += their grads.
     dproj_bias, when given, += the column sums of dinp after the update: dinp is then the
     gradient of a residual sum x + proj(y), so its column sums are the bias gradient of proj.
     The model lets the layernorm backward take that sum because it already holds the rows
-    (the CUDA kernel saves a pass over a (B, T, C) gradient). amax (fp8 runs): likewise
-    amax = max(amax, max |dinp|) after the update."""
+    (the CUDA kernel saves a pass over a (B, T, C) gradient). dproj_sum (C,), with dproj_bias:
+    also = those column sums alone (fp32 on the GPU; qkv_bias_backward takes them). amax (fp8
+    runs): likewise amax = max(amax, max |dinp|) after the update."""
     C = inp.shape[-1]
     norm = (inp - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     dbias += dout.reshape(-1, C).sum(dim=0)
@@ -79,26 +81,26 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dpro
     dx = dnorm - dnorm.mean(dim=-1, keepdim=True) - norm * (dnorm * norm).mean(dim=-1, keepdim=True)
     dinp += dx * rstd.unsqueeze(-1)
     if dproj_bias is not None:
-        dproj_bias += dinp.reshape(-1, C).sum(dim=0)
+        sums = dinp.reshape(-1, C).sum(dim=0)
+        dproj_bias += sums
+        if dproj_sum is not None:
+            dproj_sum.copy_(sums)
     merge_amax(amax, dinp)
 
 
-def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias, amax=None):
-    """residual_out = a + b, then its layernorm: the pair every block boundary does. The CUDA
-    backend fuses them into one pass over memory; here it is the composition."""
-    residual_forward(residual_out, a, b)
-    layernorm_forward(ln_out, mean, rstd, residual_out, weight, bias, amax)
-
-
 # ---------------------------------------------------------------- matmul (nn.Linear layout)
-def matmul_forward(out, inp, weight, bias, gelu_out=None):
-    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC) or no bias. With gelu_out,
-    also gelu_out = gelu(out): the MLP's fc layer, whose pre-activation the backward needs."""
+def matmul_forward(out, inp, weight, bias, gelu_out=None, residual=None):
+    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC) or no bias, + residual (..., OC)
+    when given: a projection that writes the block's residual sum (out must be another buffer
+    than residual). With gelu_out, also gelu_out = gelu(out): the MLP's fc layer, whose
+    pre-activation the backward needs (no residual there)."""
     OC, C = weight.shape
     out2 = out.view(-1, OC)
     torch.matmul(inp.reshape(-1, C), weight.t(), out=out2)
     if bias is not None:
         out2 += bias
+    if residual is not None:
+        out2 += residual.reshape(-1, OC)
     if gelu_out is not None:
         gelu_forward(gelu_out, out)
 
@@ -170,6 +172,22 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head):
     dqkv.view(B, T, 3, n_head, HS).copy_(torch.stack((dq, dk, dv), dim=0).permute(1, 3, 0, 2, 4))
 
 
+def qkv_bias_backward(dbias, dqkv, dproj_sum, attproj_weight):
+    """dbias (3C,) += the qkv bias gradient, from what the attention's backward already has:
+    - query: the column sums of dq (dqkv[..., :C]);
+    - key: exactly 0. A key bias adds q_i . b to every score of row i, and softmax ignores a
+      constant added to a whole row (each dk row sums dS_ij q_i, and every row of dS sums to 0);
+    - value: the column sums of dv, which equal those of datty (each softmax row sums to 1, so
+      sum_j dv_j = sum_i datty_i), and datty = dres @ attproj_weight, so they are
+      dproj_sum @ attproj_weight, dproj_sum being the column sums of dres (the attention
+      projection's bias gradient, from layernorm_backward's dproj_sum): a (C,) x (C, C)
+      product instead of two passes over (B, T, C) gradients.
+    dqkv (B, T, 3C); dproj_sum (C,); attproj_weight (C, C) as the projection's (out, in)."""
+    C = attproj_weight.shape[1]
+    dbias[:C] += dqkv[..., :C].reshape(-1, C).sum(dim=0)
+    dbias[2 * C:] += dproj_sum.to(attproj_weight.dtype) @ attproj_weight
+
+
 # ---------------------------------------------------------------- GELU (tanh form, as GPT-2)
 def gelu_forward(out, inp):
     x = inp
@@ -186,11 +204,6 @@ def gelu_backward(dinp, inp, dout, amax=None):
     grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
     dinp.copy_(grad * dout)
     merge_amax(amax, dinp)
-
-
-# ---------------------------------------------------------------- residual
-def residual_forward(out, a, b):
-    torch.add(a, b, out=out)
 
 
 # ---------------------------------------------------------------- softmax + cross-entropy
@@ -421,17 +434,19 @@ def fp8_dequantize(x8, scale):
     return x8.double() / float(scale.reshape(-1)[0])
 
 
-def fp8_matmul_forward(out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None):
+def fp8_matmul_forward(out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None, residual=None):
     """out (..., OC) = dequant(inp) (..., C) @ dequant(weight) (OC, C)^T + bias: what a scaled fp8
     matmul computes (the tensor cores multiply the fp8 values exactly and accumulate in fp32;
     here in float64), written in out's dtype. Each operand comes with the inverse of the scale it
     was quantized with (one fp32 element, from fp8_scale(inverse=)): cuBLASLt multiplies by it.
-    With gelu_out, also gelu_out = gelu(out), as matmul_forward."""
+    residual and gelu_out as matmul_forward."""
     OC, C = weight.shape
     product = ((inp.double() * float(inp_inverse.reshape(-1)[0])).reshape(-1, C)
                @ (weight.double() * float(weight_inverse.reshape(-1)[0])).t())
     if bias is not None:
         product = product + bias.double()
+    if residual is not None:
+        product = product + residual.double().reshape(-1, OC)
     out.view(-1, OC).copy_(product)
     if gelu_out is not None:
         gelu_forward(gelu_out, out)

@@ -133,12 +133,12 @@ class Fp8Matmuls:
             self.ops.fp8_cast_transpose(self.weights8[layer][m], self.weights8_t[layer][m], inverse, amax,
                                         getattr(self.p_layers[layer], f"{m}_w"))
 
-    def forward(self, layer, m, out, inp, bias, gelu_out=None):
-        """out = inp @ W^T + bias (and gelu_out = gelu(out)) with inp and W in e4m3."""
+    def forward(self, layer, m, out, inp, bias, gelu_out=None, residual=None):
+        """out = inp @ W^T + bias (+ residual; and gelu_out = gelu(out)) with inp and W in e4m3."""
         inp8, inp_inverse = self._cast(inp, ACTIVATION_FORMAT, layer, INPUT, m)
         _, w_inverse = self._site(layer, WEIGHT, m)
         self.ops.fp8_matmul_forward(out, inp8, inp_inverse, self.weights8[layer][m], w_inverse, bias,
-                                    gelu_out=gelu_out)
+                                    gelu_out=gelu_out, residual=residual)
 
     # ------------------------------------------------------------ backward
     def backward_input(self, layer, m, dinp, dout, gelu_inp=None):

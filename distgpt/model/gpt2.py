@@ -103,15 +103,18 @@ class GPT2:
                 self.fp8.cast_weights(layer)
             self._matmul(layer, "qkv", a[f"qkv.{layer}"], ln1, lp.qkv_b)  # (b, t, 3C)
             ops.attention_forward(a[f"atty.{layer}"], a[f"att_lse.{layer}"], a[f"qkv.{layer}"], NH)
-            self._matmul(layer, "attproj", a["proj_out"], a[f"atty.{layer}"], lp.attproj_b)
-            ops.residual_layernorm_forward(a[f"residual2.{layer}"], ln2, a[f"ln2_mean.{layer}"],
-                                           a[f"ln2_rstd.{layer}"], residual, a["proj_out"],
-                                           lp.ln2_w, lp.ln2_b, amax=self._amax(layer, INPUT, "fc"))
+            # each projection adds the residual stream in its epilogue and writes the sum, which
+            # the next layernorm then reads alone (one pass over (B, T, C) instead of two inputs)
+            self._matmul(layer, "attproj", a[f"residual2.{layer}"], a[f"atty.{layer}"], lp.attproj_b,
+                         residual=residual)
+            ops.layernorm_forward(ln2, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"], a[f"residual2.{layer}"],
+                                  lp.ln2_w, lp.ln2_b, amax=self._amax(layer, INPUT, "fc"))
             # fc and its GELU in one op (one matmul epilogue on the GPU): fch keeps the
             # pre-activation for the backward, fch_gelu feeds the projection
             self._matmul(layer, "fc", a[f"fch.{layer}"], ln2, lp.fc_b, gelu_out=fch_gelu)  # (b, t, 4C)
-            self._matmul(layer, "fcproj", a["proj_out"], fch_gelu, lp.fcproj_b)
-            # the block's output residual, fused with the next block's ln1 (or the final ln_f)
+            self._matmul(layer, "fcproj", a[f"residual3.{layer}"], fch_gelu, lp.fcproj_b,
+                         residual=a[f"residual2.{layer}"])
+            # the block's output residual goes through the next block's ln1 (or the final ln_f)
             if layer + 1 < self.n_layer:
                 nxt = self.p_layers[layer + 1]
                 ln_out, ln_mean, ln_rstd = (self._act(a, "ln1", layer + 1),
@@ -122,8 +125,7 @@ class GPT2:
                 ln_out, ln_mean, ln_rstd = a["lnf"], a["lnf_mean"], a["lnf_rstd"]
                 ln_w, ln_b = P["transformer.ln_f.weight"], P["transformer.ln_f.bias"]
                 ln_amax = None  # the lm head is a bf16 matmul
-            ops.residual_layernorm_forward(a[f"residual3.{layer}"], ln_out, ln_mean, ln_rstd,
-                                           a[f"residual2.{layer}"], a["proj_out"], ln_w, ln_b, amax=ln_amax)
+            ops.layernorm_forward(ln_out, ln_mean, ln_rstd, a[f"residual3.{layer}"], ln_w, ln_b, amax=ln_amax)
             residual = a[f"residual3.{layer}"]
         # tied lm head: logits = lnf @ wte^T over the padded vocabulary, R rows at a time
         # through the (R, Vp) scratch
@@ -184,12 +186,16 @@ class GPT2:
             self._matmul_backward(layer, "fc", d_C, lg.fc_b, d_4C, ln2)
             ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
                                    lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"],
-                                   dproj_bias=lg.attproj_b, amax=self._amax(layer, GRADIENT, "attproj"))
+                                   dproj_bias=lg.attproj_b, amax=self._amax(layer, GRADIENT, "attproj"),
+                                   dproj_sum=a["dproj_sum"])
             # attention branch; dres is now d(residual2)
             self._matmul_backward(layer, "attproj", d_C, None, dres, a[f"atty.{layer}"])
             ops.attention_backward(d_3C, d_C, a[f"qkv.{layer}"], a[f"atty.{layer}"],
                                    a[f"att_lse.{layer}"], NH)
-            self._matmul_backward(layer, "qkv", d_C, lg.qkv_b, d_3C, ln1)
+            self._matmul_backward(layer, "qkv", d_C, None, d_3C, ln1)
+            # qkv's bias gradient: the queries' column sums, zero for the keys, and the values'
+            # from the projection's bias gradient of this backward (dproj_sum) through its weight
+            ops.qkv_bias_backward(lg.qkv_b, d_3C, a["dproj_sum"], lp.attproj_w)
             if layer_done is not None:
                 layer_done(layer)
             # dres becomes d(residual3) of the layer below, whose MLP projection added into it
@@ -200,13 +206,15 @@ class GPT2:
         ops.encoder_backward(G["transformer.wte.weight"], G["transformer.wpe.weight"], dres, tokens)
 
     # ------------------------------------------------------------ helpers
-    def _matmul(self, layer, m, out, inp, bias, gelu_out=None):
-        """One of a block's matmuls (m: qkv, attproj, fc, fcproj): out = inp @ W^T + bias, and
-        gelu_out = gelu(out) for fc; in bf16 (the dtype), or with fp8 operands when fp8=True."""
+    def _matmul(self, layer, m, out, inp, bias, gelu_out=None, residual=None):
+        """One of a block's matmuls (m: qkv, attproj, fc, fcproj): out = inp @ W^T + bias (+ the
+        residual stream, for the projections), and gelu_out = gelu(out) for fc; in bf16 (the
+        dtype), or with fp8 operands when fp8=True."""
         if self.fp8 is not None:
-            self.fp8.forward(layer, m, out, inp, bias, gelu_out)
+            self.fp8.forward(layer, m, out, inp, bias, gelu_out, residual=residual)
         else:
-            self.ops.matmul_forward(out, inp, getattr(self.p_layers[layer], f"{m}_w"), bias, gelu_out=gelu_out)
+            self.ops.matmul_forward(out, inp, getattr(self.p_layers[layer], f"{m}_w"), bias, gelu_out=gelu_out,
+                                    residual=residual)
 
     def _matmul_backward(self, layer, m, dinp, dbias, dout, inp, gelu_inp=None):
         """Its backward: dinp = dout @ W (times gelu'(gelu_inp)), dW += dout^T @ inp, dbias +=

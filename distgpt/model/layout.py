@@ -168,10 +168,10 @@ def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute
     slots += [(name, shape, False) for name, shape, shared in shared_or_per_layer if shared]
     slots += [("lnf", (B, T, C), False), ("lnf_mean", (B, T), True), ("lnf_rstd", (B, T), True),
               ("logits", (R, Vp), False), ("losses", (B, T), True),
-              # scratch: projection outputs before their residual add, and the backward's
-              # running gradients; one copy each, reused by every layer (d_C also carries
-              # the lm head's dlnf from the forward to the start of the backward)
-              ("proj_out", (B, T, C), False), ("dresidual", (B, T, C), False),
+              # scratch: the backward's running gradients, one copy each, reused by every layer
+              # (d_C also carries the lm head's dlnf from the forward to the start of the
+              # backward)
+              ("dresidual", (B, T, C), False), ("dproj_sum", (C,), True),
               ("d_C", (B, T, C), False), ("d_3C", (B, T, 3 * C), False), ("d_4C", (B, T, 4 * C), False)]
     return slots
 
@@ -202,14 +202,15 @@ class ActivationPlan:
 
     def view(self, b, t):
         """name -> tensor for a (b, t) step, b <= B and t <= T. Every shape is (b, t, ...) except
-        the attention statistics, (b, NH, t), and the logits chunk, (R, Vp) whatever (b, t)."""
+        the attention statistics, (b, NH, t), the logits chunk, (R, Vp) whatever (b, t), and
+        the one vector, dproj_sum (C,)."""
         if b > self.B or t > self.T:
             raise ValueError(f"batch ({b}, {t}) exceeds the planned ({self.B}, {self.T})")
         out = {}
         for name, shape, stat in self.slots:
             if name.startswith("att_lse"):
                 shape = (b, shape[1], t)
-            elif name != "logits":
+            elif name not in ("logits", "dproj_sum"):
                 shape = (b, t) + tuple(shape[2:])
             _, off = self.offsets[name]
             out[name] = self.buffers[stat][off:off + _numel(shape)].view(shape)

@@ -95,22 +95,20 @@ class CudaBackend:
     def layernorm_forward(self, out, mean, rstd, inp, weight, bias, amax=None):
         layernorm.layernorm_forward(out, mean, rstd, inp, weight, bias, amax)
 
-    def residual_layernorm_forward(self, residual_out, ln_out, mean, rstd, a, b, weight, bias, amax=None):
-        layernorm.residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias, amax)
-
-    def residual_forward(self, out, a, b):
-        layernorm.residual_forward(out, a, b)
-
-    def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None):
+    def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None,
+                           dproj_sum=None):
         self._planned("layernorm_backward", self.layernorm_gradients).backward(
-            dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias, amax)
+            dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias, amax, dproj_sum)
 
     # ------------------------------------------------------------ matmuls and GELU
-    def matmul_forward(self, out, inp, weight, bias, gelu_out=None):
-        self._planned("matmul_forward", self.matmuls).forward(out, inp, weight, bias, gelu_out)
+    def matmul_forward(self, out, inp, weight, bias, gelu_out=None, residual=None):
+        self._planned("matmul_forward", self.matmuls).forward(out, inp, weight, bias, gelu_out, residual)
 
     def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
         self._planned("matmul_backward", self.matmuls).backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp)
+
+    def qkv_bias_backward(self, dbias, dqkv, dproj_sum, attproj_weight):
+        self._planned("qkv_bias_backward", self.bias_gradients).qkv_backward(dbias, dqkv, dproj_sum, attproj_weight)
 
     def gelu_forward(self, out, inp):
         gelu.gelu_forward(out, inp)
@@ -161,9 +159,11 @@ class CudaBackend:
     def fp8_cast_transpose(self, out, out_t, inverse, amax, inp):
         fp8.fp8_cast_transpose(out, out_t, inverse, amax, inp)
 
-    def fp8_matmul_forward(self, out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None):
+    def fp8_matmul_forward(self, out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None,
+                           residual=None):
         self._planned("fp8_matmul_forward", self.matmuls).forward_fp8(out, inp, inp_inverse, weight,
-                                                                       weight_inverse, bias, gelu_out)
+                                                                       weight_inverse, bias, gelu_out,
+                                                                       residual=residual)
 
     def fp8_matmul_backward_input(self, dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None,
                                   amax=None):

@@ -7,7 +7,14 @@ columns per row with one 16-byte load and sums its rows in order; the block writ
 The number of row ranges RB is chosen so phase 1 runs about BLOCKS_PER_SM blocks per SM
 whatever OC is (OC = 768 -> 3 column tiles x 176 ranges; OC = 6400 -> 25 x 22 on 132 SMs), which
 keeps the partials small: RB * OC <= (blocks + column tiles) * 256 floats. Measured on an H100:
-N = 32768, OC = 3072 in 68 + 2 us (2.9 TB/s; torch's dout.sum(0) takes 80 us)."""
+N = 32768, OC = 3072 in 68 + 2 us (2.9 TB/s; torch's dout.sum(0) takes 80 us).
+
+dout may be a column slice of a wider gradient (rows `ld` apart: the queries' part of dqkv), and
+phase 2 can also write the fp32 sums (`sums`). qkv_backward gives the attention's qkv bias
+gradient from the queries' columns alone plus a (C,) x (C, C) product (projected_bias_kernel):
+the keys' part is exactly zero and the values' comes from the attention projection's bias
+gradient (reference.qkv_bias_backward says why), a third of the reads of summing all of dqkv."""
+import numpy as np
 import torch
 
 from distgpt.backends.cuda.runtime import KernelModule, check_tensor, ceil_div, i32, ptr, sm_count
@@ -17,7 +24,8 @@ BIAS_WARPS = 8      # warps per phase-1 block
 BLOCKS_PER_SM = 4   # phase-1 blocks per SM to aim for: 32 warps, each with 4 loads in flight
 MIN_ROWS_PER_WARP = 4
 RED_Y = 16          # warp rows of the phase-2 reduction
-KERNELS = KernelModule("bias", BIAS_WARPS=BIAS_WARPS, RED_Y=RED_Y)
+PROJ_WARPS = 32     # warps of a projected_bias_kernel block: C_out rows split 32 ways, one block per 256 columns
+KERNELS = KernelModule("bias", BIAS_WARPS=BIAS_WARPS, RED_Y=RED_Y, PROJ_WARPS=PROJ_WARPS)
 
 
 def partials_elements(C, sms):
@@ -49,14 +57,20 @@ class BiasGradients:
     def nbytes(self):
         return self.partials.nbytes
 
-    def backward(self, dbias, dout):
-        """dbias (OC,) += dout (..., OC) summed over all leading dimensions."""
+    def backward(self, dbias, dout, sums=None):
+        """dbias (OC,) += dout (..., OC) summed over all leading dimensions; dout's rows may be
+        any equal number of elements apart (a column slice). sums (OC,) fp32, when given, = the
+        column sums themselves."""
         op = "bias_backward"
         check_tensor(op, "dbias", dbias)
-        check_tensor(op, "dout", dout)
         OC = dout.shape[-1]
         if OC % 8:
             raise ValueError(f"{op}: OC={OC} must be a multiple of 8 (16-byte bf16 vectors)")
+        ld = _row_stride(op, dout)
+        if sums is not None:
+            check_tensor(op, "sums", sums, torch.float32)
+            if sums.shape != dbias.shape:
+                raise ValueError(f"{op}: sums {tuple(sums.shape)} must have dbias's shape {tuple(dbias.shape)}")
         if dbias.shape != (OC,):
             raise ValueError(f"{op}: dbias {tuple(dbias.shape)} must be (OC,) = ({OC},)")
         if OC > self.max_OC:
@@ -67,6 +81,41 @@ class BiasGradients:
         RB, rows = _row_ranges(N, OC, self.blocks)
         assert RB * OC <= self.partials.numel(), "bias partials smaller than the bound in partials_elements()"
         KERNELS.launch("bias_backward_kernel", (ceil_div(OC, COLS), RB), BIAS_WARPS * 32,
-                       (ptr(self.partials), ptr(dout), i32(N), i32(OC), i32(rows)))
+                       (ptr(self.partials), ptr(dout), i32(N), i32(OC), np.int64(ld), i32(rows)))
         KERNELS.launch("bias_backward_reduce_kernel", ceil_div(OC // 4, 32), (32, RED_Y),
-                       (ptr(dbias), ptr(self.partials), i32(RB), i32(OC)))
+                       (ptr(dbias), ptr(sums), ptr(self.partials), i32(RB), i32(OC)))
+
+    def qkv_backward(self, dbias, dqkv, dproj_sum, attproj_weight):
+        """The reference's qkv_bias_backward: dbias (3C,) += [column sums of dqkv's queries, 0,
+        dproj_sum @ attproj_weight]."""
+        op = "qkv_bias_backward"
+        check_tensor(op, "dbias", dbias)
+        check_tensor(op, "dqkv", dqkv)
+        check_tensor(op, "attproj_weight", attproj_weight)
+        check_tensor(op, "dproj_sum", dproj_sum, torch.float32)
+        C_out, C = attproj_weight.shape
+        if dqkv.shape[-1] != 3 * C or dbias.shape != (3 * C,) or dproj_sum.shape != (C_out,):
+            raise ValueError(f"{op}: dqkv (..., {dqkv.shape[-1]}), dbias {tuple(dbias.shape)}, dproj_sum "
+                             f"{tuple(dproj_sum.shape)} do not fit attproj_weight {tuple(attproj_weight.shape)}: "
+                             f"want (..., 3C), (3C,), (C_out,)")
+        self.backward(dbias[:C], dqkv[..., :C])
+        KERNELS.launch("projected_bias_kernel", ceil_div(C, COLS), PROJ_WARPS * 32,
+                       (ptr(dbias[2 * C:]), ptr(dproj_sum), ptr(attproj_weight), i32(C_out), i32(C)))
+
+
+def _row_stride(op, dout):
+    """Elements between dout's rows: dout (..., OC) bf16 on the GPU, its last dimension
+    contiguous and its rows evenly spaced (contiguous, or a column slice of a contiguous
+    tensor), 16-byte aligned."""
+    if dout.dtype != torch.bfloat16 or not dout.is_cuda:
+        raise ValueError(f"{op}: dout must be a bf16 CUDA tensor, got {dout.dtype} on {dout.device}")
+    if dout.dim() < 2:
+        check_tensor(op, "dout", dout)
+        return dout.shape[-1]
+    ld = dout.stride(-2)
+    evenly = dout.stride(-1) == 1 and all(dout.stride(d - 1) == dout.stride(d) * dout.shape[d]
+                                          for d in range(-2, -dout.dim(), -1))
+    if not evenly or ld < dout.shape[-1] or dout.data_ptr() % 16 or ld % 8:
+        raise ValueError(f"{op}: dout must be contiguous, or a column slice of a contiguous tensor with "
+                         f"16-byte aligned rows, got shape {tuple(dout.shape)}, strides {dout.stride()}")
+    return ld

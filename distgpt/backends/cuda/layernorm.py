@@ -1,5 +1,5 @@
-"""LayerNorm, the fused residual add + LayerNorm, and the residual add on our kernels
-(kernels/layernorm.cu). One warp per row of C channels, the row held in registers.
+"""LayerNorm forward and backward on our kernels (kernels/layernorm.cu); the residual adds
+before them happen in the projections' matmul epilogues. One warp per row of C channels, the row held in registers.
 
 Forward ops overwrite their outputs. layernorm_backward ADDS into dinp (the residual stream) and
 into dweight/dbias, deterministically: a fixed grid of (up to) 2 blocks per SM writes fp32 partial
@@ -14,13 +14,11 @@ does not fit, the plain kernel and the separate pass). Measured on an H100
 (benchmarks/layernorm_bias_bench.py, 2026-11-22), plain + bias_backward against fused: N = 65536,
 C = 768: 214.8 against 197.1 us; N = 32768, C = 1024: 159.5 against 135.9; N = 16384, C = 1600:
 147.5 against 149.5 with 8 warps (one block per SM); 2026-11-23, N = 16384, C = 1600: 186.6
-against 160.1 with 4 (narrow), 120 against 115 in the 1558M step. residual_layernorm_forward gives
-bitwise the ln_out/mean/rstd of residual_forward followed by layernorm_forward.
+against 160.1 with 4 (narrow), 120 against 115 in the 1558M step.
 
 Measured on an H100 (kernel time, B*T = 32768, C = 768): layernorm_forward 36 us (2.8 TB/s;
-torch's layer_norm 70 us), residual_layernorm_forward 55 us, layernorm_backward 73 + 3 us
-(2.7 TB/s counting inp, dout, dinp read and dinp written). At C = 1600, B*T = 16384: 40, 72, 93 + 3 us."""
-import numpy as np
+torch's layer_norm 70 us), layernorm_backward 73 + 3 us (2.7 TB/s counting inp, dout, dinp read
+and dinp written). At C = 1600, B*T = 16384: 40 and 93 + 3 us."""
 import torch
 
 from distgpt.backends.reference import LAYERNORM_EPS
@@ -103,36 +101,6 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None):
                    (ptr(out), ptr(mean), ptr(rstd), ptr(inp), ptr(weight), ptr(bias), ptr(amax), i32(N), i32(C)))
 
 
-def residual_layernorm_forward(residual_out, ln_out, mean, rstd, a, b, weight, bias, amax=None):
-    """residual_out = a + b (bf16), then ln_out/mean/rstd = its layernorm: one pass over memory.
-    amax (fp8 runs): also amax = max(amax, max |ln_out|)."""
-    op = "residual_layernorm_forward"
-    N, C = _check_row_op(op, [("a", a), ("b", b), ("residual_out", residual_out), ("ln_out", ln_out)],
-                         [("mean", mean), ("rstd", rstd)], [("weight", weight), ("bias", bias)])
-    if amax is not None:
-        check_scalars(op, amax=amax)
-    if N == 0:
-        return
-    KERNELS.launch(f"residual_layernorm_forward{_kind(amax)}_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS),
-                   FWD_WARPS * 32, (ptr(residual_out), ptr(ln_out), ptr(mean), ptr(rstd), ptr(a), ptr(b),
-                                    ptr(weight), ptr(bias), ptr(amax), i32(N), i32(C)))
-
-
-def residual_forward(out, a, b):
-    """out = a + b, elementwise in bf16 (any shape whose size is a multiple of 8)."""
-    op = "residual_forward"
-    for name, t in (("out", out), ("a", a), ("b", b)):
-        check_tensor(op, name, t)
-        if t.shape != out.shape:
-            raise ValueError(f"{op}: {name} {tuple(t.shape)} must match out {tuple(out.shape)}")
-    if out.numel() % 8:
-        raise ValueError(f"{op}: {out.numel()} elements is not a multiple of 8 (16-byte vectors)")
-    n8 = out.numel() // 8
-    if n8 == 0:
-        return
-    KERNELS.launch("residual_forward_kernel", ceil_div(n8, 256), 256, (ptr(out), ptr(a), ptr(b), np.int64(n8)))
-
-
 class LayerNormGradients:
     """layernorm_backward and its planned partials, for widths up to C. The projections' bias
     gradients it may take (dproj_bias) fall back to `bias_gradients` where shared memory is short."""
@@ -149,16 +117,23 @@ class LayerNormGradients:
     def nbytes(self):
         return self.partials.nbytes
 
-    def backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None):
+    def backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None,
+                 dproj_sum=None):
         """dinp += d(inp) (the residual stream accumulates); dweight, dbias += their gradients;
-        dproj_bias, when given, += the column sums of dinp after the update; amax (fp8 runs),
-        when given, = max(amax, max |dinp| after the update)."""
+        dproj_bias, when given, += the column sums of dinp after the update (and dproj_sum, fp32,
+        = those sums); amax (fp8 runs), when given, = max(amax, max |dinp| after the update)."""
         op = "layernorm_backward"
         if amax is not None:
             check_scalars(op, amax=amax)
         params = [("weight", weight), ("dweight", dweight), ("dbias", dbias)]
         if dproj_bias is not None:
             params.append(("dproj_bias", dproj_bias))
+        if dproj_sum is not None:
+            if dproj_bias is None:
+                raise ValueError(f"{op}: dproj_sum comes with dproj_bias (the sums it adds)")
+            check_tensor(op, "dproj_sum", dproj_sum, torch.float32)
+            if dproj_sum.shape != dproj_bias.shape:
+                raise ValueError(f"{op}: dproj_sum {tuple(dproj_sum.shape)} must have dproj_bias's shape")
         N, C = _check_row_op(op, [("inp", inp), ("dout", dout), ("dinp", dinp)],
                              [("mean", mean), ("rstd", rstd)], params)
         if C > self.C:
@@ -176,10 +151,11 @@ class LayerNormGradients:
             P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm, warps)
             if P < plain_blocks:
                 self.backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, amax=amax)
-                self.bias_gradients.backward(dproj_bias, dinp)
+                self.bias_gradients.backward(dproj_bias, dinp, sums=dproj_sum)
                 return
         KERNELS.launch(f"{name}{_kind(amax)}_{ceil_div(C, CHUNK)}", P, warps * 32,
                        (ptr(dinp), ptr(self.partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd),
                         ptr(amax), i32(N), i32(C)), shared_mem=smem)
         KERNELS.launch("layernorm_backward_reduce_kernel", ceil_div(nsum * C // 4, 32), (32, RED_Y),
-                       (ptr(dweight), ptr(dbias), ptr(dproj_bias), ptr(self.partials), i32(P), i32(C), i32(nsum)))
+                       (ptr(dweight), ptr(dbias), ptr(dproj_bias), ptr(dproj_sum), ptr(self.partials), i32(P),
+                        i32(C), i32(nsum)))

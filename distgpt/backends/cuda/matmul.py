@@ -209,66 +209,72 @@ class Matmuls:
                 plan.set_pointer(attr, tensor)
         return plan
 
-    def _run(self, plan, a, b, d, beta):
-        """d = a-op @ b-op (+ d when beta), with the plan's timed algorithm when tuning."""
+    def _run(self, plan, a, b, d, beta, c=None):
+        """d = a-op @ b-op (+ c when beta: d itself, or the separate c given, laid out as d), with
+        the plan's timed algorithm when tuning."""
         if self.tune and plan.choice is None:
-            plan.choice = self._tune(plan, a, b, d, beta)
-        self._launch(plan, plan.algorithm((plan.choice or 0) if self.tune else 0), a, b, d, beta)
+            plan.choice = self._tune(plan, a, b, d, beta, c)
+        self._launch(plan, plan.algorithm((plan.choice or 0) if self.tune else 0), a, b, d, beta, c)
 
-    def _launch(self, plan, algo, a, b, d, beta):
+    def _launch(self, plan, algo, a, b, d, beta, c=None):
         alpha_ptr = self._one.ctypes.data
         beta_ptr = (self._one if beta else self._zero).ctypes.data
+        c_ptr = (d if c is None else c).data_ptr()
         self.lt.matmul(self.handle, plan.desc, alpha_ptr, a.data_ptr(), plan.a, b.data_ptr(), plan.b,
-                       beta_ptr, d.data_ptr(), plan.d, d.data_ptr(), plan.d, algo,
+                       beta_ptr, c_ptr, plan.d, d.data_ptr(), plan.d, algo,
                        self.workspace.data_ptr(), WORKSPACE_BYTES, torch.cuda.current_stream().cuda_stream)
 
-    def _tune(self, plan, a, b, d, beta):
+    def _tune(self, plan, a, b, d, beta, c=None):
         """The index of the plan's fastest candidate on these operands, 0 (the heuristic's first)
         unless another beats it by TUNE_MARGIN and computes what the first computes (within one
         bf16 ulp, _agrees: some answers evaluate an epilogue less exactly, e.g. two of the dGELU kernels
         at N = 256, C = 1600); None inside a CUDA graph capture, which must not synchronise (the
         first answer runs there, and a later call outside tunes). The timed runs overwrite d,
         which the caller's own run then writes again; an accumulating product's d is saved to
-        host memory first and put back (no GPU memory is taken)."""
+        host memory first and put back (no GPU memory is taken); one that adds a separate c
+        leaves c alone and needs no saving."""
         if plan.candidates == 1:
             return 0
         if torch.cuda.is_current_stream_capturing():
             return None
-        saved = d.to("cpu") if beta else None
+        saved = d.to("cpu") if beta and c is None else None
         times = []
         for index in range(plan.candidates):
             algo = plan.algorithm(index)
             try:
-                times.append(median_ms(lambda: self._launch(plan, algo, a, b, d, beta), 2, TUNE_REPEATS))
+                times.append(median_ms(lambda: self._launch(plan, algo, a, b, d, beta, c), 2, TUNE_REPEATS))
             except Exception:  # an answer that does not run on these operands is no candidate
                 times.append(float("inf"))
         choice, first = 0, None
         for index in sorted(range(len(times)), key=times.__getitem__):
             if index == 0 or not times[index] < TUNE_MARGIN * times[0]:
                 break
-            first = self._sample(plan, 0, a, b, d, beta, saved) if first is None else first
-            if _agrees(self._sample(plan, index, a, b, d, beta, saved), first):
+            first = self._sample(plan, 0, a, b, d, beta, saved, c) if first is None else first
+            if _agrees(self._sample(plan, index, a, b, d, beta, saved, c), first):
                 choice = index
                 break
         if saved is not None:
             d.copy_(saved)
         return choice
 
-    def _sample(self, plan, index, a, b, d, beta, saved):
+    def _sample(self, plan, index, a, b, d, beta, saved, c=None):
         """The first VALIDATE_ELEMENTS elements of d (contiguous, so they copy to the host with no
         GPU staging) after one run of the index-th candidate (from the saved d when accumulating)."""
         if saved is not None:
             d.copy_(saved)
-        self._launch(plan, plan.algorithm(index), a, b, d, beta)
+        self._launch(plan, plan.algorithm(index), a, b, d, beta, c)
         return d.view(-1)[:VALIDATE_ELEMENTS].to("cpu").float()
 
     # ---------------------------------------------------------------- forward
-    def forward(self, out, inp, weight, bias, gelu_out=None):
-        """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias; with gelu_out also gelu(out)."""
+    def forward(self, out, inp, weight, bias, gelu_out=None, residual=None):
+        """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (+ residual (..., OC), added in
+        the epilogue as cuBLASLt's C with beta = 1: the projections write the residual sum);
+        with gelu_out also gelu(out)."""
         OC, C = weight.shape
         N = inp.numel() // C
         for name, t in (("out", out), ("inp", inp), ("weight", weight)):
             check_tensor("matmul_forward", name, t)
+        self._check_residual("matmul_forward", residual, out, gelu_out)
         if N == 0:
             return
         self._require_plan("matmul_forward")
@@ -282,7 +288,7 @@ class Matmuls:
         else:
             epilogue = Lt.DEFAULT if bias is None else Lt.BIAS
         key = (int(epilogue), OP_T, OP_N, OC, N, C, C, C, OC, OC if gelu_out is not None else 0,
-               tuple(_alignment(t) for t in (weight, inp, result, result)))
+               tuple(_alignment(t) for t in (weight, inp, result if residual is None else residual, result)))
         A = self.lt.MatmulDescAttribute
         pointers = {}
         if bias is not None:
@@ -291,12 +297,25 @@ class Matmuls:
         if gelu_out is not None:
             pointers[A.EPILOGUE_AUX_POINTER] = out  # the pre-activation is the aux output
         plan = self._get(key, pointers)
-        self._run(plan, weight, inp, result, beta=False)
+        self._run(plan, weight, inp, result, beta=residual is not None, c=residual)
+
+    @staticmethod
+    def _check_residual(op, residual, out, gelu_out):
+        if residual is None:
+            return
+        check_tensor(op, "residual", residual)
+        if gelu_out is not None:
+            raise ValueError(f"{op}: a residual is added to a projection's output, not to the GELU form's")
+        if residual.shape != out.shape:
+            raise ValueError(f"{op}: residual {tuple(residual.shape)} must have out's shape {tuple(out.shape)}")
+        if residual.data_ptr() == out.data_ptr():
+            raise ValueError(f"{op}: residual must be another buffer than out (out is written as the sum)")
 
     def forward_fp8(self, out, inp8, inp_inverse, weight8, weight_inverse, bias=None, gelu_out=None,
-                    fast_accum=True):
+                    fast_accum=True, residual=None):
         """out (..., OC) bf16 = (inp8 (..., C) @ weight8 (OC, C)^T) * inp_inverse * weight_inverse
-        + bias (with gelu_out: also gelu_out = gelu(out)): the reference's fp8_matmul_forward.
+        + bias (+ residual, as forward; with gelu_out: also gelu_out = gelu(out)): the reference's
+        fp8_matmul_forward.
         inp8 and weight8 are float8 tensors (e4m3 or e5m2, not both e5m2), their inverses
         one-element fp32 device tensors (1 / the scale each was quantized with). Both operands
         are K-major, as Hopper's fp8 tensor cores require: out^T = weight8 @ inp8^T is
@@ -304,6 +323,7 @@ class Matmuls:
         accumulation (forward passes use it)."""
         op = "matmul_forward_fp8"
         self._check_fp8(op, out, inp8, inp_inverse, weight8, weight_inverse)
+        self._check_residual(op, residual, out, gelu_out)
         OC, C = weight8.shape
         if inp8.numel() == 0:
             return
@@ -314,7 +334,7 @@ class Matmuls:
             pointers[A.BIAS_POINTER] = bias
         if gelu_out is None:
             self._fp8_product(Lt.DEFAULT if bias is None else Lt.BIAS, out, inp8, inp_inverse, weight8,
-                              weight_inverse, pointers, 0, fast_accum)
+                              weight_inverse, pointers, 0, fast_accum, residual)
             return
         if bias is None:
             raise ValueError(f"{op}: the fused GELU form needs a bias (GPT-2's fc has one)")
@@ -362,18 +382,19 @@ class Matmuls:
         self._require_plan(op)
 
     def _fp8_product(self, epilogue, out, inp8, inp_inverse, weight8, weight_inverse, pointers, aux_ld,
-                     fast_accum):
-        """out^T = weight8 @ inp8^T (TN) with this epilogue, the operands' inverse scales and the
-        epilogue's pointers."""
+                     fast_accum, residual=None):
+        """out^T = weight8 @ inp8^T (TN) (+ residual^T) with this epilogue, the operands' inverse
+        scales and the epilogue's pointers."""
         OC, C = weight8.shape
         N = inp8.numel() // C
         A = self.lt.MatmulDescAttribute
         key = (int(epilogue), OP_T, OP_N, OC, N, C, C, C, OC, aux_ld,
-               tuple(_alignment(t) for t in (weight8, inp8, out, out)))
+               tuple(_alignment(t) for t in (weight8, inp8, out if residual is None else residual, out)))
         attributes = ((A.FAST_ACCUM, np.int8(bool(fast_accum))),)
         types = (FP8_TYPES[weight8.dtype], FP8_TYPES[inp8.dtype])
         pointers = {**pointers, A.A_SCALE_POINTER: weight_inverse, A.B_SCALE_POINTER: inp_inverse}
-        self._run(self._get(key, pointers, attributes, types), weight8, inp8, out, beta=False)
+        self._run(self._get(key, pointers, attributes, types), weight8, inp8, out, beta=residual is not None,
+                  c=residual)
 
     # ---------------------------------------------------------------- backward
     def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
