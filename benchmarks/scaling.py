@@ -83,6 +83,8 @@ def main():
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--overlap", default="auto", choices=["auto", "true", "false"],
+                   help="overlap_comm of the N-GPU runs (auto: only across a network)")
     p.add_argument("--no-overlap-too", action="store_true",
                    help="run each N-GPU measurement with overlap_comm=true and with false")
     p.add_argument("--gather-in-forward", action="store_true",
@@ -97,7 +99,7 @@ def main():
         recompute = rest[0] if rest else "0"
         base = None
         for gpus in a.gpus:
-            for overlap in (["true", "false"] if a.no_overlap_too and gpus > 1 else ["auto"]):
+            for overlap in (["true", "false"] if a.no_overlap_too and gpus > 1 else [a.overlap]):
                 r = bench(model, batch, recompute, gpus, a, overlap)
                 if r is None:
                     continue
