@@ -11,7 +11,10 @@ cuBLASLt's BGRADB epilogue runs as a separate reduction kernel that took 5.6 ms 
 B=64 against our 4.0 (H100, 2026-11-22), and it cannot write fp32 beside bf16 operands; its
 DGELU_BGRAD (the fc bias gradient with the dGELU product) took 1776 us against 633 + 160 for
 DGELU and our kernel at N = 65536, C = 768, and 1580 against 742 + 123 at N = 32768, C = 1024
-(benchmarks/matmul_epilogue_probe.py, H100, 2026-11-22).
+(benchmarks/matmul_epilogue_probe.py, H100, 2026-11-22). Timing every one of the heuristic's
+answers does not change that (H100, 2026-11-23): DGELU_BGRAD 1796 us against 613 + 178, and the
+weight-gradient product with BGRADB at best 613 us against 430 + 163 for the plain product and
+our kernel (fc at N = 65536, C = 768; 647 against 454 + 110 at N = 16384, C = 1600).
 
 The DGELU epilogue's kernel is the heuristic's, and at some shapes that is an Ampere kernel: at
 350M (N = 32768, 4C = 4096) cuBLASLt picks cutlass_80_..._dgelu at 855 us a call, while the
