@@ -7,7 +7,8 @@
 //   adamw_kernel_bf16   w is the fp32 master; param (bf16) = stochastic_round(w)
 //   adamw_kernel_fp32   param is fp32 and is itself w (no master copy)
 //
-// Each thread updates 8 consecutive elements per step of a grid-stride loop, with 16-byte loads
+// Each thread updates 8 consecutive elements per step of a grid-stride loop (launched with a
+// thread for every vector, so one step), with 16-byte loads
 // and stores (the slice starts at a multiple of 8 elements, 16-byte aligned in every buffer);
 // the n % 8 elements past the last whole vector go one per thread to the first threads of the
 // grid. Streaming hints: every byte is touched once per step and the state is far bigger than L2.

@@ -7,21 +7,13 @@ receives it stochastically rounded, with noise drawn from (seed, step, index). T
 seed = the slice's absolute offset in the flat buffer, so each element's noise depends only on its
 position and step, and ZeRO-0 and ZeRO-1 round identically. fp32 parameters are their own master
 (master=None). No scratch, so no plan()."""
-import functools
-
 import numpy as np
 import torch
 
 from distgpt.backends.cuda.runtime import KernelModule, ceil_div, f32, ptr, u32
 
 THREADS = 256
-BLOCKS_PER_SM = 4   # ptxas: 55-60 registers, so 4 blocks of 256 threads fit an SM
 KERNELS = KernelModule("adamw", ADAMW_THREADS=THREADS)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check(op, name, t, dtypes, n):
@@ -69,8 +61,12 @@ def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay,
     scalars = (f32(lr), f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
                f32(1.0 / (1.0 - beta1 ** step)), f32(1.0 / (1.0 - beta2 ** step)), f32(eps),
                f32(weight_decay), f32(scale_value), scale_ptr, u32(int(seed)), u32(int(step)))
-    # at least one block: with n < 8 the whole slice is the scalar tail
-    grid = max(1, min(ceil_div(n // 8, THREADS), BLOCKS_PER_SM * _sm_count(param.device.index)))
+    # one 8-element vector per thread, every vector its own thread: the blocks that finish make
+    # room for the next, which keeps more loads in flight than a grid of 4 blocks per SM looping
+    # over the slice (the same arithmetic per element, so the same bits): 778M elements, one of
+    # 1558M's two launches, 7718 against 8196 us, 2.83 against 2.66 TB/s (H100, 2026-11-23).
+    # At least one block: with n < 8 the whole slice is the scalar tail.
+    grid = max(1, ceil_div(n // 8, THREADS))
     if param.dtype == torch.bfloat16:
         KERNELS.launch("adamw_kernel_bf16", grid, THREADS,
                        (ptr(param), ptr(grad), ptr(m), ptr(v), ptr(master), np.int64(n)) + scalars)
