@@ -11,7 +11,7 @@ scales and amaxes are one-element fp32 device tensors, so nothing waits for the 
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.runtime import KernelModule, check_scalars, check_tensor, i32, ptr, sm_count
+from distgpt.backends.cuda.runtime import KernelModule, check_scalars, check_tensor, i32, ptr
 from distgpt.backends.reference import FP8_FORMATS, fp8_max
 
 THREADS = 256        # fp8_quantize: threads per block, 8 elements each per load ...
@@ -20,7 +20,6 @@ TILE = 32            # fp8_quantize_transpose: TILE x TILE elements per block ..
 TILE_ROWS = THREADS // TILE  # ... of (TILE, TILE_ROWS) threads
 VTILE = 64           # the vectorized transpose (R, C multiples of 8): VTILE x VTILE per block of THREADS
 VEC = 8              # ... in 16-byte loads of 8 bf16
-BLOCKS_PER_SM = 4
 KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_UNROLL=UNROLL, FP8_TILE=TILE, FP8_VTILE=VTILE)
 FORMAT_OF = {dtype: name for name, dtype in FP8_FORMATS.items()}
 
@@ -39,7 +38,11 @@ def _check(op, out, inp, **one_elements):
 
 
 def _grid(inp):
-    return max(1, min(BLOCKS_PER_SM * sm_count(inp.device), -(-inp.numel() // (8 * THREADS))))
+    """A thread for every UNROLL vectors of 8: blocks that finish make room for the next, as in
+    the AdamW launch (each element cast alike, the amax an order-free maximum: the same bytes as
+    a grid of 4 blocks per SM looping). 1558M fp8 step, H100, 2026-11-23: casts 32.20 -> 31.42
+    ms (fp8_cast 54.6 -> 53.3 us a call, fp8_amax 25.6 -> 24.8)."""
+    return max(1, -(-inp.numel() // (8 * THREADS * UNROLL)))
 
 
 def _transpose_launch(kernel, fmt, inp, out, out_t):
