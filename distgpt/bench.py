@@ -71,7 +71,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         model.zero_grad()
         loss = torch.zeros((), device=dist.device)
         for micro in range(accum):
-            loss += micro_step(x[micro], y[micro], dloss, *dp.micro_step_hooks(micro, accum, overlap))
+            loss += micro_step(x[micro], y[micro], dloss, *dp.micro_step_hooks(micro, accum, overlap),
+                               fresh_weights=micro == 0)
         dp.reduce_gradients(model.grads)
         optimizer.step(1e-4)
         dp.gather_weights(model.params)

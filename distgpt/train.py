@@ -263,9 +263,11 @@ class Trainer:
         for micro in range(self.accum):
             x, y = self.train_loader.next_batch()
             # forward + backward (a CUDA graph on GPUs); the last one's backward may also sum
-            # the gradient buckets over ranks, the first one's forward gather the weights
+            # the gradient buckets over ranks, the first one's forward gather the weights; the
+            # weights change only between optimizer steps, so fp8 casts them in the first alone
             self.reduced[:1] += self.micro_step(x, y, dloss, *self.dp.micro_step_hooks(micro, self.accum,
-                                                                                      self.overlap))
+                                                                                      self.overlap),
+                                                fresh_weights=micro == 0)
         if self.signals is not None and self.signals.received:
             self.reduced[1:].fill_(1.0)  # the sum tells every rank that some rank was signalled
         # the mean loss over ranks before the update: the spike guard decides from it on every

@@ -51,6 +51,43 @@ def test_fp8_step_is_deterministic_and_differs_from_fp32():
     assert not torch.equal(ma.grads, exact.grads)
 
 
+def test_later_micro_steps_reuse_the_weights_fp8_copies():
+    """Two micro-steps of one optimizer step: the second forward with fresh_weights=False casts
+    no weight and gives bitwise the gradients of casting them again (the weights did not change);
+    the amaxes of the weights' sites survive its forward."""
+    casts = []
+
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(reference, name)
+            if name != "fp8_cast_transpose":
+                return op
+            return lambda *a, **k: (casts.append(1), op(*a, **k))[1]
+
+    grads = []
+    for fresh in (True, False):
+        model = GPT2(SHAPE, Counting(), B, T, fp8=True)
+        model.init_weights(5)
+        gen = torch.Generator().manual_seed(5)
+        batches = [[torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2)] for _ in range(2)]
+        for micro, (x, y) in enumerate(batches):
+            before = len(casts)
+            model.forward(x, y, 1.0 / (2 * B * T), fresh_weights=fresh or micro == 0)
+            model.backward()
+            cast_now = len(casts) - before
+            assert cast_now == (4 * SHAPE.n_layer if fresh or micro == 0 else 0), (fresh, micro, cast_now)
+        weight_amax = model.fp8.amax.view(SHAPE.n_layer, 3, -1)[:, 0]
+        assert (weight_amax.reshape(SHAPE.n_layer, 4, -1)[..., 0] > 0).all()
+        grads.append(model.grads.clone())
+    assert torch.equal(grads[0], grads[1])
+    # a model that never cast its weights casts them whatever the caller promised
+    model = GPT2(SHAPE, Counting(), B, T, fp8=True)
+    model.init_weights(5)
+    before = len(casts)
+    model.forward(*batches[0], 1.0, fresh_weights=False)
+    assert len(casts) - before == 4 * SHAPE.n_layer
+
+
 def test_memory_plan_counts_the_fp8_copies_and_scratch():
     rows = dict(memory.estimate(SHAPE, B, T, 0, torch.float32, 1, 1, fp8=True))
     plain = dict(memory.estimate(SHAPE, B, T, 0, torch.float32, 1, 1))

@@ -23,7 +23,10 @@ What is kept, planned once with the model:
 - each block matrix's fp8 copy W8 (OC, C) for the forward and its transpose W8t (C, OC) for
   the input gradient (Hopper's fp8 tensor cores take both operands K-major), cast from the bf16
   weights in every forward, layer by layer (so a forward always reads the current weights,
-  whatever changed them: an update, a gather, a checkpoint load);
+  whatever changed them: an update, a gather, a checkpoint load), except where the caller
+  promises the weights are those of the last forward (fresh_weights=False: the later
+  micro-steps of an optimizer step, whose forwards then skip 2 reads and 2 writes a block
+  parameter, about 3 ms at 1558M);
 - one fp8 scratch of rows x 4C bytes: each cast activation or gradient lives there only until
   its matmul has read it;
 - one fp32 amax and one inverse scale per cast ("site": layer x {weight, input, gradient} x
@@ -86,6 +89,7 @@ class Fp8Matmuls:
             self.weights8.append(w8)
             self.weights8_t.append(w8_t)
         self.scratch = torch.zeros(rows * 4 * C, dtype=torch.uint8, device=device)
+        self.weights_cast = False  # whether W8/W8t hold a cast of the weights yet
         sites = n_layer * 3 * len(MATRICES)
         self.amax = torch.zeros(sites, SITE_STRIDE, dtype=torch.float32, device=device)
         self.inverse = torch.ones(sites, SITE_STRIDE, dtype=torch.float32, device=device)
@@ -122,12 +126,18 @@ class Fp8Matmuls:
         return out, inverse
 
     # ------------------------------------------------------------ forward
-    def begin_forward(self):
-        """Zero every site's amax (the casts take the maximum into it): one launch a forward."""
-        self.amax.zero_()
+    def begin_forward(self, cast_weights=True):
+        """Zero the amaxes this forward's and backward's casts take their maximum into: one
+        launch a forward. cast_weights False: the weights' fp8 copies from an earlier forward
+        are reused (see GPT2.forward's fresh_weights), and their sites keep amax and scale."""
+        if cast_weights:
+            self.amax.zero_()
+        else:
+            self.amax.view(len(self.weights8), 3, -1)[:, INPUT:].zero_()
 
     def cast_weights(self, layer):
         """The layer's four matrices into W8 and W8t, before its first matmul reads them."""
+        self.weights_cast = True
         for m in MATRICES:
             amax, inverse = self._site(layer, WEIGHT, m)
             self.ops.fp8_cast_transpose(self.weights8[layer][m], self.weights8_t[layer][m], inverse, amax,
