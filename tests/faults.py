@@ -62,8 +62,8 @@ def install(spec, setattr_=setattr):
             for layer in reversed(range(self.n_layer)):
                 layer_done(layer)
 
-    def faulty_micro_step(self, x, y, dloss, dp=None, gather=None):
-        loss = micro_step(self, x, y, dloss, dp, gather)
+    def faulty_micro_step(self, x, y, dloss, dp=None, gather=None, **options):
+        loss = micro_step(self, x, y, dloss, dp, gather, **options)
         for kind in active():
             if kind == "loss_spike":
                 loss = loss + 100.0
