@@ -91,10 +91,11 @@ def test_fp8_step_matches_reference_fp32():
     assert torch.isfinite(fast.fp8.inverses).all() and (fast.fp8.amaxes > 0).all()
 
 
-def twenty_steps(use_graph=False, fp8=False, fuse_amax=True):
-    """Twenty steps of a fresh model and backend. The matmuls take cuBLASLt's first answers
-    (tune off, as deterministic runs do): two runs compared bit for bit must not each time the
-    candidate algorithms and keep different ones."""
+def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weights=False):
+    """Twenty steps of a fresh model and backend, each of `accum` micro-steps (reuse_weights: the
+    later ones pass fresh_weights=False, as the trainer does). The matmuls take cuBLASLt's first
+    answers (tune off, as deterministic runs do): two runs compared bit for bit must not each
+    time the candidate algorithms and keep different ones."""
     from distgpt.backends.cuda import CudaBackend
     from distgpt.model.micro_step import MicroStep
     backend = CudaBackend()
@@ -111,9 +112,11 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True):
                      for _ in range(2)) for _ in range(2)]
     losses = []
     for step in range(20):
-        x, y = batches[step % 2]
         model.zero_grad()
-        losses.append(micro_step(x, y, 1.0 / (B * T)).item())
+        for micro in range(accum):
+            x, y = batches[(step * accum + micro) % 2]
+            fresh = micro == 0 or not reuse_weights
+            losses.append(micro_step(x, y, 1.0 / (accum * B * T), fresh_weights=fresh).item())
         opt.step(1e-3)
     return losses, model.params.clone(), opt.master.clone()
 
@@ -133,6 +136,16 @@ def test_cuda_graph_replay_is_bitwise_the_eager_step(fp8):
     eager, graphed = twenty_steps(use_graph=False, fp8=fp8), twenty_steps(use_graph=True, fp8=fp8)
     assert eager[0] == graphed[0], "losses differ between the eager and the CUDA-graph step"
     assert torch.equal(eager[1], graphed[1]) and torch.equal(eager[2], graphed[2])
+
+
+def test_fp8_micro_steps_reusing_the_weight_casts_are_bitwise_casting_again():
+    """Gradient accumulation: the second micro-step of each step reuses the first's fp8 weight
+    copies (fresh_weights=False, its own CUDA graph), bitwise the eager run that casts them in
+    every micro-step."""
+    again = twenty_steps(use_graph=False, fp8=True, accum=2)
+    reused = twenty_steps(use_graph=True, fp8=True, accum=2, reuse_weights=True)
+    assert again[0] == reused[0], "losses differ when later micro-steps reuse the weights' fp8 copies"
+    assert torch.equal(again[1], reused[1]) and torch.equal(again[2], reused[2])
 
 
 def test_fp8_amax_taken_by_the_producers_is_bitwise_the_casts_own():
