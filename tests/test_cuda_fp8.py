@@ -103,6 +103,15 @@ def test_a_nan_input_gives_a_nan_amax():
     assert torch.isnan(amax).all()
 
 
+@pytest.fixture(scope="module")
+def mm():
+    """One planned Matmuls (handle, workspace, plan cache) for the fp8 product tests."""
+    from distgpt.backends.cuda.matmul import Matmuls
+    matmuls = Matmuls()
+    matmuls.plan("cuda")
+    return matmuls
+
+
 # fp8 matmul: the tensor cores multiply fp8 values exactly and accumulate in fp32 (with
 # fast_accum, partial sums are promoted to fp32 less often: still ~2^-13 relative per partial),
 # then one bf16 rounding of the result (2^-9 relative, 2^-8 at a neighbouring value): rtol 2e-2
@@ -114,12 +123,9 @@ SHAPES = [(128, 768, 2304), (256, 1600, 6400), (1024, 3072, 768), (48, 64, 32)]
 @pytest.mark.parametrize("fast_accum", [True, False])
 @pytest.mark.parametrize("formats", [("e4m3", "e4m3"), ("e5m2", "e4m3")])
 @pytest.mark.parametrize("N,C,OC", SHAPES)
-def test_fp8_matmul_matches_the_reference(N, C, OC, formats, fast_accum):
+def test_fp8_matmul_matches_the_reference(mm, N, C, OC, formats, fast_accum):
     from distgpt.backends.cuda import fp8
-    from distgpt.backends.cuda.matmul import Matmuls
     from gpu_check import assert_close
-    mm = Matmuls()
-    mm.plan("cuda")
     torch.manual_seed(N + C + OC)
     x = torch.randn(N, C).to(torch.bfloat16)
     w = (torch.randn(OC, C) * 0.05).to(torch.bfloat16)
@@ -144,12 +150,9 @@ def test_fp8_matmul_matches_the_reference(N, C, OC, formats, fast_accum):
 
 
 @pytest.mark.parametrize("N,C,OC", [(256, 1600, 1600), (48, 64, 32)])
-def test_fp8_matmul_adds_the_residual(N, C, OC):
+def test_fp8_matmul_adds_the_residual(mm, N, C, OC):
     """A projection writing the residual sum: + residual in the epilogue (cuBLASLt's C, bf16)."""
-    from distgpt.backends.cuda.matmul import Matmuls
     from gpu_check import assert_close
-    mm = Matmuls()
-    mm.plan("cuda")
     torch.manual_seed(N + C)
     x, w = torch.randn(N, C).to(torch.bfloat16), (torch.randn(OC, C) * 0.05).to(torch.bfloat16)
     b, residual = torch.randn(OC).to(torch.bfloat16), torch.randn(N, OC).to(torch.bfloat16)
@@ -214,11 +217,8 @@ def cast_pair(t, fmt, transpose=False):
 # the GELU epilogues (or their split forms) add one bf16 rounding of the pre-activation and
 # one of the result to the product's: rtol 2e-2 as above, atol a hundredth of the result's rms
 @pytest.mark.parametrize("N,C,OC", [(256, 768, 3072), (512, 1600, 6400)])
-def test_fp8_fc_forward_with_gelu_matches_the_reference(N, C, OC):
-    from distgpt.backends.cuda.matmul import Matmuls
+def test_fp8_fc_forward_with_gelu_matches_the_reference(mm, N, C, OC):
     from gpu_check import assert_close
-    mm = Matmuls()
-    mm.plan("cuda")
     torch.manual_seed(N + OC)
     x, w = torch.randn(N, C).to(torch.bfloat16), (torch.randn(OC, C) * 0.03).to(torch.bfloat16)
     b = (torch.randn(OC) * 0.1).to(torch.bfloat16)
@@ -237,13 +237,10 @@ def test_fp8_fc_forward_with_gelu_matches_the_reference(N, C, OC):
 @pytest.mark.parametrize("dout_format", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("N,C,OC", [(256, 3072, 768), (512, 1600, 4800)])
-def test_fp8_backward_input_matches_the_reference(N, C, OC, gelu, dout_format):
+def test_fp8_backward_input_matches_the_reference(mm, N, C, OC, gelu, dout_format):
     """dinp = dout (e4m3 or e5m2: fp8_gradients) @ W (from W^T's e4m3 copy), times gelu' of the
     pre-activation when gelu: the fc projection's backward (dGELU) and the others' (plain)."""
-    from distgpt.backends.cuda.matmul import Matmuls
     from gpu_check import assert_close
-    mm = Matmuls()
-    mm.plan("cuda")
     torch.manual_seed(N + C + int(gelu))
     w = (torch.randn(OC, C) * 0.03).to(torch.bfloat16)
     dout = (torch.randn(N, OC) * 1e-5).to(torch.bfloat16)
