@@ -39,11 +39,12 @@ if [ "$STAGE" = scaling ] && [ $# -gt 0 ]; then
   python3 benchmarks/scaling.py "$@" --gpus ${GPUS:-1 2} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/scaling.log"
 fi
 if [ "$STAGE" = profile ] && [ $# -gt 0 ]; then
-  for item in "$@"; do  # model:batch[:recompute], recompute 0 when left out (as throughput.py)
-    IFS=: read -r model batch recompute <<< "$item"
+  for item in "$@"; do  # model:batch[:recompute[:layers]], recompute 0 when left out (as throughput.py)
+    IFS=: read -r model batch recompute layers <<< "$item"
     trace=()
     [ "${TRACE:-0}" = 1 ] && trace=(--profile-trace "$OUT/trace_${model}_${batch}.json")
-    python3 -m distgpt bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" --profile \
+    python3 -m distgpt bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" \
+        --recompute-layers "${layers:--1}" --profile \
         "${trace[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/profile_${model}_${batch}.log"
   done
 fi
@@ -53,8 +54,9 @@ if [ "$STAGE" = fp8 ]; then
   python3 benchmarks/throughput.py "$@" --fp8-too --no-baseline ${BENCH_ARGS:-} 2>&1 | tee "$OUT/fp8_bench.log" \
     | grep -v '^{'
   for item in "$@"; do
-    IFS=: read -r model batch recompute <<< "$item"
-    python3 -m distgpt bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" --fp8 --profile \
+    IFS=: read -r model batch recompute layers <<< "$item"
+    python3 -m distgpt bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" \
+        --recompute-layers "${layers:--1}" --fp8 --profile \
         2>&1 | tee "$OUT/fp8_profile_${model}_${batch}.log" | grep -v '^\s*$' | grep -v Warning | head -45
   done
 fi

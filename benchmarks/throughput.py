@@ -1,8 +1,9 @@
 """distgpt against the PyTorch baseline, same GPU, same shapes, one call; a table at the end.
 
-    python benchmarks/throughput.py gpt2_124m:64:2 gpt2_350m:32 gpt2_1558m:16:2 [--steps 30] [--fp8-too]
+    python benchmarks/throughput.py gpt2_124m:64:2 gpt2_350m:32 gpt2_1558m:16:2:20 [--steps 30] [--fp8-too]
 
-(model:batch[:recompute]; recompute defaults to --recompute). --fp8-too also runs distgpt with
+(model:batch[:recompute[:layers]]; recompute defaults to --recompute; layers: only the first
+that many layers recompute at that level, the others one level less, train.recompute_layers). --fp8-too also runs distgpt with
 fp8=true at each config (the ratio column is then fp8 against bf16).
 
 Each measurement runs in its own process, so peak memory is each one's own."""
@@ -29,7 +30,7 @@ def run(cmd):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("configs", nargs="+", help="model:batch[:recompute], e.g. gpt2_124m:64:1")
+    p.add_argument("configs", nargs="+", help="model:batch[:recompute[:layers]], e.g. gpt2_124m:64:1")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--recompute", type=int, default=0)
@@ -40,12 +41,14 @@ def main():
     for item in a.configs:
         model, batch, *rest = item.split(":")
         recompute = rest[0] if rest else str(a.recompute)
+        layers = ["--recompute-layers", rest[1]] if len(rest) > 1 else []
         common = ["--model", model, "--batch", batch, "--seq", str(a.seq), "--steps", str(a.steps)]
-        ours = run([sys.executable, "-m", "distgpt", "bench", *common, "--recompute", recompute, "--json"])
+        ours = run([sys.executable, "-m", "distgpt", "bench", *common, "--recompute", recompute, *layers, "--json"])
         base = None if a.no_baseline else run([sys.executable, str(HERE / "torch_baseline.py"), *common])
         rows.append((model, batch, ours, base))
         if a.fp8_too:
-            fp8 = run([sys.executable, "-m", "distgpt", "bench", *common, "--recompute", recompute, "--json", "--fp8"])
+            fp8 = run([sys.executable, "-m", "distgpt", "bench", *common, "--recompute", recompute, *layers, "--json",
+                       "--fp8"])
             if fp8:
                 fp8["impl"] = "distgpt fp8"
             rows.append((model, batch, fp8, ours))
@@ -59,7 +62,9 @@ def main():
             if r is None or (r is base and r["impl"] == "distgpt"):  # fp8 rows: base is the bf16 row above
                 continue
             ratio = f"{ours['tok_s'] / base['tok_s']:.3f}" if ours and base and r is ours else ""
-            print(f"| {model} | {batch} | {r['impl']} | {r['recompute']} | {1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | "
+            recompute = r["recompute"] if r.get("recompute_layers", -1) < 0 else \
+                f"{r['recompute']} in {r['recompute_layers']} layers"
+            print(f"| {model} | {batch} | {r['impl']} | {recompute} | {1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | "
                   f"{100 * r['mfu']:.1f}% | {r['device_used_gb']:.1f} | {r['torch_peak_gb']:.1f} | {ratio} |")
 
 

@@ -35,7 +35,7 @@ def peak_flops():
 def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_stage=1, dist=None,
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
                     pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward="auto",
-                    fp8=False, fp8_gradients="e4m3", tune_matmuls=True):
+                    fp8=False, fp8_gradients="e4m3", tune_matmuls=True, recompute_layers=-1):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
@@ -45,13 +45,14 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     from distgpt.parallel.data_parallel import DataParallel, gather_in_forward_wanted, overlap_wanted
 
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
+                       f"train.recompute={recompute}", f"train.recompute_layers={recompute_layers}",
                        "backend=cuda", "device=cuda", "dtype=bfloat16"])
     dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s, rendezvous=rendezvous)
     backend = get_backend("cuda")
     backend.set_deterministic(deterministic)
     torch.cuda.reset_peak_memory_stats()
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
-                 pad_multiple=dist.world, fp8=fp8, fp8_gradients=fp8_gradients)
+                 pad_multiple=dist.world, fp8=fp8, fp8_gradients=fp8_gradients, recompute_layers=recompute_layers)
     model.init_weights(cfg.seed)
     if not tune_matmuls:  # cuBLASLt's first heuristic answer for every matmul (as deterministic runs)
         backend.matmuls.tune = False
@@ -113,6 +114,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     if profile is not None and dist.world > 1:
         extra["rank_profiles"] = [r["profile"] for r in ranks]
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
+            "recompute_layers": recompute_layers,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
             "cuda_graphs": cuda_graphs, "fp8": fp8, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
@@ -184,6 +186,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--recompute", type=int, default=0)
+    p.add_argument("--recompute-layers", type=int, default=-1, metavar="N",
+                   help="only the first N layers recompute at --recompute, the others one level less "
+                        "(train.recompute_layers; -1: every layer)")
     p.add_argument("--deterministic", action="store_true", help="the bitwise-reproducible attention backward")
     p.add_argument("--no-graphs", action="store_true", help="launch every kernel from Python (no CUDA graph)")
     p.add_argument("--fp8", action="store_true", help="the blocks' matmuls with fp8 operands (fp8=true)")
@@ -225,7 +230,8 @@ def main(argv=None):
                                   cuda_graphs=not a.no_graphs, pause_s=a.pause_ms / 1000,
                                   rendezvous=a.rendezvous, overlap=a.overlap,
                                   bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward, fp8=a.fp8,
-                                  fp8_gradients=a.fp8_gradients, tune_matmuls=not a.no_tune))
+                                  fp8_gradients=a.fp8_gradients, tune_matmuls=not a.no_tune,
+                                  recompute_layers=a.recompute_layers))
     if not r.pop("is_main"):
         return 0
     if a.json:

@@ -76,6 +76,8 @@ class TrainConfig:
     hellaswag_every: int = 0  # steps between HellaSwag evaluations (hellaswag_path); 0 = never
     hellaswag_limit: int = 0  # items per evaluation; 0 = all 10,042
     recompute: int = 0  # 0 none, 1 GELU, 2 GELU + layernorm (activation memory for time)
+    recompute_layers: int = -1  # only the first N layers recompute at train.recompute, the others
+    #                            one level less (finer steps of memory for time); -1 = every layer
     cuda_graphs: bool = True  # backend=cuda: replay each micro-step's forward + backward as a
     #                          CUDA graph (no per-launch host cost; bitwise the same results)
     # the spike guard (distgpt/spikes.py): a step whose loss or grad norm is not finite, or lies
@@ -228,6 +230,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"train.skip_max_in_a_row={t.skip_max_in_a_row} must be at least 1")
     if t.recompute not in (0, 1, 2):
         raise ConfigError(f"train.recompute={t.recompute}: choose 0 (none), 1 (GELU) or 2 (GELU + layernorm)")
+    if t.recompute_layers != -1 and not (t.recompute > 0 and 0 <= t.recompute_layers <= cfg.model.n_layer):
+        raise ConfigError(f"train.recompute_layers={t.recompute_layers}: with train.recompute >= 1, choose 0 to "
+                          f"n_layer={cfg.model.n_layer} layers (the first N recompute, the others one level "
+                          f"less), or -1 for every layer")
     for name, value, choices in (("backend", cfg.backend, BACKENDS), ("device", cfg.device, DEVICES),
                                  ("dtype", cfg.dtype, DTYPES), ("optim.schedule", o.schedule, SCHEDULES)):
         if value not in choices:

@@ -79,13 +79,15 @@ class Trainer:
         scratch_rows = [] if scratch is None else scratch(self.B, self.T, cfg.model.n_embd, cfg.model.n_head,
                                                            dist.device)
         plan, planned_bytes = memory.format_estimate(memory.estimate(
-            cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage, scratch_rows, cfg.fp8))
+            cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage, scratch_rows, cfg.fp8,
+            t.recompute_layers))
         self.log.info(plan)
         check_fits(planned_bytes, dist.device)
         if cfg.fp8:
             check_fp8_device(dist.device)
         self.model = GPT2(cfg.model, self.backend, self.B, self.T, dtype, dist.device,
-                          t.recompute, pad_multiple=dist.world, fp8=cfg.fp8, fp8_gradients=cfg.fp8_gradients)
+                          t.recompute, pad_multiple=dist.world, fp8=cfg.fp8, fp8_gradients=cfg.fp8_gradients,
+                          recompute_layers=t.recompute_layers)
         if scratch is not None:  # what the libraries really asked for, beside the estimate
             taken = sum(nbytes for _, nbytes in self.backend.scratch())
             self.log.info(f"backend scratch planned: {taken / 2**20:,.1f} MiB (estimated "

@@ -20,11 +20,12 @@ RTOL_F64 = 1e-9
 CHUNKS = [CLASSIFIER_CHUNK_ROWS, 20]
 
 
-def small_model(recompute=0, B=2, T=16, dtype=torch.float64, chunk_rows=CLASSIFIER_CHUNK_ROWS):
-    cfg = ModelConfig(name="t", n_layer=2, n_head=4, n_embd=32, vocab_size=101,
+def small_model(recompute=0, B=2, T=16, dtype=torch.float64, chunk_rows=CLASSIFIER_CHUNK_ROWS,
+                recompute_layers=-1, n_layer=2):
+    cfg = ModelConfig(name="t", n_layer=n_layer, n_head=4, n_embd=32, vocab_size=101,
                       padded_vocab_size=128, block_size=32)
     model = GPT2(cfg, reference, B, T, dtype=dtype, recompute=recompute,
-                 classifier_chunk_rows=chunk_rows)
+                 classifier_chunk_rows=chunk_rows, recompute_layers=recompute_layers)
     model.init_weights(seed=torch.randint(0, 2**31, ()).item())
     # GPT-2's init leaves biases at 0 and layernorms at 1, which would hide errors in their
     # gradients: perturb everything except the padded vocabulary rows
@@ -58,6 +59,46 @@ def test_loss_and_every_gradient_match_autograd(recompute, chunk_rows):
         assert err <= RTOL_F64, f"{name}: relative error {err:.3e} > {RTOL_F64}"
     # padded vocabulary rows get no gradient at all
     assert model.g["transformer.wte.weight"][cfg.vocab_size:].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("recompute,layers", [(1, 1), (2, 1), (2, 0), (2, 3)])
+def test_partial_recompute_gives_bitwise_the_gradients_of_keeping_everything(recompute, layers):
+    """recompute_layers=N: the first N layers rebuild at the level, the others one level less;
+    either way the rebuilt activations are the forward's bits, so every gradient equals
+    recompute=0's exactly (float32, where a differently ordered sum would show)."""
+    torch.manual_seed(5)
+    cfg, model = small_model(recompute, dtype=torch.float32, recompute_layers=layers, n_layer=3)
+    assert model.recompute_levels == tuple(recompute if i < layers else recompute - 1 for i in range(3))
+    kept = GPT2(cfg, reference, 2, 16, dtype=torch.float32)
+    kept.params.copy_(model.params)
+    tokens, targets = (torch.randint(0, cfg.vocab_size, (2, 16)) for _ in range(2))
+    for m in (model, kept):
+        m.zero_grad()
+        m.forward(tokens, targets, dloss=1.0 / 32)
+        m.backward()
+    assert torch.equal(model.grads, kept.grads)
+    # the layers that keep an activation have their own buffer; the others share one
+    names = {name for name, _, _ in model.acts.slots}
+    for layer, level in enumerate(model.recompute_levels):
+        assert (f"fch_gelu.{layer}" in names) == (level < 1)
+        assert (f"ln1.{layer}" in names) == (f"ln2.{layer}" in names) == (level < 2)
+    assert ("ln1" in names) == (max(model.recompute_levels) >= 2) and "fch_gelu" in names
+
+
+def test_partial_recompute_plans_the_memory_between_the_two_levels():
+    """1558M B=16: each layer that keeps its layernorm outputs costs 2 x (B, T, C) bf16, 100 MiB;
+    recompute=2 in 20 of 48 layers plans 19 such pairs under recompute=1 (20 layers' own, less
+    the pair the 20 share: 1.9 GiB, the 56 GB run) and 28 over recompute=2."""
+    m = load_config(["model=gpt2_1558m"]).model
+
+    def activations(recompute, layers=-1):
+        rows = memory.estimate(m, 16, 1024, recompute, torch.bfloat16, 1, 1, recompute_layers=layers)
+        return next(b for name, b in rows if name.startswith("activations"))
+
+    per_layer = 2 * 16 * 1024 * 1600 * 2
+    assert activations(2, 48) == activations(2) and activations(2, 0) == activations(1)
+    assert activations(1) - activations(2, 20) == 19 * per_layer
+    assert activations(2, 20) - activations(2) == 28 * per_layer
 
 
 @pytest.mark.parametrize("chunk_rows", CHUNKS)

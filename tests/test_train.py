@@ -287,9 +287,11 @@ def test_finished_run_says_so(tmp_path, shards, capsys):
     ("bucket_mb=0", "bucket_mb=0.0 must be > 0"),
     ("fp8=maybe", "fp8: "),
     ("gather_in_forward=sometimes", "gather_in_forward=sometimes: choose auto, true or false"),
+    ("train.recompute_layers=1", "train.recompute_layers=1: with train.recompute >= 1"),
+    ("train.recompute=2 train.recompute_layers=99", "choose 0 to n_layer="),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, expected):
-    assert main(["train", *SMALL, f"out_dir={tmp_path}", override]) == 2
+    assert main(["train", *SMALL, f"out_dir={tmp_path}", *override.split()]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
 

@@ -15,16 +15,18 @@ import torch
 
 from distgpt.model.fp8 import GRADIENT, INPUT, Fp8Matmuls
 from distgpt.model.layout import (CLASSIFIER_CHUNK_ROWS, RESIDUAL_PROJECTIONS, ActivationPlan,
-                                  ParameterLayout, layer_tensors)
+                                  ParameterLayout, layer_tensors, recompute_levels)
 
 INIT_STD = 0.02
 
 
 class GPT2:
     def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
-                 pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False, fp8_gradients="e4m3"):
+                 pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False, fp8_gradients="e4m3",
+                 recompute_layers=-1):
         m = model_cfg
         self.cfg, self.ops, self.recompute = m, backend, recompute
+        self.recompute_levels = recompute_levels(m.n_layer, recompute, recompute_layers)
         self.n_layer, self.n_head, self.n_embd = m.n_layer, m.n_head, m.n_embd
         self.vocab_size = m.vocab_size
         self.dtype, self.device = dtype, torch.device(device)
@@ -39,7 +41,8 @@ class GPT2:
         # statistics (layernorm mean/rstd, attention logsumexp, losses) stay fp32 under bf16
         stat_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         self.acts = ActivationPlan(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size, B, T,
-                                   recompute, dtype, stat_dtype, self.device, classifier_chunk_rows)
+                                   recompute, dtype, stat_dtype, self.device, classifier_chunk_rows,
+                                   recompute_layers)
         self._saved = None  # (activations view, tokens) of the last forward, for backward
         self.logits = None  # (b, t, Vp) after a forward without targets
         self.token_losses = None  # (b, t) losses of each position after a forward with targets
@@ -243,15 +246,16 @@ class GPT2:
         return a.get(f"{name}.{layer}", a.get(name))
 
     def _recompute(self, a, layer, residual_in, ln1, ln2, fch_gelu):
-        """Rebuild what recompute>=1 (GELU) and >=2 (layernorms) did not keep. The saved
-        mean/rstd are rewritten with the same values, so results match recompute=0 exactly."""
-        ops, lp = self.ops, self.p_layers[layer]
-        if self.recompute >= 2:
+        """Rebuild what this layer's recompute level >= 1 (GELU) and >= 2 (layernorms) did not
+        keep. The saved mean/rstd are rewritten with the same values, so results match
+        recompute=0 exactly."""
+        ops, lp, level = self.ops, self.p_layers[layer], self.recompute_levels[layer]
+        if level >= 2:
             ops.layernorm_forward(ln1, a[f"ln1_mean.{layer}"], a[f"ln1_rstd.{layer}"],
                                   residual_in, lp.ln1_w, lp.ln1_b)
             ops.layernorm_forward(ln2, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"],
                                   a[f"residual2.{layer}"], lp.ln2_w, lp.ln2_b)
-        if self.recompute >= 1:
+        if level >= 1:
             ops.gelu_forward(fch_gelu, a[f"fch.{layer}"])
 
     @property

@@ -142,30 +142,47 @@ def classifier_rows(B, T, chunk_rows=CLASSIFIER_CHUNK_ROWS):
     return min(B * T, max(T, chunk_rows))
 
 
+# what each recompute level rebuilds in the backward instead of keeping per layer: the level
+# from which that activation is one buffer shared by the layers that rebuild it
+RECOMPUTED_FROM = {"fch_gelu": 1, "ln1": 2, "ln2": 2}
+
+
+def recompute_levels(n_layer, recompute, recompute_layers=-1):
+    """The recompute level of each layer: `recompute` for the first `recompute_layers` layers
+    (-1: all of them) and one level less for the others. Partial recompute spends the memory a
+    run has to spare on keeping some layers' activations (1558M B=16 fits in 56 GB with the
+    layernorm outputs rebuilt in 20 of its 48 layers instead of all)."""
+    if recompute_layers < 0 or recompute == 0:
+        return (recompute,) * n_layer
+    return tuple(recompute if layer < recompute_layers else recompute - 1 for layer in range(n_layer))
+
+
 def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
-                     chunk_rows=CLASSIFIER_CHUNK_ROWS):
+                     chunk_rows=CLASSIFIER_CHUNK_ROWS, recompute_layers=-1):
     """(name, shape, is_statistic) of every activation buffer for a step at (B, T).
 
-    Per-layer buffers are named `name.l`. recompute=1 keeps one shared GELU output that the
-    backward rebuilds from the pre-GELU activations; recompute=2 also shares the layernorm
-    outputs, rebuilt from the saved residual, mean and rstd. The buffers marked as statistics
-    stay in fp32 on the GPU. `logits` is the lm head's (R, Vp) chunk scratch, R =
-    classifier_rows(B, T, chunk_rows), whatever the step's (b, t)."""
+    Per-layer buffers are named `name.l`. A layer at recompute level 1 keeps no GELU output: the
+    backward rebuilds it from the pre-GELU activations into one buffer shared by such layers;
+    level 2 also shares the layernorm outputs, rebuilt from the saved residual, mean and rstd
+    (levels per layer: recompute_levels). The buffers marked as statistics stay in fp32 on the
+    GPU. `logits` is the lm head's (R, Vp) chunk scratch, R = classifier_rows(B, T, chunk_rows),
+    whatever the step's (b, t)."""
     C, NH, Vp = n_embd, n_head, padded_vocab_size
     R = classifier_rows(B, T, chunk_rows)
+    levels = recompute_levels(n_layer, recompute, recompute_layers)
     slots = [("encoded", (B, T, C), False)]
     per_layer = [("residual2", (B, T, C), False), ("residual3", (B, T, C), False),
                  ("ln1_mean", (B, T), True), ("ln1_rstd", (B, T), True),
                  ("ln2_mean", (B, T), True), ("ln2_rstd", (B, T), True),
                  ("qkv", (B, T, 3 * C), False), ("atty", (B, T, C), False),
                  ("att_lse", (B, NH, T), True), ("fch", (B, T, 4 * C), False)]
-    shared_or_per_layer = [("fch_gelu", (B, T, 4 * C), recompute >= 1),
-                           ("ln1", (B, T, C), recompute >= 2), ("ln2", (B, T, C), recompute >= 2)]
+    rebuildable = [("fch_gelu", (B, T, 4 * C)), ("ln1", (B, T, C)), ("ln2", (B, T, C))]
     for layer in range(n_layer):
         slots += [(f"{name}.{layer}", shape, stat) for name, shape, stat in per_layer]
-        slots += [(f"{name}.{layer}", shape, False) for name, shape, shared in shared_or_per_layer
-                  if not shared]
-    slots += [(name, shape, False) for name, shape, shared in shared_or_per_layer if shared]
+        slots += [(f"{name}.{layer}", shape, False) for name, shape in rebuildable
+                  if levels[layer] < RECOMPUTED_FROM[name]]
+    slots += [(name, shape, False) for name, shape in rebuildable
+              if max(levels) >= RECOMPUTED_FROM[name]]
     slots += [("lnf", (B, T, C), False), ("lnf_mean", (B, T), True), ("lnf_rstd", (B, T), True),
               ("logits", (R, Vp), False), ("losses", (B, T), True),
               # scratch: the backward's running gradients, one copy each, reused by every layer
@@ -192,10 +209,10 @@ class ActivationPlan:
     buffers shaped for a smaller batch or sequence (validation, sampling) without allocating."""
 
     def __init__(self, n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
-                 dtype, stat_dtype, device, chunk_rows=CLASSIFIER_CHUNK_ROWS):
+                 dtype, stat_dtype, device, chunk_rows=CLASSIFIER_CHUNK_ROWS, recompute_layers=-1):
         self.B, self.T, self.n_layer = B, T, n_layer
         self.slots = activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
-                                      chunk_rows)
+                                      chunk_rows, recompute_layers)
         self.offsets, sizes = pack_slots(self.slots)
         self.buffers = {False: torch.empty(sizes[False], dtype=dtype, device=device),
                         True: torch.empty(sizes[True], dtype=stat_dtype, device=device)}

@@ -5,7 +5,8 @@ from distgpt.model.fp8 import fp8_bytes
 from distgpt.model.layout import ParameterLayout, activation_slots, pack_slots
 
 
-def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scratch=(), fp8=False):
+def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scratch=(), fp8=False,
+             recompute_layers=-1):
     """[(buffer, bytes)] for one rank: parameters, gradients, optimizer state, activations, the
     fp8 path's copies and scratch (fp8=True), and the backend's own scratch (backend_scratch:
     its estimate_scratch() rows, if it has any)."""
@@ -17,12 +18,13 @@ def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scrat
     shard = layout.total // world if zero_stage == 1 else layout.total
     has_master = dtype not in (torch.float32, torch.float64)
     _, act_elems = pack_slots(activation_slots(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size,
-                                               B, T, recompute))
+                                               B, T, recompute, recompute_layers=recompute_layers))
     return [("parameters", layout.total * elt),
             ("gradients", layout.total * elt),
             (f"AdamW m, v{' + fp32 master' if has_master else ''} (1/{world if zero_stage == 1 else 1} of the model)",
              shard * state_elt * (3 if has_master else 2)),
-            (f"activations (B={B}, T={T}, recompute={recompute})",
+            (f"activations (B={B}, T={T}, recompute={recompute}"
+             f"{'' if recompute_layers < 0 else f' in {recompute_layers} layers'})",
              act_elems[False] * elt + act_elems[True] * max(elt, 4))] + \
         (fp8_bytes(m.n_layer, m.n_embd, B * T) if fp8 else []) + \
         [(f"backend: {name}", nbytes) for name, nbytes in backend_scratch]
