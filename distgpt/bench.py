@@ -2,8 +2,9 @@
 under mpirun, on every rank's GPU with NCCL and ZeRO-1.
 
 One step = `accum` micro-steps of forward + backward, then gradient reduction, global norm,
-AdamW and the weight all-gather: the calls the trainer makes. After warm-up each step is
-timed with CUDA events; a step's time is the slowest rank's, and the median over steps is
+AdamW and the weight all-gather: the calls the trainer makes, and as the trainer does, the
+next step is queued before the last one's loss is read. After warm-up each step is timed with
+CUDA events; a step's time is the slowest rank's, and the median over steps is
 reported with tokens/s (all ranks), MFU as llm.c counts it, and memory per GPU both as the
 device sees it (cudaMemGetInfo) and as torch's allocator saw it. With several ranks it also
 times the step's collectives alone (reduce-scatter + all-gather of the flat buffers).
@@ -15,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -79,18 +81,35 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         dp.gather_weights(model.params)
         return loss
 
+    # as the trainer runs: the next step is queued before the last one's loss is read (through a
+    # pinned copy and its event, not a read of the device tensor, which would wait for the queued
+    # step too), so the host's work between steps does not idle the GPU; each step's time is
+    # its own start and end events'
     times, losses = [], []
+    host_loss = [torch.zeros((), dtype=torch.float32).pin_memory() for _ in range(2)]
+    in_flight = deque()
+
+    def read_oldest():
+        i, start, end, slot = in_flight.popleft()
+        end.synchronize()
+        losses.append(host_loss[slot].item() / accum)
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1000)
+
     for i in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         loss = step()
+        host_loss[i % 2].copy_(loss, non_blocking=True)
         end.record()
-        torch.cuda.synchronize()
-        losses.append(loss.item() / accum)
-        if i >= warmup:
-            times.append(start.elapsed_time(end) / 1000)
+        in_flight.append((i, start, end, i % 2))
         if pause_s:  # the GPU idles between steps: a step faster this way is held back by power or heat
+            read_oldest()
             time.sleep(pause_s)
+        elif len(in_flight) == 2:
+            read_oldest()
+    while in_flight:
+        read_oldest()
     comm_s, reduce_s, gather_s = time_collectives(model, dp, dist) if dist.world > 1 else (0.0, 0.0, 0.0)
     # the same step with every collective skipped, on the same GPUs: what the step costs without
     # communication, so (step - this) is the communication the step exposes. Ranks run unsynchronised

@@ -42,7 +42,12 @@ class SpikeGuard:
     def skipped(self):
         """Why the last checked step was skipped ("loss_spike", ...), or None: a host read, made
         once the step is queued."""
-        return SKIP_REASONS.get(int(self.verdict.item()))
+        return self.reason(int(self.verdict.item()))
+
+    @staticmethod
+    def reason(verdict):
+        """The skip reason of a verdict code read from the device (readout.py), or None."""
+        return SKIP_REASONS.get(verdict)
 
     def state_dict(self):
         """The window's values oldest first (JSON-able: Python floats round-trip exactly)."""

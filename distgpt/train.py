@@ -1,9 +1,14 @@
 """The training loop: data -> forward -> backward -> reduce -> AdamW -> log/eval/checkpoint.
 
 Everything is sized and allocated in Trainer.__init__; `run()` only moves data through it.
+On a GPU the loop keeps one optimizer step queued ahead of the one it reads: step N+1 is on the
+GPU while the host reads step N's loss, logs it and loads the next batch (except where the host
+then uses the model: evaluations, samples, checkpoints). The GPU runs the same work in the same
+order either way, so the results are the same bits.
 """
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from distgpt.model.micro_step import MicroStep
 from distgpt.optim import ShardedAdamW, learning_rate
 from distgpt.parallel.data_parallel import DataParallel, gather_in_forward_wanted, overlap_wanted
 from distgpt.preemption import PREEMPTED_EXIT_CODE, StopSignals
+from distgpt.readout import StepReadout
 from distgpt.sample import generate
 from distgpt.spikes import SpikeGuard
 
@@ -47,6 +53,13 @@ class StepResult:
     norm: float  # global gradient norm before clipping
     skipped: str | None  # why the spike guard skipped the update (spikes.py), or None
     stop: bool  # some rank was signalled to stop (preemption.py): every rank stops after this step
+
+
+@dataclass
+class PendingStep:
+    ticket: int  # its numbers' slot in the StepReadout
+    lr: float
+    queued_at: float  # time.time() when its queueing began
 
 
 class Trainer:
@@ -117,6 +130,11 @@ class Trainer:
         # [loss summed over micro-steps (then the mean over ranks), ranks asked to stop]: the one
         # all-reduce of a step carries both (preemption.py)
         self.reduced = torch.zeros(2, dtype=torch.float64, device=dist.device)
+        self.readout = StepReadout(dist.device)
+        # steps queued beyond the one the host reads next: on a GPU the next step runs while the
+        # host reads, logs and loads data; on a CPU the work is done when queued, so none
+        self.ahead = 1 if dist.device.type == "cuda" else 0
+        self.queued_steps = 0  # optimizer steps queued so far (= self.step when none is in flight)
         self.signals = None  # preemption.StopSignals while run() trains
 
     # ------------------------------------------------------------ start and resume
@@ -220,12 +238,23 @@ class Trainer:
         started, started_step = time.time(), self.step
         end = t.max_steps if t.stop_after == 0 else min(t.max_steps, self.step + t.stop_after)
         done = 0
+        self.queued_steps = self.step
+        in_flight = deque()  # steps queued on the GPU, not yet read: PendingStep
+        stopping, last_read = False, 0.0
         while self.step < end:
-            step_start = time.time()
-            result = self.train_step()
+            # queue the next step before reading this one, so the GPU has work while the host reads,
+            # logs and loads data; not past a step after which the host uses the model (evaluation,
+            # sample, checkpoint), nor once the run is stopping
+            while (not stopping and self.queued_steps < end and len(in_flight) <= self.ahead
+                   and not (in_flight and self._host_work_after(self.queued_steps, end))):
+                in_flight.append(self.queue_step())
+            pending = in_flight.popleft()
+            result = self.finish_step(pending)
             self.step += 1
             self.tokens_seen += self.tokens_per_step
-            step_s = time.time() - step_start
+            # from when the GPU could start it: the previous step's end, or its queueing if later
+            now = time.time()
+            step_s, last_read = now - max(last_read, pending.queued_at), now
             done = self.step - started_step
             eta = (time.time() - started) / done * (t.max_steps - self.step)
             self.log.log_step(self.step, t.max_steps, result.loss, result.lr, result.norm,
@@ -239,7 +268,9 @@ class Trainer:
                 self.evaluate_hellaswag()
             if t.sample_every > 0 and (self.step % t.sample_every == 0 or last):
                 self.sample()
-            preempted = result.stop and self.step < end
+            preempted = (result.stop or stopping) and self.step < end
+            if preempted and in_flight:  # the step already queued ends first; the checkpoint follows it
+                stopping, preempted = True, False
             if (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or self.step == end or preempted:
                 path = self.save()
             if preempted:
@@ -254,9 +285,22 @@ class Trainer:
         self.log.close()
         return 0
 
-    def train_step(self):
-        """One optimizer step over the global batch, or one the spike guard turned into a
-        zero-gradient update (spikes.py)."""
+    def _host_work_after(self, step, end):
+        """Whether the host uses the model after optimizer step `step` (1-based): an evaluation,
+        a sample or a checkpoint, which must see that step's weights before the next update."""
+        t = self.cfg.train
+        last = step == t.max_steps
+        return (step == end or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0)
+                or any(every > 0 and (step % every == 0 or last)
+                       for every in (t.val_every, t.hellaswag_every, t.sample_every)))
+
+    def queue_step(self):
+        """Queue one optimizer step over the global batch (or one the spike guard turns into a
+        zero-gradient update, spikes.py) without waiting for the GPU. Returns the PendingStep
+        that finish_step reads."""
+        queued_at = time.time()
+        index = self.queued_steps  # 0-based: the schedule's step
+        self.queued_steps += 1
         self.model.zero_grad()
         self.reduced.zero_()
         # each token's loss enters the objective with weight 1 / (tokens in the global batch);
@@ -276,15 +320,19 @@ class Trainer:
         # rank alike. (Dividing on the device rounds exactly as dividing the host's double did.)
         self.dist.comm.all_reduce(self.reduced)
         self.reduced[:1].div_(self.accum * self.dist.world)
-        lr = learning_rate(self.step, self.cfg.train.max_steps, self.cfg.optim)
+        lr = learning_rate(index, self.cfg.train.max_steps, self.cfg.optim)
         self.dp.reduce_gradients(self.model.grads)
         norm = self.optimizer.step(lr, self.reduced[:1])
         self.dp.gather_weights(self.model.params)
-        # the step's one wait for the GPU: everything above is queued by now (the collectives
-        # too, none waited on); the watchdog sees this wait, so a hung rank cannot stall it
-        self.dist.comm.synchronize()
-        loss, stop_votes = self.reduced.tolist()
-        return StepResult(loss, lr, float(norm), self.guard.skipped(), stop_votes > 0)
+        # the numbers the host reads, copied out behind the step (readout.py)
+        return PendingStep(self.readout.queue(self.reduced, norm, self.guard.verdict), lr, queued_at)
+
+    def finish_step(self, pending):
+        """The host's one wait for a step: its numbers, once the GPU has them (the step's
+        collectives too, none waited on before). The communicator's wait: the watchdog sees it,
+        so a hung rank cannot stall it."""
+        loss, stop_votes, norm, verdict = self.readout.read(pending.ticket, self.dist.comm.synchronize)
+        return StepResult(loss, pending.lr, norm, SpikeGuard.reason(verdict), stop_votes > 0)
 
     def _count_skips(self, skipped):
         """Many skipped steps in a row mean the run diverged: stop, saying what to change."""

@@ -37,14 +37,14 @@ def install(spec, setattr_=setattr):
     from distgpt.train import Trainer
     faults = parse(spec)
     now = {"step": 0, "rank": 0}
-    train_step, micro_step, backward = Trainer.train_step, MicroStep.__call__, GPT2.backward
+    queue_step, micro_step, backward = Trainer.queue_step, MicroStep.__call__, GPT2.backward
 
     def active():
         return [kind for kind, step, rank in faults if step == now["step"] and rank in (None, now["rank"])]
 
-    def traced_train_step(self):
-        now["step"], now["rank"] = self.step + 1, self.dist.rank
-        return train_step(self)
+    def traced_queue_step(self):
+        now["step"], now["rank"] = self.queued_steps + 1, self.dist.rank
+        return queue_step(self)
 
     def faulty_backward(self, layer_done=None):
         # the whole backward first, then the data-parallel layer's hooks: the fault lands in
@@ -71,7 +71,7 @@ def install(spec, setattr_=setattr):
                 os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGUSR1)
         return loss
 
-    setattr_(Trainer, "train_step", traced_train_step)
+    setattr_(Trainer, "queue_step", traced_queue_step)
     setattr_(MicroStep, "__call__", faulty_micro_step)
     setattr_(GPT2, "backward", faulty_backward)
 

@@ -112,6 +112,37 @@ def test_preempted_run_checkpoints_and_resumes_bitwise(tmp_path, shards, straigh
     assert bitwise_equal(weights(tmp_path / "preempted"), weights(straight / "faulty"))
 
 
+def queue_ahead(patch):
+    """The trainer as on a GPU: the next step queued before the last one is read (on a CPU each
+    step is done when queued, so the trainer queues none ahead there by itself)."""
+    from distgpt.train import Trainer
+    init = Trainer.__init__
+
+    def init_ahead(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.ahead = 1
+    patch.setattr(Trainer, "__init__", init_ahead)
+
+
+def test_steps_queued_ahead_train_bitwise_and_stop_after_the_queued_one(tmp_path, shards, straight,  # noqa: F811
+                                                                       monkeypatch, capsys):
+    """With a step queued ahead: the same numbers and weights as one step at a time; SIGTERM in
+    step 3 (step 4 already queued, since nothing happens between them on the host) stops after
+    step 4 with its checkpoint, and the resumed run ends as the uninterrupted one."""
+    queue_ahead(monkeypatch)
+    assert train(monkeypatch, FAULTS, *shards, f"out_dir={tmp_path}", "name=ahead") == 0
+    assert numbers(tmp_path / "ahead") == numbers(straight / "faulty")
+    assert bitwise_equal(weights(tmp_path / "ahead"), weights(straight / "faulty"))
+    args = [*shards, f"out_dir={tmp_path}", "name=stopped"]
+    assert train(monkeypatch, FAULTS + ",sigterm@3", *args) == PREEMPTED_EXIT_CODE
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("preempted (SIGTERM): stopped after step 4 with checkpoint "), out[-1]
+    assert checkpoint.find_latest(tmp_path / "stopped").name == "step_00000004"
+    assert train(monkeypatch, FAULTS, *args) == 0
+    assert numbers(tmp_path / "stopped") == numbers(straight / "faulty")
+    assert bitwise_equal(weights(tmp_path / "stopped"), weights(straight / "faulty"))
+
+
 def run_cli(tmp_path, faults, *args):
     env = dict(os.environ, PYTHONPATH=str(TESTS.parent), WANDB_MODE="offline")
     return [sys.executable, str(TESTS / "faults.py"), faults, "train", *RUN, f"out_dir={tmp_path}", *args], env

@@ -10,7 +10,8 @@ All collectives are sums over ranks and work in place on flat tensors:
     barrier()
     with group(name): ...    the collectives inside progress together (NCCL's group calls)
     watch(name)              the watchdog follows everything queued so far under `name`
-    synchronize()            the host waits for the queued collectives (the watchdog sees a hang)
+    synchronize(event=None)  the host waits for the queued collectives, or up to one CUDA event
+                             (the watchdog sees a hang)
 On GPUs the collectives are queued on the current stream and return at once; on CPUs they
 complete before returning. LocalComm is world size 1 (everything is a copy or nothing); MpiComm moves CPU tensors through
 mpi4py, so the whole trainer runs under `mpirun` on a laptop and in CI. The trainer never
@@ -48,8 +49,10 @@ class Communicator:
     def watch(self, name):
         pass
 
-    def synchronize(self):
-        pass
+    def synchronize(self, event=None):
+        """With an event (a CUDA event on this rank's stream): the host waits until it completes."""
+        if event is not None:
+            event.synchronize()
 
     def broadcast(self, tensor, root=0):
         raise NotImplementedError

@@ -89,10 +89,11 @@ class NcclComm(WatchedControl, Communicator):
             self._nccl.groupEnd()
         self.watch(name)
 
-    def synchronize(self):
-        """The host waits for everything queued on the current stream; the watchdog sees a hang."""
+    def synchronize(self, event=None):
+        """The host waits for everything queued on the current stream, or for `event` alone (a
+        CUDA event recorded on it); the watchdog sees a hang."""
         with self.watchdog.waiting_on("synchronize"):
-            torch.cuda.current_stream(self.device).synchronize()
+            (event or torch.cuda.current_stream(self.device)).synchronize()
 
     def _dtype(self, tensor):
         name = _NCCL_DTYPES.get(tensor.dtype)
