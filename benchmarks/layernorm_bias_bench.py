@@ -5,7 +5,13 @@ gradient), at the training shapes: 124M B=64, 350M B=32, 1558M B=16 (T=1024).
 Each variant is timed with CUDA events, median of 50 calls after 5 warm-up calls; the results
 are checked against each other (dinp bitwise, dproj_bias within bf16 rounding).
 
-    python3 benchmarks/layernorm_bias_bench.py [--shapes 65536:768 32768:1024 16384:1600]
+    python3 benchmarks/layernorm_bias_bench.py [--shapes 65536:768 32768:1024 16384:1600] [--forms]
+
+--forms then times the two phase-1 kernels against each other, each replayed from a CUDA graph
+(no host launch cost in the figure): LayerNormGradients form "rows" (a warp per row, column sums
+in shared memory) and "cols" (a thread per 8 channels, sums in registers, rows staged ahead by
+cp.async), plain and with dproj_bias, and how far their dinp lie apart (their row sums add in
+different orders). --cols-stages S compiles the cols kernel with S staged groups (COLS_STAGES).
 """
 import argparse
 
@@ -25,7 +31,14 @@ def timed(fn):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="+", default=["65536:768", "32768:1024", "16384:1600"], help="N:C")
+    p.add_argument("--forms", action="store_true", help="also time the rows and cols phase-1 kernels")
+    p.add_argument("--cols-stages", type=int, default=None, help="staged groups of the cols kernel")
     a = p.parse_args()
+    if a.cols_stages is not None:
+        from distgpt.backends.cuda import layernorm as ln_module
+        ln_module.COLS_STAGES = a.cols_stages
+        ln_module.KERNELS = ln_module.KernelModule(
+            "layernorm", **{**ln_module.KERNELS.constants, "LN_COLS_STAGES": a.cols_stages})
     shapes = [tuple(int(v) for v in s.split(":")) for s in a.shapes]
     max_c = max(c for _, c in shapes)
     bias = BiasGradients(max_c, "cuda")
@@ -58,6 +71,54 @@ def main():
         rel = ((runs[0][1].float() - runs[1][1].float()).norm() / runs[0][1].float().norm()).item()
         print(f"| {N} | {C} | {ln_us:.1f} | {sep_us:.1f} | {fused_us:.1f} | {sep_us - fused_us:.1f} | "
               f"dinp {'bitwise' if same_dinp else 'DIFFERS'}, dproj_bias rel {rel:.1e} |", flush=True)
+    if a.forms:
+        compare_forms(shapes, layernorm)
+
+
+def graphed_us(fn, calls=20, repeats=5):
+    """Per-call GPU time of fn with no host in the way: `calls` calls captured in a CUDA graph,
+    the replay timed with events, median of `repeats`."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1000 * start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def compare_forms(shapes, layernorm):
+    print("\n| N | C | rows us | cols us | rows + dproj_bias us | cols + dproj_bias us | dinp rows vs cols |")
+    print("|---|---|---|---|---|---|---|")
+    for N, C in shapes:
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        inp, dout, start = torch.randn(N, C, **bf), torch.randn(N, C, **bf), torch.randn(N, C, **bf)
+        weight = (1 + 0.1 * torch.randn(C, device="cuda")).to(torch.bfloat16)
+        mean, rstd = inp.float().mean(-1), torch.rsqrt(inp.float().var(-1, unbiased=False) + 1e-5)
+        dw, db, dp = (torch.zeros(C, **bf) for _ in range(3))
+        times, results = [], []
+        for form in ("rows", "cols"):
+            layernorm.form = form
+            dinp = start.clone()
+            times.append((graphed_us(lambda: layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd)),
+                          graphed_us(lambda: layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd,
+                                                                dproj_bias=dp))))
+            dinp = start.clone()
+            layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd)
+            results.append(dinp.float())
+        layernorm.form = "auto"
+        rel = ((results[0] - results[1]).abs() / results[0].abs().clamp_min(1e-3)).max().item()
+        print(f"| {N} | {C} | {times[0][0]:.1f} | {times[1][0]:.1f} | {times[0][1]:.1f} | {times[1][1]:.1f} | "
+              f"max rel {rel:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -126,3 +126,28 @@ __device__ __forceinline__ floatX stochastic_round_bf16(float value, unsigned in
     bits &= 0xffff0000U;
     return __float2bfloat16_rz(__uint_as_float(bits));
 }
+
+// cp.async (sm_80+), for the kernels that stage rows in shared memory (classifier, layernorm).
+// 16 bytes global -> shared without passing through registers; .cg caches in L2 only. Before
+// sm_80 a plain streaming copy through registers, and the commit/wait are no-ops.
+__device__ __forceinline__ void cp_async16(x128* dst, const floatX* src) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(__cvta_generic_to_global(src))
+                 : "memory");
+#else
+    *dst = load128cs(src);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>  // wait until at most N of this thread's committed groups are still in flight
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+

@@ -47,6 +47,15 @@
 #ifndef LN_BWD_NARROW_WARPS
 #error "LN_BWD_NARROW_WARPS comes from backends/cuda/layernorm.py (compiled in as -DLN_BWD_NARROW_WARPS=...)"
 #endif
+#ifndef LN_COLS_ROWS
+#error "LN_COLS_ROWS comes from backends/cuda/layernorm.py (compiled in as -DLN_COLS_ROWS=...)"
+#endif
+#ifndef LN_COLS_STAGES
+#error "LN_COLS_STAGES comes from backends/cuda/layernorm.py (compiled in as -DLN_COLS_STAGES=...)"
+#endif
+#ifndef LN_COLS_MIN_BLOCKS
+#error "LN_COLS_MIN_BLOCKS comes from backends/cuda/layernorm.py (compiled in as -DLN_COLS_MIN_BLOCKS=...)"
+#endif
 #ifndef RED_Y
 #error "RED_Y comes from backends/cuda/layernorm.py (compiled in as -DRED_Y=...)"
 #endif
@@ -266,6 +275,150 @@ LAYERNORM_KERNELS(4)
 LAYERNORM_KERNELS(5)
 LAYERNORM_KERNELS(6)
 LAYERNORM_KERNELS(7)
+
+// Phase 1, column-owned and staged (the _cols kernels, at widths where the row kernels run out of
+// memory parallelism: at C = 1600 a warp per row keeps 8 rows of loads in flight per SM, and the
+// kernel takes 115 us where the bytes need 75). Thread t of a block owns channels t*8 .. t*8+7 of
+// every row (a block has ceil(C / 256) warps) and keeps their dweight, dbias (and dproj_bias)
+// sums in registers. The block walks groups of LN_COLS_ROWS rows (blockIdx.x, + gridDim.x, ...);
+// each thread copies its own 16-byte chunks of a group's inp, dout and dinp into shared memory
+// with cp.async LN_COLS_STAGES - 1 groups ahead of the one it computes, so those loads are in
+// flight while it works (it reads back only what it copied: no barrier for the staging). A row's
+// two sums for dx are added over the block through shared memory, one barrier a group
+// (double-buffered: the next group's writes cannot meet this group's reads). Fixed grid, fixed
+// order: deterministic; same partials layout as the row kernels. Everything dinp depends on is
+// rounded explicitly (__fmul_rn, ...), so the compiler cannot contract it differently in the
+// _sum and _amax twins: all four give the same dinp bits. The row sums add in another order
+// than the row kernels', so dinp can differ from theirs in the last bit.
+template <int NSUM, bool AMAX>
+__device__ __forceinline__ void layernorm_backward_cols_impl(floatX* dinp, float* partials, const floatX* dout,
+                                                             const floatX* inp, const floatX* weight,
+                                                             const float* mean, const float* rstd, float* amax,
+                                                             int N, int C) {
+    constexpr int R = LN_COLS_ROWS, S = LN_COLS_STAGES;
+    extern __shared__ x128 staged[];  // [S][R][3][C / 8]: inp, dout, dinp of each staged row
+    __shared__ float row_sums[2][LN_MAX_CHUNKS][2 * R];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int c8 = threadIdx.x, C8 = C / 8;
+    const bool on = c8 < C8;
+    const long long step = (long long)gridDim.x * R;
+    const float inv_C = 1.0f / (float)C;
+    // this thread's copies of group `first` into stage s (rows past N: none); always one commit,
+    // so the count of groups in flight is the same for every thread
+    auto stage = [&](long long first, int s) {
+        if (on) {
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                const long long row = first + i;
+                if (row >= N) break;
+                x128* slot = staged + (s * R + i) * 3 * C8 + c8;
+                cp_async16(slot, inp + row * C + c8 * 8);
+                cp_async16(slot + C8, dout + row * C + c8 * 8);
+                cp_async16(slot + 2 * C8, dinp + row * C + c8 * 8);
+            }
+        }
+        cp_async_commit();
+    };
+    float dw[8], db[8], ds[8];
+    const x128 w = on ? load128(weight + c8 * 8) : x128::zeros();  // packed: 4 registers, not 8
+#pragma unroll
+    for (int j = 0; j < 8; j++) dw[j] = db[j] = ds[j] = 0.0f;
+    unsigned int local = 0u;  // max |dinp| bits over this thread's elements
+    long long first = (long long)blockIdx.x * R;
+#pragma unroll
+    for (int s = 0; s < S - 1; s++) stage(first + s * step, s);
+    int s_now = 0, buf = 0;
+    for (; first < N; first += step, buf ^= 1) {
+        stage(first + (S - 1) * step, (s_now + S - 1) % S);  // the stage this thread read last group
+        float m[R], r[R];
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            const bool valid = first + i < N;
+            m[i] = valid ? mean[first + i] : 0.0f;
+            r[i] = valid ? rstd[first + i] : 0.0f;
+        }
+        cp_async_wait<S - 1>();  // this group's copies (all but the newest S - 1) have landed
+        x128 x[R], g[R];
+        float part[2 * R];
+        // pass 1: this thread's share of each row's two sums, and of dweight and dbias; a row
+        // past N reads as zeros and adds exactly 0 to every sum
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            const bool valid = on && first + i < N;
+            const x128* slot = staged + (s_now * R + i) * 3 * C8 + c8;
+            x[i] = valid ? slot[0] : x128::zeros();
+            g[i] = valid ? slot[C8] : x128::zeros();
+            float sum_dn = 0.0f, sum_dn_n = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {  // explicitly rounded: every twin gets the same dinp bits
+                const float n = __fmul_rn(__fsub_rn(__bfloat162float(x[i][j]), m[i]), r[i]);
+                const float d = __bfloat162float(g[i][j]);
+                const float dn = __fmul_rn(d, __bfloat162float(w[j]));
+                sum_dn = __fadd_rn(sum_dn, dn);
+                sum_dn_n = __fmaf_rn(dn, n, sum_dn_n);
+                dw[j] += d * n;
+                db[j] += d;
+            }
+            part[2 * i] = warp_sum(sum_dn);
+            part[2 * i + 1] = warp_sum(sum_dn_n);
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int k = 0; k < 2 * R; k++) row_sums[buf][warp][k] = part[k];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < 2 * R; k++) part[k] = row_sums[buf][0][k];
+        for (int v = 1; v < warps; v++) {
+#pragma unroll
+            for (int k = 0; k < 2 * R; k++) part[k] += row_sums[buf][v][k];
+        }
+        // pass 2 converts the rows again rather than keeping 8 floats per chunk alive (opaque);
+        // dx = d * (w * r) - x * a + b, as the row kernels, added into dinp
+#pragma unroll
+        for (int i = 0; i < R; i++) { opaque(x[i]); opaque(g[i]); }
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            if (!on || first + i >= N) continue;
+            const float a = __fmul_rn(__fmul_rn(r[i], r[i]), __fmul_rn(part[2 * i + 1], inv_C));
+            const float b = __fsub_rn(__fmul_rn(m[i], a), __fmul_rn(__fmul_rn(part[2 * i], inv_C), r[i]));
+            x128 acc = staged[(s_now * R + i) * 3 * C8 + 2 * C8 + c8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float dx = __fmaf_rn(__bfloat162float(g[i][j]), __fmul_rn(__bfloat162float(w[j]), r[i]),
+                                           __fmaf_rn(__bfloat162float(x[i][j]), -a, b));
+                acc[j] = __float2bfloat16_rn(__fadd_rn(__bfloat162float(acc[j]), dx));
+                if (AMAX) local = max(local, abs_bits(__bfloat162float(acc[j])));
+                if (NSUM == 3) ds[j] += __bfloat162float(acc[j]);  // the rounded values, as stored
+            }
+            store128(dinp + (first + i) * C + c8 * 8, acc);
+        }
+        s_now = (s_now + 1) % S;
+    }
+    cp_async_wait<0>();
+    if (AMAX) merge_amax(amax, local);
+    if (!on) return;
+    float* out = partials + (long long)blockIdx.x * NSUM * C + c8 * 8;
+    store128(out, f128{{dw[0], dw[1], dw[2], dw[3]}});
+    store128(out + 4, f128{{dw[4], dw[5], dw[6], dw[7]}});
+    store128(out + C, f128{{db[0], db[1], db[2], db[3]}});
+    store128(out + C + 4, f128{{db[4], db[5], db[6], db[7]}});
+    if (NSUM == 3) {
+        store128(out + 2 * C, f128{{ds[0], ds[1], ds[2], ds[3]}});
+        store128(out + 2 * C + 4, f128{{ds[4], ds[5], ds[6], ds[7]}});
+    }
+}
+
+#define LN_BACKWARD_COLS_ENTRY(NAME, NSUM, AMAX)                                                        \
+    extern "C" __global__ void __launch_bounds__(LN_MAX_CHUNKS * 32, LN_COLS_MIN_BLOCKS) NAME(           \
+        floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,   \
+        const float* mean, const float* rstd, float* amax, int N, int C) {                             \
+        layernorm_backward_cols_impl<NSUM, AMAX>(dinp, partials, dout, inp, weight, mean, rstd, amax, N, C); \
+    }
+LN_BACKWARD_COLS_ENTRY(layernorm_backward_cols_kernel, 2, false)
+LN_BACKWARD_COLS_ENTRY(layernorm_backward_sum_cols_kernel, 3, false)
+LN_BACKWARD_COLS_ENTRY(layernorm_backward_cols_amax_kernel, 2, true)
+LN_BACKWARD_COLS_ENTRY(layernorm_backward_sum_cols_amax_kernel, 3, true)
 
 // Phase 2: column j of the (P, nsum*C) partials, 4 columns per thread: warp row y sums blocks
 // y, y+RED_Y, ... in order, then thread row 0 adds the RED_Y sums in order 0..RED_Y-1 and adds

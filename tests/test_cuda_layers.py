@@ -135,8 +135,18 @@ def test_layernorm_forward(ops, B, T, C):
     check("ln_rstd", rstd, want_rstd)
 
 
+@pytest.fixture(params=["rows", "cols"])
+def ln_form(ops, request):
+    """Each layernorm backward test runs on both phase-1 kernels: a warp per row with the column
+    sums in shared memory, and a thread per 8 channels with them in registers (rows staged)."""
+    gradients = ops["layernorm"].layernorm_gradients
+    gradients.form = request.param
+    yield request.param
+    gradients.form = "auto"
+
+
 @pytest.mark.parametrize("B,T,C", SHAPES)
-def test_layernorm_backward(ops, B, T, C):
+def test_layernorm_backward(ops, ln_form, B, T, C):
     inp, weight, _ = ln_inputs(B, T, C)
     _, mean, rstd = reference_layernorm(inp, weight, torch.zeros_like(weight))
     dout = bf16(B, T, C)
@@ -153,7 +163,7 @@ def test_layernorm_backward(ops, B, T, C):
 
 
 @pytest.mark.parametrize("B,T,C", SHAPES)
-def test_layernorm_backward_with_projection_bias(ops, B, T, C):
+def test_layernorm_backward_with_projection_bias(ops, ln_form, B, T, C):
     """The _sum kernels: dinp bitwise as without dproj_bias (rows are computed alone; the
     block count, and so the order of the dweight/dbias sums, may differ where shared memory
     allows fewer blocks), dweight/dbias against the reference, and dproj_bias += the column

@@ -16,6 +16,19 @@ C = 768: 214.8 against 197.1 us; N = 32768, C = 1024: 159.5 against 135.9; N = 1
 147.5 against 149.5 with 8 warps (one block per SM); 2026-11-23, N = 16384, C = 1600: 186.6
 against 160.1 with 4 (narrow), 120 against 115 in the 1558M step.
 
+At C = 1600 (1558M) the row kernels run out of memory parallelism: with one row a warp and a
+block's sums in shared memory, 8 rows of loads are in flight per SM, and the _sum_narrow kernel
+took 114.8 us a call in the 1558M step where its 210 MB need about 75. From C = 1200 on
+(COLS_FROM_C) the column-owned kernel runs instead: a thread per 8 channels with its sums in
+registers, and each thread's chunks of the rows two groups ahead copied into shared memory by
+cp.async while it computes. In the step: 94.0 against 114.8 us a call, layernorms 16.70 -> 14.73
+ms a step, and 324.4 / 324.0 -> 319.9 / 321.3 ms a step alternated in one call (1558M B=16,
+recompute 2 in 20 layers, H100, 2026-11-23). Replayed from a CUDA graph
+(benchmarks/layernorm_bias_bench.py --forms), plain / with dproj_bias, rows against cols:
+N = 16384, C = 1600: 97.4 / 108.6 against 91.3 / 93.8 us; C = 1280: 72.1 / 77.6 against 68.9 /
+75.3; at C = 1024 (32768 rows) the cols kernel loses with dproj_bias (114.2 against 108.3) and
+at C = 768 (65536 rows) both ways, so the narrower models keep the row kernels.
+
 Measured on an H100 (kernel time, B*T = 32768, C = 768): layernorm_forward 36 us (2.8 TB/s;
 torch's layer_norm 70 us), layernorm_backward 73 + 3 us (2.7 TB/s counting inp, dout, dinp read
 and dinp written). At C = 1600, B*T = 16384: 40 and 93 + 3 us."""
@@ -33,16 +46,40 @@ FWD_MIN_BLOCKS = 3   # __launch_bounds__ minimum blocks per SM of the forward ke
 BWD_WARPS = 8        # warps per block of the backward
 NARROW_WARPS = 4     # ... of its _sum_narrow twin, where 8 warps' three sums fit one block per SM
 BWD_BLOCKS_PER_SM = 2  # at most 2 x 8 warps per SM (__launch_bounds__(256, 2) in the kernels)
+COLS_ROWS = 2        # rows a group of the column-owned backward (_cols) computes at once
+COLS_STAGES = 3      # groups of it in shared memory: the one computed and 2 in flight behind it
+COLS_MIN_BLOCKS = 2  # its __launch_bounds__ minimum blocks per SM (caps its registers at 128)
+COLS_WARPS_PER_SM = 16  # at most about this many of its warps per SM (fewer where shared memory is short)
+COLS_FROM_C = 1200   # form="auto": the column-owned backward from this width on
 RED_Y = 16           # warp rows of the partials reduction
 SMEM_RESERVED = 1024  # shared memory the driver keeps per block on sm_80+
 KERNELS = KernelModule("layernorm", LN_EPS=f"{LAYERNORM_EPS!r}f", LN_FWD_WARPS=FWD_WARPS, LN_FWD_MIN_BLOCKS=FWD_MIN_BLOCKS,
-                       LN_BWD_WARPS=BWD_WARPS, LN_BWD_NARROW_WARPS=NARROW_WARPS, RED_Y=RED_Y)
+                       LN_BWD_WARPS=BWD_WARPS, LN_BWD_NARROW_WARPS=NARROW_WARPS, RED_Y=RED_Y,
+                       LN_COLS_ROWS=COLS_ROWS, LN_COLS_STAGES=COLS_STAGES, LN_COLS_MIN_BLOCKS=COLS_MIN_BLOCKS)
 
 
-def partials_elements(C, sms):
-    """layernorm_backward's partials: up to (2 * SMs, 3 * C) fp32, about 5 MB at C = 1600 on a
-    132-SM H100. B and T do not matter: the grid is fixed and loops over the rows."""
-    return BWD_BLOCKS_PER_SM * sms * 3 * C
+def cols_warps(C):
+    """Warps a block of the column-owned backward: a thread for every 8 channels."""
+    return -(-C // CHUNK)
+
+
+def cols_smem(C):
+    """Its dynamic shared memory: COLS_STAGES groups of COLS_ROWS rows of inp, dout and dinp."""
+    return COLS_STAGES * COLS_ROWS * 3 * C * 2
+
+
+def cols_blocks(C, sms, smem_per_sm):
+    """Blocks of its fixed grid: as many per SM as shared memory holds, up to about
+    COLS_WARPS_PER_SM warps."""
+    by_smem = smem_per_sm // (cols_smem(C) + SMEM_RESERVED + 1024)  # + its static row sums
+    return sms * max(1, min(by_smem, COLS_WARPS_PER_SM // cols_warps(C)))
+
+
+def partials_elements(C, sms, smem_per_sm=228 * 1024):
+    """layernorm_backward's partials: (blocks, 3 * C) fp32 for the larger of the two kernels'
+    grids, about 5 MB at C = 1600 on a 132-SM H100. B and T do not matter: the grid is fixed and
+    loops over the rows."""
+    return max(BWD_BLOCKS_PER_SM * sms, cols_blocks(C, sms, smem_per_sm)) * 3 * C
 
 
 def backward_grid(C, nsum, sms, smem_per_sm, warps=BWD_WARPS):
@@ -105,13 +142,20 @@ class LayerNormGradients:
     """layernorm_backward and its planned partials, for widths up to C. The projections' bias
     gradients it may take (dproj_bias) fall back to `bias_gradients` where shared memory is short."""
 
-    def __init__(self, C, device, bias_gradients):
+    def __init__(self, C, device, bias_gradients, form="auto"):
+        """form: which phase-1 kernel runs, "rows" (a warp a row, sums in shared memory), "cols"
+        (a thread per 8 channels, sums in registers, rows staged ahead by cp.async) or "auto"
+        (cols from COLS_FROM_C on)."""
         _check_width("layernorm plan", C)
+        if form not in ("auto", "rows", "cols"):
+            raise ValueError(f"layernorm plan: form={form!r}: choose auto, rows or cols")
+        self.form = form
         props = torch.cuda.get_device_properties(device)
         self.C, self.sms = C, props.multi_processor_count
         self.smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
         self.bias_gradients = bias_gradients
-        self.partials = torch.empty(partials_elements(C, self.sms), dtype=torch.float32, device=device)
+        self.partials = torch.empty(partials_elements(C, self.sms, self.smem_per_sm), dtype=torch.float32,
+                                    device=device)
 
     @property
     def nbytes(self):
@@ -141,6 +185,10 @@ class LayerNormGradients:
         if N == 0:
             return
         nsum = 2 if dproj_bias is None else 3
+        if self.form == "cols" or (self.form == "auto" and C >= COLS_FROM_C):
+            self._backward_cols(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias, amax,
+                                dproj_sum, N, C, nsum)
+            return
         name, warps = ("layernorm_backward" if nsum == 2 else "layernorm_backward_sum"), BWD_WARPS
         P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm)
         plain_blocks = backward_grid(C, 2, self.sms, self.smem_per_sm)[0]
@@ -156,6 +204,21 @@ class LayerNormGradients:
         KERNELS.launch(f"{name}{_kind(amax)}_{ceil_div(C, CHUNK)}", P, warps * 32,
                        (ptr(dinp), ptr(self.partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd),
                         ptr(amax), i32(N), i32(C)), shared_mem=smem)
+        self._reduce(dweight, dbias, dproj_bias, dproj_sum, P, C, nsum)
+
+    def _backward_cols(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias, amax, dproj_sum,
+                       N, C, nsum):
+        """Phase 1 on the column-owned kernel: its grid, capped by what the partials hold."""
+        name = "layernorm_backward_cols" if nsum == 2 else "layernorm_backward_sum_cols"
+        P = min(cols_blocks(C, self.sms, self.smem_per_sm), ceil_div(N, COLS_ROWS),
+                self.partials.numel() // (nsum * C))
+        KERNELS.launch(f"{name}{_kind(amax)}", P, cols_warps(C) * 32,
+                       (ptr(dinp), ptr(self.partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd),
+                        ptr(amax), i32(N), i32(C)), shared_mem=cols_smem(C))
+        self._reduce(dweight, dbias, dproj_bias, dproj_sum, P, C, nsum)
+
+    def _reduce(self, dweight, dbias, dproj_bias, dproj_sum, P, C, nsum):
+        """Phase 2: the P blocks' partials, in block order, added into the gradients."""
         KERNELS.launch("layernorm_backward_reduce_kernel", ceil_div(nsum * C // 4, 32), (32, RED_Y),
                        (ptr(dweight), ptr(dbias), ptr(dproj_bias), ptr(dproj_sum), ptr(self.partials), i32(P),
                         i32(C), i32(nsum)))
