@@ -25,7 +25,8 @@ BLOCKS_PER_SM = 4   # phase-1 blocks per SM to aim for: 32 warps, each with 4 lo
 MIN_ROWS_PER_WARP = 4
 RED_Y = 16          # warp rows of the phase-2 reduction
 PROJ_WARPS = 32     # warps of a projected_bias_kernel block: C_out rows split 32 ways, one block per 256 columns
-KERNELS = KernelModule("bias", BIAS_WARPS=BIAS_WARPS, RED_Y=RED_Y, PROJ_WARPS=PROJ_WARPS)
+PROJ_ROWS = 4       # rows each of its lanes loads before multiplying (loads in flight per lane)
+KERNELS = KernelModule("bias", BIAS_WARPS=BIAS_WARPS, RED_Y=RED_Y, PROJ_WARPS=PROJ_WARPS, PROJ_ROWS=PROJ_ROWS)
 
 
 def partials_elements(C, sms):
