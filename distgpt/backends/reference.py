@@ -112,11 +112,13 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
     dinp None: the weight's and bias's gradients only (fp8 runs compute dinp apart)."""
     OC, C = weight.shape
     dout2 = dout.reshape(-1, OC)
-    if dinp is not None:
-        torch.matmul(dout2, weight, out=dinp.view(-1, C))
+    # the weight's gradient first: dinp may be inp's own memory (the model's d_4C is the rebuilt
+    # GELU output the fc projection's weight gradient reads)
     dweight += dout2.t() @ inp.reshape(-1, C)
     if dbias is not None:
         dbias += dout2.sum(dim=0)
+    if dinp is not None:
+        torch.matmul(dout2, weight, out=dinp.view(-1, C))
     if dinp is not None and gelu_inp is not None:
         gelu_backward(dinp, gelu_inp, dinp)
 

@@ -190,7 +190,8 @@ class GPT2:
             self._recompute(a, layer, residual_in, ln1, ln2, fch_gelu)
             # MLP branch; dres is d(residual3) and flows on unchanged to residual2
             # d_4C is the gradient of fc's pre-activation: the projection's input gradient
-            # times gelu'(fch), fused (the dGELU epilogue on the GPU)
+            # times gelu'(fch), fused (the dGELU epilogue on the GPU); where GELU is rebuilt it
+            # is fch_gelu's buffer, written after the weight gradient has read fch_gelu
             self._matmul_backward(layer, "fcproj", d_4C, None, dres, fch_gelu, gelu_inp=a[f"fch.{layer}"])
             self._matmul_backward(layer, "fc", d_C, lg.fc_b, d_4C, ln2)
             ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
@@ -233,8 +234,9 @@ class GPT2:
         if self.fp8 is None:
             self.ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=gelu_inp)
             return
-        self.fp8.backward_input(layer, m, dinp, dout, gelu_inp)
+        # the weight's gradient first: dinp may be inp's memory (d_4C is the rebuilt fch_gelu)
         self.ops.matmul_backward(None, dweight, dbias, dout, inp, weight)
+        self.fp8.backward_input(layer, m, dinp, dout, gelu_inp)
 
     def _amax(self, layer, what, m):
         """With fp8: the amax of the cast that will read this op's output (for the op to take as

@@ -407,7 +407,7 @@ class Matmuls:
     def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
         """dinp = dout @ weight (overwrites; times gelu'(gelu_inp) when given); dweight += dout^T @
         inp; dbias += the column sums of dout (bias.cu). dinp None: dweight and dbias only (fp8
-        runs take dinp from backward_input_fp8)."""
+        runs take dinp from backward_input_fp8). dinp is written last, so it may be inp."""
         OC, C = weight.shape
         N = dout.numel() // OC
         for name, t in (("dinp", dinp), ("dweight", dweight), ("dout", dout), ("inp", inp), ("weight", weight)):
@@ -417,10 +417,9 @@ class Matmuls:
             return
         self._require_plan("matmul_backward")
         E = self.lt.Epilogue
-        if dinp is not None:
-            self._input_gradient(dinp, dout, weight, gelu_inp)
         # dW^T (C, OC) += inp^T (C, N) @ dout (N, OC): beta = 1 accumulates (an fp32 sum inside
-        # cuBLASLt, one rounding to bf16)
+        # cuBLASLt, one rounding to bf16). First: dinp may be inp's own memory (the model's d_4C
+        # is the rebuilt GELU output this product reads)
         key = (int(E.DEFAULT), OP_N, OP_T, C, OC, N, C, OC, C, 0,
                tuple(_alignment(t) for t in (inp, dout, dweight, dweight)))
         self._run(self._get(key, {}), inp, dout, dweight, beta=True)
@@ -428,6 +427,8 @@ class Matmuls:
             if self.bias_gradients is None:
                 raise RuntimeError("matmul_backward: a dbias needs the BiasGradients this Matmuls was made with")
             self.bias_gradients.backward(dbias, dout)
+        if dinp is not None:
+            self._input_gradient(dinp, dout, weight, gelu_inp)
 
     def _input_gradient(self, dinp, dout, weight, gelu_inp):
         """dinp = dout @ weight, times gelu'(gelu_inp) when given (the DGELU epilogue or the
