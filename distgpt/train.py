@@ -464,4 +464,5 @@ def check_fits(planned_bytes, device):
     if planned_bytes > free:
         raise TrainingError(f"the plan needs {planned_bytes / 2**30:.1f} GiB but {where} has "
                             f"{free / 2**30:.1f} GiB free; lower train.micro_batch, raise "
-                            f"train.recompute, or use more ranks with zero_stage=1")
+                            f"train.recompute (or train.recompute_layers under it), or use more "
+                            f"ranks with zero_stage=1")

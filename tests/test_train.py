@@ -334,6 +334,18 @@ def test_bad_shard_is_one_clear_line_without_traceback(tmp_path, shards):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_plan_that_cannot_fit_says_so_and_what_to_change():
+    """Before anything is allocated: the planned and free sizes, and the knobs that shrink the plan."""
+    import torch
+    from distgpt.train import TrainingError, check_fits
+    with pytest.raises(TrainingError) as error:
+        check_fits(2**60, torch.device("cpu"))
+    message = str(error.value)
+    assert message.startswith(f"the plan needs {2**30:.1f} GiB but this machine has ")
+    for knob in ("train.micro_batch", "train.recompute", "train.recompute_layers", "zero_stage=1"):
+        assert knob in message, message
+
+
 def test_schedules():
     o = OptimConfig(lr=1.0, warmup_steps=10, final_lr_frac=0.1, schedule="cosine")
     assert learning_rate(0, 100, o) == pytest.approx(0.1)
