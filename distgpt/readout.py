@@ -15,7 +15,6 @@ SLOTS = 2
 
 class StepReadout:
     def __init__(self, device):
-        self.device = device
         self.staged = torch.zeros(4, dtype=torch.float64, device=device)
         if device.type == "cuda":
             self.host = [torch.zeros(4, dtype=torch.float64).pin_memory() for _ in range(SLOTS)]
@@ -26,16 +25,13 @@ class StepReadout:
 
     def queue(self, reduced, norm, verdict):
         """Queue the copy of reduced (2 fp64: loss, stop votes), norm (one element) and verdict
-        (one int32 element, or None) behind the work queued so far. Returns the ticket `read`
+        (one int32 element) behind the work queued so far. Returns the ticket `read`
         takes; a slot is reused two tickets later, so read each ticket before queueing again twice."""
         slot = self.next_slot
         self.next_slot = (slot + 1) % SLOTS
         self.staged[:2].copy_(reduced)
         self.staged[2:3].copy_(norm.reshape(1))
-        if verdict is None:
-            self.staged[3:].zero_()
-        else:
-            self.staged[3:].copy_(verdict.reshape(1))
+        self.staged[3:].copy_(verdict.reshape(1))
         self.host[slot].copy_(self.staged, non_blocking=True)
         if self.events[slot] is not None:
             self.events[slot].record()

@@ -261,17 +261,16 @@ class Trainer:
                               self.tokens_per_step / step_s, 1000 * step_s, eta, self.tokens_seen,
                               self._gpu_stats(self.tokens_per_step / step_s), skipped=result.skipped)
             self._count_skips(result.skipped)
-            last = self.step == t.max_steps
-            if t.val_every > 0 and (self.step % t.val_every == 0 or last):
+            if self._due(t.val_every, self.step):
                 self.evaluate()
-            if t.hellaswag_every > 0 and (self.step % t.hellaswag_every == 0 or last):
+            if self._due(t.hellaswag_every, self.step):
                 self.evaluate_hellaswag()
-            if t.sample_every > 0 and (self.step % t.sample_every == 0 or last):
+            if self._due(t.sample_every, self.step):
                 self.sample()
             preempted = (result.stop or stopping) and self.step < end
             if preempted and in_flight:  # the step already queued ends first; the checkpoint follows it
                 stopping, preempted = True, False
-            if (t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0) or self.step == end or preempted:
+            if self._checkpoint_due(self.step, end) or preempted:
                 path = self.save()
             if preempted:
                 # the step's evaluations ran as in an uninterrupted run, so a resume repeats nothing
@@ -285,14 +284,21 @@ class Trainer:
         self.log.close()
         return 0
 
+    def _due(self, every, step):
+        """Whether an evaluation or sample taken `every` steps (0: never) runs after step `step`
+        (1-based): on its multiples and after the last step."""
+        return every > 0 and (step % every == 0 or step == self.cfg.train.max_steps)
+
+    def _checkpoint_due(self, step, end):
+        every = self.cfg.train.checkpoint_every
+        return (every > 0 and step % every == 0) or step == end
+
     def _host_work_after(self, step, end):
         """Whether the host uses the model after optimizer step `step` (1-based): an evaluation,
         a sample or a checkpoint, which must see that step's weights before the next update."""
         t = self.cfg.train
-        last = step == t.max_steps
-        return (step == end or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0)
-                or any(every > 0 and (step % every == 0 or last)
-                       for every in (t.val_every, t.hellaswag_every, t.sample_every)))
+        return self._checkpoint_due(step, end) or any(
+            self._due(every, step) for every in (t.val_every, t.hellaswag_every, t.sample_every))
 
     def queue_step(self):
         """Queue one optimizer step over the global batch (or one the spike guard turns into a

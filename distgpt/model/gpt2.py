@@ -25,7 +25,7 @@ class GPT2:
                  pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False, fp8_gradients="e4m3",
                  recompute_layers=-1):
         m = model_cfg
-        self.cfg, self.ops, self.recompute = m, backend, recompute
+        self.cfg, self.ops = m, backend
         self.recompute_levels = recompute_levels(m.n_layer, recompute, recompute_layers)
         self.n_layer, self.n_head, self.n_embd = m.n_layer, m.n_head, m.n_embd
         self.vocab_size = m.vocab_size

@@ -186,39 +186,29 @@ class LayerNormGradients:
             return
         nsum = 2 if dproj_bias is None else 3
         if self.form == "cols" or (self.form == "auto" and C >= COLS_FROM_C):
-            self._backward_cols(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias, amax,
-                                dproj_sum, N, C, nsum)
-            return
-        name, warps = ("layernorm_backward" if nsum == 2 else "layernorm_backward_sum"), BWD_WARPS
-        P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm)
-        plain_blocks = backward_grid(C, 2, self.sms, self.smem_per_sm)[0]
-        if P < plain_blocks:
-            # the third sum would halve the blocks per SM: half the warps a block keep two blocks
-            # per SM where that fits, else two passes
-            name, warps = "layernorm_backward_sum_narrow", NARROW_WARPS
-            P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm, warps)
+            # the column-owned kernel: its grid, capped by what the partials hold
+            name = f"{'layernorm_backward_cols' if nsum == 2 else 'layernorm_backward_sum_cols'}{_kind(amax)}"
+            P = min(cols_blocks(C, self.sms, self.smem_per_sm), ceil_div(N, COLS_ROWS),
+                    self.partials.numel() // (nsum * C))
+            threads, smem = cols_warps(C) * 32, cols_smem(C)
+        else:
+            name, warps = ("layernorm_backward" if nsum == 2 else "layernorm_backward_sum"), BWD_WARPS
+            P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm)
+            plain_blocks = backward_grid(C, 2, self.sms, self.smem_per_sm)[0]
             if P < plain_blocks:
-                self.backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, amax=amax)
-                self.bias_gradients.backward(dproj_bias, dinp, sums=dproj_sum)
-                return
-        KERNELS.launch(f"{name}{_kind(amax)}_{ceil_div(C, CHUNK)}", P, warps * 32,
+                # the third sum would halve the blocks per SM: half the warps a block keep two
+                # blocks per SM where that fits, else two passes
+                name, warps = "layernorm_backward_sum_narrow", NARROW_WARPS
+                P, smem = backward_grid(C, nsum, self.sms, self.smem_per_sm, warps)
+                if P < plain_blocks:
+                    self.backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, amax=amax)
+                    self.bias_gradients.backward(dproj_bias, dinp, sums=dproj_sum)
+                    return
+            name, threads = f"{name}{_kind(amax)}_{ceil_div(C, CHUNK)}", warps * 32
+        KERNELS.launch(name, P, threads,
                        (ptr(dinp), ptr(self.partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd),
                         ptr(amax), i32(N), i32(C)), shared_mem=smem)
-        self._reduce(dweight, dbias, dproj_bias, dproj_sum, P, C, nsum)
-
-    def _backward_cols(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias, amax, dproj_sum,
-                       N, C, nsum):
-        """Phase 1 on the column-owned kernel: its grid, capped by what the partials hold."""
-        name = "layernorm_backward_cols" if nsum == 2 else "layernorm_backward_sum_cols"
-        P = min(cols_blocks(C, self.sms, self.smem_per_sm), ceil_div(N, COLS_ROWS),
-                self.partials.numel() // (nsum * C))
-        KERNELS.launch(f"{name}{_kind(amax)}", P, cols_warps(C) * 32,
-                       (ptr(dinp), ptr(self.partials), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd),
-                        ptr(amax), i32(N), i32(C)), shared_mem=cols_smem(C))
-        self._reduce(dweight, dbias, dproj_bias, dproj_sum, P, C, nsum)
-
-    def _reduce(self, dweight, dbias, dproj_bias, dproj_sum, P, C, nsum):
-        """Phase 2: the P blocks' partials, in block order, added into the gradients."""
+        # phase 2: the P blocks' partials, in block order, added into the gradients
         KERNELS.launch("layernorm_backward_reduce_kernel", ceil_div(nsum * C // 4, 32), (32, RED_Y),
                        (ptr(dweight), ptr(dbias), ptr(dproj_bias), ptr(dproj_sum), ptr(self.partials), i32(P),
                         i32(C), i32(nsum)))
