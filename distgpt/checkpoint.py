@@ -302,16 +302,17 @@ def load_optimizer(path, optimizer, rank, saved_world):
                     continue
                 seen.add((lo, hi))
                 ours_at = optimizer.dp.state_offset(lo)
-                for name in ("m", "v", "master"):
-                    ours = getattr(optimizer, name)
-                    if ours is None:
-                        continue
-                    if name not in tensors:
+                theirs_at = at + lo - saved_lo
+                for name in ("m", "v"):
+                    getattr(optimizer, name)[ours_at:ours_at + hi - lo].copy_(
+                        tensors[name][theirs_at:theirs_at + hi - lo])
+                if optimizer.master is not None:
+                    if "master" not in tensors:
                         raise CheckpointError(f"checkpoint {path}: no fp32 master weights in "
                                               f"{optimizer_file(saved_rank)}; resume with the dtype it was "
                                               f"written with")
-                    theirs_at = at + lo - saved_lo
-                    ours[ours_at:ours_at + hi - lo].copy_(tensors[name][theirs_at:theirs_at + hi - lo])
+                    optimizer.write_master(ours_at, lo, tensors["master"][theirs_at:theirs_at + hi - lo],
+                                           meta["step"])
                 covered += hi - lo
                 step = meta["step"]
             at += saved_hi - saved_lo

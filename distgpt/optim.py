@@ -4,7 +4,9 @@ The optimizer updates the parts of the flat buffers that the data-parallel layer
 (parallel/data_parallel.py) gives this rank (`dp.owned`: one part of every gradient bucket under
 ZeRO-1, everything at zero_stage 0), from gradients that layer has already summed over ranks; it
 keeps fp32 master weights and the two moments for those parts only, end to end in one state
-buffer. Parts cut straight through tensors; the parameter table says which pieces get weight
+buffer. How a master is stored is the backend's (the CUDA one keeps it split, in 16 bits beside
+the bf16 parameter): write_master and master_values convert from and to plain fp32, which is
+what checkpoints hold. Parts cut straight through tensors; the parameter table says which pieces get weight
 decay. It updates one bucket's parts at a time, in the layer's order, and tells the layer after
 each, so the new weights of one bucket travel while the next is updated; moving them is the
 layer's job, not this one's.
@@ -14,6 +16,8 @@ import math
 import torch
 
 from distgpt.model.layout import ALIGN_ELEMENTS, LAYOUT_VERSION
+
+MASTER_CHUNK = 1 << 24  # masters converted at a time between fp32 and the backend's form (64 MiB)
 
 
 def learning_rate(step, max_steps, o):
@@ -53,7 +57,13 @@ class ShardedAdamW:
         n = dp.state_size
         self.m = torch.zeros(n, dtype=state_dtype, device=device)
         self.v = torch.zeros(n, dtype=state_dtype, device=device)
-        self.master = None if params.dtype == state_dtype else self._master_copy(params, state_dtype)
+        # the masters start as the parameters themselves (step 0: nothing rounded yet)
+        self.step_count = 0
+        master_dtype = backend.master_dtype(params.dtype)
+        self.master = None if master_dtype is None else torch.empty(n, dtype=master_dtype, device=device)
+        if self.master is not None:
+            for (lo, hi), at in zip(self.owned, dp.state_starts):
+                self.write_master(at, lo, params[lo:hi], 0)
         # (bucket, [(flat start, flat end, state offset, decays)]): updated in turn, each sent
         # once done; with nothing to send (one rank, or zero_stage 0), all in one go (bucket
         # None), so one GPU runs two AdamW launches, not one per bucket
@@ -72,18 +82,31 @@ class ShardedAdamW:
         # the global norm and the clipping factor, computed on the device (no host sync in step)
         self.norm = torch.zeros(1, dtype=torch.float64, device=device)
         self.grad_scale = torch.ones(1, dtype=torch.float32, device=device)
-        self.step_count = 0
 
-    def _master_copy(self, params, state_dtype):
-        """The owned ranges of the parameters, upcast piece by piece into the master buffer: no
-        whole-shard temporary in the compute dtype (torch.cat would hold one: 3.1 GB more at
-        the start of a 1558M run on one GPU, above what the step then needs)."""
-        master = torch.empty(sum(hi - lo for lo, hi in self.owned), dtype=state_dtype, device=params.device)
-        at = 0
-        for lo, hi in self.owned:
-            master[at:at + hi - lo].copy_(params[lo:hi])
-            at += hi - lo
-        return master
+    def write_master(self, at, flat, values, step):
+        """The masters of flat elements [flat, flat + len(values)), kept at state offset `at`, set
+        to `values` (any float tensor, any device), and their parameters to them rounded as step
+        `step`'s update rounded them. In MASTER_CHUNK pieces: no whole-shard fp32 temporary on
+        the device (1558M on one GPU: 6.2 GB)."""
+        params = self.model.params
+        for k in range(0, len(values), MASTER_CHUNK):
+            chunk = values[k:k + MASTER_CHUNK].to(device=params.device, dtype=torch.float32)
+            c = len(chunk)
+            self.ops.master_split(params[flat + k:flat + k + c], self.master[at + k:at + k + c], chunk,
+                                  flat + k, step)
+
+    def master_values(self):
+        """This rank's fp32 masters, end to end as its state holds them, on the CPU."""
+        params = self.model.params
+        out = torch.empty(len(self.master), dtype=torch.float32)
+        scratch = torch.empty(min(MASTER_CHUNK, len(self.master)), dtype=torch.float32, device=params.device)
+        for (lo, hi), at in zip(self.owned, self.dp.state_starts):
+            for k in range(0, hi - lo, MASTER_CHUNK):
+                c = min(MASTER_CHUNK, hi - lo - k)
+                self.ops.master_join(scratch[:c], params[lo + k:lo + k + c], self.master[at + k:at + k + c],
+                                     lo + k, self.step_count)
+                out[at + k:at + k + c].copy_(scratch[:c])
+        return out
 
     def _segments(self, lo, hi, at):
         """(start, end, state offset, decays) pieces of the parameter table inside the flat range
@@ -154,7 +177,7 @@ class ShardedAdamW:
     def state_dict(self):
         state = {"m": self.m, "v": self.v}
         if self.master is not None:
-            state["master"] = self.master
+            state["master"] = self.master_values()
         return state, {"step": self.step_count, "ranges": [list(r) for r in self.owned],
                        "total": self.model.layout.total, "zero_stage": self.zero_stage,
                        "layout_version": LAYOUT_VERSION}
@@ -165,9 +188,10 @@ class ShardedAdamW:
                              "resume with the same world size, zero_stage and bucket_mb")
         self.m.copy_(tensors["m"])
         self.v.copy_(tensors["v"])
-        if self.master is not None:
-            self.master.copy_(tensors["master"])
         self.step_count = meta["step"]
+        if self.master is not None:
+            for (lo, hi), at in zip(self.owned, self.dp.state_starts):
+                self.write_master(at, lo, tensors["master"][at:at + hi - lo], self.step_count)
 
 
 def saved_ranges(meta):

@@ -93,7 +93,7 @@ class Trainer:
                                                            dist.device)
         plan, planned_bytes = memory.format_estimate(memory.estimate(
             cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage, scratch_rows, cfg.fp8,
-            t.recompute_layers))
+            t.recompute_layers, self.backend.master_dtype(dtype)))
         self.log.info(plan)
         check_fits(planned_bytes, dist.device)
         if cfg.fp8:

@@ -112,19 +112,11 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
     return warp_max(v);
 }
 
-// Round fp32 to bf16 stochastically: add random bits below bf16's precision, then truncate.
-// Unbiased in expectation, so tiny AdamW updates are not lost to round-to-nearest.
-// `seed` mixes with the element index, so results are deterministic for a given seed.
+// A 32-bit integer hash (a xorshift-multiply mix): random bits from a position and a step, for
+// AdamW's stochastic rounding
 __device__ __forceinline__ unsigned int hash_u32(unsigned int x) {
     x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
     return x;
-}
-__device__ __forceinline__ floatX stochastic_round_bf16(float value, unsigned int random) {
-    unsigned int bits = __float_as_uint(value);
-    if ((bits & 0x7f800000U) == 0x7f800000U) return __float2bfloat16_rn(value);  // inf / nan
-    bits += random & 0xffffU;
-    bits &= 0xffff0000U;
-    return __float2bfloat16_rz(__uint_as_float(bits));
 }
 
 // cp.async (sm_80+), for the kernels that stage rows in shared memory (classifier, layernorm).

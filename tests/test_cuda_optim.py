@@ -256,12 +256,21 @@ def ulp_and_check_neighbours(param, master):
     return (p.double().abs() - master.double().abs()) / (up.double() - down.double()).abs()
 
 
+def adamw_step(ops, param, grad, m, v, master, seed=0, **h):
+    """One CUDA AdamW step on an fp32 master: stored split (the parameter as the previous step
+    rounded it, and the low halves) for the update, joined back into `master` after it."""
+    low = torch.full(param.shape, -1, dtype=torch.int16, device="cuda")
+    ops.master_split(param, low, master, seed, h["step"] - 1)
+    ops.adamw_update(param, grad, m, v, low, **h, seed=seed)
+    ops.master_join(master, param, low, seed, h["step"])
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("h", HYPER, ids=["decay_clip", "plain_step1"])
 def test_adamw_update(ops, n, h):
     param, grad, m, v, master = adamw_inputs(n)
     m0, v0, master0 = m.clone(), v.clone(), master.clone()
-    ops["adamw"].adamw_update(param, grad, m, v, master, **_args(h), seed=123)
+    adamw_step(ops["adamw"], param, grad, m, v, master, **_args(h), seed=123)
     want_m, want_v, want_w = adamw_reference(grad, m0, v0, master0, h)
     check("adamw_m", m, want_m)
     check("adamw_v", v, want_v)
@@ -270,7 +279,63 @@ def test_adamw_update(ops, n, h):
     if n >= 1_000_000:
         mean = float(err.mean())
         assert abs(mean) < SR_MEAN_ULPS, f"stochastic rounding biased: mean error {mean:.4f} ulp"
-    twice_equal(lambda *b: ops["adamw"].adamw_update(*b, **_args(h), seed=123), [param, grad, m0, v0, master0])
+    twice_equal(lambda *b: adamw_step(ops["adamw"], *b, **_args(h), seed=123), [param, grad, m0, v0, master0])
+
+
+def test_split_master_round_trips_every_bit(ops):
+    """Any finite fp32 master (and +-inf, +-0, subnormals, the largest finite, values a carry
+    takes across an exponent), split at a step and joined at the same step, comes back bit for
+    bit, and its parameter is one of its two bf16 neighbours; a NaN comes back a NaN."""
+    n = 1_000_003
+    bits = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, device="cuda")
+    special = torch.tensor([0x00000000, -2**31, 0x00000001, 0x007fffff, 0x7f7fffff, -0x00800001, 0x3f7fffff,
+                            0x3f80ffff, 0x7f800000, -0x00800000, 0x7fc00000, 0x7f800001], dtype=torch.int32,
+                           device="cuda")
+    bits[:len(special)] = special
+    values = bits.view(torch.float32)
+    nan = values.isnan()
+    for step in (0, 1, 12345):
+        param = torch.full((n,), float("nan"), dtype=torch.bfloat16, device="cuda")
+        low = torch.empty(n, dtype=torch.int16, device="cuda")
+        ops["adamw"].master_split(param, low, values, 17, step)
+        back = torch.full((n,), float("nan"), device="cuda")
+        ops["adamw"].master_join(back, param, low, 17, step)
+        assert torch.equal(back.view(torch.int32)[~nan], bits[~nan]), f"step {step}: masters changed"
+        assert back[nan].isnan().all(), f"step {step}: a NaN master came back a number"
+        finite = values.isfinite() & ~(param.float().isinf())  # the largest finite may round up to inf
+        ulp_and_check_neighbours(param[finite], values[finite])
+        assert (low == (bits & 0xffff).to(torch.int16)).all(), "low halves are not the masters' low 16 bits"
+
+
+def test_split_master_steps_match_fp32_masters_every_step(ops):
+    """Ten steps on split masters that carry the rounding from step to step: after each, the joined
+    master is the reference's step from the previous joined master (so every carry was found),
+    and the same ten steps with the master joined to fp32 and split again between steps are
+    bitwise equal (the split form holds exactly what an fp32 master would)."""
+    n = 100_003
+    param, grad, m, v, master = adamw_inputs(n)
+    low = torch.empty(n, dtype=torch.int16, device="cuda")
+    ops["adamw"].master_split(param, low, master, 40, 0)
+    other = [param.clone(), m.clone(), v.clone(), master.clone()]
+    joined = torch.empty(n, device="cuda")
+    for step in range(1, 11):
+        h = dict(HYPER[0], step=step, lr=3e-2)  # big steps: many parameters change their bf16 every step
+        g = (torch.randn(n, device="cuda") * 1e-2).to(torch.bfloat16)
+        before = joined.clone() if step > 1 else master.clone()
+        m0, v0 = m.clone(), v.clone()
+        ops["adamw"].adamw_update(param, g, m, v, low, **_args(h), seed=40)
+        ops["adamw"].master_join(joined, param, low, 40, step)
+        want_m, want_v, want_w = adamw_reference(g, m0, v0, before, h)
+        check("adamw_master", joined, want_w)
+        check("adamw_m", m, want_m)
+        adamw_step(ops["adamw"], other[0], g, other[1], other[2], other[3], **_args(h), seed=40)
+        assert torch.equal(joined, other[3]) and torch.equal(param, other[0]), f"step {step}: split != fp32"
+    changed = float((param.float() != ulp_round_down(master)).double().mean())
+    assert changed > 0.5, f"only {changed:.2f} of the parameters moved: the test did not exercise the carry"
+
+
+def ulp_round_down(x):
+    return (x.view(torch.int32) & -65536).view(torch.float32)
 
 
 @pytest.mark.parametrize("n", [4099, 1_000_003])
@@ -278,12 +343,15 @@ def test_adamw_slice_leaves_the_rest_untouched(ops, n):
     pad = 24  # the slice starts 24 elements in: 16-byte aligned in the bf16 and fp32 buffers
     bufs = adamw_inputs(n, pad)
     bufs[0].fill_(1.5)  # param outside the slice must keep this
-    before = [b.clone() for b in bufs]
+    low = torch.full((n + 2 * pad,), 7, dtype=torch.int16, device="cuda")
+    before = [b.clone() for b in bufs] + [low.clone()]
     param, grad, m, v, master = (b[pad:pad + n] for b in bufs)
-    ops["adamw"].adamw_update(param, grad, m, v, master, **_args(HYPER[0]), seed=pad)
-    for name, b, b0 in zip(("param", "grad", "m", "v", "master"), bufs, before):
+    ops["adamw"].master_split(param, low[pad:pad + n], master, pad, HYPER[0]["step"] - 1)
+    ops["adamw"].adamw_update(param, grad, m, v, low[pad:pad + n], **_args(HYPER[0]), seed=pad)
+    for name, b, b0 in zip(("param", "grad", "m", "v", "master", "master low halves"), list(bufs) + [low], before):
         outside_same = torch.equal(b[:pad], b0[:pad]) and torch.equal(b[pad + n:], b0[pad + n:])
         assert outside_same, f"{name} written outside the slice"
+    ops["adamw"].master_join(master, param, low[pad:pad + n], pad, HYPER[0]["step"])
     want_m, want_v, want_w = adamw_reference(grad, before[2][pad:pad + n], before[3][pad:pad + n],
                                              before[4][pad:pad + n], HYPER[0])
     check("adamw_m", m, want_m)
@@ -302,8 +370,8 @@ def test_adamw_stochastic_rounding_is_unbiased(ops):
     master0 = master.clone()
     param = torch.full((n,), float("nan"), dtype=torch.bfloat16, device="cuda")
     zeros = torch.zeros(n, device="cuda")
-    ops["adamw"].adamw_update(param, zeros.to(torch.bfloat16), zeros.clone(), zeros.clone(), master,
-                              0.0, 0.9, 0.95, 1e-8, 0.0, 3, 1.0, seed=0)
+    adamw_step(ops["adamw"], param, zeros.to(torch.bfloat16), zeros.clone(), zeros.clone(), master,
+               lr=0.0, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, step=3, grad_scale=1.0)
     assert torch.equal(master, master0), "lr = 0 must leave master unchanged"
     err = ulp_and_check_neighbours(param, master)
     up = float((err > 0).double().mean())
@@ -317,7 +385,7 @@ def test_adamw_seed(ops):
 
     def run(seed):
         bufs = [b.clone() for b in start]
-        ops["adamw"].adamw_update(*bufs, **_args(HYPER[0]), seed=seed)
+        adamw_step(ops["adamw"], *bufs, **_args(HYPER[0]), seed=seed)
         return bufs
 
     a, b, c = run(5), run(5), run(6)
@@ -331,9 +399,9 @@ def test_adamw_split_slices_match_one_slice(ops):
     n, cut = 1_000_003, 8 * 12345
     whole = adamw_inputs(n)
     pieces = [b.clone() for b in whole]
-    ops["adamw"].adamw_update(*whole, **_args(HYPER[0]), seed=1000)
-    ops["adamw"].adamw_update(*(b[:cut] for b in pieces), **_args(HYPER[0]), seed=1000)
-    ops["adamw"].adamw_update(*(b[cut:] for b in pieces), **_args(HYPER[0]), seed=1000 + cut)
+    adamw_step(ops["adamw"], *whole, **_args(HYPER[0]), seed=1000)
+    adamw_step(ops["adamw"], *(b[:cut] for b in pieces), **_args(HYPER[0]), seed=1000)
+    adamw_step(ops["adamw"], *(b[cut:] for b in pieces), **_args(HYPER[0]), seed=1000 + cut)
     for name, a, b in zip(("param", "grad", "m", "v", "master"), whole, pieces):
         assert torch.equal(a, b), f"{name} differs between one slice and two"
 
@@ -420,7 +488,10 @@ def test_adamw_zero_scale_is_a_zero_gradient_even_for_nan(ops, n, dtype):
 
     def update(g, scale):
         bufs = [param.clone(), m.clone(), v.clone(), None if master is None else master.clone()]
-        ops["adamw"].adamw_update(bufs[0], g, bufs[1], bufs[2], bufs[3], **dict(h, grad_scale=scale), seed=9)
+        if master is None:
+            ops["adamw"].adamw_update(bufs[0], g, bufs[1], bufs[2], None, **dict(h, grad_scale=scale), seed=9)
+        else:
+            adamw_step(ops["adamw"], bufs[0], g, bufs[1], bufs[2], bufs[3], **dict(h, grad_scale=scale), seed=9)
         return bufs
 
     skipped = update(grad, torch.zeros(1, device="cuda"))

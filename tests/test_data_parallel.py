@@ -282,3 +282,30 @@ def test_gather_in_forward_waits_for_each_bucket_before_its_layer():
     dp.gather_weights(model.params)
     dp.complete_gather(model.params)
     assert len(comm.calls) == len(gathers) and not dp.gather_pending()
+
+
+def test_master_weights_convert_piece_by_piece_at_the_owned_offsets(monkeypatch):
+    """bf16 parameters have masters (fp32 on the reference backend; split in 16 bits on the CUDA
+    one, tested on the GPU): they start as the parameters, and write_master / master_values move
+    them in pieces (a tiny MASTER_CHUNK here) to and from exactly the owned parts, end to end,
+    the parameters following them and nothing outside those parts changing."""
+    import distgpt.optim as optim
+    monkeypatch.setattr(optim, "MASTER_CHUNK", 1000)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, padded_vocab_size=128, block_size=16)
+    model = GPT2(cfg, reference, 1, 8, dtype=torch.bfloat16, pad_multiple=2)
+    model.init_weights(0)
+    dp = DataParallel(FakeComm(1, 2), model.layout, 1, bucket_mb=0.01, element_bytes=2)
+    opt = ShardedAdamW(model, dp, OptimConfig(lr=1e-3), reference)
+    owned = torch.cat([model.params[lo:hi] for lo, hi in opt.owned])
+    assert len(opt.owned) > 1 and opt.master.dtype == torch.float32
+    assert torch.equal(opt.master_values(), owned.float())
+    values = torch.randn(len(opt.master)) * 0.02
+    before = model.params.clone()
+    state, meta = opt.state_dict()
+    opt.load_state_dict(dict(state, master=values), dict(meta, step=5))
+    assert opt.step_count == 5 and torch.equal(opt.master_values(), values)
+    assert torch.equal(torch.cat([model.params[lo:hi] for lo, hi in opt.owned]), values.to(torch.bfloat16))
+    outside = torch.ones(len(before), dtype=torch.bool)
+    for lo, hi in opt.owned:
+        outside[lo:hi] = False
+    assert torch.equal(model.params[outside], before[outside]), "a parameter outside the owned parts changed"

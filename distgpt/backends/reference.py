@@ -290,6 +290,25 @@ def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay,
         param.copy_(w)
 
 
+def master_dtype(param_dtype):
+    """The storage of AdamW's master weights for parameters of param_dtype: fp32 (or None when
+    the parameters are fp32 or fp64, their own masters). The CUDA backend stores them split in 16
+    bits (its adamw.py); these three functions are what the optimizer knows of the form."""
+    return None if param_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def master_split(param, master, values, seed, step):
+    """Store fp32 master weights `values`: master = values, param = values rounded as
+    adamw_update rounds (to nearest here; seed and step, the CUDA backend's noise, unused)."""
+    master.copy_(values)
+    param.copy_(values)
+
+
+def master_join(out, param, master, seed, step):
+    """out (fp32) = the master weights stored by master_split or adamw_update."""
+    out.copy_(master)
+
+
 def global_norm_squared(out, grad):
     """out (one-element tensor) = sum of grad**2, in fp32 or better; the caller sums shards."""
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32

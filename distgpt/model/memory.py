@@ -6,23 +6,28 @@ from distgpt.model.layout import ParameterLayout, activation_slots, pack_slots
 
 
 def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scratch=(), fp8=False,
-             recompute_layers=-1):
+             recompute_layers=-1, master_dtype="fp32"):
     """[(buffer, bytes)] for one rank: parameters, gradients, optimizer state, activations, the
     fp8 path's copies and scratch (fp8=True), and the backend's own scratch (backend_scratch:
-    its estimate_scratch() rows, if it has any)."""
+    its estimate_scratch() rows, if it has any). master_dtype: how the backend stores AdamW's
+    master weights (its master_dtype(dtype): None, or a torch dtype; "fp32": the reference's
+    fp32 masters for any dtype below fp32)."""
     m = model_cfg
     layout = ParameterLayout(m.n_layer, m.n_embd, m.vocab_size, m.padded_vocab_size,
                              m.block_size, pad_multiple=world)
     elt = torch.empty((), dtype=dtype).element_size()
     state_elt = 8 if dtype == torch.float64 else 4
     shard = layout.total // world if zero_stage == 1 else layout.total
-    has_master = dtype not in (torch.float32, torch.float64)
+    if master_dtype == "fp32":
+        master_dtype = None if dtype in (torch.float32, torch.float64) else torch.float32
+    master_elt = 0 if master_dtype is None else torch.empty((), dtype=master_dtype).element_size()
+    master_name = {0: "", 2: " + master low halves", 4: " + fp32 master"}.get(master_elt, " + master")
     _, act_elems = pack_slots(activation_slots(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size,
                                                B, T, recompute, recompute_layers=recompute_layers))
     return [("parameters", layout.total * elt),
             ("gradients", layout.total * elt),
-            (f"AdamW m, v{' + fp32 master' if has_master else ''} (1/{world if zero_stage == 1 else 1} of the model)",
-             shard * state_elt * (3 if has_master else 2)),
+            (f"AdamW m, v{master_name} (1/{world if zero_stage == 1 else 1} of the model)",
+             shard * (2 * state_elt + master_elt)),
             (f"activations (B={B}, T={T}, recompute={recompute}"
              f"{'' if recompute_layers < 0 else f' in {recompute_layers} layers'})",
              act_elems[False] * elt + act_elems[True] * max(elt, 4))] + \

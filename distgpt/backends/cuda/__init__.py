@@ -1,7 +1,7 @@
 """The CUDA backend: the reference backend's functions, same names and arguments, as methods of
 one CudaBackend object, over our kernels (kernels/*.cu, one module per layer kind here), cuBLASLt
 matmuls and cuDNN attention. bf16 parameters, activations and gradients; fp32 statistics, master
-weights and moments.
+weights (stored split: the bf16 parameter and a 16-bit low half, adamw.py) and moments.
 
 The object owns everything the ops need besides their arguments: the kernels' planned scratch,
 the cuBLASLt handle, workspace and plans, the cuDNN graphs and workspace, and the attention mode.
@@ -12,7 +12,7 @@ anything is allocated (the memory plan a run prints)."""
 import torch
 
 from distgpt.backends.cuda import classifier, fp8, gelu, layernorm
-from distgpt.backends.cuda.adamw import adamw_update
+from distgpt.backends.cuda import adamw
 from distgpt.backends.cuda.attention import Attention
 from distgpt.backends.cuda.bias import BiasGradients, partials_elements as bias_partials
 from distgpt.backends.cuda.encoder import EncoderGradients, encoder_forward, sort_buffer_bytes
@@ -172,4 +172,13 @@ class CudaBackend:
 
     def adamw_update(self, param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
                      seed=0):
-        adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale, seed)
+        adamw.adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale, seed)
+
+    def master_dtype(self, param_dtype):
+        return adamw.master_dtype(param_dtype)
+
+    def master_split(self, param, master, values, seed, step):
+        adamw.master_split(param, master, values, seed, step)
+
+    def master_join(self, out, param, master, seed, step):
+        adamw.master_join(out, param, master, seed, step)
