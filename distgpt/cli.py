@@ -6,6 +6,9 @@ never a traceback.
 """
 import argparse
 import sys
+import time
+
+SILENT_RANK_GRACE_S = 3.0  # how long a rank that stays silent about an error waits before exiting
 
 USAGE = """distgpt <command> [args]
 
@@ -74,6 +77,10 @@ def _fail(message, same_on_every_rank=True):
         error(line)
     elif not same_on_every_rank:
         error(f"rank {rank}: {line}")
+    else:
+        # a launcher ends the whole job when the first rank exits non-zero: a silent rank that
+        # got there first would take rank 0 down before its line is out
+        time.sleep(SILENT_RANK_GRACE_S)
     return 2
 
 
