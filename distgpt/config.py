@@ -116,6 +116,9 @@ class Config:
     fp8_gradients: str = "e4m3"  # fp8=true: the format of the gradients entering the matmuls'
     #                              backward: e4m3 (one more mantissa bit; closer to bf16's loss,
     #                              see model/fp8.py) | e5m2 (more range)
+    fp8_weight_gradients: bool = False  # fp8=true: the blocks' weight gradients as fp8 products of
+    #                                     the output gradients and inputs (transposed fp8 copies)
+    #                                     instead of bf16 ones (not yet measured on a GPU: off)
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
     overlap_comm: str = "auto"  # sum each bucket of gradients over ranks during the backward (on a
     #                             communication stream): true | false | auto (when the ranks span
@@ -253,6 +256,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim: lr={o.lr} must be > 0 and grad_clip={o.grad_clip} >= 0")
     if cfg.fp8_gradients not in FP8_GRADIENT_FORMATS:
         raise ConfigError(f"fp8_gradients={cfg.fp8_gradients}: choose one of {', '.join(FP8_GRADIENT_FORMATS)}")
+    if cfg.fp8_weight_gradients and not cfg.fp8:
+        raise ConfigError("fp8_weight_gradients=true needs fp8=true (the block matmuls' fp8 path); set both, "
+                          "or drop fp8_weight_gradients")
+    if cfg.fp8_weight_gradients and (t.micro_batch * t.seq_len) % 16:
+        raise ConfigError(f"fp8_weight_gradients=true: train.micro_batch x train.seq_len = "
+                          f"{t.micro_batch * t.seq_len} tokens must be a multiple of 16 (the fp8 weight "
+                          f"gradient's K); change either, or fp8_weight_gradients=false")
     if cfg.fp8 and m.n_embd % 16:
         raise ConfigError(f"fp8=true: model.n_embd={m.n_embd} must be a multiple of 16 (fp8 matmuls' shapes); "
                           f"pick another width or fp8=false")

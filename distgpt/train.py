@@ -93,14 +93,14 @@ class Trainer:
                                                            dist.device)
         plan, planned_bytes = memory.format_estimate(memory.estimate(
             cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage, scratch_rows, cfg.fp8,
-            t.recompute_layers, self.backend.master_dtype(dtype)))
+            t.recompute_layers, self.backend.master_dtype(dtype), cfg.fp8_weight_gradients))
         self.log.info(plan)
         check_fits(planned_bytes, dist.device)
         if cfg.fp8:
             check_fp8_device(dist.device)
         self.model = GPT2(cfg.model, self.backend, self.B, self.T, dtype, dist.device,
                           t.recompute, pad_multiple=dist.world, fp8=cfg.fp8, fp8_gradients=cfg.fp8_gradients,
-                          recompute_layers=t.recompute_layers)
+                          recompute_layers=t.recompute_layers, fp8_weight_gradients=cfg.fp8_weight_gradients)
         if scratch is not None:  # what the libraries really asked for, beside the estimate
             taken = sum(nbytes for _, nbytes in self.backend.scratch())
             self.log.info(f"backend scratch planned: {taken / 2**20:,.1f} MiB (estimated "
@@ -108,7 +108,8 @@ class Trainer:
         self.log.info(f"model {cfg.model.name}: {self.model.num_parameters:,} parameters | "
                       f"{self.tokens_per_step:,} tokens/step = {dist.world} rank(s) x {self.accum} "
                       f"micro-steps x B={self.B} x T={self.T} | backend {cfg.backend} ({cfg.dtype}"
-                      f"{', fp8 block matmuls' if cfg.fp8 else ''})")
+                      f"{', fp8 block matmuls' if cfg.fp8 else ''}"
+                      f"{' and weight gradients' if cfg.fp8_weight_gradients else ''})")
         self.step, self.tokens_seen = 0, 0
         resume_from = self._checkpoint_to_resume()
         if resume_from is None and cfg.init_from:

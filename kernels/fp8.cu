@@ -223,9 +223,10 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* out, __nv_fp8_storage
     if (threadIdx.x == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), m);
 }
 
-// The entry points of a transposing tile function FN: quantize with a given scale (e4m3, e5m2)
-// and current scaling's cast (e4m3, weights), named fp8_quantize_transpose<SUFFIX>_<fmt>_kernel
-// and fp8_cast_transpose<SUFFIX>_e4m3_kernel (backends/cuda/fp8.py picks a SUFFIX per shape)
+// The entry points of a transposing tile function FN: quantize with a given scale and current
+// scaling's cast (weights in e4m3; gradients in either format, for fp8 weight gradients), named
+// fp8_quantize_transpose<SUFFIX>_<fmt>_kernel and fp8_cast_transpose<SUFFIX>_<fmt>_kernel
+// (backends/cuda/fp8.py picks a SUFFIX per shape)
 #define TRANSPOSE_KERNELS(SUFFIX, FN)                                                                    \
     extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_quantize_transpose##SUFFIX##_e4m3_kernel( \
         __nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax, const floatX* inp,             \
@@ -241,6 +242,11 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* out, __nv_fp8_storage
         __nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* inverse, const floatX* inp,          \
         float* amax, double limit, int R, int C) {                                                       \
         FN<__NV_E4M3, true>(out, out_t, amax, inp, nullptr, inverse, limit, R, C);                       \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_cast_transpose##SUFFIX##_e5m2_kernel(    \
+        __nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* inverse, const floatX* inp,          \
+        float* amax, double limit, int R, int C) {                                                       \
+        FN<__NV_E5M2, true>(out, out_t, amax, inp, nullptr, inverse, limit, R, C);                       \
     }
 TRANSPOSE_KERNELS(, quantize_transpose)
 TRANSPOSE_KERNELS(_vec, quantize_transpose_vec)

@@ -200,6 +200,67 @@ def test_cast_transpose_matches_the_reference_bit_for_bit(shape):
     assert float(got_inv) == float(want_inv)
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", [(33, 65), (2048, 768), (1024, 6400)])
+def test_cast_transpose_of_activations_and_gradients_matches_the_reference(fmt, shape):
+    """fp8 weight gradients cast the block matmuls' inputs (e4m3) and output gradients (either
+    format) transposed, tokens last; with amax_known the amax pass is skipped and the amax given
+    is trusted: the same bytes either way."""
+    from distgpt.backends.cuda import fp8
+    R, C = shape
+    x = inputs(shape, 6, seed=R * C) if fmt == "e4m3" else (inputs(shape, 6, seed=R * C).double() * 1e-5).to(
+        torch.bfloat16)
+    want, want_t = torch.empty(R, C, dtype=FORMATS[fmt]), torch.empty(C, R, dtype=FORMATS[fmt])
+    want_inv, want_amax = torch.zeros(1), torch.zeros(1)
+    reference.fp8_cast_transpose(want, want_t, want_inv, want_amax, x.double())
+    for known in (False, True):
+        got = torch.empty(R, C, dtype=FORMATS[fmt], device="cuda")
+        got_t = torch.empty(C, R, dtype=FORMATS[fmt], device="cuda")
+        got_inv = torch.zeros(1, device="cuda")
+        amax = want_amax.cuda() if known else torch.zeros(1, device="cuda")
+        fp8.fp8_cast_transpose(got, got_t, got_inv, amax, x.cuda(), amax_known=known)
+        assert torch.equal(as_bytes(got), as_bytes(want)) and torch.equal(as_bytes(got_t), as_bytes(want_t)), \
+            f"{fmt} {shape} amax_known={known}: bytes differ"
+        assert float(got_inv) == float(want_inv) and float(amax) == float(want_amax)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("N,C,OC", [(256, 768, 2304), (2048, 1600, 6400), (48, 64, 32)])
+def test_fp8_weight_gradient_matches_the_reference(mm, fmt, N, C, OC):
+    """dW (OC, C) += dout8_t (OC, N) @ x8_t (C, N)^T, scaled back: within the fp8 products'
+    tolerance (full-precision accumulation, one bf16 rounding of dW: rtol 1e-2), the previous
+    dW kept; and twice bitwise the same."""
+    from gpu_check import assert_close
+    torch.manual_seed(N + C)
+    x, dout = torch.randn(N, C).to(torch.bfloat16), (torch.randn(N, OC) * 1e-3).to(torch.bfloat16)
+    _, x8_t, x_inv = cast_pair(x, "e4m3", transpose=True)
+    _, d8_t, d_inv = cast_pair(dout, fmt, transpose=True)
+    before = (torch.randn(OC, C) * 1e-2).to(torch.bfloat16)
+    dw = before.cuda()
+    mm.weight_grad_fp8(dw, d8_t, d_inv, x8_t, x_inv)
+    want = before.double()
+    reference.fp8_matmul_weight_grad(want, d8_t.cpu(), d_inv.cpu(), x8_t.cpu(), x_inv.cpu())
+    scale = float((want - before.double()).pow(2).mean().sqrt())
+    assert_close(f"fp8 dW {fmt}", dw, want, 1e-2 * scale, 1e-2)
+    again = before.cuda()
+    mm.weight_grad_fp8(again, d8_t, d_inv, x8_t, x_inv)
+    assert torch.equal(again, dw)
+
+
+def test_cuda_bias_backward_matches_the_reference():
+    """The bias gradient alone (fp8 weight gradients take it apart from the weight's): bias.cu's
+    column sums, fp32 inside, one bf16 rounding: rtol 1e-2."""
+    from gpu_check import assert_close, planned_backend
+    backend = planned_backend(2, 64, 64, 1)
+    dout = torch.randn(2, 64, 256).to(torch.bfloat16)
+    before = (torch.randn(256) * 0.1).to(torch.bfloat16)
+    db = before.cuda()
+    backend.bias_backward(db, dout.cuda())
+    want = before.double()
+    reference.bias_backward(want, dout.double())
+    assert_close("bias_backward", db, want, 1e-3, 1e-2)
+
+
 def cast_pair(t, fmt, transpose=False):
     """t's fp8 copy by current scaling on the GPU (and its transpose), with the inverse scale."""
     from distgpt.backends.cuda import fp8

@@ -22,8 +22,8 @@ SHAPE = ModelConfig(name="t", n_layer=2, n_head=2, n_embd=128, vocab_size=50257,
 B, T = 4, 256
 
 
-def build(backend, dtype, seed=1234, fp8=False):
-    model = GPT2(SHAPE, backend, B, T, dtype=dtype, device="cuda", fp8=fp8)
+def build(backend, dtype, seed=1234, fp8=False, fp8_wgrad=False):
+    model = GPT2(SHAPE, backend, B, T, dtype=dtype, device="cuda", fp8=fp8, fp8_weight_gradients=fp8_wgrad)
     model.init_weights(seed)
     # perturb biases and layernorms away from 0/1 so their gradients are tested, identically
     gen = torch.Generator().manual_seed(seed + 1)
@@ -77,9 +77,10 @@ def test_step_matches_reference_fp32():
 FP8_TOLERANCES = {"loss": 5e-3, "gradient": 0.3, "gradient cosine": 0.97}
 
 
-def test_fp8_step_matches_reference_fp32():
+@pytest.mark.parametrize("fp8_wgrad", [False, True], ids=["bf16_wgrad", "fp8_wgrad"])
+def test_fp8_step_matches_reference_fp32(fp8_wgrad):
     from distgpt.backends.cuda import CudaBackend
-    fast = build(CudaBackend(), torch.bfloat16, fp8=True)
+    fast = build(CudaBackend(), torch.bfloat16, fp8=True, fp8_wgrad=fp8_wgrad)
     ref = build(reference, torch.float32)
     losses = one_step_each(fast, ref)
     assert abs(losses[0] - losses[1]) <= FP8_TOLERANCES["loss"] * losses[1], losses
@@ -91,7 +92,7 @@ def test_fp8_step_matches_reference_fp32():
     assert torch.isfinite(fast.fp8.inverses).all() and (fast.fp8.amaxes > 0).all()
 
 
-def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weights=False):
+def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weights=False, fp8_wgrad=False):
     """Twenty steps of a fresh model and backend, each of `accum` micro-steps (reuse_weights: the
     later ones pass fresh_weights=False, as the trainer does). The matmuls take cuBLASLt's first
     answers (tune off, as deterministic runs do): two runs compared bit for bit must not each
@@ -99,7 +100,7 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weig
     from distgpt.backends.cuda import CudaBackend
     from distgpt.model.micro_step import MicroStep
     backend = CudaBackend()
-    model = build(backend, torch.bfloat16, fp8=fp8)
+    model = build(backend, torch.bfloat16, fp8=fp8, fp8_wgrad=fp8_wgrad)
     backend.matmuls.tune = False
     if fp8:
         model.fp8.fuse_amax = fuse_amax
@@ -121,19 +122,24 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weig
     return losses, model.params.clone(), opt.master_values()
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_twenty_steps_are_bitwise_deterministic(fp8):
-    first, second = twenty_steps(fp8=fp8), twenty_steps(fp8=fp8)
+PRECISIONS = pytest.mark.parametrize("fp8,fp8_wgrad", [(False, False), (True, False), (True, True)],
+                                     ids=["bf16", "fp8", "fp8_wgrad"])
+
+
+@PRECISIONS
+def test_twenty_steps_are_bitwise_deterministic(fp8, fp8_wgrad):
+    first, second = twenty_steps(fp8=fp8, fp8_wgrad=fp8_wgrad), twenty_steps(fp8=fp8, fp8_wgrad=fp8_wgrad)
     assert first[0] == second[0], "losses differ between identical runs"
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     assert first[0][-1] < first[0][0] - 0.5  # and it learns: memorising the two batches
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_cuda_graph_replay_is_bitwise_the_eager_step(fp8):
+@PRECISIONS
+def test_cuda_graph_replay_is_bitwise_the_eager_step(fp8, fp8_wgrad):
     """Steps 1 eager, 2 captured + replayed, 3.. replayed: the same losses and weights, bit for bit,
     as launching every kernel from Python."""
-    eager, graphed = twenty_steps(use_graph=False, fp8=fp8), twenty_steps(use_graph=True, fp8=fp8)
+    eager = twenty_steps(use_graph=False, fp8=fp8, fp8_wgrad=fp8_wgrad)
+    graphed = twenty_steps(use_graph=True, fp8=fp8, fp8_wgrad=fp8_wgrad)
     assert eager[0] == graphed[0], "losses differ between the eager and the CUDA-graph step"
     assert torch.equal(eager[1], graphed[1]) and torch.equal(eager[2], graphed[2])
 

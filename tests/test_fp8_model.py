@@ -1,6 +1,7 @@
 """fp8=true on the reference backend (CPU): the model with fp8 block matmuls against the same
 model in fp32, its memory plan, and the trainer's one-line errors for it. The CUDA path is
 checked against this one in tests/test_cuda_model.py."""
+import pytest
 import torch
 
 from distgpt.backends import reference
@@ -19,8 +20,8 @@ B, T = 2, 32
 TOLERANCES = {"loss": 1e-4, "gradient": 0.25, "gradient cosine": 0.98}
 
 
-def step(fp8, seed=3):
-    model = GPT2(SHAPE, reference, B, T, fp8=fp8)
+def step(fp8, seed=3, weight_gradients=False):
+    model = GPT2(SHAPE, reference, B, T, fp8=fp8, fp8_weight_gradients=weight_gradients)
     model.init_weights(seed)
     gen = torch.Generator().manual_seed(seed)
     model.params.add_(torch.randn(model.layout.total, generator=gen) * 0.02)  # biases and LNs off 0/1
@@ -43,6 +44,28 @@ def test_fp8_step_follows_the_fp32_step():
     assert cosine >= TOLERANCES["gradient cosine"]
     # the casts did run: every site of the blocks got an amax and a scale other than 1
     assert (fp8.fp8.amaxes > 0).all() and (fp8.fp8.inverses != 1).all()
+
+
+def test_fp8_weight_gradients_change_only_the_block_weights_gradients():
+    """fp8_weight_gradients: the four block matrices' gradients become fp8 products (dout and
+    the input, cast transposed with the scales their other casts use) and stay close to the
+    bf16-product ones; every other gradient (the input gradients flow as before) is bitwise the
+    same, and the step stays close to fp32's."""
+    (loss, exact), (_, plain8), (loss8, wgrad8) = step(False), step(True), step(True, weight_gradients=True)
+    assert abs(loss8 - loss) <= TOLERANCES["loss"] * loss
+    block_weights = {f"transformer.h.{i}.{m}.weight" for i in range(SHAPE.n_layer)
+                     for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert block_weights <= set(plain8.g), "the block matrices' names changed"
+    for name in plain8.g:
+        if name not in block_weights:
+            assert torch.equal(plain8.g[name], wgrad8.g[name]), f"{name} changed with fp8 weight gradients"
+            continue
+        assert not torch.equal(plain8.g[name], wgrad8.g[name]), f"{name}: not an fp8 product"
+        g, g8 = exact.g[name].double(), wgrad8.g[name].double()
+        err = ((g8 - g).norm() / g.norm()).item()
+        assert err <= TOLERANCES["gradient"], f"{name}: relative error {err:.3f} against fp32"
+    cosine = torch.nn.functional.cosine_similarity(exact.grads.double(), wgrad8.grads.double(), dim=0).item()
+    assert cosine >= TOLERANCES["gradient cosine"]
 
 
 def test_fp8_step_is_deterministic_and_differs_from_fp32():
@@ -88,14 +111,18 @@ def test_later_micro_steps_reuse_the_weights_fp8_copies():
     assert len(casts) - before == 4 * SHAPE.n_layer
 
 
-def test_memory_plan_counts_the_fp8_copies_and_scratch():
-    rows = dict(memory.estimate(SHAPE, B, T, 0, torch.float32, 1, 1, fp8=True))
+@pytest.mark.parametrize("weight_gradients", [False, True])
+def test_memory_plan_counts_the_fp8_copies_and_scratch(weight_gradients):
+    rows = dict(memory.estimate(SHAPE, B, T, 0, torch.float32, 1, 1, fp8=True,
+                                fp8_weight_gradients=weight_gradients))
     plain = dict(memory.estimate(SHAPE, B, T, 0, torch.float32, 1, 1))
     extra = {k: v for k, v in rows.items() if k not in plain}
-    assert extra == dict(fp8_bytes(SHAPE.n_layer, SHAPE.n_embd, B * T))
-    model = GPT2(SHAPE, reference, B, T, fp8=True)
+    assert extra == dict(fp8_bytes(SHAPE.n_layer, SHAPE.n_embd, B * T, weight_gradients))
+    model = GPT2(SHAPE, reference, B, T, fp8=True, fp8_weight_gradients=weight_gradients)
     planned = sum(extra.values())
     assert planned <= model.fp8.nbytes <= planned + 4096  # + the amaxes and scales (32 bytes a site)
+    # the scratch: one region of B*T x 4C bytes, three with the weight gradients' transposes
+    assert model.fp8.scratch.numel() == (3 if weight_gradients else 1) * B * T * 4 * SHAPE.n_embd
 
 
 def test_fp8_parity_benchmark_smoke(tmp_path, capsys, monkeypatch):
@@ -138,6 +165,12 @@ class StrictCasts:
             assert float(amax) == float(inp.abs().max()), "a producer left a wrong amax"
         reference.fp8_cast(out, inverse, amax, inp, amax_known)
 
+    def fp8_cast_transpose(self, out, out_t, inverse, amax, inp, amax_known=False):
+        if amax_known:
+            self.checked += 1
+            assert float(amax) == float(inp.abs().max()), "a known amax is not the tensor's"
+        reference.fp8_cast_transpose(out, out_t, inverse, amax, inp, amax_known)
+
 
 def test_each_fused_amax_is_what_its_cast_would_take():
     """Every site whose producer takes the amax (model/fp8.py PRODUCED: five a layer) gets it
@@ -157,3 +190,21 @@ def test_each_fused_amax_is_what_its_cast_would_take():
     assert strict.checked == len(PRODUCED) * SHAPE.n_layer
     (loss_a, a), (loss_b, b) = runs
     assert loss_a == loss_b and torch.equal(a.grads, b.grads) and torch.equal(a.fp8.amaxes, b.fp8.amaxes)
+
+
+@pytest.mark.parametrize("recompute", [0, 2])
+def test_fp8_weight_gradients_recast_inputs_with_the_forwards_amax(recompute):
+    """With fp8 weight gradients the backward casts each block matmul's input again, transposed,
+    trusting the amax its forward cast left (no amax pass): that amax must be the tensor's own,
+    also for inputs the backward rebuilt (recompute 2: the layernorm outputs and GELU's), and
+    so must the producers' amaxes of the gradients. Four inputs and three produced gradients
+    a layer."""
+    strict = StrictCasts()
+    model = GPT2(SHAPE, strict, B, T, fp8=True, fp8_weight_gradients=True, recompute=recompute)
+    model.init_weights(4)
+    gen = torch.Generator().manual_seed(4)
+    x, y = (torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2))
+    model.forward(x, y, 1.0 / (B * T))
+    forward_checks = strict.checked
+    model.backward()
+    assert strict.checked - forward_checks == 7 * SHAPE.n_layer

@@ -473,3 +473,54 @@ def test_fp8_matmul_backward_input_against_autograd(gelu):
     check("dW without dinp", dw, dout.t() @ pre, "backward")
     check("dbias without dinp", db, dout.sum(0), "backward")
     assert untouched.isnan().all()
+
+
+def test_bias_backward_accumulates_the_column_sums():
+    """bias_backward is autograd's bias gradient of x @ W^T + b, added to what dbias holds."""
+    dout, x, w = torch.randn(2, 3, 8, **f64), torch.randn(2, 3, 4, **f64), torch.randn(8, 4, **f64)
+    b = torch.randn(8, **f64, requires_grad=True)
+    (x @ w.t() + b).backward(dout)
+    before = torch.randn(8, **f64)
+    db = before.clone()
+    ops.bias_backward(db, dout)
+    check("bias_backward", db, before + b.grad, "backward")
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_weight_gradient_against_autograd(fmt):
+    """fp8_matmul_weight_grad adds autograd's weight gradient of x @ W^T, taken with the
+    dequantised dout and x, to dW: its operands are the transposed copies fp8_cast_transpose
+    makes of dout (in the gradient format) and x (e4m3), with their inverse scales; and it is
+    close to the exact gradient."""
+    N, C, OC = 32, 16, 48
+    x, dout = torch.randn(N, C, **f64), torch.randn(N, OC, **f64) * 1e-4
+    copies = {}
+    for name, t, f in (("x", x, "e4m3"), ("dout", dout, fmt)):
+        q, q_t, inv = (torch.empty(t.shape, dtype=ops.FP8_FORMATS[f]),
+                       torch.empty(t.shape[1], t.shape[0], dtype=ops.FP8_FORMATS[f]), torch.empty(1))
+        ops.fp8_cast_transpose(q, q_t, inv, torch.zeros(1), t)
+        assert torch.equal(q_t.view(torch.uint8), q.t().contiguous().view(torch.uint8))
+        copies[name] = (q, q_t, inv)
+    before = torch.randn(OC, C, **f64)
+    dw = before.clone()
+    ops.fp8_matmul_weight_grad(dw, copies["dout"][1], copies["dout"][2], copies["x"][1], copies["x"][2])
+    xq, dq = (copies[n][0].double() * float(copies[n][2]) for n in ("x", "dout"))
+    w = torch.zeros(OC, C, **f64, requires_grad=True)
+    (xq @ w.t()).backward(dq)
+    check("fp8 dW", dw, before + w.grad, "backward")
+    exact = dout.t() @ x
+    assert (((dw - before) - exact).norm() / exact.norm()).item() < (0.15 if fmt == "e5m2" else 0.1)
+
+
+def test_fp8_cast_transpose_with_a_known_amax_skips_nothing_it_needs():
+    """amax_known: the caller's amax is taken as max |inp| (the producer merged it); the result is
+    the cast with the amax taken here."""
+    x = torch.randn(24, 16, **f64)
+    outs = []
+    for known in (False, True):
+        amax = torch.full((1,), float(x.abs().max())) if known else torch.zeros(1)
+        q, q_t, inv = torch.empty(24, 16, dtype=torch.float8_e5m2), torch.empty(16, 24, dtype=torch.float8_e5m2), \
+            torch.empty(1)
+        ops.fp8_cast_transpose(q, q_t, inv, amax, x, amax_known=known)
+        outs.append((q.view(torch.uint8), q_t.view(torch.uint8), inv, amax))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

@@ -65,7 +65,8 @@ def test_tiny_model_learns_shakespeare(tmp_path, shards):
     assert evals[-1]["val_loss"] < bar, f"val loss {evals[-1]['val_loss']:.3f} did not beat unigram {bar:.3f}"
 
 
-@pytest.mark.parametrize("precision", [[], ["fp8=true"]], ids=["dtype", "fp8"])
+@pytest.mark.parametrize("precision", [[], ["fp8=true"], ["fp8=true", "fp8_weight_gradients=true"]],
+                         ids=["dtype", "fp8", "fp8_wgrad"])
 def test_resume_is_bitwise_identical(tmp_path, shards, precision):
     """Also with fp8=true: current scaling keeps no state besides the weights, so a resumed run
     recomputes the same scales."""
@@ -289,6 +290,9 @@ def test_finished_run_says_so(tmp_path, shards, capsys):
     ("gather_in_forward=sometimes", "gather_in_forward=sometimes: choose auto, true or false"),
     ("train.recompute_layers=1", "train.recompute_layers=1: with train.recompute >= 1"),
     ("train.recompute=2 train.recompute_layers=99", "choose 0 to n_layer="),
+    ("fp8_weight_gradients=true", "fp8_weight_gradients=true needs fp8=true"),
+    ("fp8=true fp8_weight_gradients=true train.micro_batch=1 train.seq_len=20 train.total_batch_tokens=20",
+     "fp8_weight_gradients=true: train.micro_batch x train.seq_len = 20 tokens must be a multiple of 16"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, expected):
     assert main(["train", *SMALL, f"out_dir={tmp_path}", *override.split()]) == 2

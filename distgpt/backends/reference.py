@@ -174,6 +174,12 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head):
     dqkv.view(B, T, 3, n_head, HS).copy_(torch.stack((dq, dk, dv), dim=0).permute(1, 3, 0, 2, 4))
 
 
+def bias_backward(dbias, dout):
+    """dbias (OC,) += the column sums of dout (..., OC): a linear layer's bias gradient alone
+    (matmul_backward's dbias, for products whose weight gradient is taken elsewhere)."""
+    dbias += dout.reshape(-1, dout.shape[-1]).sum(dim=0)
+
+
 def qkv_bias_backward(dbias, dqkv, dproj_sum, attproj_weight):
     """dbias (3C,) += the qkv bias gradient, from what the attention's backward already has:
     - query: the column sums of dq (dqkv[..., :C]);
@@ -443,10 +449,12 @@ def fp8_cast(out, inverse, amax, inp, amax_known=False):
     fp8_quantize(out, torch.zeros_like(scale), inp, scale)
 
 
-def fp8_cast_transpose(out, out_t, inverse, amax, inp):
+def fp8_cast_transpose(out, out_t, inverse, amax, inp, amax_known=False):
     """fp8_cast of a matrix inp (R, C) into out (R, C) and its transpose into out_t (C, R): a
-    weight, read as W by the forward and as W^T by the backward's input gradient."""
-    fp8_cast(out, inverse, amax, inp)
+    weight, read as W by the forward and as W^T by the backward's input gradient; with fp8
+    weight gradients also a matmul's output gradient and input, whose transposes (tokens
+    last) are the weight gradient's K-major operands."""
+    fp8_cast(out, inverse, amax, inp, amax_known)
     out_t.copy_(out.t())
 
 
@@ -484,3 +492,13 @@ def fp8_matmul_backward_input(dinp, dout, dout_inverse, weight_t, weight_inverse
     fp8_matmul_forward(dinp, dout, dout_inverse, weight_t, weight_inverse, None)
     if gelu_inp is not None:
         gelu_backward(dinp, gelu_inp, dinp, amax)
+
+
+def fp8_matmul_weight_grad(dweight, dout_t, dout_inverse, inp_t, inp_inverse):
+    """dweight (OC, C) += dequant(dout_t) (OC, N) @ dequant(inp_t) (C, N)^T, rounded once to
+    dweight's dtype: a linear layer's weight gradient as an fp8 product (fp8_weight_gradients).
+    Its operands are the fp8 copies of the output gradient and the input transposed, tokens last
+    (fp8_cast_transpose's out_t): the tensor cores want both K-major, and K is the tokens."""
+    product = (dout_t.double() * float(dout_inverse.reshape(-1)[0])) @ \
+        (inp_t.double() * float(inp_inverse.reshape(-1)[0])).t()
+    dweight.copy_(dweight.double() + product)

@@ -3,8 +3,9 @@ and the order it casts in.
 
 Each block's four matmuls (qkv, attention projection, fc, fc projection) take FP8 operands in
 the forward and for the input gradient in the backward; the weight gradient stays a bf16
-product of the bf16 activations the model keeps anyway, and the lm head, attention, master
-weights, moments and the optimizer are unchanged. Formats:
+product of the bf16 activations the model keeps anyway, unless fp8_weight_gradients (then it
+is an fp8 product too: backward() says how), and the lm head, attention, master weights,
+moments and the optimizer are unchanged. Formats:
 - weights and activations: e4m3 (more precision), per-tensor scales;
 - the gradient flowing into a matmul's backward (dout): e4m3 by default, or e5m2
   (`fp8_gradients`). e5m2's extra range is what delayed scaling needs (a scale from past
@@ -27,8 +28,9 @@ What is kept, planned once with the model:
   promises the weights are those of the last forward (fresh_weights=False: the later
   micro-steps of an optimizer step, whose forwards then skip 2 reads and 2 writes a block
   parameter, about 3 ms at 1558M);
-- one fp8 scratch of rows x 4C bytes: each cast activation or gradient lives there only until
-  its matmul has read it;
+- one fp8 scratch of rows x 4C bytes (three with fp8_weight_gradients: the output gradient,
+  its transpose and the input's transpose at once): each cast activation or gradient lives
+  there only until its matmul has read it;
 - one fp32 amax and one inverse scale per cast ("site": layer x {weight, input, gradient} x
   matrix), the amaxes zeroed together at the start of each forward.
 
@@ -61,20 +63,29 @@ def fp8_weight_numel(n_layer, C):
     return n_layer * 12 * C * C
 
 
-def fp8_bytes(n_layer, C, rows):
+def scratch_regions(weight_gradients):
+    """Regions of rows x 4C bytes the casts use at once: the operand of the product at hand;
+    with fp8 weight gradients, also the output gradient's transpose and the input's."""
+    return 3 if weight_gradients else 1
+
+
+def fp8_bytes(n_layer, C, rows, weight_gradients=False):
     """[(what, bytes)] the fp8 path plans: the weights' two fp8 copies and the cast scratch."""
+    regions = scratch_regions(weight_gradients)
     return [("fp8 weights (W and W^T per block matrix)", 2 * fp8_weight_numel(n_layer, C)),
-            (f"fp8 cast scratch ({rows} rows x 4C)", rows * 4 * C)]
+            (f"fp8 cast scratch ({regions} x {rows} rows x 4C)", regions * rows * 4 * C)]
 
 
 class Fp8Matmuls:
     """The fp8 state of one model: weight copies, cast scratch, amaxes and inverse scales, and
     the forward / input-gradient products of the block matmuls over the backend's fp8 ops."""
 
-    def __init__(self, ops, p_layers, n_layer, C, rows, device, gradient_format="e4m3", fuse_amax=True):
+    def __init__(self, ops, p_layers, n_layer, C, rows, device, gradient_format="e4m3", fuse_amax=True,
+                 weight_gradients=False):
         self.ops, self.p_layers = ops, p_layers
         self.fuse_amax = fuse_amax  # False: every cast takes its own amax pass (tests compare the two)
         self.gradient_format = FP8_FORMATS[gradient_format]  # of the gradients entering a backward
+        self.weight_gradients = weight_gradients  # the weight gradients as fp8 products too (backward())
         self.weights8, self.weights8_t = [], []  # [layer] -> {matrix: (OC, C)} and {matrix: (C, OC)}
         self.flat = flat = torch.zeros(2 * fp8_weight_numel(n_layer, C), dtype=torch.uint8, device=device)
         offset = 0
@@ -88,7 +99,9 @@ class Fp8Matmuls:
                 offset += 2 * n
             self.weights8.append(w8)
             self.weights8_t.append(w8_t)
-        self.scratch = torch.zeros(rows * 4 * C, dtype=torch.uint8, device=device)
+        self.region = rows * 4 * C  # bytes of one scratch region
+        self.scratch = torch.zeros(scratch_regions(weight_gradients) * self.region, dtype=torch.uint8,
+                                   device=device)
         self.weights_cast = False  # whether W8/W8t hold a cast of the weights yet
         sites = n_layer * 3 * len(MATRICES)
         self.amax = torch.zeros(sites, SITE_STRIDE, dtype=torch.float32, device=device)
@@ -120,10 +133,24 @@ class Fp8Matmuls:
 
     def _cast(self, x, fmt, layer, what, m):
         """x's fp8 copy in the scratch (x contiguous, its own shape) and its inverse scale."""
-        out = self.scratch[:x.numel()].view(fmt).view(x.shape)
+        out = self._region(0, x.numel(), fmt).view(x.shape)
         amax, inverse = self._site(layer, what, m)
         self.ops.fp8_cast(out, inverse, amax, x, amax_known=self.producer_amax(layer, what, m) is not None)
         return out, inverse
+
+    def _region(self, i, n, fmt):
+        """The first n bytes of scratch region i, as fp8 of format fmt."""
+        return self.scratch[i * self.region:i * self.region + n].view(fmt)
+
+    def _cast_transposed(self, x, fmt, layer, what, m, out_region, t_region, amax_known):
+        """x (rows, cols) cast into region out_region (rows, cols) and its transpose (cols, rows)
+        into t_region, with the site's scale: (x8, x8_t, inverse)."""
+        x = x.reshape(-1, x.shape[-1])
+        out = self._region(out_region, x.numel(), fmt).view(x.shape)
+        out_t = self._region(t_region, x.numel(), fmt).view(x.shape[1], x.shape[0])
+        amax, inverse = self._site(layer, what, m)
+        self.ops.fp8_cast_transpose(out, out_t, inverse, amax, x, amax_known=amax_known)
+        return out, out_t, inverse
 
     # ------------------------------------------------------------ forward
     def begin_forward(self, cast_weights=True):
@@ -151,9 +178,28 @@ class Fp8Matmuls:
                                     gelu_out=gelu_out, residual=residual)
 
     # ------------------------------------------------------------ backward
+    def backward(self, layer, m, dinp, dweight, dout, inp, gelu_inp=None):
+        """With weight_gradients: dW += dout^T @ inp and dinp = dout @ W (times gelu'(gelu_inp)),
+        both fp8 products. Hopper's fp8 tensor cores take both operands K-major, and the weight
+        gradient's K is the tokens: it reads the transposes of dout (OC, rows) and inp (C, rows).
+        So dout is cast once into both layouts (the input gradient reads the first), and inp is
+        cast again, transposed, with the scale of its forward cast: the same tensor (a rebuilt one
+        is bitwise the forward's), so its site's amax from the forward still holds and no amax
+        pass runs. inp is cast before dinp is written, as dinp may be inp's memory."""
+        _, inp8_t, inp_inverse = self._cast_transposed(inp, ACTIVATION_FORMAT, layer, INPUT, m, 0, 2,
+                                                       amax_known=True)
+        dout8, dout8_t, dout_inverse = self._cast_transposed(
+            dout, self.gradient_format, layer, GRADIENT, m, 0, 1,
+            amax_known=self.producer_amax(layer, GRADIENT, m) is not None)
+        self.ops.fp8_matmul_weight_grad(dweight, dout8_t, dout_inverse, inp8_t, inp_inverse)
+        self._input_gradient(layer, m, dinp, dout8.view(dout.shape), dout_inverse, gelu_inp)
+
     def backward_input(self, layer, m, dinp, dout, gelu_inp=None):
         """dinp = dout @ W (times gelu'(gelu_inp)) with dout in e4m3 (or e5m2) and W^T in e4m3."""
         dout8, dout_inverse = self._cast(dout, self.gradient_format, layer, GRADIENT, m)
+        self._input_gradient(layer, m, dinp, dout8, dout_inverse, gelu_inp)
+
+    def _input_gradient(self, layer, m, dinp, dout8, dout_inverse, gelu_inp):
         _, w_inverse = self._site(layer, WEIGHT, m)
         # fc projection: the GELU derivative writes d_4C, fc's output gradient, and takes its amax
         amax = None if gelu_inp is None else self.producer_amax(layer, GRADIENT, "fc")

@@ -23,7 +23,7 @@ INIT_STD = 0.02
 class GPT2:
     def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
                  pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False, fp8_gradients="e4m3",
-                 recompute_layers=-1):
+                 recompute_layers=-1, fp8_weight_gradients=False):
         m = model_cfg
         self.cfg, self.ops = m, backend
         self.recompute_levels = recompute_levels(m.n_layer, recompute, recompute_layers)
@@ -47,7 +47,8 @@ class GPT2:
         self.logits = None  # (b, t, Vp) after a forward without targets
         self.token_losses = None  # (b, t) losses of each position after a forward with targets
         # fp8=True: the blocks' matmuls take fp8 operands (model/fp8.py); None: all bf16 (or the dtype)
-        self.fp8 = (Fp8Matmuls(backend, self.p_layers, m.n_layer, m.n_embd, B * T, self.device, fp8_gradients)
+        self.fp8 = (Fp8Matmuls(backend, self.p_layers, m.n_layer, m.n_embd, B * T, self.device, fp8_gradients,
+                               weight_gradients=fp8_weight_gradients)
                     if fp8 else None)
         if hasattr(backend, "plan"):  # kernels reserve their scratch once, here
             backend.plan(B, T, m.n_embd, m.n_head, self.device)
@@ -228,11 +229,16 @@ class GPT2:
 
     def _matmul_backward(self, layer, m, dinp, dbias, dout, inp, gelu_inp=None):
         """Its backward: dinp = dout @ W (times gelu'(gelu_inp)), dW += dout^T @ inp, dbias +=
-        column sums of dout. With fp8 the input gradient is an fp8 product; dW and dbias stay in
-        the dtype."""
+        column sums of dout. With fp8 the input gradient is an fp8 product; dW too with
+        fp8_weight_gradients, else it stays in the dtype, as dbias does."""
         weight, dweight = getattr(self.p_layers[layer], f"{m}_w"), getattr(self.g_layers[layer], f"{m}_w")
         if self.fp8 is None:
             self.ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=gelu_inp)
+            return
+        if self.fp8.weight_gradients:  # dW an fp8 product too; the bias from the bf16 dout
+            if dbias is not None:
+                self.ops.bias_backward(dbias, dout)
+            self.fp8.backward(layer, m, dinp, dweight, dout, inp, gelu_inp)
             return
         # the weight's gradient first: dinp may be inp's memory (d_4C is the rebuilt fch_gelu)
         self.ops.matmul_backward(None, dweight, dbias, dout, inp, weight)

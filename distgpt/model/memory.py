@@ -6,12 +6,12 @@ from distgpt.model.layout import ParameterLayout, activation_slots, pack_slots
 
 
 def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scratch=(), fp8=False,
-             recompute_layers=-1, master_dtype="fp32"):
+             recompute_layers=-1, master_dtype="fp32", fp8_weight_gradients=False):
     """[(buffer, bytes)] for one rank: parameters, gradients, optimizer state, activations, the
     fp8 path's copies and scratch (fp8=True), and the backend's own scratch (backend_scratch:
     its estimate_scratch() rows, if it has any). master_dtype: how the backend stores AdamW's
     master weights (its master_dtype(dtype): None, or a torch dtype; "fp32": the reference's
-    fp32 masters for any dtype below fp32)."""
+    fp32 masters for any dtype below fp32). fp8_weight_gradients: the fp8 path's larger scratch."""
     m = model_cfg
     layout = ParameterLayout(m.n_layer, m.n_embd, m.vocab_size, m.padded_vocab_size,
                              m.block_size, pad_multiple=world)
@@ -31,7 +31,7 @@ def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scrat
             (f"activations (B={B}, T={T}, recompute={recompute}"
              f"{'' if recompute_layers < 0 else f' in {recompute_layers} layers'})",
              act_elems[False] * elt + act_elems[True] * max(elt, 4))] + \
-        (fp8_bytes(m.n_layer, m.n_embd, B * T) if fp8 else []) + \
+        (fp8_bytes(m.n_layer, m.n_embd, B * T, fp8_weight_gradients) if fp8 else []) + \
         [(f"backend: {name}", nbytes) for name, nbytes in backend_scratch]
 
 

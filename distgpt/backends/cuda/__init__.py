@@ -107,6 +107,9 @@ class CudaBackend:
     def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
         self._planned("matmul_backward", self.matmuls).backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp)
 
+    def bias_backward(self, dbias, dout):
+        self._planned("bias_backward", self.bias_gradients).backward(dbias, dout)
+
     def qkv_bias_backward(self, dbias, dqkv, dproj_sum, attproj_weight):
         self._planned("qkv_bias_backward", self.bias_gradients).qkv_backward(dbias, dqkv, dproj_sum, attproj_weight)
 
@@ -156,14 +159,18 @@ class CudaBackend:
     def fp8_cast(self, out, inverse, amax, inp, amax_known=False):
         fp8.fp8_cast(out, inverse, amax, inp, amax_known)
 
-    def fp8_cast_transpose(self, out, out_t, inverse, amax, inp):
-        fp8.fp8_cast_transpose(out, out_t, inverse, amax, inp)
+    def fp8_cast_transpose(self, out, out_t, inverse, amax, inp, amax_known=False):
+        fp8.fp8_cast_transpose(out, out_t, inverse, amax, inp, amax_known)
 
     def fp8_matmul_forward(self, out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None,
                            residual=None):
         self._planned("fp8_matmul_forward", self.matmuls).forward_fp8(out, inp, inp_inverse, weight,
                                                                        weight_inverse, bias, gelu_out,
                                                                        residual=residual)
+
+    def fp8_matmul_weight_grad(self, dweight, dout_t, dout_inverse, inp_t, inp_inverse):
+        self._planned("fp8_matmul_weight_grad", self.matmuls).weight_grad_fp8(dweight, dout_t, dout_inverse, inp_t,
+                                                                               inp_inverse)
 
     def fp8_matmul_backward_input(self, dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None,
                                   amax=None):

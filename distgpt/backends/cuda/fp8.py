@@ -80,18 +80,22 @@ def fp8_cast(out, inverse, amax, inp, amax_known=False):
                    (ptr(out), ptr(inverse), ptr(inp), ptr(amax), np.float64(fp8_max(fmt)), np.int64(inp.numel())))
 
 
-def fp8_cast_transpose(out, out_t, inverse, amax, inp):
-    """fp8_cast of a (R, C) matrix into out (R, C) and out_t (C, R), e4m3 (weights)."""
+def fp8_cast_transpose(out, out_t, inverse, amax, inp, amax_known=False):
+    """fp8_cast of a (R, C) matrix into out (R, C) and out_t (C, R) in one pass after the amax
+    pass (none when amax_known): weights in e4m3, and with fp8 weight gradients the block
+    matmuls' output gradients (either format) and inputs."""
     op = "fp8_cast_transpose"
     _check(op, out, inp, amax=amax, inverse=inverse)
-    if out.dtype != torch.float8_e4m3fn or inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) \
-            or out_t.dtype != out.dtype or not out_t.is_cuda or not out_t.is_contiguous():
-        raise ValueError(f"{op}: inp must be (R, C), out float8_e4m3fn and out_t a contiguous (C, R) tensor of out's dtype")
-    fp8_amax(amax, inp)
+    if inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) or out_t.dtype != out.dtype \
+            or not out_t.is_cuda or not out_t.is_contiguous():
+        raise ValueError(f"{op}: inp must be (R, C) and out_t a contiguous (C, R) tensor of out's dtype")
+    if not amax_known:
+        fp8_amax(amax, inp)
     R, C = inp.shape
-    name, grid, block = _transpose_launch("fp8_cast_transpose", "e4m3", inp, out, out_t)
+    fmt = FORMAT_OF[out.dtype]
+    name, grid, block = _transpose_launch("fp8_cast_transpose", fmt, inp, out, out_t)
     KERNELS.launch(name, grid, block, (ptr(out), ptr(out_t), ptr(inverse), ptr(inp), ptr(amax),
-                                       np.float64(fp8_max("e4m3")), i32(R), i32(C)))
+                                       np.float64(fp8_max(fmt)), i32(R), i32(C)))
 
 
 def fp8_quantize(out, amax, inp, scale):

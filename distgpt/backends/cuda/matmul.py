@@ -372,6 +372,23 @@ class Matmuls:
             check_tensor(op, "gelu_inp", gelu_inp)
             gelu_backward(dinp, gelu_inp, dinp, amax)
 
+    def weight_grad_fp8(self, dweight, dout8_t, dout_inverse, inp8_t, inp_inverse):
+        """dweight (OC, C) bf16 += (dout8_t (OC, N) @ inp8_t (C, N)^T) * both inverses: the
+        reference's fp8_matmul_weight_grad. The operands are the transposed fp8 copies of the
+        output gradient and the input (tokens last: K-major, as Hopper's fp8 tensor cores want),
+        so this is the forward's TN product with the tokens as K, and dweight is its C and D
+        (beta 1: an fp32 sum in cuBLASLt, one rounding to bf16, as the bf16 weight gradient).
+        Full-precision accumulation: K is every token of the micro-batch."""
+        op = "matmul_weight_grad_fp8"
+        self._check_fp8(op, dweight, dout8_t, dout_inverse, inp8_t, inp_inverse)
+        if dweight.shape != (dout8_t.shape[0], inp8_t.shape[0]) or dout8_t.shape[1] != inp8_t.shape[1]:
+            raise ValueError(f"{op}: dweight {tuple(dweight.shape)}, dout8_t {tuple(dout8_t.shape)} and inp8_t "
+                             f"{tuple(inp8_t.shape)} must be (OC, C), (OC, N) and (C, N)")
+        if dout8_t.numel() == 0:
+            return
+        self._fp8_product(self.lt.Epilogue.DEFAULT, dweight, dout8_t, dout_inverse, inp8_t, inp_inverse, {}, 0,
+                          fast_accum=False, residual=dweight)
+
     def _check_fp8(self, op, out, inp8, inp_inverse, weight8, weight_inverse):
         for name, t in (("inp8", inp8), ("weight8", weight8)):
             if t.dtype not in FP8_TYPES or not t.is_cuda or not t.is_contiguous():
