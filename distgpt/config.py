@@ -118,7 +118,9 @@ class Config:
     #                              see model/fp8.py) | e5m2 (more range)
     fp8_weight_gradients: bool = False  # fp8=true: the blocks' weight gradients as fp8 products of
     #                                     the output gradients and inputs (transposed fp8 copies)
-    #                                     instead of bf16 ones (not yet measured on a GPU: off)
+    #                                     instead of bf16 ones; the inputs' copies are kept from the
+    #                                     forward, so nothing is rebuilt and train.recompute has no
+    #                                     effect (not yet measured on a GPU: off)
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
     overlap_comm: str = "auto"  # sum each bucket of gradients over ranks during the backward (on a
     #                             communication stream): true | false | auto (when the ranks span

@@ -116,13 +116,21 @@ def test_memory_plan_counts_the_fp8_copies_and_scratch(weight_gradients):
     rows = dict(memory.estimate(SHAPE, B, T, 0, torch.float32, 1, 1, fp8=True,
                                 fp8_weight_gradients=weight_gradients))
     plain = dict(memory.estimate(SHAPE, B, T, 0, torch.float32, 1, 1))
-    extra = {k: v for k, v in rows.items() if k not in plain}
+    extra = {k: v for k, v in rows.items() if k not in plain and not k.startswith("activations")}
     assert extra == dict(fp8_bytes(SHAPE.n_layer, SHAPE.n_embd, B * T, weight_gradients))
     model = GPT2(SHAPE, reference, B, T, fp8=True, fp8_weight_gradients=weight_gradients)
     planned = sum(extra.values())
     assert planned <= model.fp8.nbytes <= planned + 4096  # + the amaxes and scales (32 bytes a site)
-    # the scratch: one region of B*T x 4C bytes, three with the weight gradients' transposes
-    assert model.fp8.scratch.numel() == (3 if weight_gradients else 1) * B * T * 4 * SHAPE.n_embd
+    # the scratch: one region of B*T x 4C bytes, two with the output gradients' transposes; the
+    # kept inputs: 7C bytes a token a layer
+    assert model.fp8.scratch.numel() == (2 if weight_gradients else 1) * B * T * 4 * SHAPE.n_embd
+    assert model.fp8.kept.numel() == (7 * SHAPE.n_embd * B * T * SHAPE.n_layer if weight_gradients else 0)
+    if weight_gradients:  # the layernorm and GELU outputs are planned as recompute 2 plans them
+        def acts(**kw):
+            return next(b for name, b in memory.estimate(SHAPE, B, T, 0, torch.float32, 1, 1, **kw)
+                        if name.startswith("activations"))
+        assert acts(fp8=True, fp8_weight_gradients=True) == \
+            next(b for name, b in memory.estimate(SHAPE, B, T, 2, torch.float32, 1, 1) if name.startswith("activations"))
 
 
 def test_fp8_parity_benchmark_smoke(tmp_path, capsys, monkeypatch):
@@ -192,19 +200,40 @@ def test_each_fused_amax_is_what_its_cast_would_take():
     assert loss_a == loss_b and torch.equal(a.grads, b.grads) and torch.equal(a.fp8.amaxes, b.fp8.amaxes)
 
 
-@pytest.mark.parametrize("recompute", [0, 2])
-def test_fp8_weight_gradients_recast_inputs_with_the_forwards_amax(recompute):
-    """With fp8 weight gradients the backward casts each block matmul's input again, transposed,
-    trusting the amax its forward cast left (no amax pass): that amax must be the tensor's own,
-    also for inputs the backward rebuilt (recompute 2: the layernorm outputs and GELU's), and
-    so must the producers' amaxes of the gradients. Four inputs and three produced gradients
-    a layer."""
-    strict = StrictCasts()
-    model = GPT2(SHAPE, strict, B, T, fp8=True, fp8_weight_gradients=True, recompute=recompute)
-    model.init_weights(4)
-    gen = torch.Generator().manual_seed(4)
-    x, y = (torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2))
-    model.forward(x, y, 1.0 / (B * T))
-    forward_checks = strict.checked
-    model.backward()
-    assert strict.checked - forward_checks == 7 * SHAPE.n_layer
+class CountingRebuilds(StrictCasts):
+    """StrictCasts that also counts the layernorm and GELU forwards it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.rebuilt = 0
+
+    def layernorm_forward(self, *args, **kwargs):
+        self.rebuilt += 1
+        reference.layernorm_forward(*args, **kwargs)
+
+    def gelu_forward(self, *args, **kwargs):
+        self.rebuilt += 1
+        reference.gelu_forward(*args, **kwargs)
+
+
+def test_fp8_weight_gradients_keep_the_inputs_and_rebuild_nothing():
+    """With fp8 weight gradients the forward keeps each block matmul's input as a transposed fp8
+    copy and the backward's weight gradients read those: no layernorm or GELU output is rebuilt
+    whatever train.recompute says, so recompute 0 and 2 give bitwise the same gradients. The
+    known amaxes are the tensors' own: the layernorm outputs' in the forward (two a layer), the
+    three produced output gradients in the backward."""
+    runs = []
+    for recompute in (0, 2):
+        ops = CountingRebuilds()
+        model = GPT2(SHAPE, ops, B, T, fp8=True, fp8_weight_gradients=True, recompute=recompute)
+        model.init_weights(4)
+        gen = torch.Generator().manual_seed(4)
+        x, y = (torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2))
+        model.forward(x, y, 1.0 / (B * T))
+        forward_checks, forward_rebuilt = ops.checked, ops.rebuilt
+        assert forward_checks == 2 * SHAPE.n_layer
+        model.backward()
+        assert ops.checked - forward_checks == 3 * SHAPE.n_layer
+        assert ops.rebuilt == forward_rebuilt, "the backward rebuilt a layernorm or GELU output"
+        runs.append(model.grads.clone())
+    assert torch.equal(runs[0], runs[1])

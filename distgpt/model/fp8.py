@@ -28,9 +28,12 @@ What is kept, planned once with the model:
   promises the weights are those of the last forward (fresh_weights=False: the later
   micro-steps of an optimizer step, whose forwards then skip 2 reads and 2 writes a block
   parameter, about 3 ms at 1558M);
-- one fp8 scratch of rows x 4C bytes (three with fp8_weight_gradients: the output gradient,
-  its transpose and the input's transpose at once): each cast activation or gradient lives
-  there only until its matmul has read it;
+- one fp8 scratch of rows x 4C bytes (two with fp8_weight_gradients: the output gradient and
+  its transpose at once): each cast activation or gradient lives there only until its matmul
+  has read it;
+- with fp8_weight_gradients, each block matmul's input cast transposed (C_in, rows) by its
+  forward and kept for its weight gradient (7C bytes a token a layer), in place of the bf16
+  layernorm and GELU outputs the backward would otherwise keep or rebuild;
 - one fp32 amax and one inverse scale per cast ("site": layer x {weight, input, gradient} x
   matrix), the amaxes zeroed together at the start of each forward.
 
@@ -65,15 +68,34 @@ def fp8_weight_numel(n_layer, C):
 
 def scratch_regions(weight_gradients):
     """Regions of rows x 4C bytes the casts use at once: the operand of the product at hand;
-    with fp8 weight gradients, also the output gradient's transpose and the input's."""
-    return 3 if weight_gradients else 1
+    with fp8 weight gradients, also the output gradient's transpose."""
+    return 2 if weight_gradients else 1
+
+
+def kept_inputs_numel(n_layer, C, rows):
+    """fp8 weight gradients: the block matmuls' inputs kept transposed from the forward, (C, rows)
+    for qkv, the attention projection and fc, (4C, rows) for the fc projection: 7C x rows a layer."""
+    return n_layer * 7 * C * rows
+
+
+def activation_recompute(recompute, recompute_layers, weight_gradients):
+    """The (recompute, recompute_layers) the activation plan takes. With fp8 weight gradients the
+    backward reads the blocks' inputs from their kept fp8 copies, so the layernorm and GELU
+    outputs are needed in bf16 by the forward alone: one shared buffer each, as recompute 2
+    plans them, and nothing is rebuilt (GPT2.rebuilds)."""
+    return (2, -1) if weight_gradients else (recompute, recompute_layers)
 
 
 def fp8_bytes(n_layer, C, rows, weight_gradients=False):
-    """[(what, bytes)] the fp8 path plans: the weights' two fp8 copies and the cast scratch."""
+    """[(what, bytes)] the fp8 path plans: the weights' two fp8 copies, the cast scratch and,
+    with fp8 weight gradients, the inputs kept for them."""
     regions = scratch_regions(weight_gradients)
-    return [("fp8 weights (W and W^T per block matrix)", 2 * fp8_weight_numel(n_layer, C)),
-            (f"fp8 cast scratch ({regions} x {rows} rows x 4C)", regions * rows * 4 * C)]
+    rows_out = [("fp8 weights (W and W^T per block matrix)", 2 * fp8_weight_numel(n_layer, C)),
+                (f"fp8 cast scratch ({regions} x {rows} rows x 4C)", regions * rows * 4 * C)]
+    if weight_gradients:
+        rows_out.append(("fp8 block inputs kept transposed for the weight gradients",
+                         kept_inputs_numel(n_layer, C, rows)))
+    return rows_out
 
 
 class Fp8Matmuls:
@@ -102,6 +124,18 @@ class Fp8Matmuls:
         self.region = rows * 4 * C  # bytes of one scratch region
         self.scratch = torch.zeros(scratch_regions(weight_gradients) * self.region, dtype=torch.uint8,
                                    device=device)
+        # fp8 weight gradients: each block matmul's input, cast transposed in the forward and kept
+        # for its weight gradient ([layer] -> {matrix: flat bytes for (C_in, rows)})
+        self.kept = torch.zeros(kept_inputs_numel(n_layer, C, rows) if weight_gradients else 0,
+                                dtype=torch.uint8, device=device)
+        self.kept_inputs, offset = [], 0
+        for layer in range(n_layer if weight_gradients else 0):
+            kept = {}
+            for m in MATRICES:
+                n = getattr(p_layers[layer], f"{m}_w").shape[1] * rows
+                kept[m] = self.kept[offset:offset + n]
+                offset += n
+            self.kept_inputs.append(kept)
         self.weights_cast = False  # whether W8/W8t hold a cast of the weights yet
         sites = n_layer * 3 * len(MATRICES)
         self.amax = torch.zeros(sites, SITE_STRIDE, dtype=torch.float32, device=device)
@@ -109,7 +143,7 @@ class Fp8Matmuls:
 
     @property
     def nbytes(self):
-        return self.flat.nbytes + self.scratch.nbytes + self.amax.nbytes + self.inverse.nbytes
+        return self.flat.nbytes + self.scratch.nbytes + self.kept.nbytes + self.amax.nbytes + self.inverse.nbytes
 
     @property
     def amaxes(self):
@@ -142,12 +176,14 @@ class Fp8Matmuls:
         """The first n bytes of scratch region i, as fp8 of format fmt."""
         return self.scratch[i * self.region:i * self.region + n].view(fmt)
 
-    def _cast_transposed(self, x, fmt, layer, what, m, out_region, t_region, amax_known):
-        """x (rows, cols) cast into region out_region (rows, cols) and its transpose (cols, rows)
-        into t_region, with the site's scale: (x8, x8_t, inverse)."""
+    def _cast_transposed(self, x, fmt, layer, what, m, out_region, out_t, amax_known):
+        """x (rows, cols) cast into scratch region out_region (rows, cols) and its transpose (cols,
+        rows) into out_t (a scratch region's number, or a tensor), with the site's scale:
+        (x8, x8_t, inverse)."""
         x = x.reshape(-1, x.shape[-1])
         out = self._region(out_region, x.numel(), fmt).view(x.shape)
-        out_t = self._region(t_region, x.numel(), fmt).view(x.shape[1], x.shape[0])
+        if isinstance(out_t, int):
+            out_t = self._region(out_t, x.numel(), fmt).view(x.shape[1], x.shape[0])
         amax, inverse = self._site(layer, what, m)
         self.ops.fp8_cast_transpose(out, out_t, inverse, amax, x, amax_known=amax_known)
         return out, out_t, inverse
@@ -171,23 +207,32 @@ class Fp8Matmuls:
                                         getattr(self.p_layers[layer], f"{m}_w"))
 
     def forward(self, layer, m, out, inp, bias, gelu_out=None, residual=None):
-        """out = inp @ W^T + bias (+ residual; and gelu_out = gelu(out)) with inp and W in e4m3."""
-        inp8, inp_inverse = self._cast(inp, ACTIVATION_FORMAT, layer, INPUT, m)
+        """out = inp @ W^T + bias (+ residual; and gelu_out = gelu(out)) with inp and W in e4m3;
+        with weight_gradients inp is cast transposed too, into its kept copy."""
+        if self.weight_gradients:
+            rows = inp.numel() // inp.shape[-1]
+            out_t = self.kept_inputs[layer][m][:inp.numel()].view(ACTIVATION_FORMAT).view(inp.shape[-1], rows)
+            inp8, _, inp_inverse = self._cast_transposed(inp, ACTIVATION_FORMAT, layer, INPUT, m, 0, out_t,
+                                                         amax_known=self.producer_amax(layer, INPUT, m) is not None)
+            inp8 = inp8.view(inp.shape)
+        else:
+            inp8, inp_inverse = self._cast(inp, ACTIVATION_FORMAT, layer, INPUT, m)
         _, w_inverse = self._site(layer, WEIGHT, m)
         self.ops.fp8_matmul_forward(out, inp8, inp_inverse, self.weights8[layer][m], w_inverse, bias,
                                     gelu_out=gelu_out, residual=residual)
 
     # ------------------------------------------------------------ backward
-    def backward(self, layer, m, dinp, dweight, dout, inp, gelu_inp=None):
+    def backward(self, layer, m, dinp, dweight, dout, gelu_inp=None):
         """With weight_gradients: dW += dout^T @ inp and dinp = dout @ W (times gelu'(gelu_inp)),
         both fp8 products. Hopper's fp8 tensor cores take both operands K-major, and the weight
-        gradient's K is the tokens: it reads the transposes of dout (OC, rows) and inp (C, rows).
-        So dout is cast once into both layouts (the input gradient reads the first), and inp is
-        cast again, transposed, with the scale of its forward cast: the same tensor (a rebuilt one
-        is bitwise the forward's), so its site's amax from the forward still holds and no amax
-        pass runs. inp is cast before dinp is written, as dinp may be inp's memory."""
-        _, inp8_t, inp_inverse = self._cast_transposed(inp, ACTIVATION_FORMAT, layer, INPUT, m, 0, 2,
-                                                       amax_known=True)
+        gradient's K is the tokens: it reads the transposes of dout (OC, rows) and of the input
+        (C, rows). The input's is the copy its forward cast kept (with that cast's scale, which
+        its site keeps until the next forward); dout is cast once into both layouts, the input
+        gradient reading the first."""
+        _, inp_inverse = self._site(layer, INPUT, m)
+        rows = dout.numel() // dout.shape[-1]
+        C_in = self.weights8[layer][m].shape[1]
+        inp8_t = self.kept_inputs[layer][m][:C_in * rows].view(ACTIVATION_FORMAT).view(C_in, rows)
         dout8, dout8_t, dout_inverse = self._cast_transposed(
             dout, self.gradient_format, layer, GRADIENT, m, 0, 1,
             amax_known=self.producer_amax(layer, GRADIENT, m) is not None)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from distgpt.model.fp8 import GRADIENT, INPUT, Fp8Matmuls
+from distgpt.model.fp8 import GRADIENT, INPUT, Fp8Matmuls, activation_recompute
 from distgpt.model.layout import (CLASSIFIER_CHUNK_ROWS, RESIDUAL_PROJECTIONS, ActivationPlan,
                                   ParameterLayout, layer_tensors, recompute_levels)
 
@@ -26,6 +26,11 @@ class GPT2:
                  recompute_layers=-1, fp8_weight_gradients=False):
         m = model_cfg
         self.cfg, self.ops = m, backend
+        # fp8 weight gradients read the blocks' inputs from fp8 copies kept by the forward: the
+        # layernorm and GELU outputs are then planned as recompute 2 plans them and never rebuilt
+        recompute, recompute_layers = activation_recompute(recompute, recompute_layers,
+                                                           fp8 and fp8_weight_gradients)
+        self.rebuilds = not (fp8 and fp8_weight_gradients)
         self.recompute_levels = recompute_levels(m.n_layer, recompute, recompute_layers)
         self.n_layer, self.n_head, self.n_embd = m.n_layer, m.n_head, m.n_embd
         self.vocab_size = m.vocab_size
@@ -188,7 +193,8 @@ class GPT2:
             lp, lg = self.p_layers[layer], self.g_layers[layer]
             residual_in = a["encoded"] if layer == 0 else a[f"residual3.{layer - 1}"]
             ln1, ln2, fch_gelu = (self._act(a, n, layer) for n in ("ln1", "ln2", "fch_gelu"))
-            self._recompute(a, layer, residual_in, ln1, ln2, fch_gelu)
+            if self.rebuilds:
+                self._recompute(a, layer, residual_in, ln1, ln2, fch_gelu)
             # MLP branch; dres is d(residual3) and flows on unchanged to residual2
             # d_4C is the gradient of fc's pre-activation: the projection's input gradient
             # times gelu'(fch), fused (the dGELU epilogue on the GPU); where GELU is rebuilt it
@@ -238,7 +244,7 @@ class GPT2:
         if self.fp8.weight_gradients:  # dW an fp8 product too; the bias from the bf16 dout
             if dbias is not None:
                 self.ops.bias_backward(dbias, dout)
-            self.fp8.backward(layer, m, dinp, dweight, dout, inp, gelu_inp)
+            self.fp8.backward(layer, m, dinp, dweight, dout, gelu_inp)  # inp: its kept fp8 copy
             return
         # the weight's gradient first: dinp may be inp's memory (d_4C is the rebuilt fch_gelu)
         self.ops.matmul_backward(None, dweight, dbias, dout, inp, weight)

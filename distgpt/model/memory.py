@@ -1,7 +1,7 @@
 """The memory a run will take, from its shape alone, before anything is allocated."""
 import torch
 
-from distgpt.model.fp8 import fp8_bytes
+from distgpt.model.fp8 import activation_recompute, fp8_bytes
 from distgpt.model.layout import ParameterLayout, activation_slots, pack_slots
 
 
@@ -22,14 +22,16 @@ def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scrat
         master_dtype = None if dtype in (torch.float32, torch.float64) else torch.float32
     master_elt = 0 if master_dtype is None else torch.empty((), dtype=master_dtype).element_size()
     master_name = {0: "", 2: " + master low halves", 4: " + fp32 master"}.get(master_elt, " + master")
+    plan_recompute, plan_layers = activation_recompute(recompute, recompute_layers, fp8 and fp8_weight_gradients)
+    kept = ("layernorm and GELU outputs in fp8 only" if fp8 and fp8_weight_gradients else
+            f"recompute={recompute}{'' if recompute_layers < 0 else f' in {recompute_layers} layers'}")
     _, act_elems = pack_slots(activation_slots(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size,
-                                               B, T, recompute, recompute_layers=recompute_layers))
+                                               B, T, plan_recompute, recompute_layers=plan_layers))
     return [("parameters", layout.total * elt),
             ("gradients", layout.total * elt),
             (f"AdamW m, v{master_name} (1/{world if zero_stage == 1 else 1} of the model)",
              shard * (2 * state_elt + master_elt)),
-            (f"activations (B={B}, T={T}, recompute={recompute}"
-             f"{'' if recompute_layers < 0 else f' in {recompute_layers} layers'})",
+            (f"activations (B={B}, T={T}, {kept})",
              act_elems[False] * elt + act_elems[True] * max(elt, 4))] + \
         (fp8_bytes(m.n_layer, m.n_embd, B * T, fp8_weight_gradients) if fp8 else []) + \
         [(f"backend: {name}", nbytes) for name, nbytes in backend_scratch]
