@@ -11,7 +11,7 @@
 #   STAGE=fp8                     benchmarks/device_run.sh gpt2_124m:64 gpt2_1558m:16:2   (the fp8 GPU tests, then
 #                                 bf16 and fp8=true side by side, then the fp8 profile of each config)
 #   STAGE=fp8wgrad                benchmarks/device_run.sh        (fp8 GPU tests, then 1558M B=16: bf16, fp8,
-#                                 fp8 + fp8_weight_gradients, and that with --accum 4)
+#                                 fp8 + fp8_weight_gradients, + delayed scaling, and that with --accum 4)
 #   STAGE=fp8parity               benchmarks/device_run.sh        (val loss, fp8 against bf16, 124M and 350M;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/; more runs beside:
 #                                 PARITY_ARGS="--variant fp8_wgrad=fp8=true,fp8_weight_gradients=true")
@@ -66,7 +66,8 @@ fi
 if [ "$STAGE" = fp8wgrad ]; then  # fp8 weight gradients: their GPU tests, then 1558M bf16 / fp8 / fp8 + wgrad
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_fp8.py tests/test_cuda_model.py 2>&1 \
     | tee "$OUT/fp8wgrad_tests.log" | tail -15
-  for args in "--recompute 1" "--fp8 --recompute 1" "--fp8 --fp8-wgrad" "--fp8 --fp8-wgrad --accum 4"; do
+  for args in "--recompute 1" "--fp8 --recompute 1" "--fp8 --fp8-wgrad" "--fp8 --fp8-wgrad --fp8-scaling delayed" \
+      "--fp8 --fp8-wgrad --fp8-scaling delayed --accum 4"; do
     python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 20 $args ${BENCH_ARGS:-} 2>&1 \
       | grep -v Warn | tee -a "$OUT/fp8wgrad_bench.log" | grep "ms/step"
   done

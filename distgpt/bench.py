@@ -38,7 +38,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
                     pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward="auto",
                     fp8=False, fp8_gradients="e4m3", tune_matmuls=True, recompute_layers=-1,
-                    fp8_weight_gradients=False):
+                    fp8_weight_gradients=False, fp8_scaling="current"):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
@@ -56,7 +56,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     torch.cuda.reset_peak_memory_stats()
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
                  pad_multiple=dist.world, fp8=fp8, fp8_gradients=fp8_gradients, recompute_layers=recompute_layers,
-                 fp8_weight_gradients=fp8_weight_gradients)
+                 fp8_weight_gradients=fp8_weight_gradients, fp8_scaling=fp8_scaling)
     model.init_weights(cfg.seed)
     if not tune_matmuls:  # cuBLASLt's first heuristic answer for every matmul (as deterministic runs)
         backend.matmuls.tune = False
@@ -137,7 +137,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "recompute_layers": recompute_layers,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
@@ -216,6 +216,8 @@ def main(argv=None):
     p.add_argument("--fp8-gradients", choices=("e4m3", "e5m2"), default="e4m3", help="with --fp8: fp8_gradients")
     p.add_argument("--fp8-wgrad", action="store_true",
                    help="with --fp8: the block matmuls' weight gradients as fp8 products (fp8_weight_gradients)")
+    p.add_argument("--fp8-scaling", choices=("current", "delayed"), default="current",
+                   help="with --fp8: fp8_scaling (delayed: scales from past amaxes, one read a cast)")
     p.add_argument("--no-tune", action="store_true",
                    help="every matmul takes cuBLASLt's first heuristic answer, untimed (as deterministic runs do)")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
@@ -240,8 +242,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.profile_steps < 1:
         p.error("--profile-steps must be at least 1")
-    if a.fp8_wgrad and not a.fp8:
-        p.error("--fp8-wgrad needs --fp8")
+    if (a.fp8_wgrad or a.fp8_scaling != "current") and not a.fp8:
+        p.error("--fp8-wgrad and --fp8-scaling need --fp8")
     if a.profile_trace and not Path(a.profile_trace).resolve().parent.is_dir():
         p.error(f"--profile-trace: no directory {Path(a.profile_trace).resolve().parent}")
     if not torch.cuda.is_available():
@@ -256,7 +258,8 @@ def main(argv=None):
                                   rendezvous=a.rendezvous, overlap=a.overlap,
                                   bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward, fp8=a.fp8,
                                   fp8_gradients=a.fp8_gradients, tune_matmuls=not a.no_tune,
-                                  recompute_layers=a.recompute_layers, fp8_weight_gradients=a.fp8_wgrad))
+                                  recompute_layers=a.recompute_layers, fp8_weight_gradients=a.fp8_wgrad,
+                                  fp8_scaling=a.fp8_scaling))
     if not r.pop("is_main"):
         return 0
     if a.json:

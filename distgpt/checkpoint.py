@@ -285,7 +285,10 @@ def load_optimizer(path, optimizer, rank, saved_world):
     if saved_world == optimizer.comm.world:
         tensors, meta = _load_optimizer_file(path, rank)
         if saved_ranges(meta) == optimizer.owned:
-            optimizer.load_state_dict(tensors, meta)
+            try:
+                optimizer.load_state_dict(tensors, meta)
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {path}: {exc}") from None
             return
     # the parts of this rank's ranges that hold parameters; the padding after them stays zero
     used = optimizer.model.layout.used
@@ -321,6 +324,10 @@ def load_optimizer(path, optimizer, rank, saved_world):
     if step is None or covered < need:
         raise CheckpointError(f"checkpoint {path}: its {saved_world} optimizer shard(s) do not cover this "
                               f"rank's parts of the flat buffer; the checkpoint is incomplete")
+    try:  # fp8 delayed scaling: this rank's own amax histories where it had a shard, else rank 0's
+        optimizer.load_fp8_state(*_load_optimizer_file(path, min(rank, saved_world - 1)))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     optimizer.step_count = step
 
 

@@ -116,6 +116,10 @@ class Config:
     fp8_gradients: str = "e4m3"  # fp8=true: the format of the gradients entering the matmuls'
     #                              backward: e4m3 (one more mantissa bit; closer to bf16's loss,
     #                              see model/fp8.py) | e5m2 (more range)
+    fp8_scaling: str = "current"  # fp8=true: current (each cast's scale from its tensor's own amax:
+    #                               an extra read of the tensors no kernel of ours writes) | delayed
+    #                               (from the amaxes of the last fp8_amax_history steps: one read)
+    fp8_amax_history: int = 16  # fp8_scaling=delayed: forwards (and backwards) a scale looks back on
     fp8_weight_gradients: bool = False  # fp8=true: the blocks' weight gradients as fp8 products of
     #                                     the output gradients and inputs (transposed fp8 copies)
     #                                     instead of bf16 ones; the inputs' copies are kept from the
@@ -258,6 +262,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim: lr={o.lr} must be > 0 and grad_clip={o.grad_clip} >= 0")
     if cfg.fp8_gradients not in FP8_GRADIENT_FORMATS:
         raise ConfigError(f"fp8_gradients={cfg.fp8_gradients}: choose one of {', '.join(FP8_GRADIENT_FORMATS)}")
+    if cfg.fp8_scaling not in ("current", "delayed"):
+        raise ConfigError(f"fp8_scaling={cfg.fp8_scaling}: choose current or delayed")
+    if cfg.fp8_amax_history < 1:
+        raise ConfigError(f"fp8_amax_history={cfg.fp8_amax_history} must be >= 1 (steps of amax a delayed scale "
+                          f"looks back on; 16 is usual)")
     if cfg.fp8_weight_gradients and not cfg.fp8:
         raise ConfigError("fp8_weight_gradients=true needs fp8=true (the block matmuls' fp8 path); set both, "
                           "or drop fp8_weight_gradients")

@@ -178,14 +178,31 @@ class ShardedAdamW:
         state = {"m": self.m, "v": self.v}
         if self.master is not None:
             state["master"] = self.master_values()
-        return state, {"step": self.step_count, "ranges": [list(r) for r in self.owned],
-                       "total": self.model.layout.total, "zero_stage": self.zero_stage,
-                       "layout_version": LAYOUT_VERSION}
+        # this rank's fp8 delayed-scaling state rides along (its amaxes are its own batch's)
+        fp8_tensors, fp8_meta = self.model.fp8.state_dict() if self.model.fp8 is not None else ({}, {})
+        return {**state, **fp8_tensors}, {"step": self.step_count, "ranges": [list(r) for r in self.owned],
+                                          "total": self.model.layout.total, "zero_stage": self.zero_stage,
+                                          "layout_version": LAYOUT_VERSION, **fp8_meta}
+
+    def load_fp8_state(self, tensors, meta):
+        """The model's fp8 delayed-scaling state from a shard's tensors and meta, if the model has
+        any; ValueError when the shard has none to give (written with current scaling)."""
+        fp8 = self.model.fp8
+        if fp8 is None or not fp8.delayed:
+            return
+        if "fp8_history" not in tensors:
+            raise ValueError("the checkpoint holds no fp8 amax histories (written with fp8_scaling=current or "
+                             "fp8=false); resume with the fp8 settings it was written with")
+        if tuple(tensors["fp8_history"].shape) != tuple(fp8.history.shape):
+            raise ValueError(f"the checkpoint's fp8 amax histories are {tuple(tensors['fp8_history'].shape)}, this "
+                             f"run's {tuple(fp8.history.shape)}; resume with the fp8_amax_history it was written with")
+        fp8.load_state_dict(tensors, meta)
 
     def load_state_dict(self, tensors, meta):
         if saved_ranges(meta) != self.owned:
             raise ValueError("optimizer shard: its parts of the flat buffer do not match this rank's; "
                              "resume with the same world size, zero_stage and bucket_mb")
+        self.load_fp8_state(tensors, meta)
         self.m.copy_(tensors["m"])
         self.v.copy_(tensors["v"])
         self.step_count = meta["step"]

@@ -259,3 +259,28 @@ extern "C" __global__ void fp8_scale_kernel(float* scale, float* inverse, const 
     scale[0] = s;
     if (inverse != nullptr) inverse[0] = 1.0f / s;
 }
+
+// Delayed scaling, one thread per site (mask[site] != 0; the others are left alone): the site's
+// amax of the last forward and backward joins its history of H (the oldest drops out), and its
+// scale and inverse become pow2_scale of the history's maximum, for the casts of the next
+// forward and backward. A non-finite entry anywhere in the history gives scale 1, as a
+// non-finite amax does. amax, scale and inverse are `stride` floats apart (cuBLASLt's aligned
+// scale pointers), history is (sites, H).
+extern "C" __global__ void fp8_delayed_scales_kernel(float* scale, float* inverse, float* history, const float* amax,
+                                                     const double* limits, const unsigned char* mask, int sites,
+                                                     int H, int stride) {
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= sites || !mask[s]) return;
+    float* h = history + (long long)s * H;
+    for (int i = H - 1; i > 0; i--) h[i] = h[i - 1];
+    h[0] = amax[(long long)s * stride];
+    float a = 0.0f;
+    bool finite = true;
+    for (int i = 0; i < H; i++) {
+        finite = finite && isfinite(h[i]);
+        a = fmaxf(a, h[i]);
+    }
+    const float sc = pow2_scale(finite ? a : __int_as_float(0x7fc00000), limits[s]);
+    scale[(long long)s * stride] = sc;
+    inverse[(long long)s * stride] = 1.0f / sc;
+}

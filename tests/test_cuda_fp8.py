@@ -363,3 +363,25 @@ def test_producers_take_the_amax_the_cast_would(C):
     g4[5] *= 50
     d4 = torch.empty_like(g4)
     check("gelu_backward", lambda a: gelu.gelu_backward(d4, pre, g4, a), d4)
+
+
+def test_delayed_scales_match_the_reference():
+    """fp8_delayed_scales on the GPU: the same histories, scales and inverses as the reference,
+    bit for bit (a shift, a maximum and a power of two), unmasked sites untouched, and the
+    non-finite and all-zero histories giving scale 1."""
+    from distgpt.backends.cuda import fp8
+    S, H = 577, 5
+    gen = torch.Generator().manual_seed(3)
+    history = torch.rand(S, H, generator=gen) * torch.exp2(torch.randint(-20, 10, (S, 1), generator=gen).float())
+    history[3] = 0.0
+    history[4, 2] = float("nan")
+    amax = torch.zeros(S, 4)
+    amax[:, 0] = torch.rand(S, generator=gen) * 100
+    limits = torch.where(torch.arange(S) % 3 == 2, 57344.0, 448.0).double()
+    mask = torch.arange(S) % 4 != 0
+    want = [torch.full((S, 4), 7.0), torch.full((S, 4), 7.0), history.clone()]
+    reference.fp8_delayed_scales(want[0], want[1], want[2], amax, limits, mask)
+    got = [t.cuda() for t in (torch.full((S, 4), 7.0), torch.full((S, 4), 7.0), history)]
+    fp8.fp8_delayed_scales(got[0], got[1], got[2], amax.cuda(), limits.cuda(), mask.cuda())
+    for name, g, w in zip(("scale", "inverse", "history"), got, want):
+        assert torch.equal(g.cpu().view(torch.int32), w.view(torch.int32)), f"{name} differs from the reference"

@@ -22,8 +22,9 @@ SHAPE = ModelConfig(name="t", n_layer=2, n_head=2, n_embd=128, vocab_size=50257,
 B, T = 4, 256
 
 
-def build(backend, dtype, seed=1234, fp8=False, fp8_wgrad=False):
-    model = GPT2(SHAPE, backend, B, T, dtype=dtype, device="cuda", fp8=fp8, fp8_weight_gradients=fp8_wgrad)
+def build(backend, dtype, seed=1234, fp8=False, fp8_wgrad=False, fp8_scaling="current"):
+    model = GPT2(SHAPE, backend, B, T, dtype=dtype, device="cuda", fp8=fp8, fp8_weight_gradients=fp8_wgrad,
+                 fp8_scaling=fp8_scaling, fp8_amax_history=4)
     model.init_weights(seed)
     # perturb biases and layernorms away from 0/1 so their gradients are tested, identically
     gen = torch.Generator().manual_seed(seed + 1)
@@ -92,7 +93,8 @@ def test_fp8_step_matches_reference_fp32(fp8_wgrad):
     assert torch.isfinite(fast.fp8.inverses).all() and (fast.fp8.amaxes > 0).all()
 
 
-def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weights=False, fp8_wgrad=False):
+def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weights=False, fp8_wgrad=False,
+                 fp8_scaling="current"):
     """Twenty steps of a fresh model and backend, each of `accum` micro-steps (reuse_weights: the
     later ones pass fresh_weights=False, as the trainer does). The matmuls take cuBLASLt's first
     answers (tune off, as deterministic runs do): two runs compared bit for bit must not each
@@ -100,7 +102,7 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weig
     from distgpt.backends.cuda import CudaBackend
     from distgpt.model.micro_step import MicroStep
     backend = CudaBackend()
-    model = build(backend, torch.bfloat16, fp8=fp8, fp8_wgrad=fp8_wgrad)
+    model = build(backend, torch.bfloat16, fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling)
     backend.matmuls.tune = False
     if fp8:
         model.fp8.fuse_amax = fuse_amax
@@ -122,24 +124,27 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weig
     return losses, model.params.clone(), opt.master_values()
 
 
-PRECISIONS = pytest.mark.parametrize("fp8,fp8_wgrad", [(False, False), (True, False), (True, True)],
-                                     ids=["bf16", "fp8", "fp8_wgrad"])
+PRECISIONS = pytest.mark.parametrize("fp8,fp8_wgrad,fp8_scaling",
+                                     [(False, False, "current"), (True, False, "current"), (True, True, "current"),
+                                      (True, False, "delayed")],
+                                     ids=["bf16", "fp8", "fp8_wgrad", "fp8_delayed"])
 
 
 @PRECISIONS
-def test_twenty_steps_are_bitwise_deterministic(fp8, fp8_wgrad):
-    first, second = twenty_steps(fp8=fp8, fp8_wgrad=fp8_wgrad), twenty_steps(fp8=fp8, fp8_wgrad=fp8_wgrad)
+def test_twenty_steps_are_bitwise_deterministic(fp8, fp8_wgrad, fp8_scaling):
+    kw = dict(fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling)
+    first, second = twenty_steps(**kw), twenty_steps(**kw)
     assert first[0] == second[0], "losses differ between identical runs"
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     assert first[0][-1] < first[0][0] - 0.5  # and it learns: memorising the two batches
 
 
 @PRECISIONS
-def test_cuda_graph_replay_is_bitwise_the_eager_step(fp8, fp8_wgrad):
+def test_cuda_graph_replay_is_bitwise_the_eager_step(fp8, fp8_wgrad, fp8_scaling):
     """Steps 1 eager, 2 captured + replayed, 3.. replayed: the same losses and weights, bit for bit,
     as launching every kernel from Python."""
-    eager = twenty_steps(use_graph=False, fp8=fp8, fp8_wgrad=fp8_wgrad)
-    graphed = twenty_steps(use_graph=True, fp8=fp8, fp8_wgrad=fp8_wgrad)
+    kw = dict(fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling)
+    eager, graphed = twenty_steps(use_graph=False, **kw), twenty_steps(use_graph=True, **kw)
     assert eager[0] == graphed[0], "losses differ between the eager and the CUDA-graph step"
     assert torch.equal(eager[1], graphed[1]) and torch.equal(eager[2], graphed[2])
 

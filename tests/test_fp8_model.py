@@ -237,3 +237,62 @@ def test_fp8_weight_gradients_keep_the_inputs_and_rebuild_nothing():
         assert ops.rebuilt == forward_rebuilt, "the backward rebuilt a layernorm or GELU output"
         runs.append(model.grads.clone())
     assert torch.equal(runs[0], runs[1])
+
+
+class CountingCasts:
+    """The reference backend, counting the casts that take their own amax (fp8_cast and
+    fp8_cast_transpose) and those that take a given scale (fp8_quantize*)."""
+
+    def __init__(self):
+        self.current = self.given = 0
+
+    def __getattr__(self, name):
+        op = getattr(reference, name)
+        if name in ("fp8_cast", "fp8_cast_transpose"):
+            return lambda *a, **k: (setattr(self, "current", self.current + 1), op(*a, **k))[1]
+        if name in ("fp8_quantize", "fp8_quantize_transpose"):
+            return lambda *a, **k: (setattr(self, "given", self.given + 1), op(*a, **k))[1]
+        return op
+
+
+def test_delayed_scaling_starts_as_current_then_scales_from_the_history():
+    """fp8_scaling=delayed: the first step casts by current scaling (bitwise the current-scaling
+    step); from the second on the activations' and gradients' casts take the scale of their
+    site's history maximum (fp8_scale of it), the weights still cast by current scaling, and
+    the loss stays close to current scaling's."""
+    gen = torch.Generator().manual_seed(6)
+    batches = [[torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2)] for _ in range(3)]
+    runs = {}
+    for scaling in ("current", "delayed"):
+        ops = CountingCasts()
+        model = GPT2(SHAPE, ops, B, T, fp8=True, fp8_scaling=scaling, fp8_amax_history=4)
+        model.init_weights(6)
+        losses, counts = [], []
+        for x, y in batches:
+            model.zero_grad()
+            losses.append(float(model.forward(x, y, 1.0 / (B * T))))
+            model.backward()
+            counts.append((ops.current, ops.given))
+            if len(losses) == 1:
+                first_grads = model.grads.clone()
+            model.params.add_(model.grads, alpha=-1e-2)  # a plain step, so the amaxes move
+        runs[scaling] = (losses, counts, first_grads, model)
+    (cur_losses, cur_counts, cur_first, _), (del_losses, del_counts, del_first, delayed) = \
+        runs["current"], runs["delayed"]
+    assert del_losses[0] == cur_losses[0] and torch.equal(del_first, cur_first)
+    per_step = 8 * SHAPE.n_layer  # 4 activation and 4 gradient casts a layer
+    assert del_counts[0] == (per_step + 4 * SHAPE.n_layer, 0)  # + the weights
+    assert del_counts[1][0] - del_counts[0][0] == 4 * SHAPE.n_layer and del_counts[1][1] == per_step
+    assert cur_counts[1][1] == 0
+    for a, b in zip(del_losses, cur_losses):
+        assert abs(a - b) <= 1e-3 * b
+    fp8 = delayed.fp8
+    # the last step's scales: each activation or gradient site's history maximum through fp8_scale
+    for site in range(len(fp8.delayed_sites)):
+        if not fp8.delayed_sites[site]:
+            continue
+        want = torch.empty(1)
+        fmt = "e4m3" if fp8.limits[site] == reference.fp8_max("e4m3") else "e5m2"
+        reference.fp8_scale(want, fp8.history[site].max().reshape(1), fmt)
+        assert float(fp8.scale[site, 0]) == float(want) and float(fp8.inverse[site, 0]) == 1 / float(want)
+    assert fp8.forwards == 3 and (fp8.history[:, :2] > 0).any() and (fp8.history[:, 2:] == 0).all()

@@ -524,3 +524,23 @@ def test_fp8_cast_transpose_with_a_known_amax_skips_nothing_it_needs():
         ops.fp8_cast_transpose(q, q_t, inv, amax, x, amax_known=known)
         outs.append((q.view(torch.uint8), q_t.view(torch.uint8), inv, amax))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_fp8_delayed_scales_push_the_amax_and_scale_from_the_history():
+    """Masked sites: the amax joins the history (oldest out) and the scale is fp8_scale of the
+    history's maximum, 1 for a non-finite history; unmasked sites are untouched."""
+    S, H = 4, 3
+    history = torch.tensor([[1.0, 8.0, 2.0], [0.0, 0.0, 0.0], [1.0, float("inf"), 1.0], [5.0, 5.0, 5.0]])
+    amax = torch.zeros(S, 4)
+    amax[:, 0] = torch.tensor([3.0, 0.0, 1.0, 100.0])
+    scale, inverse = torch.full((S, 4), 7.0), torch.full((S, 4), 7.0)
+    limits = torch.tensor([448.0, 448.0, 448.0, 57344.0], dtype=torch.float64)
+    mask = torch.tensor([True, True, True, False])
+    before = history.clone()
+    ops.fp8_delayed_scales(scale, inverse, history, amax, limits, mask)
+    assert torch.equal(history[0], torch.tensor([3.0, 1.0, 8.0])) and torch.equal(history[3], before[3])
+    want = torch.empty(1)
+    ops.fp8_scale(want, torch.tensor([8.0]), "e4m3")
+    assert float(scale[0, 0]) == float(want) == 32.0 and float(inverse[0, 0]) == 1 / 32
+    assert float(scale[1, 0]) == 1.0 and float(scale[2, 0]) == 1.0  # all zero; an inf in the history
+    assert float(scale[3, 0]) == 7.0 and float(inverse[3, 0]) == 7.0  # masked out

@@ -416,6 +416,25 @@ def fp8_scale(scale, amax, fmt, margin=0, inverse=None):
         inverse.fill_(1.0 / value)
 
 
+def fp8_delayed_scales(scale, inverse, history, amax, limits, mask):
+    """Delayed scaling for every site (row) where mask: the site's amax (its row's first element)
+    joins its history row (the oldest entry drops out), and its scale and inverse (first
+    elements) become fp8_scale of the history's maximum under its limit (limits: fp8_max of the
+    site's format over 2^margin, float64), 1 when the history holds a non-finite value. One call
+    for all sites before a forward: the casts then need no amax of their own first."""
+    for s in torch.nonzero(mask).flatten().tolist():
+        history[s, 1:] = history[s, :-1].clone()
+        history[s, 0] = amax.reshape(len(mask), -1)[s, 0]
+        h = history[s]
+        a = float(h.max()) if bool(torch.isfinite(h).all()) else float("nan")
+        value = 1.0
+        if math.isfinite(a) and a > 0.0:
+            _, exponent = math.frexp(float(limits[s]) / a)
+            value = 2.0 ** (exponent - 1)
+        scale.reshape(len(mask), -1)[s, 0] = value
+        inverse.reshape(len(mask), -1)[s, 0] = 1.0 / value
+
+
 def fp8_quantize(out, amax, inp, scale):
     """out (a float8 tensor; its dtype picks the format) = inp * scale, saturated to the format's
     largest finite value and rounded to the nearest (even) fp8 value; amax (one fp32 element) =

@@ -14,8 +14,14 @@ moments and the optimizer are unchanged. Formats:
   H100, 2026-11-23), val loss at step 100 was 1.4-2.1% below bf16's in all three e5m2 runs
   against +0.8% for e4m3, while two bf16 runs differed by up to 0.8% (benchmarks/fp8_parity.py).
 
-Scaling is current scaling: before each cast, one pass takes the tensor's amax and the cast
-uses the largest power-of-two scale that keeps it in range (fp8_cast). That costs a second
+Scaling is current scaling by default (fp8_scaling=current): before each cast, one pass takes
+the tensor's amax and the cast uses the largest power-of-two scale that keeps it in range
+(fp8_cast). fp8_scaling=delayed instead takes each activation's and gradient's scale from the
+maximum of its site's last fp8_amax_history amaxes (one fp8_delayed_scales launch before each
+forward) and the cast takes this step's amax as it writes (fp8_quantize): one read of the
+tensor, and a value past the history's range saturates; the weights keep current scaling (cast
+once an optimizer step), the first forward casts by current scaling, and the histories go to
+the checkpoint. It is not yet measured on a GPU, for speed or loss. That costs a second
 read of each cast tensor against delayed scaling (a scale from past amaxes), but there is no
 amax history to warm up, checkpoint or resume, a tensor whose range jumps is never clipped,
 and a run is bitwise reproducible by construction (the amax is an order-free maximum).
@@ -49,7 +55,7 @@ in all; the fused sites are half of it.
 """
 import torch
 
-from distgpt.backends.reference import FP8_FORMATS
+from distgpt.backends.reference import FP8_FORMATS, fp8_max as fp8_max_of
 
 MATRICES = ("qkv", "attproj", "fc", "fcproj")  # the block's matmuls, in forward order
 WEIGHT, INPUT, GRADIENT = range(3)  # what a site casts
@@ -103,7 +109,7 @@ class Fp8Matmuls:
     the forward / input-gradient products of the block matmuls over the backend's fp8 ops."""
 
     def __init__(self, ops, p_layers, n_layer, C, rows, device, gradient_format="e4m3", fuse_amax=True,
-                 weight_gradients=False):
+                 weight_gradients=False, scaling="current", amax_history=16):
         self.ops, self.p_layers = ops, p_layers
         self.fuse_amax = fuse_amax  # False: every cast takes its own amax pass (tests compare the two)
         self.gradient_format = FP8_FORMATS[gradient_format]  # of the gradients entering a backward
@@ -140,10 +146,27 @@ class Fp8Matmuls:
         sites = n_layer * 3 * len(MATRICES)
         self.amax = torch.zeros(sites, SITE_STRIDE, dtype=torch.float32, device=device)
         self.inverse = torch.ones(sites, SITE_STRIDE, dtype=torch.float32, device=device)
+        # delayed scaling (scaling="delayed"): the activations' and gradients' casts take their
+        # scale from the amaxes of the last amax_history forwards and backwards (history) and
+        # take this one's amax as they cast, one read instead of two; the weights, cast once an
+        # optimizer step, keep current scaling. The first forward, with no history yet, casts by
+        # current scaling too (forwards counts them).
+        if scaling not in ("current", "delayed"):
+            raise ValueError(f"fp8 scaling={scaling!r}: choose current or delayed")
+        self.delayed = scaling == "delayed"
+        self.forwards = 0
+        n = sites if self.delayed else 0
+        self.history = torch.zeros(n, amax_history, dtype=torch.float32, device=device)
+        self.scale = torch.ones(n, SITE_STRIDE, dtype=torch.float32, device=device)
+        whats = torch.arange(n) // len(MATRICES) % 3
+        self.delayed_sites = (whats != WEIGHT).to(device)
+        self.limits = torch.tensor([fp8_max_of(gradient_format if w == GRADIENT else "e4m3") for w in whats.tolist()],
+                                   dtype=torch.float64, device=device)
 
     @property
     def nbytes(self):
-        return self.flat.nbytes + self.scratch.nbytes + self.kept.nbytes + self.amax.nbytes + self.inverse.nbytes
+        return sum(t.nbytes for t in (self.flat, self.scratch, self.kept, self.amax, self.inverse, self.history,
+                                       self.scale, self.limits, self.delayed_sites))
 
     @property
     def amaxes(self):
@@ -158,6 +181,27 @@ class Fp8Matmuls:
         i = (layer * 3 + what) * len(MATRICES) + MATRICES.index(m)
         return self.amax[i, :1], self.inverse[i, :1]
 
+    def _delaying(self, layer, what, m):
+        """This site's scale when its cast takes it from the history (delayed scaling, once a
+        forward has left amaxes, not a weight), else None (current scaling)."""
+        if not self.delayed or self.forwards < 2 or what == WEIGHT:
+            return None
+        i = (layer * 3 + what) * len(MATRICES) + MATRICES.index(m)
+        return self.scale[i, :1]
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        """Delayed scaling's state, for a checkpoint: the amaxes not yet in the history, the
+        histories and the number of forwards; current scaling keeps none."""
+        if not self.delayed:
+            return {}, {}
+        return {"fp8_amax": self.amax, "fp8_history": self.history}, {"fp8_forwards": self.forwards}
+
+    def load_state_dict(self, tensors, meta):
+        self.amax.copy_(tensors["fp8_amax"])
+        self.history.copy_(tensors["fp8_history"])
+        self.forwards = int(meta["fp8_forwards"])
+
     def producer_amax(self, layer, what, m):
         """The amax the kernel writing this site's tensor merges into, or None where the cast
         takes its own (not a PRODUCED site, or fuse_amax off)."""
@@ -169,7 +213,11 @@ class Fp8Matmuls:
         """x's fp8 copy in the scratch (x contiguous, its own shape) and its inverse scale."""
         out = self._region(0, x.numel(), fmt).view(x.shape)
         amax, inverse = self._site(layer, what, m)
-        self.ops.fp8_cast(out, inverse, amax, x, amax_known=self.producer_amax(layer, what, m) is not None)
+        scale = self._delaying(layer, what, m)
+        if scale is not None:
+            self.ops.fp8_quantize(out, amax, x, scale)
+        else:
+            self.ops.fp8_cast(out, inverse, amax, x, amax_known=self.producer_amax(layer, what, m) is not None)
         return out, inverse
 
     def _region(self, i, n, fmt):
@@ -185,14 +233,25 @@ class Fp8Matmuls:
         if isinstance(out_t, int):
             out_t = self._region(out_t, x.numel(), fmt).view(x.shape[1], x.shape[0])
         amax, inverse = self._site(layer, what, m)
-        self.ops.fp8_cast_transpose(out, out_t, inverse, amax, x, amax_known=amax_known)
+        scale = self._delaying(layer, what, m)
+        if scale is not None:
+            self.ops.fp8_quantize_transpose(out, out_t, amax, x, scale)
+        else:
+            self.ops.fp8_cast_transpose(out, out_t, inverse, amax, x, amax_known=amax_known)
         return out, out_t, inverse
 
     # ------------------------------------------------------------ forward
     def begin_forward(self, cast_weights=True):
         """Zero the amaxes this forward's and backward's casts take their maximum into: one
         launch a forward. cast_weights False: the weights' fp8 copies from an earlier forward
-        are reused (see GPT2.forward's fresh_weights), and their sites keep amax and scale."""
+        are reused (see GPT2.forward's fresh_weights), and their sites keep amax and scale.
+        Delayed scaling first moves the last forward's and backward's amaxes into the histories
+        and takes this forward's scales from them (one launch)."""
+        if self.delayed:
+            if self.forwards:
+                self.ops.fp8_delayed_scales(self.scale, self.inverse, self.history, self.amax, self.limits,
+                                            self.delayed_sites)
+            self.forwards += 1
         if cast_weights:
             self.amax.zero_()
         else:

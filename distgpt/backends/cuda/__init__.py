@@ -147,6 +147,9 @@ class CudaBackend:
     def spike_guard(self, verdict, scale, window, count, loss, norm, loss_zscore, norm_zscore, min_samples):
         spike_guard(verdict, scale, window, count, loss, norm, loss_zscore, norm_zscore, min_samples)
 
+    def fp8_delayed_scales(self, scale, inverse, history, amax, limits, mask):
+        fp8.fp8_delayed_scales(scale, inverse, history, amax, limits, mask)
+
     def fp8_scale(self, scale, amax, fmt, margin=0, inverse=None):
         fp8.fp8_scale(scale, amax, fmt, margin, inverse)
 

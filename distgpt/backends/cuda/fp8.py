@@ -139,3 +139,24 @@ def fp8_scale(scale, amax, fmt, margin=0, inverse=None):
         raise ValueError(f"{op}: fmt={fmt!r}: choose one of {', '.join(FP8_FORMATS)}")
     KERNELS.launch("fp8_scale_kernel", 1, 32, (ptr(scale), ptr(inverse), ptr(amax),
                                                np.float64(fp8_max(fmt) / 2 ** margin)))
+
+
+def fp8_delayed_scales(scale, inverse, history, amax, limits, mask):
+    """Delayed scaling for every site where mask: its amax (sites, stride) joins its history
+    (sites, H), oldest out, and scale and inverse (sites, stride) become the largest power of
+    two that keeps the history's maximum under limits (sites,) fp64 (1 for a non-finite
+    history), and its inverse. The reference's fp8_delayed_scales; one launch for all sites."""
+    op = "fp8_delayed_scales"
+    S, H = history.shape
+    for name, t, dtype in (("scale", scale, torch.float32), ("inverse", inverse, torch.float32),
+                           ("history", history, torch.float32), ("amax", amax, torch.float32),
+                           ("limits", limits, torch.float64), ("mask", mask, torch.bool)):
+        if t.dtype != dtype or not t.is_cuda or not t.is_contiguous() or t.shape[0] != S:
+            raise ValueError(f"{op}: {name} must be a contiguous {dtype} CUDA tensor with {S} rows")
+    stride = amax.shape[1] if amax.dim() == 2 else 1
+    if scale.shape != amax.shape or inverse.shape != amax.shape:
+        raise ValueError(f"{op}: scale, inverse and amax must share a shape")
+    if S:
+        KERNELS.launch("fp8_delayed_scales_kernel", -(-S // THREADS), THREADS,
+                       (ptr(scale), ptr(inverse), ptr(history), ptr(amax), ptr(limits), ptr(mask), i32(S), i32(H),
+                        i32(stride)))
