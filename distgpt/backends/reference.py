@@ -406,14 +406,19 @@ def fp8_scale(scale, amax, fmt, margin=0, inverse=None):
     tensor's own, for current scaling, or a history's maximum, for delayed scaling). inverse
     (one fp32 element, optional) = 1 / s: what a scaled fp8 matmul multiplies its product by.
     floor(log2(q)) is taken as frexp's exponent less one, exact at and around powers of two."""
-    a = float(amax.reshape(-1)[0])
-    value = 1.0
-    if math.isfinite(a) and a > 0.0:
-        _, exponent = math.frexp(fp8_max(fmt) / 2 ** margin / a)
-        value = 2.0 ** (exponent - 1)
+    value = _pow2_scale(float(amax.reshape(-1)[0]), fp8_max(fmt) / 2 ** margin)
     scale.fill_(value)
     if inverse is not None:
         inverse.fill_(1.0 / value)
+
+
+def _pow2_scale(a, limit):
+    """The largest power of two s with a * s <= limit (1 for a zero or non-finite a): floor(log2(q))
+    as frexp's exponent less one."""
+    if not (math.isfinite(a) and a > 0.0):
+        return 1.0
+    _, exponent = math.frexp(limit / a)
+    return 2.0 ** (exponent - 1)
 
 
 def fp8_delayed_scales(scale, inverse, history, amax, limits, mask):
@@ -426,11 +431,7 @@ def fp8_delayed_scales(scale, inverse, history, amax, limits, mask):
         history[s, 1:] = history[s, :-1].clone()
         history[s, 0] = amax.reshape(len(mask), -1)[s, 0]
         h = history[s]
-        a = float(h.max()) if bool(torch.isfinite(h).all()) else float("nan")
-        value = 1.0
-        if math.isfinite(a) and a > 0.0:
-            _, exponent = math.frexp(float(limits[s]) / a)
-            value = 2.0 ** (exponent - 1)
+        value = _pow2_scale(float(h.max()) if bool(torch.isfinite(h).all()) else math.nan, float(limits[s]))
         scale.reshape(len(mask), -1)[s, 0] = value
         inverse.reshape(len(mask), -1)[s, 0] = 1.0 / value
 

@@ -21,10 +21,10 @@ maximum of its site's last fp8_amax_history amaxes (one fp8_delayed_scales launc
 forward) and the cast takes this step's amax as it writes (fp8_quantize): one read of the
 tensor, and a value past the history's range saturates; the weights keep current scaling (cast
 once an optimizer step), the first forward casts by current scaling, and the histories go to
-the checkpoint. It is not yet measured on a GPU, for speed or loss. That costs a second
-read of each cast tensor against delayed scaling (a scale from past amaxes), but there is no
-amax history to warm up, checkpoint or resume, a tensor whose range jumps is never clipped,
-and a run is bitwise reproducible by construction (the amax is an order-free maximum).
+the checkpoint. It is not yet measured on a GPU, for speed or loss. Current scaling, the
+default, costs that second read of each cast tensor, but there is no amax history to warm up,
+checkpoint or resume, a tensor whose range jumps is never clipped, and a run is bitwise
+reproducible by construction (the amax is an order-free maximum).
 
 What is kept, planned once with the model:
 - each block matrix's fp8 copy W8 (OC, C) for the forward and its transpose W8t (C, OC) for
@@ -158,9 +158,9 @@ class Fp8Matmuls:
         n = sites if self.delayed else 0
         self.history = torch.zeros(n, amax_history, dtype=torch.float32, device=device)
         self.scale = torch.ones(n, SITE_STRIDE, dtype=torch.float32, device=device)
-        whats = torch.arange(n) // len(MATRICES) % 3
-        self.delayed_sites = (whats != WEIGHT).to(device)
-        self.limits = torch.tensor([fp8_max_of(gradient_format if w == GRADIENT else "e4m3") for w in whats.tolist()],
+        whats = [what for layer in range(n_layer) for what in range(3) for _ in MATRICES][:n]  # by _index
+        self.delayed_sites = torch.tensor([w != WEIGHT for w in whats], dtype=torch.bool, device=device)
+        self.limits = torch.tensor([fp8_max_of(gradient_format if w == GRADIENT else "e4m3") for w in whats],
                                    dtype=torch.float64, device=device)
 
     @property
@@ -177,8 +177,13 @@ class Fp8Matmuls:
     def inverses(self):
         return self.inverse[:, 0]
 
+    @staticmethod
+    def _index(layer, what, m):
+        """The site's row in amax, inverse, scale and history."""
+        return (layer * 3 + what) * len(MATRICES) + MATRICES.index(m)
+
     def _site(self, layer, what, m):
-        i = (layer * 3 + what) * len(MATRICES) + MATRICES.index(m)
+        i = self._index(layer, what, m)
         return self.amax[i, :1], self.inverse[i, :1]
 
     def _delaying(self, layer, what, m):
@@ -186,8 +191,12 @@ class Fp8Matmuls:
         forward has left amaxes, not a weight), else None (current scaling)."""
         if not self.delayed or self.forwards < 2 or what == WEIGHT:
             return None
-        i = (layer * 3 + what) * len(MATRICES) + MATRICES.index(m)
-        return self.scale[i, :1]
+        return self.scale[self._index(layer, what, m), :1]
+
+    def _kept_input(self, layer, m, rows):
+        """The kept transposed fp8 copy of the layer's matmul m's input, (C_in, rows)."""
+        C_in = self.weights8[layer][m].shape[1]
+        return self.kept_inputs[layer][m][:C_in * rows].view(ACTIVATION_FORMAT).view(C_in, rows)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self):
@@ -224,21 +233,18 @@ class Fp8Matmuls:
         """The first n bytes of scratch region i, as fp8 of format fmt."""
         return self.scratch[i * self.region:i * self.region + n].view(fmt)
 
-    def _cast_transposed(self, x, fmt, layer, what, m, out_region, out_t, amax_known):
-        """x (rows, cols) cast into scratch region out_region (rows, cols) and its transpose (cols,
-        rows) into out_t (a scratch region's number, or a tensor), with the site's scale:
-        (x8, x8_t, inverse)."""
+    def _cast_transposed(self, x, fmt, layer, what, m, out_t, amax_known):
+        """x (rows, cols) cast into scratch region 0 (rows, cols) and its transpose into out_t
+        (cols, rows), with the site's scale: (x8, inverse)."""
         x = x.reshape(-1, x.shape[-1])
-        out = self._region(out_region, x.numel(), fmt).view(x.shape)
-        if isinstance(out_t, int):
-            out_t = self._region(out_t, x.numel(), fmt).view(x.shape[1], x.shape[0])
+        out = self._region(0, x.numel(), fmt).view(x.shape)
         amax, inverse = self._site(layer, what, m)
         scale = self._delaying(layer, what, m)
         if scale is not None:
             self.ops.fp8_quantize_transpose(out, out_t, amax, x, scale)
         else:
             self.ops.fp8_cast_transpose(out, out_t, inverse, amax, x, amax_known=amax_known)
-        return out, out_t, inverse
+        return out, inverse
 
     # ------------------------------------------------------------ forward
     def begin_forward(self, cast_weights=True):
@@ -269,10 +275,9 @@ class Fp8Matmuls:
         """out = inp @ W^T + bias (+ residual; and gelu_out = gelu(out)) with inp and W in e4m3;
         with weight_gradients inp is cast transposed too, into its kept copy."""
         if self.weight_gradients:
-            rows = inp.numel() // inp.shape[-1]
-            out_t = self.kept_inputs[layer][m][:inp.numel()].view(ACTIVATION_FORMAT).view(inp.shape[-1], rows)
-            inp8, _, inp_inverse = self._cast_transposed(inp, ACTIVATION_FORMAT, layer, INPUT, m, 0, out_t,
-                                                         amax_known=self.producer_amax(layer, INPUT, m) is not None)
+            inp8, inp_inverse = self._cast_transposed(
+                inp, ACTIVATION_FORMAT, layer, INPUT, m, self._kept_input(layer, m, inp.numel() // inp.shape[-1]),
+                amax_known=self.producer_amax(layer, INPUT, m) is not None)
             inp8 = inp8.view(inp.shape)
         else:
             inp8, inp_inverse = self._cast(inp, ACTIVATION_FORMAT, layer, INPUT, m)
@@ -289,13 +294,13 @@ class Fp8Matmuls:
         its site keeps until the next forward); dout is cast once into both layouts, the input
         gradient reading the first."""
         _, inp_inverse = self._site(layer, INPUT, m)
-        rows = dout.numel() // dout.shape[-1]
-        C_in = self.weights8[layer][m].shape[1]
-        inp8_t = self.kept_inputs[layer][m][:C_in * rows].view(ACTIVATION_FORMAT).view(C_in, rows)
-        dout8, dout8_t, dout_inverse = self._cast_transposed(
-            dout, self.gradient_format, layer, GRADIENT, m, 0, 1,
-            amax_known=self.producer_amax(layer, GRADIENT, m) is not None)
-        self.ops.fp8_matmul_weight_grad(dweight, dout8_t, dout_inverse, inp8_t, inp_inverse)
+        OC = dout.shape[-1]
+        rows = dout.numel() // OC
+        dout8_t = self._region(1, dout.numel(), self.gradient_format).view(OC, rows)
+        dout8, dout_inverse = self._cast_transposed(dout, self.gradient_format, layer, GRADIENT, m, dout8_t,
+                                                    amax_known=self.producer_amax(layer, GRADIENT, m) is not None)
+        self.ops.fp8_matmul_weight_grad(dweight, dout8_t, dout_inverse, self._kept_input(layer, m, rows),
+                                        inp_inverse)
         self._input_gradient(layer, m, dinp, dout8.view(dout.shape), dout_inverse, gelu_inp)
 
     def backward_input(self, layer, m, dinp, dout, gelu_inp=None):
