@@ -13,6 +13,10 @@ the working tree first, at a path git does not ignore, e.g.
 
     python benchmarks/fp8_parity.py TEXT --smoke     # CPU: the tiny model on the reference ops
 
+--set OVERRIDE adds an override to every run, e.g. --set deterministic=true: with it two bf16
+runs are bitwise equal, so the gap left is fp8's alone (the attention backward is FlashAttention-2's
+deterministic one in every run; see also --noise).
+
 --noise also runs bf16 a second time: bf16 runs are not bitwise reproducible unless
 deterministic=true (cuDNN's attention backward adds with atomics), so two bf16 runs differ too,
 most while the loss falls fastest; their gap is the noise floor the fp8 gap is read against.
@@ -82,6 +86,8 @@ def main(argv=None):
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE]",
                         help="one more run with these overrides, reported beside (e.g. "
                              "fp8_e4m3=fp8=true,fp8_gradients=e4m3); repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="OVERRIDE",
+                        help="an override for every run, e.g. deterministic=true; repeatable")
     a = parser.parse_args(argv)
     variants = {"bf16": ["fp8=false"], "fp8": ["fp8=true"]}
     if a.noise:
@@ -95,8 +101,8 @@ def main(argv=None):
         runs = {}
         for label, overrides in variants.items():
             name = f"{model}_{label}"
-            distgpt("train", *(SMOKE if a.smoke else GPU + [f"model={model}"]), *COMMON, *shards, *overrides,
-                    f"out_dir={root}", f"name={name}", "resume=none")
+            distgpt("train", *(SMOKE if a.smoke else GPU + [f"model={model}"]), *COMMON, *shards, *a.set,
+                    *overrides, f"out_dir={root}", f"name={name}", "resume=none")
             runs[label] = read_run(root / name)
             print(f"{name}: val loss {runs[label][0]}", flush=True)
         table, ok = report(model, runs)

@@ -238,13 +238,15 @@ class Matmuls:
         at N = 256, C = 1600); None inside a CUDA graph capture, which must not synchronise (the
         first answer runs there, and a later call outside tunes). The timed runs overwrite d,
         which the caller's own run then writes again; an accumulating product's d is saved to
-        host memory first and put back (no GPU memory is taken); one that adds a separate c
-        leaves c alone and needs no saving."""
+        host memory first and put back (no GPU memory is taken), also when its c is d itself
+        (the fp8 weight gradient passes dweight as both); one that adds a separate c leaves c
+        alone and needs no saving."""
         if plan.candidates == 1:
             return 0
         if torch.cuda.is_current_stream_capturing():
             return None
-        saved = d.to("cpu") if beta and c is None else None
+        accumulates = beta and (c is None or c.data_ptr() == d.data_ptr())
+        saved = d.to("cpu") if accumulates else None
         times = []
         for index in range(plan.candidates):
             algo = plan.algorithm(index)
