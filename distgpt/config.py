@@ -120,6 +120,8 @@ class Config:
     #                               an extra read of the tensors no kernel of ours writes) | delayed
     #                               (from the amaxes of the last fp8_amax_history steps: one read)
     fp8_amax_history: int = 16  # fp8_scaling=delayed: forwards (and backwards) a scale looks back on
+    fp8_margin: int = 0  # fp8_scaling=delayed: a delayed scale leaves 2^margin of headroom above the
+    #                      history's amax (a tensor whose range grows past it is clipped otherwise)
     fp8_weight_gradients: bool = False  # fp8=true: the blocks' weight gradients as fp8 products of
     #                                     the output gradients and inputs (transposed fp8 copies)
     #                                     instead of bf16 ones; the inputs' copies are kept from the
@@ -267,6 +269,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.fp8_amax_history < 1:
         raise ConfigError(f"fp8_amax_history={cfg.fp8_amax_history} must be >= 1 (steps of amax a delayed scale "
                           f"looks back on; 16 is usual)")
+    if not 0 <= cfg.fp8_margin <= 8:
+        raise ConfigError(f"fp8_margin={cfg.fp8_margin} must be in 0..8 (powers of two of headroom a delayed "
+                          f"scale leaves; 0 or 1 is usual)")
     if cfg.fp8_weight_gradients and not cfg.fp8:
         raise ConfigError("fp8_weight_gradients=true needs fp8=true (the block matmuls' fp8 path); set both, "
                           "or drop fp8_weight_gradients")

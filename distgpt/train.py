@@ -101,7 +101,8 @@ class Trainer:
         self.model = GPT2(cfg.model, self.backend, self.B, self.T, dtype, dist.device,
                           t.recompute, pad_multiple=dist.world, fp8=cfg.fp8, fp8_gradients=cfg.fp8_gradients,
                           recompute_layers=t.recompute_layers, fp8_weight_gradients=cfg.fp8_weight_gradients,
-                          fp8_scaling=cfg.fp8_scaling, fp8_amax_history=cfg.fp8_amax_history)
+                          fp8_scaling=cfg.fp8_scaling, fp8_amax_history=cfg.fp8_amax_history,
+                          fp8_margin=cfg.fp8_margin)
         if scratch is not None:  # what the libraries really asked for, beside the estimate
             taken = sum(nbytes for _, nbytes in self.backend.scratch())
             self.log.info(f"backend scratch planned: {taken / 2**20:,.1f} MiB (estimated "

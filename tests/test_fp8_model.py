@@ -7,7 +7,7 @@ import torch
 from distgpt.backends import reference
 from distgpt.config import ModelConfig
 from distgpt.model import memory
-from distgpt.model.fp8 import fp8_bytes
+from distgpt.model.fp8 import PRODUCED, fp8_bytes
 from distgpt.model.gpt2 import GPT2
 
 SHAPE = ModelConfig(name="t", n_layer=2, n_head=2, n_embd=64, vocab_size=50257, padded_vocab_size=50304,
@@ -255,17 +255,19 @@ class CountingCasts:
         return op
 
 
-def test_delayed_scaling_starts_as_current_then_scales_from_the_history():
+@pytest.mark.parametrize("margin", [0, 1])
+def test_delayed_scaling_starts_as_current_then_scales_from_the_history(margin):
     """fp8_scaling=delayed: the first step casts by current scaling (bitwise the current-scaling
-    step); from the second on the activations' and gradients' casts take the scale of their
-    site's history maximum (fp8_scale of it), the weights still cast by current scaling, and
-    the loss stays close to current scaling's."""
+    step); from the second on the casts that would need an amax pass of their own (3 a layer)
+    take the scale of their site's history maximum (fp8_scale of it, with fp8_margin's 2^margin
+    of headroom), those whose producer takes the amax (5 a layer) and the weights still cast
+    by current scaling, and the loss stays close to current scaling's."""
     gen = torch.Generator().manual_seed(6)
     batches = [[torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2)] for _ in range(3)]
     runs = {}
     for scaling in ("current", "delayed"):
         ops = CountingCasts()
-        model = GPT2(SHAPE, ops, B, T, fp8=True, fp8_scaling=scaling, fp8_amax_history=4)
+        model = GPT2(SHAPE, ops, B, T, fp8=True, fp8_scaling=scaling, fp8_amax_history=4, fp8_margin=margin)
         model.init_weights(6)
         losses, counts = [], []
         for x, y in batches:
@@ -282,7 +284,10 @@ def test_delayed_scaling_starts_as_current_then_scales_from_the_history():
     assert del_losses[0] == cur_losses[0] and torch.equal(del_first, cur_first)
     per_step = 8 * SHAPE.n_layer  # 4 activation and 4 gradient casts a layer
     assert del_counts[0] == (per_step + 4 * SHAPE.n_layer, 0)  # + the weights
-    assert del_counts[1][0] - del_counts[0][0] == 4 * SHAPE.n_layer and del_counts[1][1] == per_step
+    delayed_casts = 8 - len(PRODUCED)  # a layer's casts that take a delayed scale
+    assert delayed_casts == 3 and int(delayed.fp8.delayed_sites.sum()) == delayed_casts * SHAPE.n_layer
+    assert del_counts[1][0] - del_counts[0][0] == (4 + len(PRODUCED)) * SHAPE.n_layer
+    assert del_counts[1][1] == delayed_casts * SHAPE.n_layer
     assert cur_counts[1][1] == 0
     for a, b in zip(del_losses, cur_losses):
         assert abs(a - b) <= 1e-3 * b
@@ -292,7 +297,7 @@ def test_delayed_scaling_starts_as_current_then_scales_from_the_history():
         if not fp8.delayed_sites[site]:
             continue
         want = torch.empty(1)
-        fmt = "e4m3" if fp8.limits[site] == reference.fp8_max("e4m3") else "e5m2"
-        reference.fp8_scale(want, fp8.history[site].max().reshape(1), fmt)
+        fmt = "e4m3" if fp8.limits[site] * 2 ** margin == reference.fp8_max("e4m3") else "e5m2"
+        reference.fp8_scale(want, fp8.history[site].max().reshape(1), fmt, margin=margin)
         assert float(fp8.scale[site, 0]) == float(want) and float(fp8.inverse[site, 0]) == 1 / float(want)
     assert fp8.forwards == 3 and (fp8.history[:, :2] > 0).any() and (fp8.history[:, 2:] == 0).all()

@@ -294,6 +294,7 @@ def test_finished_run_says_so(tmp_path, shards, capsys):
     ("fp8_weight_gradients=true", "fp8_weight_gradients=true needs fp8=true"),
     ("fp8_scaling=late", "fp8_scaling=late: choose current or delayed"),
     ("fp8_amax_history=0", "fp8_amax_history=0 must be >= 1"),
+    ("fp8_margin=-1", "fp8_margin=-1 must be in 0..8"),
     ("fp8=true fp8_weight_gradients=true train.micro_batch=1 train.seq_len=20 train.total_batch_tokens=20",
      "fp8_weight_gradients=true: train.micro_batch x train.seq_len = 20 tokens must be a multiple of 16"),
 ])
