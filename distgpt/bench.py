@@ -38,7 +38,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
                     pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward="auto",
                     fp8=False, fp8_gradients="e4m3", tune_matmuls=True, recompute_layers=-1,
-                    fp8_weight_gradients=False, fp8_scaling="current"):
+                    fp8_weight_gradients=None, fp8_scaling=None):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
@@ -47,16 +47,21 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     from distgpt.optim import ShardedAdamW
     from distgpt.parallel.data_parallel import DataParallel, gather_in_forward_wanted, overlap_wanted
 
+    # the fp8 settings left None are the config's defaults (the measured recipe), as in training
+    fp8_settings = {"fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling}
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
                        f"train.recompute={recompute}", f"train.recompute_layers={recompute_layers}",
-                       "backend=cuda", "device=cuda", "dtype=bfloat16"])
+                       "backend=cuda", "device=cuda", "dtype=bfloat16",
+                       *(f"{k}={str(v).lower()}" for k, v in fp8_settings.items() if v is not None)])
+    fp8_weight_gradients, fp8_scaling = cfg.fp8_weight_gradients, cfg.fp8_scaling
     dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s, rendezvous=rendezvous)
     backend = get_backend("cuda")
     backend.set_deterministic(deterministic)
     torch.cuda.reset_peak_memory_stats()
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
                  pad_multiple=dist.world, fp8=fp8, fp8_gradients=fp8_gradients, recompute_layers=recompute_layers,
-                 fp8_weight_gradients=fp8_weight_gradients, fp8_scaling=fp8_scaling)
+                 fp8_weight_gradients=fp8_weight_gradients, fp8_scaling=fp8_scaling,
+                 fp8_amax_history=cfg.fp8_amax_history, fp8_margin=cfg.fp8_margin)
     model.init_weights(cfg.seed)
     if not tune_matmuls:  # cuBLASLt's first heuristic answer for every matmul (as deterministic runs)
         backend.matmuls.tune = False
@@ -188,6 +193,14 @@ def time_without_collectives(step, dp, steps):
     return statistics.median(samples)
 
 
+def fp8_label(r):
+    """' fp8' and what of the recipe is not the default, for a result printed as one line."""
+    if not r["fp8"]:
+        return ""
+    return (" fp8" + ("" if r["fp8_weight_gradients"] else ", bf16 weight gradients")
+            + ("" if r["fp8_scaling"] == "delayed" else f", {r['fp8_scaling']} scaling"))
+
+
 def summarize(result):
     tokens = result["B"] * result["T"] * result.get("accum", 1) * result.get("world", 1)
     result["tok_s"] = tokens / result["step_s"]
@@ -214,10 +227,12 @@ def main(argv=None):
     p.add_argument("--no-graphs", action="store_true", help="launch every kernel from Python (no CUDA graph)")
     p.add_argument("--fp8", action="store_true", help="the blocks' matmuls with fp8 operands (fp8=true)")
     p.add_argument("--fp8-gradients", choices=("e4m3", "e5m2"), default="e4m3", help="with --fp8: fp8_gradients")
-    p.add_argument("--fp8-wgrad", action="store_true",
-                   help="with --fp8: the block matmuls' weight gradients as fp8 products (fp8_weight_gradients)")
-    p.add_argument("--fp8-scaling", choices=("current", "delayed"), default="current",
-                   help="with --fp8: fp8_scaling (delayed: scales from past amaxes, one read a cast)")
+    p.add_argument("--fp8-wgrad", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --fp8: the block matmuls' weight gradients as fp8 products or not "
+                        "(fp8_weight_gradients; default: the config's, true)")
+    p.add_argument("--fp8-scaling", choices=("current", "delayed"), default=None,
+                   help="with --fp8: fp8_scaling (default: the config's, delayed: scales from past "
+                        "amaxes where a cast would need its own amax pass)")
     p.add_argument("--no-tune", action="store_true",
                    help="every matmul takes cuBLASLt's first heuristic answer, untimed (as deterministic runs do)")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
@@ -242,8 +257,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.profile_steps < 1:
         p.error("--profile-steps must be at least 1")
-    if (a.fp8_wgrad or a.fp8_scaling != "current") and not a.fp8:
-        p.error("--fp8-wgrad and --fp8-scaling need --fp8")
+    if (a.fp8_wgrad is not None or a.fp8_scaling is not None) and not a.fp8:
+        p.error("--fp8-wgrad, --no-fp8-wgrad and --fp8-scaling need --fp8")
     if a.profile_trace and not Path(a.profile_trace).resolve().parent.is_dir():
         p.error(f"--profile-trace: no directory {Path(a.profile_trace).resolve().parent}")
     if not torch.cuda.is_available():
@@ -270,7 +285,7 @@ def main(argv=None):
                 f"weights {r['gather_s'] * 1000:.1f}), the step without them "
                 f"{r['local_step_s'] * 1000:.1f} ms (exposed {1000 * (r['step_s'] - r['local_step_s']):.1f} ms)"
                 if r["world"] > 1 else "")
-        print(f"{r['model']}{' fp8' if r['fp8'] else ''}{' (weight gradients too)' if r['fp8_weight_gradients'] else ''} {r['world']} GPU(s) B={r['B']} T={r['T']} accum={r['accum']}: "
+        print(f"{r['model']}{fp8_label(r)} {r['world']} GPU(s) B={r['B']} T={r['T']} accum={r['accum']}: "
               f"{r['step_s'] * 1000:.1f} ms/step, {r['tok_s']:,.0f} tok/s{per_gpu}, MFU {100 * r['mfu']:.1f}%, "
               f"device memory {r['device_used_gb']:.1f} GB/GPU (torch peak {r['torch_peak_gb']:.1f} GB){comm}, "
               f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}", flush=True)

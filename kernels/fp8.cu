@@ -36,6 +36,9 @@
 #ifndef FP8_VTILE
 #error "FP8_VTILE comes from backends/cuda/fp8.py (compiled in as -DFP8_VTILE=...)"
 #endif
+#ifndef FP8_VROWS
+#error "FP8_VROWS comes from backends/cuda/fp8.py (compiled in as -DFP8_VROWS=...)"
+#endif
 
 // the maximum of the block's v (abs_bits values, common.cuh), valid in its first thread
 __device__ __forceinline__ unsigned int block_max(unsigned int v) {
@@ -174,49 +177,83 @@ __device__ void quantize_transpose(__nv_fp8_storage_t* out, __nv_fp8_storage_t* 
     if (threadIdx.x == 0 && threadIdx.y == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), m);
 }
 
-// The same for R and C multiples of 8 (every GPT-2 weight), 16-byte vectors: one
-// FP8_VTILE x FP8_VTILE tile per block of FP8_THREADS threads. Each thread reads 8 bf16 at a
-// time (row-wise, coalesced), writes their 8 fp8 bytes to out and to a shared tile, then writes
-// 8 bytes of a tile column as one 8-byte piece of an out_t row. The scalar kernel above moves 2
-// bytes a load and 1 a store: at 1558M its 192 weight casts a step took 5.6 ms, about 2.5x what
-// their bytes need at the H100's bandwidth. Same quantization, so the same bytes.
+// The same for R and C multiples of 8 (every GPT-2 weight and activation), 16-byte vectors: one
+// FP8_VROWS x FP8_VTILE tile (rows of inp x columns) per block of FP8_THREADS threads. Each
+// thread first issues all of its 16-byte loads of 8 bf16 (row-wise, coalesced; several in
+// flight per thread is what reaches the memory's bandwidth), then writes their 8 fp8 bytes to out
+// and to a shared tile of 32-bit words. For out_t each thread reads a 4-column x 8-row block of
+// the tile as 8 words, transposes its bytes in registers (byte_perm) and writes 4 out_t rows of
+// 8 bytes. The tile's pitch of 17 words and a warp spanning 8 column blocks x 4 row blocks put
+// those word reads on 32 different banks. Measured at 1558M B=16 (H200, 2026-12-03): the first
+// version (a 64 x 64 tile, one load in flight, byte reads of the tile) moved 2.8 TB/s. The scalar
+// kernel above moves 2 bytes a load and 1 a store. Same quantization, so the same bytes.
+__device__ __forceinline__ void transpose_4x4_bytes(unsigned int& a, unsigned int& b, unsigned int& c,
+                                                    unsigned int& d) {
+    // rows a..d of 4 bytes in, columns out: a = (a0 b0 c0 d0), b = (a1 b1 c1 d1), ...
+    const unsigned int ab_lo = __byte_perm(a, b, 0x5140), ab_hi = __byte_perm(a, b, 0x7362);
+    const unsigned int cd_lo = __byte_perm(c, d, 0x5140), cd_hi = __byte_perm(c, d, 0x7362);
+    a = __byte_perm(ab_lo, cd_lo, 0x5410);
+    b = __byte_perm(ab_lo, cd_lo, 0x7632);
+    c = __byte_perm(ab_hi, cd_hi, 0x5410);
+    d = __byte_perm(ab_hi, cd_hi, 0x7632);
+}
+
 template <__nv_fp8_interpretation_t FORMAT, bool CAST>
-__device__ void quantize_transpose_vec(__nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax,
-                                       const floatX* inp, const float* scale_ptr, float* inverse, double limit,
-                                       int R, int C) {
-    constexpr int VEC = 8, PITCH = FP8_VTILE + 8;  // pitch: 8-byte aligned rows, fewer bank conflicts
-    __shared__ __align__(16) __nv_fp8_storage_t tile[FP8_VTILE][PITCH];
+__device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __nv_fp8_storage_t* __restrict__ out_t,
+                                       float* amax, const floatX* __restrict__ inp, const float* scale_ptr,
+                                       float* inverse, double limit, int R, int C) {
+    constexpr int VEC = 8, WORDS = FP8_VTILE / 4, PITCH = WORDS + 1;  // pitch: see above
+    constexpr int VECS_PER_ROW = FP8_VTILE / VEC;
+    constexpr int LOADS = FP8_VROWS * VECS_PER_ROW / FP8_THREADS;     // 16-byte loads per thread
+    static_assert(LOADS * FP8_THREADS == FP8_VROWS * VECS_PER_ROW, "a tile is whole loads of every thread");
+    static_assert((FP8_VTILE / 4) * (FP8_VROWS / 8) == FP8_THREADS, "one 4 x 8 block of out_t per thread");
+    static_assert(FP8_VTILE / 4 % 8 == 0 && FP8_THREADS / 32 % (FP8_VTILE / 32) == 0, "warps of 8 x 4 blocks");
+    __shared__ unsigned int tile[FP8_VROWS][PITCH];
     const float scale = CAST ? pow2_scale(*amax, limit) : *scale_ptr;
     if (CAST && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *inverse = 1.0f / scale;
-    const int r0 = blockIdx.y * FP8_VTILE, c0 = blockIdx.x * FP8_VTILE;
-    constexpr int VECS_PER_ROW = FP8_VTILE / VEC;
+    const int r0 = blockIdx.y * FP8_VROWS, c0 = blockIdx.x * FP8_VTILE;
+    x128 x[LOADS];
+#pragma unroll
+    for (int u = 0; u < LOADS; u++) {
+        const int v = threadIdx.x + u * FP8_THREADS;
+        const int r = r0 + v / VECS_PER_ROW, c = c0 + (v % VECS_PER_ROW) * VEC;
+        if (r < R && c < C) x[u] = load128cs(inp + (long long)r * C + c);
+    }
     unsigned int local = 0u;
-    for (int v = threadIdx.x; v < FP8_VTILE * VECS_PER_ROW; v += FP8_THREADS) {
+#pragma unroll
+    for (int u = 0; u < LOADS; u++) {
+        const int v = threadIdx.x + u * FP8_THREADS;
         const int dr = v / VECS_PER_ROW, dc = (v % VECS_PER_ROW) * VEC;
         const int r = r0 + dr, c = c0 + dc;
         if (r < R && c < C) {
-            const x128 x = load128cs(inp + (long long)r * C + c);
             union { __nv_fp8_storage_t q[VEC]; uint2 packed; } y;
 #pragma unroll
             for (int j = 0; j < VEC; j++) {
-                const float f = __bfloat162float(x[j]);
+                const float f = __bfloat162float(x[u][j]);
                 local = max(local, abs_bits(f));
                 y.q[j] = to_fp8<FORMAT>(f * scale);
             }
             *reinterpret_cast<uint2*>(out + (long long)r * C + c) = y.packed;
-            *reinterpret_cast<uint2*>(&tile[dr][dc]) = y.packed;
+            tile[dr][dc / 4] = y.packed.x;
+            tile[dr][dc / 4 + 1] = y.packed.y;
         }
     }
     __syncthreads();
-    for (int v = threadIdx.x; v < FP8_VTILE * VECS_PER_ROW; v += FP8_THREADS) {
-        const int dc = v / VECS_PER_ROW, dr = (v % VECS_PER_ROW) * VEC;  // out_t row c0 + dc, columns r0 + dr ..
-        const int c = c0 + dc, r = r0 + dr;
-        if (r < R && c < C) {
-            union { __nv_fp8_storage_t q[VEC]; uint2 packed; } y;
+    // this thread's block: tile columns 4 w .. 4 w + 3 (out_t rows c0 + 4 w ..), tile rows 8 g ..
+    // 8 g + 7 (8 bytes of each of those out_t rows); a warp takes 8 column blocks x 4 row blocks
+    constexpr int WARPS_ACROSS = WORDS / 8;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int w = (warp % WARPS_ACROSS) * 8 + lane % 8, g = (warp / WARPS_ACROSS) * 4 + lane / 8;
+    const int c = c0 + 4 * w, r = r0 + 8 * g;
+    if (c < C && r < R) {  // R, C multiples of 8: the whole block is in range or none of it
+        unsigned int q[8];
 #pragma unroll
-            for (int j = 0; j < VEC; j++) y.q[j] = tile[dr + j][dc];
-            *reinterpret_cast<uint2*>(out_t + (long long)c * R + r) = y.packed;
-        }
+        for (int j = 0; j < 8; j++) q[j] = tile[8 * g + j][w];
+        transpose_4x4_bytes(q[0], q[1], q[2], q[3]);
+        transpose_4x4_bytes(q[4], q[5], q[6], q[7]);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            *reinterpret_cast<uint2*>(out_t + (long long)(c + i) * R + r) = make_uint2(q[i], q[4 + i]);
     }
     if (CAST) return;
     const unsigned int m = block_max(local);

@@ -159,3 +159,21 @@ def test_bench_rejects_a_bad_profile_request_before_running(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             bench_main(argv)
         assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["--fp8-scaling", "current"], ["--no-fp8-wgrad"], ["--fp8-wgrad"]])
+def test_bench_fp8_settings_need_fp8(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(argv)
+    assert exit_.value.code == 2
+    assert "need --fp8" in capsys.readouterr().err
+
+
+def test_bench_fp8_label_names_what_departs_from_the_recipe():
+    from distgpt.bench import fp8_label
+    from distgpt.config import Config
+    recipe = {"fp8": True, "fp8_weight_gradients": Config.fp8_weight_gradients, "fp8_scaling": Config.fp8_scaling}
+    assert fp8_label(recipe) == " fp8"
+    assert fp8_label({**recipe, "fp8": False}) == ""
+    assert fp8_label({**recipe, "fp8_weight_gradients": False, "fp8_scaling": "current"}) == \
+        " fp8, bf16 weight gradients, current scaling"

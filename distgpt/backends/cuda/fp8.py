@@ -18,9 +18,11 @@ THREADS = 256        # fp8_quantize: threads per block, 8 elements each per load
 UNROLL = 4           # ... and this many loads in flight per thread
 TILE = 32            # fp8_quantize_transpose: TILE x TILE elements per block ...
 TILE_ROWS = THREADS // TILE  # ... of (TILE, TILE_ROWS) threads
-VTILE = 64           # the vectorized transpose (R, C multiples of 8): VTILE x VTILE per block of THREADS
+VTILE = 64           # the vectorized transpose (R, C multiples of 8): VROWS x VTILE per block of THREADS ...
+VROWS = 128          # ... (THREADS = VTILE / 4 x VROWS / 8: one 4 x 8 block of the transpose per thread)
 VEC = 8              # ... in 16-byte loads of 8 bf16
-KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_UNROLL=UNROLL, FP8_TILE=TILE, FP8_VTILE=VTILE)
+KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_UNROLL=UNROLL, FP8_TILE=TILE, FP8_VTILE=VTILE,
+                       FP8_VROWS=VROWS)
 FORMAT_OF = {dtype: name for name, dtype in FP8_FORMATS.items()}
 
 
@@ -51,7 +53,7 @@ def _transpose_launch(kernel, fmt, inp, out, out_t):
     R, C = inp.shape
     if R % VEC == 0 and C % VEC == 0 and inp.data_ptr() % 16 == 0 and out.data_ptr() % 8 == 0 \
             and out_t.data_ptr() % 8 == 0:
-        return f"{kernel}_vec_{fmt}_kernel", (-(-C // VTILE), -(-R // VTILE)), THREADS
+        return f"{kernel}_vec_{fmt}_kernel", (-(-C // VTILE), -(-R // VROWS)), THREADS
     return f"{kernel}_{fmt}_kernel", (-(-C // TILE), -(-R // TILE)), (TILE, TILE_ROWS)
 
 
