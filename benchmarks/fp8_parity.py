@@ -34,8 +34,7 @@ GPU = ["backend=cuda", "device=cuda", "dtype=bfloat16", "train.micro_batch=8", "
 SMOKE = ["model=tiny", "backend=reference", "device=cpu", "dtype=float32", "train.micro_batch=2",
          "train.seq_len=64", "train.max_steps=6", "train.val_every=3", "train.val_steps=2"]
 COMMON = ["optim.schedule=cosine", "optim.lr=6e-4", "optim.warmup_steps=20", "train.total_batch_tokens=0",
-          "train.sample_every=0", "train.checkpoint_every=0", "train.hellaswag_every=0", "train.log_every=50",
-          "seed=1337"]
+          "train.sample_every=0", "train.checkpoint_every=0", "train.hellaswag_every=0", "train.log_every=50"]
 
 
 def read_run(run_dir):
@@ -82,6 +81,9 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["gpt2_124m", "gpt2_350m"])
     parser.add_argument("--out", default=None, help="a new work directory (default: a new temporary one)")
     parser.add_argument("--smoke", action="store_true", help="CPU check: the tiny model, 6 steps")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1337],
+                        help="the whole comparison once per seed (weights and data order), a table each: "
+                             "how far apart the runs land depends on the seed where the loss falls fastest")
     parser.add_argument("--noise", action="store_true", help="a second bf16 run: the noise floor (see above)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE]",
                         help="one more run with these overrides, reported beside (e.g. "
@@ -98,16 +100,17 @@ def main(argv=None):
     root, shards = work_dir(a.text, a.out, "fp8-parity-")
     tables, all_ok = [], True
     for model in (["tiny"] if a.smoke else a.models):
-        runs = {}
-        for label, overrides in variants.items():
-            name = f"{model}_{label}"
-            distgpt("train", *(SMOKE if a.smoke else GPU + [f"model={model}"]), *COMMON, *shards, *a.set,
-                    *overrides, f"out_dir={root}", f"name={name}", "resume=none")
-            runs[label] = read_run(root / name)
-            print(f"{name}: val loss {runs[label][0]}", flush=True)
-        table, ok = report(model, runs)
-        tables.append(table)
-        all_ok &= ok
+        for seed in a.seeds:
+            runs = {}
+            for label, overrides in variants.items():
+                name = f"{model}_{label}" + (f"_seed{seed}" if len(a.seeds) > 1 else "")
+                distgpt("train", *(SMOKE if a.smoke else GPU + [f"model={model}"]), *COMMON, f"seed={seed}",
+                        *shards, *a.set, *overrides, f"out_dir={root}", f"name={name}", "resume=none")
+                runs[label] = read_run(root / name)
+                print(f"{name}: val loss {runs[label][0]}", flush=True)
+            table, ok = report(model + (f", seed {seed}" if len(a.seeds) > 1 else ""), runs)
+            tables.append(table)
+            all_ok &= ok
     print("\n".join(tables))
     print("PASS" if all_ok else "FAIL", flush=True)
     return 0 if all_ok else 1

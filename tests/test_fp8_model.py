@@ -133,18 +133,24 @@ def test_memory_plan_counts_the_fp8_copies_and_scratch(weight_gradients):
             next(b for name, b in memory.estimate(SHAPE, B, T, 2, torch.float32, 1, 1) if name.startswith("activations"))
 
 
+def load_parity_script(monkeypatch):
+    """benchmarks/fp8_parity.py as a module (it imports train_runs from beside it)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_parity.py"
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location("fp8_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_fp8_parity_benchmark_smoke(tmp_path, capsys, monkeypatch):
     """benchmarks/fp8_parity.py --smoke --noise: bf16 (here fp32), fp8 and bf16 again from the
     same weights on the CPU; one table row per evaluation, fp8 close, the repeat identical
     (the reference backend is deterministic), and PASS."""
-    import importlib.util
-    from pathlib import Path
     from distgpt.train import builtin_text
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_parity.py"
-    monkeypatch.syspath_prepend(str(path.parent))
-    spec = importlib.util.spec_from_file_location("fp8_parity", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_parity_script(monkeypatch)
     assert bench.main([str(builtin_text("tinyshakespeare")), "--smoke", "--noise", "--out", str(tmp_path),
                        "--variant", "fp8_e5m2=fp8=true,fp8_gradients=e5m2"]) == 0
     out = capsys.readouterr().out
@@ -155,6 +161,19 @@ def test_fp8_parity_benchmark_smoke(tmp_path, capsys, monkeypatch):
         assert abs(float(e5m2) - float(bf16)) <= 0.01 * float(bf16)
         assert (e5m2 == fp8) == (step == "| 0")  # the gradients' format shows once a step was taken
     assert "- fp8: largest gap" in out and out.strip().endswith("PASS")
+
+
+def test_fp8_parity_benchmark_compares_once_per_seed(tmp_path, capsys, monkeypatch):
+    """--seeds: a table per seed, each seed its own weights and data order (its runs differ
+    from the other seed's from the first evaluation on)."""
+    from distgpt.train import builtin_text
+    bench = load_parity_script(monkeypatch)
+    assert bench.main([str(builtin_text("tinyshakespeare")), "--smoke", "--seeds", "1", "2", "--out",
+                       str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "### tiny, seed 1" in out and "### tiny, seed 2" in out
+    first_rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 0 |")]
+    assert len(first_rows) == 2 and first_rows[0][1] != first_rows[1][1]
 
 
 class StrictCasts:
