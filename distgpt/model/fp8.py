@@ -2,9 +2,9 @@
 and the order it casts in.
 
 Each block's four matmuls (qkv, attention projection, fc, fc projection) take FP8 operands in
-the forward and for the input gradient in the backward; the weight gradient stays a bf16
-product of the bf16 activations the model keeps anyway, unless fp8_weight_gradients (then it
-is an fp8 product too: backward() says how), and the lm head, attention, master weights,
+the forward and for the input gradient in the backward; the weight gradient is an fp8 product
+too with fp8_weight_gradients (the config's default: backward() says how), else a bf16 product
+of the bf16 activations the model then keeps, and the lm head, attention, master weights,
 moments and the optimizer are unchanged. Formats:
 - weights and activations: e4m3 (more precision), per-tensor scales;
 - the gradient flowing into a matmul's backward (dout): e4m3 by default, or e5m2
@@ -14,9 +14,9 @@ moments and the optimizer are unchanged. Formats:
   H100, 2026-11-23), val loss at step 100 was 1.4-2.1% below bf16's in all three e5m2 runs
   against +0.8% for e4m3, while two bf16 runs differed by up to 0.8% (benchmarks/fp8_parity.py).
 
-Scaling is current scaling by default (fp8_scaling=current): before each cast, one pass takes
-the tensor's amax and the cast uses the largest power-of-two scale that keeps it in range
-(fp8_cast). fp8_scaling=delayed instead takes the scale of each cast that would need an amax
+Current scaling (fp8_scaling=current): before each cast, one pass takes the tensor's amax and
+the cast uses the largest power-of-two scale that keeps it in range (fp8_cast).
+fp8_scaling=delayed, the config's default, instead takes the scale of each cast that would need an amax
 pass of its own (the attention output, the GELU output, the qkv gradient: tensors cuDNN and
 cuBLASLt write) from the maximum of its site's last fp8_amax_history amaxes over 2^fp8_margin
 (one fp8_delayed_scales launch before each forward), and the cast takes this step's amax as it
@@ -24,10 +24,11 @@ writes (fp8_quantize): one read of the tensor, and a value past the history's ra
 The casts whose producer takes the amax (PRODUCED, below) and the weights (cast once an
 optimizer step) keep current scaling, the first forward casts by current scaling, and the
 histories go to the checkpoint. Measured at 1558M B=16 on an H200 (2026-12-03, fp8 weight
-gradients): 245.0 -> 238.9 ms a step, with every activation and gradient site delayed. Current
-scaling, the default, costs that second read of each cast tensor, but there is no amax history to warm up,
-checkpoint or resume, a tensor whose range jumps is never clipped, and a run is bitwise
-reproducible by construction (the amax is an order-free maximum).
+gradients): 238.1 -> 232.1 ms a step, with the val loss as close to bf16's as current
+scaling's at 124M and 350M (README, FP8). Current scaling costs that second read of those
+three tensors, but there is no amax history to warm up, checkpoint or resume, a tensor whose
+range jumps is never clipped, and a run is bitwise reproducible by construction (the amax is
+an order-free maximum).
 
 What is kept, planned once with the model:
 - each block matrix's fp8 copy W8 (OC, C) for the forward and its transpose W8t (C, OC) for
