@@ -110,8 +110,7 @@ class Trainer:
         self.log.info(f"model {cfg.model.name}: {self.model.num_parameters:,} parameters | "
                       f"{self.tokens_per_step:,} tokens/step = {dist.world} rank(s) x {self.accum} "
                       f"micro-steps x B={self.B} x T={self.T} | backend {cfg.backend} ({cfg.dtype}"
-                      f"{', fp8 block matmuls' if cfg.fp8 else ''}"
-                      f"{' and weight gradients' if cfg.fp8_weight_gradients else ''})")
+                      f"{fp8_summary(cfg)})")
         self.step, self.tokens_seen = 0, 0
         resume_from = self._checkpoint_to_resume()
         if resume_from is None and cfg.init_from:
@@ -452,6 +451,14 @@ def builtin_text(name):
     if not path.is_file():
         raise FileNotFoundError(f"data.source: no builtin text '{name}'; the package ships 'tinyshakespeare'")
     return Path(str(path))
+
+
+def fp8_summary(cfg):
+    """What the run's fp8 settings do, for the start-up line ('' without fp8)."""
+    if not cfg.fp8:
+        return ""
+    grads = "fp8" if cfg.fp8_weight_gradients else "bf16"
+    return f", fp8 block matmuls: {grads} weight gradients, {cfg.fp8_scaling} scaling"
 
 
 def check_fp8_device(device):

@@ -429,3 +429,12 @@ def test_resuming_with_delayed_fp8_scaling_from_a_current_scaling_checkpoint_is_
     assert main(["train", *common, "train.max_steps=4", "fp8_scaling=delayed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no fp8 amax histories" in err[0] and "resume with the fp8 settings" in err[0], err
+
+
+def test_fp8_summary_names_the_recipe_and_says_nothing_without_fp8():
+    from distgpt.config import load_config
+    from distgpt.train import fp8_summary
+    assert fp8_summary(load_config([])) == ""  # the fp8_* defaults alone switch nothing on
+    assert fp8_summary(load_config(["fp8=true"])) == ", fp8 block matmuls: fp8 weight gradients, delayed scaling"
+    assert fp8_summary(load_config(["fp8=true", "fp8_weight_gradients=false", "fp8_scaling=current"])) == \
+        ", fp8 block matmuls: bf16 weight gradients, current scaling"
