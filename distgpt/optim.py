@@ -186,13 +186,12 @@ class ShardedAdamW:
 
     def load_fp8_state(self, tensors, meta):
         """The model's fp8 delayed-scaling state from a shard's tensors and meta, if the model has
-        any; ValueError when the shard has none to give (written with current scaling)."""
+        any and the shard holds it. A shard written with current scaling or without fp8 has none:
+        the histories then start afresh, as in a new run (the first forward casts by current
+        scaling), so a run can switch to the fp8 recipe at a resume; the trainer says so."""
         fp8 = self.model.fp8
-        if fp8 is None or not fp8.delayed:
+        if fp8 is None or not fp8.delayed or "fp8_history" not in tensors:
             return
-        if "fp8_history" not in tensors:
-            raise ValueError("the checkpoint holds no fp8 amax histories (written with fp8_scaling=current or "
-                             "fp8=false); resume with the fp8 settings it was written with")
         if tuple(tensors["fp8_history"].shape) != tuple(fp8.history.shape):
             raise ValueError(f"the checkpoint's fp8 amax histories are {tuple(tensors['fp8_history'].shape)}, this "
                              f"run's {tuple(fp8.history.shape)}; resume with the fp8_amax_history it was written with")

@@ -180,6 +180,11 @@ class Trainer:
             raise checkpoint.CheckpointError(f"checkpoint {path} holds a {state['dtype']} run, this run is "
                                              f"{self.cfg.dtype}; resume with dtype={state['dtype']}")
         checkpoint.load_optimizer(path, self.optimizer, self.dist.rank, state["world"])
+        fp8 = self.model.fp8
+        if fp8 is not None and fp8.delayed and fp8.forwards == 0:
+            self.log.info("the checkpoint holds no fp8 amax histories (written with fp8_scaling=current or "
+                          "fp8=false): delayed scaling starts them afresh, its first step casting by current "
+                          "scaling")
         try:
             self.train_loader.load_state_dict(state["train_loader"])
         except ValueError as exc:

@@ -421,14 +421,20 @@ def test_sample_streams_text_from_a_run(tmp_path, shards, capsys):
     assert main(["sample", str(tmp_path / "nothing")]) == 2
 
 
-def test_resuming_with_delayed_fp8_scaling_from_a_current_scaling_checkpoint_is_one_line(tmp_path, shards, capsys):
+@pytest.mark.parametrize("first", ["fp8_scaling=current", "fp8=false"])
+def test_resuming_with_delayed_fp8_scaling_from_a_checkpoint_without_histories_starts_them_afresh(
+        tmp_path, shards, capsys, first):
+    """A run switches to the fp8 recipe at a resume (e.g. from bf16, or from a checkpoint of the
+    old current-scaling default): the histories start as in a new run, and the log says so."""
     common = [*SMALL, *shards, f"out_dir={tmp_path}", "train.val_every=0", "train.checkpoint_every=2",
-              "train.micro_batch=2", "train.seq_len=32", "fp8=true", "train.max_steps=2"]
-    assert main(["train", *common, "fp8_scaling=current"]) == 0
+              "train.micro_batch=2", "train.seq_len=32", "fp8=true", "train.max_steps=2", "name=switch"]
+    assert main(["train", *common, first]) == 0
     capsys.readouterr()
-    assert main(["train", *common, "train.max_steps=4", "fp8_scaling=delayed"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no fp8 amax histories" in err[0] and "resume with the fp8 settings" in err[0], err
+    assert main(["train", *common, "train.max_steps=4", "fp8_scaling=delayed"]) == 0
+    out = capsys.readouterr()
+    assert "delayed scaling starts them afresh" in out.out + out.err
+    rows, _ = read_metrics(tmp_path / "switch")
+    assert [r["step"] for r in rows][-2:] == [3, 4] and all(math.isfinite(r["loss"]) for r in rows)
 
 
 def test_fp8_summary_names_the_recipe_and_says_nothing_without_fp8():
