@@ -8,15 +8,12 @@
 #   STAGE=shuffle [TEXT=...]      benchmarks/device_run.sh        (val loss, shuffled vs file order;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/)
 #   STAGE=launch                  benchmarks/device_run.sh        (2 GPUs: rendezvous launch = mpirun, bitwise)
-#   STAGE=fp8                     benchmarks/device_run.sh gpt2_124m:64 gpt2_1558m:16:2   (the fp8 GPU tests, then
-#                                 bf16 and fp8=true side by side, then the fp8 profile of each config)
+#   STAGE=fp8 [PROFILE=0]         benchmarks/device_run.sh gpt2_124m:64 gpt2_1558m:16:1   (the fp8 and GELU GPU
+#                                 tests, then bf16 and the fp8 recipe side by side, then the fp8 profile of each
+#                                 config; another fp8 setting's profile: STAGE=profile BENCH_ARGS="--fp8 ...")
 #   STAGE=fp8wgrad                benchmarks/device_run.sh        (fp8 GPU tests, then 1558M B=16: bf16, fp8
 #                                 with bf16 weight gradients and current scaling, fp8 with current scaling,
 #                                 fp8 (the recipe: fp8 weight gradients, delayed scaling), and that with --accum 4)
-#   STAGE=fp8speed                benchmarks/device_run.sh        (the fp8 cast GPU tests, then 1558M B=16 fp8
-#                                 with current and with delayed scaling (the default), and the profile of each)
-#   STAGE=fp8table                benchmarks/device_run.sh gpt2_124m:64 gpt2_1558m:16:1   (the fp8 and GELU GPU
-#                                 tests, then the throughput table of bf16 and the fp8 recipe at each config)
 #   STAGE=fp8parity               benchmarks/device_run.sh        (val loss, fp8 against bf16, 124M and 350M;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/; more runs beside:
 #                                 PARITY_ARGS="--set deterministic=true --variant current=fp8=true,fp8_scaling=current")
@@ -56,12 +53,12 @@ if [ "$STAGE" = profile ] && [ $# -gt 0 ]; then
         "${trace[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/profile_${model}_${batch}.log"
   done
 fi
+FP8_TESTS="tests/test_cuda_fp8.py tests/test_cuda_model.py tests/test_cuda_matmul.py tests/test_cuda_layers.py::test_gelu"
 if [ "$STAGE" = fp8 ]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_fp8.py tests/test_cuda_model.py 2>&1 \
-    | tee "$OUT/fp8_tests.log" | tail -15
+  python3 -m pytest -q -m gpu -p no:cacheprovider $FP8_TESTS 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
   python3 benchmarks/throughput.py "$@" --fp8-too --no-baseline ${BENCH_ARGS:-} 2>&1 | tee "$OUT/fp8_bench.log" \
     | grep -v '^{'
-  for item in "$@"; do
+  [ "${PROFILE:-1}" = 1 ] && for item in "$@"; do
     IFS=: read -r model batch recompute layers <<< "$item"
     python3 -m distgpt bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" \
         --recompute-layers "${layers:--1}" --fp8 --profile \
@@ -69,27 +66,12 @@ if [ "$STAGE" = fp8 ]; then
   done
 fi
 if [ "$STAGE" = fp8wgrad ]; then  # fp8 weight gradients: their GPU tests, then 1558M bf16 / fp8 / fp8 + wgrad
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_fp8.py tests/test_cuda_model.py 2>&1 \
-    | tee "$OUT/fp8wgrad_tests.log" | tail -15
+  python3 -m pytest -q -m gpu -p no:cacheprovider $FP8_TESTS 2>&1 | tee "$OUT/fp8wgrad_tests.log" | tail -15
   for args in "--recompute 1" "--fp8 --no-fp8-wgrad --fp8-scaling current --recompute 1" \
       "--fp8 --fp8-scaling current" "--fp8" "--fp8 --accum 4"; do
     python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 20 $args ${BENCH_ARGS:-} 2>&1 \
       | grep -v Warn | tee -a "$OUT/fp8wgrad_bench.log" | grep "ms/step"
   done
-fi
-if [ "$STAGE" = fp8speed ]; then  # the fp8 casts' speed: their GPU tests, then 1558M B=16 with its profile
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_fp8.py ${PYTEST_ARGS:-} 2>&1 \
-    | tee "$OUT/fp8speed_tests.log" | tail -8
-  for args in "--fp8 --fp8-scaling current" "--fp8"; do
-    python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 20 $args --profile ${BENCH_ARGS:-} 2>&1 \
-      | grep -v Warn | tee -a "$OUT/fp8speed_bench.log" | grep -v '^\s*$' | head -40
-  done
-fi
-if [ "$STAGE" = fp8table ]; then  # the fp8 and GELU GPU tests, then bf16 against the fp8 recipe at each config
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_fp8.py tests/test_cuda_model.py \
-    tests/test_cuda_matmul.py "tests/test_cuda_layers.py::test_gelu" 2>&1 | tee "$OUT/fp8table_tests.log" | tail -6
-  python3 benchmarks/throughput.py "$@" --fp8-too --no-baseline ${BENCH_ARGS:-} 2>&1 | tee "$OUT/fp8table_bench.log" \
-    | grep -v '^{' | tail -14
 fi
 if [ "$STAGE" = fp8parity ]; then
   python3 benchmarks/fp8_parity.py "${TEXT:-benchmarks/shakespeare.txt}" ${PARITY_ARGS:-} 2>&1 \
