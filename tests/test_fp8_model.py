@@ -173,7 +173,13 @@ def test_fp8_parity_benchmark_compares_once_per_seed(tmp_path, capsys, monkeypat
     out = capsys.readouterr().out
     assert "### tiny, seed 1" in out and "### tiny, seed 2" in out
     first_rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 0 |")]
-    assert len(first_rows) == 2 and first_rows[0][1] != first_rows[1][1]
+    assert len(first_rows) == 3 and first_rows[0][1] != first_rows[1][1]
+    # then the mean of both seeds, run by run, evaluation by evaluation
+    assert "### tiny, mean over seeds 1 2" in out and "mean over seeds: fp8 within 1% of bf16" in out
+    for step in (0, 3, 6):
+        one, two, mean = [line.split(" | ") for line in out.splitlines() if line.startswith(f"| {step} |")]
+        for col in (1, 2):  # bf16, fp8
+            assert abs(float(mean[col]) - (float(one[col]) + float(two[col])) / 2) <= 1e-4
 
 
 class StrictCasts:
