@@ -10,6 +10,7 @@ per step).
     python3 benchmarks/matmul_algo_probe.py [--models gpt2_124m:64 gpt2_1558m:16]
 """
 import argparse
+import math
 
 import torch
 
@@ -30,9 +31,9 @@ class Recorder(Matmuls):
         self.calls = {}  # id(plan) -> [plan, (a, b, d, beta), label, calls per step]
         self.label, self.per_step = None, 1
 
-    def _run(self, plan, a, b, d, beta):
-        self.calls.setdefault(id(plan), [plan, None, self.label, self.per_step])[1] = (a, b, d, beta)
-        super()._run(plan, a, b, d, beta)
+    def _run(self, plan, a, b, d, beta, c=None):
+        self.calls.setdefault(id(plan), [plan, None, self.label, self.per_step])[1] = (a, b, d, beta, c)
+        super()._run(plan, a, b, d, beta, c)
 
 
 def run_model(model, B):
@@ -46,7 +47,7 @@ def run_model(model, B):
         return torch.randn(*shape, **bf) * scale
 
     ln, atty, fch, fchg = t(N, C), t(N, C), t(N, 4 * C), t(N, 4 * C)
-    out3, outC = t(N, 3 * C), t(N, C)
+    out3, outC, residual = t(N, 3 * C), t(N, C), t(N, C)
     W = {"qkv": t(3 * C, C, scale=0.02), "attproj": t(C, C, scale=0.02), "fc": t(4 * C, C, scale=0.02),
          "fcproj": t(C, 4 * C, scale=0.02)}
     dW = {k: torch.zeros_like(w) for k, w in W.items()}
@@ -55,9 +56,9 @@ def run_model(model, B):
     mm.per_step = L
     for label, call in (
             ("fwd qkv", lambda: mm.forward(out3, ln, W["qkv"], b["qkv"])),
-            ("fwd attproj", lambda: mm.forward(outC, atty, W["attproj"], b["attproj"])),
+            ("fwd attproj+residual", lambda: mm.forward(outC, atty, W["attproj"], b["attproj"], residual=residual)),
             ("fwd fc+gelu", lambda: mm.forward(fch, ln, W["fc"], b["fc"], gelu_out=fchg)),
-            ("fwd fcproj", lambda: mm.forward(outC, fchg, W["fcproj"], b["fcproj"])),
+            ("fwd fcproj+residual", lambda: mm.forward(outC, fchg, W["fcproj"], b["fcproj"], residual=residual)),
             ("bwd qkv", lambda: mm.backward(dC, dW["qkv"], None, d3C, ln, W["qkv"])),
             ("bwd attproj", lambda: mm.backward(dC, dW["attproj"], None, outC, atty, W["attproj"])),
             ("bwd fc", lambda: mm.backward(dC, dW["fc"], None, d4C, ln, W["fc"])),
@@ -74,25 +75,28 @@ def run_model(model, B):
     mm.backward(dx, dwte, None, logits, x, wte)
     torch.cuda.synchronize()
     rows, total_first, total_best = [], 0.0, 0.0
-    for plan, (a, b_, d, beta), label, per_step in mm.calls.values():
+    for plan, (a, b_, d, beta, c), label, per_step in mm.calls.values():
         found = plan.candidates  # the heuristic's answers the plan keeps (matmul.CANDIDATES)
         times = []
         for i in range(found):
             algo = plan.algorithm(i)
             try:
-                times.append(median_ms(lambda: mm._launch(plan, algo, a, b_, d, beta), 3, 15))
+                times.append(median_ms(lambda: mm._launch(plan, algo, a, b_, d, beta, c), 3, 15))
             except Exception:  # an answer that does not run here: not a candidate
                 times.append(float("inf"))
         # the fastest answer that computes what the first computes (what tuning would keep)
-        saved = d.to("cpu") if beta else None
-        want = mm._sample(plan, 0, a, b_, d, beta, saved)
+        saved = d.to("cpu") if beta and (c is None or c.data_ptr() == d.data_ptr()) else None
+        want = mm._sample(plan, 0, a, b_, d, beta, saved, c)
         rank = next(i for i in sorted(range(found), key=times.__getitem__)
-                    if i == 0 or _agrees(mm._sample(plan, i, a, b_, d, beta, saved), want))
+                    if i == 0 or _agrees(mm._sample(plan, i, a, b_, d, beta, saved, c), want))
         first, best = times[0], times[rank]
         total_first += first * per_step
         total_best += best * per_step
+        # d (m x n) = a (m x k) b (k x n) in whichever layout: numel(a) numel(b) / numel(d) = k^2
+        flops = 2 * d.numel() * math.isqrt(a.numel() * b_.numel() // d.numel())
         rows.append(f"| {model} | {label} | {per_step} | {found} | {first * 1000:.0f} | {best * 1000:.0f} "
-                    f"(#{rank}) | {100 * (1 - best / first):.1f}% | {(first - best) * per_step:.2f} |")
+                    f"(#{rank}) | {flops / best / 1e9:.0f} | {100 * (1 - best / first):.1f}% | "
+                    f"{(first - best) * per_step:.2f} |")
     return rows, total_first, total_best
 
 
@@ -100,8 +104,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["gpt2_124m:64", "gpt2_1558m:16"], help="model:B")
     a = p.parse_args()
-    print("| model | product | calls/step | answers | first us | best agreeing us (rank) | gain | ms/step saved |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | product | calls/step | answers | first us | best agreeing us (rank) | best TFLOP/s | gain "
+          "| ms/step saved |")
+    print("|---|---|---|---|---|---|---|---|---|")
     summary = []
     for item in a.models:
         model, B = item.split(":")

@@ -35,6 +35,13 @@
 // instructions per vector in passes 1 + 2, 2 x 64 of them the exps: at 1.65 GB per launch that
 // is as long to issue as to move. Out of the loops: ~118 + ~107. Same arithmetic on the same
 // values either way: the same bits.
+// The exps of the hot loops are __expf (ex2.approx of x * log2(e): 3 instructions where expf
+// takes ~9 for its range reduction; its relative error of a few fp32 ulps is far under the bf16
+// rounding of the gradient, and moves the loss by ~1e-7). With expf the one-pass kernel was
+// still issue-bound: 645 us a launch at 124M B=64 on an H200 (2.6 TB/s), 430 us with __expf
+// (3.8 TB/s, near the card's copy bandwidth); 124M B=64 step 106.5 -> 104.9 ms (2026-12-03,
+// `distgpt bench --model gpt2_124m --batch 64 --profile`, alternated twice in one call). The
+// rare rescales (a thread's running max grows, the block's merge) keep expf.
 // Same thread count, same vectors per thread in the same order, and the arithmetic in shared
 // __forceinline__ functions: the two kernels give the same losses and gradients to the bit
 // (tests/test_cuda_optim.py checks it).
@@ -71,7 +78,7 @@ __device__ __forceinline__ void online_add(float& m, float& s, const x128& v) {
         m = vmax;
     }
 #pragma unroll
-    for (int j = 0; j < 8; j++) s += expf(bf(v[j]) - m);
+    for (int j = 0; j < 8; j++) s += __expf(bf(v[j]) - m);
 }
 
 // The last real vector, `real` < 8 of its columns inside the vocabulary: the padding columns,
@@ -97,7 +104,7 @@ __device__ __forceinline__ float2 finish_row(float m, float s, float target_logi
 
 // softmax of one logit; __fmul_rn so that p - 1 at the target cannot be contracted into an fma
 __device__ __forceinline__ float softmax(float logit, float2 stats) {
-    return __fmul_rn(expf(logit - stats.x), stats.y);
+    return __fmul_rn(__expf(logit - stats.x), stats.y);
 }
 
 // dloss * softmax for a vector of logits (the target's -1 comes later, see fix_target)
