@@ -25,9 +25,9 @@ The casts whose producer takes the amax (PRODUCED, below) and the weights (cast 
 optimizer step) keep current scaling, the first forward casts by current scaling, and the
 histories go to the checkpoint. Measured at 1558M B=16 on an H200 (2026-12-03, fp8 weight
 gradients): 238.1 -> 232.1 ms a step; at 124M the val loss stayed within 0.66% of bf16's,
-and at 350M the early gap swings either way with any small change (README, FP8). Current
-scaling costs that second read of those
-three tensors, but there is no amax history to warm up, checkpoint or resume, a tensor whose
+and at 350M the early gap passes 1% (fp8 ahead), where two bf16 runs differing only in the
+attention backward's rounding also land up to 3.7% apart (README, FP8). Current scaling costs
+that second read of those three tensors, but there is no amax history to warm up, checkpoint or resume, a tensor whose
 range jumps is never clipped, and a run is bitwise reproducible by construction (the amax is
 an order-free maximum).
 
