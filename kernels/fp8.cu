@@ -22,6 +22,7 @@
 // them all, the unsigned order of the bits is the order of the values, so a NaN wins as in the
 // reference) and merges it with atomicMax into amax, which the caller zeroes first.
 #include "common.cuh"
+#include "gelu.cuh"
 #include <cuda_fp8.h>
 
 #ifndef FP8_THREADS
@@ -199,10 +200,17 @@ __device__ __forceinline__ void transpose_4x4_bytes(unsigned int& a, unsigned in
     d = __byte_perm(ab_hi, cd_hi, 0x7632);
 }
 
-template <__nv_fp8_interpretation_t FORMAT, bool CAST>
+// GELU = true (fp8_gelu_quantize_transpose, delayed scaling only): the tile's values are the fc
+// layer's output gradient gelu'(pre) * inp, rounded to bf16 as gelu_backward writes it (inp the
+// fc projection's input-gradient product, pre the fc pre-activation), so the bytes are those of
+// gelu_backward then the cast; and the tile's column sums of those bf16 values go to
+// partials[blockIdx.y][columns] (fp32, the bias gradient's first phase: each thread adds its
+// rows in order, then 64 threads add the 32 threads' sums of each column in order).
+template <__nv_fp8_interpretation_t FORMAT, bool CAST, bool GELU = false>
 __device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __nv_fp8_storage_t* __restrict__ out_t,
                                        float* amax, const floatX* __restrict__ inp, const float* scale_ptr,
-                                       float* inverse, double limit, int R, int C) {
+                                       float* inverse, double limit, int R, int C,
+                                       const floatX* __restrict__ pre = nullptr, float* __restrict__ partials = nullptr) {
     constexpr int VEC = 8, WORDS = FP8_VTILE / 4, PITCH = WORDS + 1;  // pitch: see above
     constexpr int VECS_PER_ROW = FP8_VTILE / VEC;
     constexpr int LOADS = FP8_VROWS * VECS_PER_ROW / FP8_THREADS;     // 16-byte loads per thread
@@ -213,13 +221,21 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __n
     const float scale = CAST ? pow2_scale(*amax, limit) : *scale_ptr;
     if (CAST && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *inverse = 1.0f / scale;
     const int r0 = blockIdx.y * FP8_VROWS, c0 = blockIdx.x * FP8_VTILE;
-    x128 x[LOADS];
+    x128 x[LOADS], h[GELU ? LOADS : 1];
 #pragma unroll
     for (int u = 0; u < LOADS; u++) {
         const int v = threadIdx.x + u * FP8_THREADS;
         const int r = r0 + v / VECS_PER_ROW, c = c0 + (v % VECS_PER_ROW) * VEC;
-        if (r < R && c < C) x[u] = load128cs(inp + (long long)r * C + c);
+        if (r < R && c < C) {
+            x[u] = load128cs(inp + (long long)r * C + c);
+            if constexpr (GELU) h[u] = load128cs(pre + (long long)r * C + c);
+        }
     }
+    // GELU: this thread's column sums (its columns are the same in every load: VECS_PER_ROW
+    // divides FP8_THREADS)
+    float colsum[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; j++) colsum[j] = 0.0f;
     unsigned int local = 0u;
 #pragma unroll
     for (int u = 0; u < LOADS; u++) {
@@ -230,7 +246,11 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __n
             union { __nv_fp8_storage_t q[VEC]; uint2 packed; } y;
 #pragma unroll
             for (int j = 0; j < VEC; j++) {
-                const float f = __bfloat162float(x[u][j]);
+                float f = __bfloat162float(x[u][j]);
+                if constexpr (GELU) {
+                    f = __bfloat162float(gelu_backward_value(__bfloat162float(h[u][j]), f));
+                    colsum[j] += f;
+                }
                 local = max(local, abs_bits(f));
                 y.q[j] = to_fp8<FORMAT>(f * scale);
             }
@@ -257,8 +277,24 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __n
             *reinterpret_cast<uint2*>(out_t + (long long)(c + i) * R + r) = make_uint2(q[i], q[4 + i]);
     }
     if (CAST) return;
-    const unsigned int m = block_max(local);
+    const unsigned int m = block_max(local);  // its barriers also order the tile reads above
     if (threadIdx.x == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), m);
+    if constexpr (GELU) {
+        constexpr int GROUPS = FP8_THREADS / VECS_PER_ROW;  // threads sharing a thread's columns
+        static_assert(FP8_THREADS >= FP8_VTILE, "one thread per column adds the groups' sums");
+        float (*sums)[FP8_VTILE] = reinterpret_cast<float (*)[FP8_VTILE]>(&tile[0][0]);
+        static_assert(sizeof(float) * GROUPS * FP8_VTILE <= sizeof(tile), "the column sums fit the tile");
+        const int group = threadIdx.x / VECS_PER_ROW, first = (threadIdx.x % VECS_PER_ROW) * VEC;
+#pragma unroll
+        for (int j = 0; j < VEC; j++) sums[group][first + j] = colsum[j];
+        __syncthreads();
+        const int c = c0 + threadIdx.x;
+        if (threadIdx.x < FP8_VTILE && c < C) {
+            float total = 0.0f;
+            for (int g = 0; g < GROUPS; g++) total += sums[g][threadIdx.x];
+            partials[(long long)blockIdx.y * C + c] = total;
+        }
+    }
 }
 
 // The entry points of a transposing tile function FN: quantize with a given scale and current
@@ -288,6 +324,20 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __n
     }
 TRANSPOSE_KERNELS(, quantize_transpose)
 TRANSPOSE_KERNELS(_vec, quantize_transpose_vec)
+
+// fp8_gelu_quantize_transpose: the fc layer's output gradient, from the fc projection's input-
+// gradient product inp and the pre-activation pre, cast with a delayed scale into both layouts,
+// its amax merged, its bias gradient's column partials written (the bias kernels' phase 2 adds
+// them up): one read of inp and pre, where gelu_backward, the cast and the bias gradient moved
+// the gradient through memory three more times
+#define GELU_TRANSPOSE_KERNEL(FMT, FORMAT)                                                                \
+    extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gelu_quantize_transpose_vec_##FMT##_kernel( \
+        __nv_fp8_storage_t* out, __nv_fp8_storage_t* out_t, float* amax, float* partials, const floatX* inp, \
+        const floatX* pre, const float* scale, int R, int C) {                                             \
+        quantize_transpose_vec<FORMAT, false, true>(out, out_t, amax, inp, scale, nullptr, 0.0, R, C, pre, partials); \
+    }
+GELU_TRANSPOSE_KERNEL(e4m3, __NV_E4M3)
+GELU_TRANSPOSE_KERNEL(e5m2, __NV_E5M2)
 
 // scale[0] = pow2_scale(amax[0], limit); inverse[0] = 1 / scale[0] (exact: a power of two;
 // skipped when null), what cuBLASLt's A/B_SCALE_POINTER multiplies by. One thread.

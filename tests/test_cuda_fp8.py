@@ -385,3 +385,49 @@ def test_delayed_scales_match_the_reference():
     fp8.fp8_delayed_scales(got[0], got[1], got[2], amax.cuda(), limits.cuda(), mask.cuda())
     for name, g, w in zip(("scale", "inverse", "history"), got, want):
         assert torch.equal(g.cpu().view(torch.int32), w.view(torch.int32)), f"{name} differs from the reference"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("R,C", [(8, 8), (200, 72), (1024, 3072), (2048, 6400)])
+def test_fused_gelu_cast_is_the_separate_passes(fmt, R, C):
+    """fp8_gelu_quantize_transpose (the fp8 recipe's fc output gradient) against the passes it
+    replaces, on the GPU: gelu_backward, then fp8_quantize_transpose with the same scale. The
+    bytes of both layouts and the amax: equal (the same bf16 gradient, the same rounding); fc's
+    bias gradient: bias_backward's column sums of that gradient, in another order (fp32 sums,
+    one bf16 rounding: rtol 1e-2), and the float64 reference's within the same tolerance.
+    (200, 72) leaves partial tiles in both directions; the scale saturates some values."""
+    from distgpt.backends.cuda import fp8, gelu
+    from distgpt.backends.cuda.bias import BiasGradients
+    from gpu_check import assert_close
+    # the partials a backend plans for R rows of a model of width C / 4 (fc's gradient is 4 wide)
+    partials = torch.empty(fp8.gelu_partials_elements(R, C // 4), dtype=torch.float32, device="cuda")
+    gen = torch.Generator().manual_seed(R + C)
+    inp = (torch.randn(R, C, generator=gen) * 0.02).to(torch.bfloat16).cuda()
+    pre = (torch.randn(R, C, generator=gen) * 2).to(torch.bfloat16).cuda()
+    before = (torch.randn(C, generator=gen) * 0.01).to(torch.bfloat16)
+    d = torch.empty_like(inp)
+    gelu.gelu_backward(d, pre, inp)
+    scale = torch.zeros(1)
+    reference.fp8_scale(scale, torch.tensor([float(d.abs().max()) / 2]), fmt)  # a little saturates
+    scale = scale.cuda()
+    want, want_t = torch.empty(R, C, dtype=FORMATS[fmt], device="cuda"), torch.empty(C, R, dtype=FORMATS[fmt], device="cuda")
+    want_amax = torch.zeros(1, device="cuda")
+    fp8.fp8_quantize_transpose(want, want_t, want_amax, d, scale)
+    want_bias = before.cuda()
+    BiasGradients(C // 4, "cuda").backward(want_bias, d)
+    runs = []
+    for _ in range(2):
+        out = torch.full((R, C), 0x55, dtype=torch.uint8, device="cuda").view(FORMATS[fmt])
+        out_t = torch.full((C, R), 0x55, dtype=torch.uint8, device="cuda").view(FORMATS[fmt])
+        amax, dbias = torch.full((1,), float("nan"), device="cuda"), before.cuda()
+        fp8.fp8_gelu_quantize_transpose(out, out_t, amax, dbias, inp, pre, scale, partials)
+        runs.append((as_bytes(out), as_bytes(out_t), amax.cpu(), dbias.cpu()))
+    out, out_t, amax, dbias = runs[0]
+    assert torch.equal(out, as_bytes(want)) and torch.equal(out_t, as_bytes(want_t))
+    assert float(amax) == float(want_amax.cpu())
+    assert_close("fused GELU bias gradient", dbias, want_bias.cpu().double(), 1e-4, 1e-2)
+    exact = before.double()
+    reference.bias_backward(exact, d.cpu().double())
+    assert_close("fused GELU bias gradient vs reference", dbias, exact, 1e-4, 1e-2)
+    for a, b in zip(runs[0], runs[1]):  # deterministic: the same bits again
+        assert torch.equal(a, b)

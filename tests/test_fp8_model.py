@@ -326,3 +326,49 @@ def test_delayed_scaling_starts_as_current_then_scales_from_the_history(margin):
         reference.fp8_scale(want, fp8.history[site].max().reshape(1), fmt, margin=margin)
         assert float(fp8.scale[site, 0]) == float(want) and float(fp8.inverse[site, 0]) == 1 / float(want)
     assert fp8.forwards == 3 and (fp8.history[:, :2] > 0).any() and (fp8.history[:, 2:] == 0).all()
+
+
+class CountingFusedGelu:
+    """The reference backend, counting fp8_gelu_quantize_transpose calls."""
+
+    def __init__(self):
+        self.fused = 0
+
+    def __getattr__(self, name):
+        op = getattr(reference, name)
+        if name == "fp8_gelu_quantize_transpose":
+            return lambda *a, **k: (setattr(self, "fused", self.fused + 1), op(*a, **k))[1]
+        return op
+
+
+def test_fused_gelu_cast_is_the_separate_passes_with_the_same_scale():
+    """The fp8 recipe (fp8 weight gradients, delayed scaling): from the second step on, fc's output
+    gradient is cast, and fc's bias gradient taken, by one pass with the GELU derivative (one a
+    layer), and that step is bitwise the one where the GELU derivative writes the bf16 gradient
+    and the cast and the bias gradient read it (fuses_gelu off, the same delayed scale): the
+    same gradients, amaxes and histories. The first step, with no history yet, takes the
+    separate passes by current scaling."""
+    gen = torch.Generator().manual_seed(8)
+    batches = [[torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2)] for _ in range(3)]
+    runs = []
+    for fused in (True, False):
+        ops = CountingFusedGelu()
+        model = GPT2(SHAPE, ops, B, T, fp8=True, fp8_weight_gradients=True, fp8_scaling="delayed",
+                     fp8_amax_history=4)
+        model.init_weights(8)
+        assert model.fp8.fuses_gelu and bool(model.fp8.delayed_sites[model.fp8._index(0, 2, "fc")])
+        model.fp8.fuses_gelu = fused
+        counts, grads = [], []
+        for x, y in batches:
+            model.zero_grad()
+            model.forward(x, y, 1.0 / (B * T))
+            model.backward()
+            counts.append(ops.fused)
+            grads.append(model.grads.clone())
+            model.params.add_(model.grads, alpha=-1e-2)
+        runs.append((counts, grads, model.fp8.amaxes.clone(), model.fp8.history.clone()))
+    (counts, grads, amaxes, history), (sep_counts, sep_grads, sep_amaxes, sep_history) = runs
+    assert counts == [0, SHAPE.n_layer, 2 * SHAPE.n_layer] and sep_counts == [0, 0, 0]
+    assert all(torch.equal(a, b) for a, b in zip(grads, sep_grads))
+    assert torch.equal(amaxes, sep_amaxes) and torch.equal(history, sep_history)
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -177,3 +177,5 @@ def test_bench_fp8_label_names_what_departs_from_the_recipe():
     assert fp8_label({**recipe, "fp8": False}) == ""
     assert fp8_label({**recipe, "fp8_weight_gradients": False, "fp8_scaling": "current"}) == \
         " fp8, bf16 weight gradients, current scaling"
+    assert Config.fp8_fuse_gelu and fp8_label({**recipe, "fp8_fuse_gelu": True}) == " fp8"
+    assert fp8_label({**recipe, "fp8_fuse_gelu": False}) == " fp8, fc's gradient cast apart from the GELU derivative"

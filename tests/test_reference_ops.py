@@ -212,6 +212,28 @@ def test_layernorm_backward_hands_over_the_projection_sums():
     check("dproj_bias gained dproj_sum", dproj - before, sums, "backward")
 
 
+def test_fp8_gelu_quantize_transpose():
+    """fc's output gradient straight into fp8 (the fp8 recipe's fused pass): gelu' of the
+    pre-activation times the fc projection's input-gradient product, against autograd of the
+    tanh GELU; cast with the given power-of-two scale (so the fp8 values are the gradient's own
+    rounded to e4m3: within 2^-4 relative, or e4m3's smallest step near 0), the transpose the
+    same bytes, amax the gradient's, and the bias gradient added to what dbias held."""
+    R, C = 6, 16
+    pre = (torch.randn(R, C, **f64) * 3).requires_grad_(True)
+    g = torch.randn(R, C, **f64)
+    F.gelu(pre, approximate="tanh").backward(g)
+    want = pre.grad
+    scale = torch.tensor([8.0])
+    out, out_t = torch.empty(R, C, dtype=torch.float8_e4m3fn), torch.empty(C, R, dtype=torch.float8_e4m3fn)
+    amax, dbias = torch.zeros(1), torch.full((C,), 0.5, **f64)
+    ops.fp8_gelu_quantize_transpose(out, out_t, amax, dbias, g, pre.detach(), scale)
+    got = ops.fp8_dequantize(out, scale)
+    assert torch.all((got - want).abs() <= 2.0 ** -4 * want.abs() + 2.0 ** -9 / 8)
+    assert torch.equal(out_t.view(torch.uint8), out.t().contiguous().view(torch.uint8))
+    assert math.isclose(float(amax), float(want.abs().max()), rel_tol=1e-6)
+    assert torch.allclose(dbias, 0.5 + want.sum(dim=0), rtol=1e-12, atol=1e-12)
+
+
 def test_gelu():
     x = torch.randn(3, 5, 16, **f64, requires_grad=True) * 3
     x.retain_grad()

@@ -444,3 +444,8 @@ def test_fp8_summary_names_the_recipe_and_says_nothing_without_fp8():
     assert fp8_summary(load_config(["fp8=true"])) == ", fp8 block matmuls: fp8 weight gradients, delayed scaling"
     assert fp8_summary(load_config(["fp8=true", "fp8_weight_gradients=false", "fp8_scaling=current"])) == \
         ", fp8 block matmuls: bf16 weight gradients, current scaling"
+    assert fp8_summary(load_config(["fp8=true", "fp8_fuse_gelu=false"])) == \
+        ", fp8 block matmuls: fp8 weight gradients, delayed scaling, fc's gradient cast apart from the GELU derivative"
+    # where the fusion cannot act, turning it off changes nothing to name
+    assert fp8_summary(load_config(["fp8=true", "fp8_fuse_gelu=false", "fp8_scaling=current"])) == \
+        ", fp8 block matmuls: fp8 weight gradients, current scaling"

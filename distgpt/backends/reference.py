@@ -456,6 +456,19 @@ def fp8_quantize_transpose(out, out_t, amax, inp, scale):
     out_t.copy_(out.t())
 
 
+def fp8_gelu_quantize_transpose(out, out_t, amax, dbias, inp, pre, scale):
+    """The fc layer's output gradient straight into fp8, in one pass over what the fc
+    projection's backward leaves: d = gelu'(pre) * inp, in inp's dtype (what gelu_backward
+    would write; inp the projection's input-gradient product, pre the fc pre-activation), then
+    fp8_quantize_transpose(out, out_t, amax, d, scale) and dbias (C,) += the column sums of d.
+    Delayed scaling only: the scale must be known before d is (current scaling would need d's
+    amax first, a second read)."""
+    d = torch.empty_like(inp)
+    gelu_backward(d, pre, inp)
+    fp8_quantize_transpose(out, out_t, amax, d, scale)
+    bias_backward(dbias, d)
+
+
 def fp8_cast(out, inverse, amax, inp, amax_known=False):
     """Current scaling, as training casts each matmul operand: amax = max(amax, max |inp|) (the
     caller zeroes it first), out = fp8(inp * s) with s = fp8_scale's power of two for that amax

@@ -23,12 +23,17 @@ cuBLASLt write) from the maximum of its site's last fp8_amax_history amaxes over
 writes (fp8_quantize): one read of the tensor, and a value past the history's range saturates.
 The casts whose producer takes the amax (PRODUCED, below) and the weights (cast once an
 optimizer step) keep current scaling, the first forward casts by current scaling, and the
-histories go to the checkpoint. Measured at 1558M B=16 on an H200 (2026-12-03, fp8 weight
-gradients): 238.1 -> 232.1 ms a step; at 124M the val loss stayed within 0.66% of bf16's,
-and at 350M the early gap passes 1% (fp8 ahead), where two bf16 runs differing only in the
-attention backward's rounding also land up to 3.7% apart (README, FP8). Current scaling costs
-that second read of those three tensors, but there is no amax history to warm up, checkpoint or resume, a tensor whose
-range jumps is never clipped, and a run is bitwise reproducible by construction (the amax is
+histories go to the checkpoint. With fp8 weight gradients (fuse_gelu: config fp8_fuse_gelu)
+fc's output gradient takes a delayed scale too, so that the GELU derivative's own pass can
+cast it into both layouts and take fc's bias gradient (fp8_gelu_quantize_transpose; the bf16
+gradient is never written nor read back): 1558M B=16 on an H200, 236.2-239.9 -> 229.7 ms a
+step, and the val loss of 124M within 0.90%, of 350M within 0.63% (seed 1337; README, FP8).
+Measured at 1558M B=16 on an H200 (2026-12-03, fp8 weight gradients, before that fusion):
+238.1 -> 232.1 ms a step for the three delayed sites; at 124M the val loss stayed within
+0.66% of bf16's, and at 350M the early gap passes 1% (fp8 ahead), where two bf16 runs
+differing only in the attention backward's rounding also land up to 3.7% apart (README, FP8).
+Current scaling costs that second read of those three tensors, but there is no amax history
+to warm up, checkpoint or resume, a tensor whose range jumps is never clipped, and a run is bitwise reproducible by construction (the amax is
 an order-free maximum).
 
 What is kept, planned once with the model:
@@ -114,7 +119,7 @@ class Fp8Matmuls:
     the forward / input-gradient products of the block matmuls over the backend's fp8 ops."""
 
     def __init__(self, ops, p_layers, n_layer, C, rows, device, gradient_format="e4m3", fuse_amax=True,
-                 weight_gradients=False, scaling="current", amax_history=16, margin=0):
+                 weight_gradients=False, scaling="current", amax_history=16, margin=0, fuse_gelu=True):
         self.ops, self.p_layers = ops, p_layers
         self.fuse_amax = fuse_amax  # False: every cast takes its own amax pass (tests compare the two)
         self.gradient_format = FP8_FORMATS[gradient_format]  # of the gradients entering a backward
@@ -164,6 +169,13 @@ class Fp8Matmuls:
         if scaling not in ("current", "delayed"):
             raise ValueError(f"fp8 scaling={scaling!r}: choose current or delayed")
         self.delayed = scaling == "delayed"
+        # delayed scaling with fp8 weight gradients: fc's output gradient is cast by the GELU
+        # derivative's own pass (fp8_gelu_quantize_transpose, with a delayed scale: the scale
+        # must be known before the values are), which also takes fc's bias gradient; neither the
+        # bf16 gradient nor a separate cast or bias pass is left (see _input_gradient)
+        self.fuses_gelu = self.delayed and weight_gradients and fuse_gelu
+        self._fc_gradient_delayed = self.fuses_gelu  # its site's scale, whether fused or not (tests)
+        self._fused_gradient = None  # (layer, out, out_t, inverse): fc's gradient, cast by the fusion
         self.forwards = 0
         n = sites if self.delayed else 0
         self.history = torch.zeros(n, amax_history, dtype=torch.float32, device=device)
@@ -203,6 +215,8 @@ class Fp8Matmuls:
         """Whether delayed scaling takes this kind of site's scale from its history: not a
         weight's, nor one whose producer takes the amax (see __init__; also with fuse_amax off,
         so that switch stays bitwise)."""
+        if (what, m) == (GRADIENT, "fc") and self._fc_gradient_delayed:
+            return True
         return self.delayed and what != WEIGHT and (what, m) not in PRODUCED
 
     def _delaying(self, layer, what, m):
@@ -305,30 +319,56 @@ class Fp8Matmuls:
                                     gelu_out=gelu_out, residual=residual)
 
     # ------------------------------------------------------------ backward
-    def backward(self, layer, m, dinp, dweight, dout, gelu_inp=None):
+    def gradient_cast(self, layer, m):
+        """Whether this matmul's output gradient is already cast, with its bias gradient taken
+        (fc's, by the fused GELU derivative of the fc projection's backward just before)."""
+        return self._fused_gradient is not None and self._fused_gradient[0] == layer and m == "fc"
+
+    def backward(self, layer, m, dinp, dweight, dout, gelu_inp=None, gelu_dbias=None):
         """With weight_gradients: dW += dout^T @ inp and dinp = dout @ W (times gelu'(gelu_inp)),
         both fp8 products. Hopper's fp8 tensor cores take both operands K-major, and the weight
         gradient's K is the tokens: it reads the transposes of dout (OC, rows) and of the input
         (C, rows). The input's is the copy its forward cast kept (with that cast's scale, which
         its site keeps until the next forward); dout is cast once into both layouts, the input
-        gradient reading the first."""
+        gradient reading the first, unless the fused GELU derivative cast it already
+        (gradient_cast). gelu_dbias (with gelu_inp): fc's bias gradient, for that fusion."""
         _, inp_inverse = self._site(layer, INPUT, m)
         OC = dout.shape[-1]
         rows = dout.numel() // OC
-        dout8_t = self._region(1, dout.numel(), self.gradient_format).view(OC, rows)
-        dout8, dout_inverse = self._cast_transposed(dout, self.gradient_format, layer, GRADIENT, m, dout8_t,
-                                                    amax_known=self.producer_amax(layer, GRADIENT, m) is not None)
+        if self.gradient_cast(layer, m):
+            _, dout8, dout8_t, dout_inverse = self._fused_gradient
+            self._fused_gradient = None
+        else:
+            dout8_t = self._region(1, dout.numel(), self.gradient_format).view(OC, rows)
+            dout8, dout_inverse = self._cast_transposed(
+                dout, self.gradient_format, layer, GRADIENT, m, dout8_t,
+                amax_known=self.producer_amax(layer, GRADIENT, m) is not None)
         self.ops.fp8_matmul_weight_grad(dweight, dout8_t, dout_inverse, self._kept_input(layer, m, rows),
                                         inp_inverse)
-        self._input_gradient(layer, m, dinp, dout8.view(dout.shape), dout_inverse, gelu_inp)
+        self._input_gradient(layer, m, dinp, dout8.view(dout.shape), dout_inverse, gelu_inp, gelu_dbias)
 
     def backward_input(self, layer, m, dinp, dout, gelu_inp=None):
         """dinp = dout @ W (times gelu'(gelu_inp)) with dout in e4m3 (or e5m2) and W^T in e4m3."""
         dout8, dout_inverse = self._cast(dout, self.gradient_format, layer, GRADIENT, m)
         self._input_gradient(layer, m, dinp, dout8, dout_inverse, gelu_inp)
 
-    def _input_gradient(self, layer, m, dinp, dout8, dout_inverse, gelu_inp):
+    def _input_gradient(self, layer, m, dinp, dout8, dout_inverse, gelu_inp, gelu_dbias=None):
         _, w_inverse = self._site(layer, WEIGHT, m)
+        scale = self._delaying(layer, GRADIENT, "fc") if gelu_inp is not None and gelu_dbias is not None else None
+        if scale is not None and self.fuses_gelu:
+            # the plain product into dinp, then one pass over it and the pre-activation casts fc's
+            # output gradient into both layouts (scratch regions 0 and 1: this product has read
+            # region 0 by then, the weight gradient region 1) and adds fc's bias gradient
+            self.ops.fp8_matmul_backward_input(dinp, dout8, dout_inverse, self.weights8_t[layer][m], w_inverse)
+            C4 = dinp.shape[-1]
+            rows = dinp.numel() // C4
+            out = self._region(0, dinp.numel(), self.gradient_format).view(rows, C4)
+            out_t = self._region(1, dinp.numel(), self.gradient_format).view(C4, rows)
+            amax, inverse = self._site(layer, GRADIENT, "fc")
+            self.ops.fp8_gelu_quantize_transpose(out, out_t, amax, gelu_dbias, dinp.view(rows, C4),
+                                                 gelu_inp.view(rows, C4), scale)
+            self._fused_gradient = (layer, out, out_t, inverse)
+            return
         # fc projection: the GELU derivative writes d_4C, fc's output gradient, and takes its amax
         amax = None if gelu_inp is None else self.producer_amax(layer, GRADIENT, "fc")
         self.ops.fp8_matmul_backward_input(dinp, dout8, dout_inverse, self.weights8_t[layer][m], w_inverse,

@@ -24,7 +24,7 @@ class GPT2:
     def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
                  pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False, fp8_gradients="e4m3",
                  recompute_layers=-1, fp8_weight_gradients=False, fp8_scaling="current", fp8_amax_history=16,
-                 fp8_margin=0):
+                 fp8_margin=0, fp8_fuse_gelu=True):
         m = model_cfg
         self.cfg, self.ops = m, backend
         # fp8 weight gradients read the blocks' inputs from fp8 copies kept by the forward: the
@@ -55,7 +55,7 @@ class GPT2:
         # fp8=True: the blocks' matmuls take fp8 operands (model/fp8.py); None: all bf16 (or the dtype)
         self.fp8 = (Fp8Matmuls(backend, self.p_layers, m.n_layer, m.n_embd, B * T, self.device, fp8_gradients,
                                weight_gradients=fp8_weight_gradients, scaling=fp8_scaling,
-                               amax_history=fp8_amax_history, margin=fp8_margin)
+                               amax_history=fp8_amax_history, margin=fp8_margin, fuse_gelu=fp8_fuse_gelu)
                     if fp8 else None)
         if hasattr(backend, "plan"):  # kernels reserve their scratch once, here
             backend.plan(B, T, m.n_embd, m.n_head, self.device)
@@ -201,7 +201,10 @@ class GPT2:
             # d_4C is the gradient of fc's pre-activation: the projection's input gradient
             # times gelu'(fch), fused (the dGELU epilogue on the GPU); where GELU is rebuilt it
             # is fch_gelu's buffer, written after the weight gradient has read fch_gelu
-            self._matmul_backward(layer, "fcproj", d_4C, None, dres, fch_gelu, gelu_inp=a[f"fch.{layer}"])
+            # (fp8 recipe: fcproj's backward casts fc's output gradient and takes fc's bias gradient
+            # with the GELU derivative, in one pass; fc's backward then reads that cast)
+            self._matmul_backward(layer, "fcproj", d_4C, None, dres, fch_gelu, gelu_inp=a[f"fch.{layer}"],
+                                  gelu_dbias=lg.fc_b)
             self._matmul_backward(layer, "fc", d_C, lg.fc_b, d_4C, ln2)
             ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
                                    lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"],
@@ -235,18 +238,19 @@ class GPT2:
             self.ops.matmul_forward(out, inp, getattr(self.p_layers[layer], f"{m}_w"), bias, gelu_out=gelu_out,
                                     residual=residual)
 
-    def _matmul_backward(self, layer, m, dinp, dbias, dout, inp, gelu_inp=None):
+    def _matmul_backward(self, layer, m, dinp, dbias, dout, inp, gelu_inp=None, gelu_dbias=None):
         """Its backward: dinp = dout @ W (times gelu'(gelu_inp)), dW += dout^T @ inp, dbias +=
         column sums of dout. With fp8 the input gradient is an fp8 product; dW too with
-        fp8_weight_gradients, else it stays in the dtype, as dbias does."""
+        fp8_weight_gradients, else it stays in the dtype, as dbias does. gelu_dbias: the bias
+        gradient of the layer below (fc), which the fp8 recipe takes with the GELU derivative."""
         weight, dweight = getattr(self.p_layers[layer], f"{m}_w"), getattr(self.g_layers[layer], f"{m}_w")
         if self.fp8 is None:
             self.ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=gelu_inp)
             return
         if self.fp8.weight_gradients:  # dW an fp8 product too; the bias from the bf16 dout
-            if dbias is not None:
+            if dbias is not None and not self.fp8.gradient_cast(layer, m):
                 self.ops.bias_backward(dbias, dout)
-            self.fp8.backward(layer, m, dinp, dweight, dout, gelu_inp)  # inp: its kept fp8 copy
+            self.fp8.backward(layer, m, dinp, dweight, dout, gelu_inp, gelu_dbias)  # inp: its kept fp8 copy
             return
         # the weight's gradient first: dinp may be inp's memory (d_4C is the rebuilt fch_gelu)
         self.ops.matmul_backward(None, dweight, dbias, dout, inp, weight)

@@ -29,6 +29,7 @@ class CudaBackend:
         self.deterministic = False
         self.matmuls = None  # made by plan(), with the bias gradients' kernels
         self.encoder_gradients = self.layernorm_gradients = self.bias_gradients = self.norm = None
+        self.fp8_gelu_partials = None
         self.classifier_one_pass = True  # False: the two-pass classifier kernel (tests run both)
 
     # ------------------------------------------------------------ planning
@@ -43,6 +44,9 @@ class CudaBackend:
         self.matmuls.plan(device)  # cuBLASLt handle and workspace
         self.attention.plan(B, T, C, n_head, device)  # cuDNN graphs for (B, T) and their workspace
         self.norm = GlobalNorm(device)  # per-block squared-norm partials
+        # fp8: the fused GELU cast's bias-gradient partials (fp8.gelu_partials_elements)
+        self.fp8_gelu_partials = torch.empty(fp8.gelu_partials_elements(B * T, C), dtype=torch.float32,
+                                             device=device)
 
     def set_deterministic(self, flag):
         """deterministic=true: FlashAttention-2 with a deterministic backward instead of cuDNN's
@@ -61,7 +65,7 @@ class CudaBackend:
         """[(what, bytes)] of the scratch plan() allocated."""
         parts = [("cuBLASLt workspace", self.matmuls), ("layernorm backward partials", self.layernorm_gradients),
                  ("bias gradient partials", self.bias_gradients), ("token sort buffers", self.encoder_gradients),
-                 ("global norm partials", self.norm)]
+                 ("global norm partials", self.norm), ("fp8 GELU bias partials", self.fp8_gelu_partials)]
         rows = [(name, part.nbytes) for name, part in parts if part is not None]
         return rows + [("cuDNN attention workspace", self.attention.workspace_bytes)]
 
@@ -77,6 +81,7 @@ class CudaBackend:
                 ("bias gradient partials", 4 * bias_partials(C, sms)),
                 ("token sort buffers", sort_buffer_bytes(B * T)),
                 ("global norm partials", 4 * NORM_BLOCKS_PER_SM * sms),
+                ("fp8 GELU bias partials", 4 * fp8.gelu_partials_elements(B * T, C)),
                 ("cuDNN attention workspace (estimate)", 4 * B * T * C)]
 
     def _planned(self, op, part):
@@ -158,6 +163,10 @@ class CudaBackend:
 
     def fp8_quantize_transpose(self, out, out_t, amax, inp, scale):
         fp8.fp8_quantize_transpose(out, out_t, amax, inp, scale)
+
+    def fp8_gelu_quantize_transpose(self, out, out_t, amax, dbias, inp, pre, scale):
+        fp8.fp8_gelu_quantize_transpose(out, out_t, amax, dbias, inp, pre, scale,
+                                        self._planned("fp8_gelu_quantize_transpose", self.fp8_gelu_partials))
 
     def fp8_cast(self, out, inverse, amax, inp, amax_known=False):
         fp8.fp8_cast(out, inverse, amax, inp, amax_known)

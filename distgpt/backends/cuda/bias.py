@@ -46,6 +46,14 @@ def _row_ranges(N, OC, blocks):
 
 
 
+def reduce_partials(dbias, partials, RB, OC, sums=None):
+    """Phase 2: dbias (OC,) += the sums of partials' first RB rows of OC fp32, each column in a
+    fixed order (and sums = those totals, when given). Also the last step of fp8.py's fused GELU
+    cast, whose tiles write such rows."""
+    KERNELS.launch("bias_backward_reduce_kernel", ceil_div(OC // 4, 32), (32, RED_Y),
+                   (ptr(dbias), ptr(sums), ptr(partials), i32(RB), i32(OC)))
+
+
 class BiasGradients:
     """The column-sum kernels and their partials, planned once for bias gradients up to 4C wide."""
 
@@ -83,8 +91,7 @@ class BiasGradients:
         assert RB * OC <= self.partials.numel(), "bias partials smaller than the bound in partials_elements()"
         KERNELS.launch("bias_backward_kernel", (ceil_div(OC, COLS), RB), BIAS_WARPS * 32,
                        (ptr(self.partials), ptr(dout), i32(N), i32(OC), np.int64(ld), i32(rows)))
-        KERNELS.launch("bias_backward_reduce_kernel", ceil_div(OC // 4, 32), (32, RED_Y),
-                       (ptr(dbias), ptr(sums), ptr(self.partials), i32(RB), i32(OC)))
+        reduce_partials(dbias, self.partials, RB, OC, sums)
 
     def qkv_backward(self, dbias, dqkv, dproj_sum, attproj_weight):
         """The reference's qkv_bias_backward: dbias (3C,) += [column sums of dqkv's queries, 0,

@@ -11,8 +11,9 @@ scales and amaxes are one-element fp32 device tensors, so nothing waits for the 
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.runtime import KernelModule, check_scalars, check_tensor, i32, ptr
-from distgpt.backends.reference import FP8_FORMATS, fp8_max
+from distgpt.backends.cuda import bias
+from distgpt.backends.cuda.runtime import KernelModule, ceil_div, check_scalars, check_tensor, i32, ptr
+from distgpt.backends.reference import FP8_FORMATS, GELU_CUBIC, GELU_SCALE, fp8_max
 
 THREADS = 256        # fp8_quantize: threads per block, 8 elements each per load ...
 UNROLL = 4           # ... and this many loads in flight per thread
@@ -22,7 +23,7 @@ VTILE = 64           # the vectorized transpose (R, C multiples of 8): VROWS x V
 VROWS = 128          # ... (THREADS = VTILE / 4 x VROWS / 8: one 4 x 8 block of the transpose per thread)
 VEC = 8              # ... in 16-byte loads of 8 bf16
 KERNELS = KernelModule("fp8", FP8_THREADS=THREADS, FP8_UNROLL=UNROLL, FP8_TILE=TILE, FP8_VTILE=VTILE,
-                       FP8_VROWS=VROWS)
+                       FP8_VROWS=VROWS, GELU_SCALE=f"{GELU_SCALE!r}f", GELU_CUBIC=f"{GELU_CUBIC!r}f")
 FORMAT_OF = {dtype: name for name, dtype in FP8_FORMATS.items()}
 
 
@@ -128,6 +129,42 @@ def fp8_quantize_transpose(out, out_t, amax, inp, scale):
         return
     name, grid, block = _transpose_launch("fp8_quantize_transpose", FORMAT_OF[out.dtype], inp, out, out_t)
     KERNELS.launch(name, grid, block, (ptr(out), ptr(out_t), ptr(amax), ptr(inp), ptr(scale), i32(R), i32(C)))
+
+
+def gelu_partials_elements(rows, C):
+    """fp32 partials of fp8_gelu_quantize_transpose's bias gradient: one row of 4C per VROWS rows
+    of the gradient (1558M B=16: 128 x 6400, 3.3 MB; 124M B=64: 512 x 3072, 6.3 MB)."""
+    return ceil_div(rows, VROWS) * 4 * C
+
+
+def fp8_gelu_quantize_transpose(out, out_t, amax, dbias, inp, pre, scale, partials):
+    """The reference's fp8_gelu_quantize_transpose: d = gelu'(pre) * inp (rounded to bf16, as
+    gelu_backward writes it) cast with `scale` into out (R, C) and out_t (C, R), amax = max |d|,
+    dbias (C,) += the column sums of d, in one pass over inp and pre (d itself is never
+    written). R and C multiples of 8 and the buffers 16-byte aligned (GPT-2's fc gradient);
+    partials: the backend's planned fp32 scratch (gelu_partials_elements)."""
+    op = "fp8_gelu_quantize_transpose"
+    _check(op, out, inp, amax=amax, scale=scale)
+    if inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) or out_t.dtype != out.dtype \
+            or not out_t.is_cuda or not out_t.is_contiguous():
+        raise ValueError(f"{op}: inp must be (R, C) and out_t a contiguous (C, R) tensor of out's dtype")
+    check_tensor(op, "pre", pre)
+    check_tensor(op, "dbias", dbias)
+    R, C = inp.shape
+    if pre.shape != inp.shape or dbias.shape != (C,):
+        raise ValueError(f"{op}: pre {tuple(pre.shape)} must be inp's shape and dbias {tuple(dbias.shape)} ({C},)")
+    if R % VEC or C % VEC or any(t.data_ptr() % 16 for t in (inp, pre, out, out_t)):
+        raise ValueError(f"{op}: R={R} and C={C} must be multiples of {VEC}, the buffers 16-byte aligned")
+    RB = ceil_div(R, VROWS)
+    if partials.dtype != torch.float32 or partials.numel() < RB * C:
+        raise RuntimeError(f"{op}: the planned partials hold {partials.numel()} fp32, {RB * C} needed")
+    amax.zero_()
+    if R == 0:
+        return
+    KERNELS.launch(f"fp8_gelu_quantize_transpose_vec_{FORMAT_OF[out.dtype]}_kernel", (ceil_div(C, VTILE), RB),
+                   THREADS, (ptr(out), ptr(out_t), ptr(amax), ptr(partials), ptr(inp), ptr(pre), ptr(scale),
+                             i32(R), i32(C)))
+    bias.reduce_partials(dbias, partials, RB, C)
 
 
 def fp8_scale(scale, amax, fmt, margin=0, inverse=None):
