@@ -13,7 +13,8 @@
 #                                 config; another fp8 setting's profile: STAGE=profile BENCH_ARGS="--fp8 ...")
 #   STAGE=fp8wgrad                benchmarks/device_run.sh        (fp8 GPU tests, then 1558M B=16: bf16, fp8
 #                                 with bf16 weight gradients and current scaling, fp8 with current scaling,
-#                                 fp8 (the recipe: fp8 weight gradients, delayed scaling), and that with --accum 4)
+#                                 the recipe with fc's gradient cast apart from the GELU derivative, the
+#                                 recipe (fp8 weight gradients, delayed scaling, the fused GELU cast), --accum 4)
 #   STAGE=fp8parity               benchmarks/device_run.sh        (val loss, fp8 against bf16, 124M and 350M;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/; more runs beside:
 #                                 PARITY_ARGS="--set deterministic=true --variant current=fp8=true,fp8_scaling=current")
@@ -68,7 +69,7 @@ fi
 if [ "$STAGE" = fp8wgrad ]; then  # fp8 weight gradients: their GPU tests, then 1558M bf16 / fp8 / fp8 + wgrad
   python3 -m pytest -q -m gpu -p no:cacheprovider $FP8_TESTS 2>&1 | tee "$OUT/fp8wgrad_tests.log" | tail -15
   for args in "--recompute 1" "--fp8 --no-fp8-wgrad --fp8-scaling current --recompute 1" \
-      "--fp8 --fp8-scaling current" "--fp8" "--fp8 --accum 4"; do
+      "--fp8 --fp8-scaling current" "--fp8 --no-fp8-fuse-gelu" "--fp8" "--fp8 --accum 4"; do
     python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 20 $args ${BENCH_ARGS:-} 2>&1 \
       | grep -v Warn | tee -a "$OUT/fp8wgrad_bench.log" | grep "ms/step"
   done
