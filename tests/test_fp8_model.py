@@ -372,3 +372,35 @@ def test_fused_gelu_cast_is_the_separate_passes_with_the_same_scale():
     assert all(torch.equal(a, b) for a, b in zip(grads, sep_grads))
     assert torch.equal(amaxes, sep_amaxes) and torch.equal(history, sep_history)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_evaluation_forwards_leave_the_delayed_scaling_state_alone():
+    """Evaluation forwards (dloss 0) and sampling (no targets) between training steps change
+    nothing the training steps compute under the fp8 recipe: three training steps with
+    evaluations before the first and between the others (more of them than the amax history
+    holds) are bitwise the steps without. Before, each evaluation pushed its amaxes into the
+    histories, zeros for the gradient sites: after an evaluation at step 0 the first step cast its
+    delayed gradients with a scale of 1."""
+    gen = torch.Generator().manual_seed(9)
+    batches = [[torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2)] for _ in range(3)]
+    val = [torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2)]
+    runs = []
+    for evaluate in (False, True):
+        model = GPT2(SHAPE, reference, B, T, fp8=True, fp8_weight_gradients=True, fp8_scaling="delayed",
+                     fp8_amax_history=4)
+        model.init_weights(9)
+        losses, evals = [], []
+        for x, y in batches:
+            if evaluate:
+                evals += [float(model.forward(val[0], val[1], 0.0)) for _ in range(5)]  # 5 > the history's 4
+                model.forward(val[0][:1])  # sampling: logits only
+            model.zero_grad()
+            losses.append(float(model.forward(x, y, 1.0 / (B * T))))
+            model.backward()
+            model.params.add_(model.grads, alpha=-1e-2)
+        runs.append((losses, model.grads.clone(), model.fp8.amaxes.clone(), model.fp8.history.clone(),
+                     model.fp8.forwards, evals))
+    (losses, grads, amaxes, history, forwards, _), (e_losses, e_grads, e_amaxes, e_history, e_forwards, evals) = runs
+    assert e_losses == losses and torch.equal(e_grads, grads)
+    assert torch.equal(e_amaxes, amaxes) and torch.equal(e_history, history) and e_forwards == forwards == 3
+    assert len(set(evals[:5])) == 1 and evals[5] != evals[0]  # an evaluation repeats itself; training moved it

@@ -156,6 +156,10 @@ class Fp8Matmuls:
         sites = n_layer * 3 * len(MATRICES)
         self.amax = torch.zeros(sites, SITE_STRIDE, dtype=torch.float32, device=device)
         self.inverse = torch.ones(sites, SITE_STRIDE, dtype=torch.float32, device=device)
+        # evaluation and sampling forwards cast into their own amaxes and inverses (see
+        # begin_forward), so the training step's, and the histories built from them, stay as they were
+        self._eval_amax, self._eval_inverse = torch.zeros_like(self.amax), torch.ones_like(self.inverse)
+        self.evaluating = False
         # delayed scaling (scaling="delayed"): the casts that would need an amax pass of their
         # own (inputs cuDNN or cuBLASLt wrote) take their scale from the amaxes of the last
         # amax_history forwards and backwards (history) and take this one's amax as they cast,
@@ -190,8 +194,9 @@ class Fp8Matmuls:
 
     @property
     def nbytes(self):
-        return sum(t.nbytes for t in (self.flat, self.scratch, self.kept, self.amax, self.inverse, self.history,
-                                       self.scale, self.limits, self.delayed_sites))
+        return sum(t.nbytes for t in (self.flat, self.scratch, self.kept, self.amax, self.inverse, self._eval_amax,
+                                       self._eval_inverse, self.history, self.scale, self.limits,
+                                       self.delayed_sites))
 
     @property
     def amaxes(self):
@@ -209,7 +214,8 @@ class Fp8Matmuls:
 
     def _site(self, layer, what, m):
         i = self._index(layer, what, m)
-        return self.amax[i, :1], self.inverse[i, :1]
+        amax, inverse = (self._eval_amax, self._eval_inverse) if self.evaluating else (self.amax, self.inverse)
+        return amax[i, :1], inverse[i, :1]
 
     def _delays(self, what, m):
         """Whether delayed scaling takes this kind of site's scale from its history: not a
@@ -222,7 +228,7 @@ class Fp8Matmuls:
     def _delaying(self, layer, what, m):
         """This site's scale when its cast takes it from the history (a delayed site, once a
         forward has left amaxes), else None (current scaling)."""
-        if self.forwards < 2 or not self._delays(what, m):
+        if self.forwards < 2 or self.evaluating or not self._delays(what, m):
             return None
         return self.scale[self._index(layer, what, m), :1]
 
@@ -280,12 +286,24 @@ class Fp8Matmuls:
         return out, inverse
 
     # ------------------------------------------------------------ forward
-    def begin_forward(self, cast_weights=True):
+    def begin_forward(self, cast_weights=True, training=True):
         """Zero the amaxes this forward's and backward's casts take their maximum into: one
         launch a forward. cast_weights False: the weights' fp8 copies from an earlier forward
         are reused (see GPT2.forward's fresh_weights), and their sites keep amax and scale.
         Delayed scaling first moves the last forward's and backward's amaxes into the histories
-        and takes this forward's scales from them (one launch)."""
+        and takes this forward's scales from them (one launch).
+        training False (evaluation, sampling: no backward follows; the caller casts the weights):
+        every cast takes current scaling into amaxes and inverses of its own, so the histories,
+        the forward count and the training step's amaxes stay as they were for the next training
+        forward, also when that one is a CUDA graph replay (which runs none of this Python).
+        Before 2026-12-03 an evaluation pushed its amaxes into the histories, zeros for every
+        gradient site: after the evaluation at step 0 the first training step cast its delayed
+        gradients with a scale of 1 (their small values flushed to zero), and 16 evaluation
+        batches in a row would have done it to any step."""
+        self.evaluating = not training
+        if not training:
+            self._eval_amax.zero_()
+            return
         if self.delayed:
             if self.forwards:
                 self.ops.fp8_delayed_scales(self.scale, self.inverse, self.history, self.amax, self.limits,

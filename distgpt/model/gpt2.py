@@ -101,9 +101,12 @@ class GPT2:
         a = self.acts.view(b, t)
         if layer_needed is not None:
             layer_needed(None)
-        cast_weights = self.fp8 is not None and (fresh_weights or not self.fp8.weights_cast)
+        # an evaluation or sampling forward (no backward follows) leaves the fp8 scaling state alone
+        # and casts the weights with its own scales
+        training = targets is not None and dloss != 0
+        cast_weights = self.fp8 is not None and (fresh_weights or not self.fp8.weights_cast or not training)
         if self.fp8 is not None:
-            self.fp8.begin_forward(cast_weights)
+            self.fp8.begin_forward(cast_weights, training=training)
         ops.encoder_forward(a["encoded"], tokens, P["transformer.wte.weight"],
                             P["transformer.wpe.weight"])
         residual = a["encoded"]
