@@ -27,7 +27,8 @@ histories go to the checkpoint. With fp8 weight gradients (fuse_gelu: config fp8
 fc's output gradient takes a delayed scale too, so that the GELU derivative's own pass can
 cast it into both layouts and take fc's bias gradient (fp8_gelu_quantize_transpose; the bf16
 gradient is never written nor read back): 1558M B=16 on an H200, 236.2-239.9 -> 229.7 ms a
-step, and the val loss of 124M within 0.90%, of 350M within 0.63% (seed 1337; README, FP8).
+step, and the val loss of 124M within 0.90%, of 350M within 0.63% (seed 1337, measured before
+the evaluation fix in begin_forward; README, FP8).
 Measured at 1558M B=16 on an H200 (2026-12-03, fp8 weight gradients, before that fusion):
 238.1 -> 232.1 ms a step for the three delayed sites; at 124M the val loss stayed within
 0.66% of bf16's, and at 350M the early gap passes 1% (fp8 ahead), where two bf16 runs
