@@ -143,7 +143,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "recompute_layers": recompute_layers,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, "fp8_fuse_gelu": model.fp8 is not None and model.fp8.fuses_gelu, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, "fp8_fuse_gelu": fp8_fuse_gelu, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),

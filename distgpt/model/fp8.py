@@ -34,8 +34,8 @@ Measured at 1558M B=16 on an H200 (2026-12-03, fp8 weight gradients, before that
 0.66% of bf16's, and at 350M the early gap passes 1% (fp8 ahead), where two bf16 runs
 differing only in the attention backward's rounding also land up to 3.7% apart (README, FP8).
 Current scaling costs that second read of those three tensors, but there is no amax history
-to warm up, checkpoint or resume, a tensor whose range jumps is never clipped, and a run is bitwise reproducible by construction (the amax is
-an order-free maximum).
+to warm up, checkpoint or resume, a tensor whose range jumps is never clipped, and a run is
+bitwise reproducible by construction (the amax is an order-free maximum).
 
 What is kept, planned once with the model:
 - each block matrix's fp8 copy W8 (OC, C) for the forward and its transpose W8t (C, OC) for
@@ -373,8 +373,9 @@ class Fp8Matmuls:
 
     def _input_gradient(self, layer, m, dinp, dout8, dout_inverse, gelu_inp, gelu_dbias=None):
         _, w_inverse = self._site(layer, WEIGHT, m)
-        scale = self._delaying(layer, GRADIENT, "fc") if gelu_inp is not None and gelu_dbias is not None else None
-        if scale is not None and self.fuses_gelu:
+        fused = self.fuses_gelu and gelu_inp is not None and gelu_dbias is not None
+        scale = self._delaying(layer, GRADIENT, "fc") if fused else None
+        if scale is not None:
             # the plain product into dinp, then one pass over it and the pre-activation casts fc's
             # output gradient into both layouts (scratch regions 0 and 1: this product has read
             # region 0 by then, the weight gradient region 1) and adds fc's bias gradient

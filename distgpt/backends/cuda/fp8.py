@@ -40,6 +40,12 @@ def _check(op, out, inp, **one_elements):
     check_scalars(op, **one_elements)
 
 
+def _check_transposed(op, out, out_t, inp):
+    if inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) or out_t.dtype != out.dtype \
+            or not out_t.is_cuda or not out_t.is_contiguous():
+        raise ValueError(f"{op}: inp must be (R, C) and out_t a contiguous (C, R) tensor of out's dtype")
+
+
 def _grid(inp):
     """A thread for every UNROLL vectors of 8: blocks that finish make room for the next, as in
     the AdamW launch (each element cast alike, the amax an order-free maximum: the same bytes as
@@ -89,9 +95,7 @@ def fp8_cast_transpose(out, out_t, inverse, amax, inp, amax_known=False):
     matmuls' output gradients (either format) and inputs."""
     op = "fp8_cast_transpose"
     _check(op, out, inp, amax=amax, inverse=inverse)
-    if inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) or out_t.dtype != out.dtype \
-            or not out_t.is_cuda or not out_t.is_contiguous():
-        raise ValueError(f"{op}: inp must be (R, C) and out_t a contiguous (C, R) tensor of out's dtype")
+    _check_transposed(op, out, out_t, inp)
     if not amax_known:
         fp8_amax(amax, inp)
     R, C = inp.shape
@@ -120,9 +124,7 @@ def fp8_quantize_transpose(out, out_t, amax, inp, scale):
     """fp8_quantize of a (R, C) matrix into out (R, C) and out_t (C, R) in one pass."""
     op = "fp8_quantize_transpose"
     _check(op, out, inp, amax=amax, scale=scale)
-    if inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) or out_t.dtype != out.dtype \
-            or not out_t.is_cuda or not out_t.is_contiguous():
-        raise ValueError(f"{op}: inp must be (R, C) and out_t a contiguous (C, R) tensor of out's dtype")
+    _check_transposed(op, out, out_t, inp)
     amax.zero_()
     R, C = inp.shape
     if R == 0 or C == 0:
@@ -145,9 +147,7 @@ def fp8_gelu_quantize_transpose(out, out_t, amax, dbias, inp, pre, scale, partia
     partials: the backend's planned fp32 scratch (gelu_partials_elements)."""
     op = "fp8_gelu_quantize_transpose"
     _check(op, out, inp, amax=amax, scale=scale)
-    if inp.dim() != 2 or out_t.shape != (inp.shape[1], inp.shape[0]) or out_t.dtype != out.dtype \
-            or not out_t.is_cuda or not out_t.is_contiguous():
-        raise ValueError(f"{op}: inp must be (R, C) and out_t a contiguous (C, R) tensor of out's dtype")
+    _check_transposed(op, out, out_t, inp)
     check_tensor(op, "pre", pre)
     check_tensor(op, "dbias", dbias)
     R, C = inp.shape
