@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the device tool): install what its image lacks, run the gpu tests,
 # then the throughput table against the PyTorch baseline. Logs go to $OUT; the table prints last.
+# First, on this machine: benchmarks/device_wheels.sh (the wheels the image lacks; carry [".whl"]).
 #   STAGE=tests|bench|parity|all  benchmarks/device_run.sh gpt2_124m:64 gpt2_350m:32 gpt2_1558m:16
 #   STAGE=scaling GPUS="1 2 4"    benchmarks/device_run.sh gpt2_124m:64:2 gpt2_1558m:16:2   (mpirun, NCCL)
 #   STAGE=drill                   benchmarks/device_run.sh        (kill/hang/resume + socket transport, 2 GPUs)
@@ -15,6 +16,8 @@
 #                                 with bf16 weight gradients and current scaling, fp8 with current scaling,
 #                                 the recipe with fc's gradient cast apart from the GELU derivative, the
 #                                 recipe (fp8 weight gradients, delayed scaling, the fused GELU cast), --accum 4)
+#   STAGE=gelu8                   benchmarks/device_run.sh        (fp8 GPU tests, then 1558M B=16 fp8 with fc's
+#                                 GELU output cast apart and written in fp8 by its matmul, alternated, and a profile)
 #   STAGE=fp8parity               benchmarks/device_run.sh        (val loss, fp8 against bf16, 124M and 350M;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/; more runs beside:
 #                                 PARITY_ARGS="--set deterministic=true --variant current=fp8=true,fp8_scaling=current")
@@ -73,6 +76,15 @@ if [ "$STAGE" = fp8wgrad ]; then  # fp8 weight gradients: their GPU tests, then 
     python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 20 $args ${BENCH_ARGS:-} 2>&1 \
       | grep -v Warn | tee -a "$OUT/fp8wgrad_bench.log" | grep "ms/step"
   done
+fi
+if [ "$STAGE" = gelu8 ]; then  # fc's GELU output in fp8 from its matmul: its GPU tests, then 1558M B=16 alternated
+  python3 -m pytest -q -m gpu -p no:cacheprovider $FP8_TESTS 2>&1 | tee "$OUT/gelu8_tests.log" | tail -15
+  for args in "--fp8 --no-fp8-gelu-in-matmul" "--fp8" "--fp8 --no-fp8-gelu-in-matmul" "--fp8"; do
+    python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 20 $args ${BENCH_ARGS:-} 2>&1 \
+      | grep -v Warn | tee -a "$OUT/gelu8_bench.log" | grep "ms/step"
+  done
+  python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 10 --fp8 --profile 2>&1 \
+    | tee "$OUT/gelu8_profile.log" | grep -v '^\s*$' | grep -v Warning | head -40
 fi
 if [ "$STAGE" = fp8parity ]; then
   python3 benchmarks/fp8_parity.py "${TEXT:-benchmarks/shakespeare.txt}" ${PARITY_ARGS:-} 2>&1 \

@@ -133,6 +133,10 @@ class Config:
     #                             gradient cast into fp8, and fc's bias gradient taken, in the GELU
     #                             derivative's own pass, with a delayed scale (1558M: 3.5% a step);
     #                             false: the bf16 gradient written, then cast by current scaling
+    fp8_gelu_in_matmul: bool = True  # fp8=true with fp8 weight gradients and delayed scaling: the fc
+    #                                  matmul's epilogue writes its GELU output in fp8 (a delayed
+    #                                  scale) and one byte transpose copies it for the weight
+    #                                  gradient; false: the bf16 output written, then cast
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
     overlap_comm: str = "auto"  # sum each bucket of gradients over ranks during the backward (on a
     #                             communication stream): true | false | auto (when the ranks span

@@ -200,6 +200,31 @@ __device__ __forceinline__ void transpose_4x4_bytes(unsigned int& a, unsigned in
     d = __byte_perm(ab_hi, cd_hi, 0x7632);
 }
 
+// out_t (C, R) from a shared tile of FP8_VROWS rows x FP8_VTILE fp8 bytes (as 32-bit words, pitch
+// FP8_VTILE / 4 + 1) holding x[r0.., c0..]. Each thread takes tile columns 4 w .. 4 w + 3 (out_t
+// rows c0 + 4 w ..) of tile rows 8 g .. 8 g + 7 (8 bytes of each of those out_t rows), transposes
+// the 4 x 8 bytes in registers and writes 4 out_t rows of 8 bytes; a warp takes 8 column blocks x
+// 4 row blocks, whose word reads fall on 32 different banks. R and C multiples of 8 (and 4): a
+// thread's block is all in range or all out.
+__device__ __forceinline__ void store_tile_transposed(const unsigned int (*tile)[FP8_VTILE / 4 + 1],
+                                                      __nv_fp8_storage_t* __restrict__ out_t, int r0, int c0,
+                                                      int R, int C) {
+    constexpr int WARPS_ACROSS = FP8_VTILE / 4 / 8;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int w = (warp % WARPS_ACROSS) * 8 + lane % 8, g = (warp / WARPS_ACROSS) * 4 + lane / 8;
+    const int c = c0 + 4 * w, r = r0 + 8 * g;
+    if (c < C && r < R) {
+        unsigned int q[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) q[j] = tile[8 * g + j][w];
+        transpose_4x4_bytes(q[0], q[1], q[2], q[3]);
+        transpose_4x4_bytes(q[4], q[5], q[6], q[7]);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            *reinterpret_cast<uint2*>(out_t + (long long)(c + i) * R + r) = make_uint2(q[i], q[4 + i]);
+    }
+}
+
 // GELU = true (fp8_gelu_quantize_transpose, delayed scaling only): the tile's values are the fc
 // layer's output gradient gelu'(pre) * inp, rounded to bf16 as gelu_backward writes it (inp the
 // fc projection's input-gradient product, pre the fc pre-activation), so the bytes are those of
@@ -260,22 +285,7 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __n
         }
     }
     __syncthreads();
-    // this thread's block: tile columns 4 w .. 4 w + 3 (out_t rows c0 + 4 w ..), tile rows 8 g ..
-    // 8 g + 7 (8 bytes of each of those out_t rows); a warp takes 8 column blocks x 4 row blocks
-    constexpr int WARPS_ACROSS = WORDS / 8;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int w = (warp % WARPS_ACROSS) * 8 + lane % 8, g = (warp / WARPS_ACROSS) * 4 + lane / 8;
-    const int c = c0 + 4 * w, r = r0 + 8 * g;
-    if (c < C && r < R) {  // R, C multiples of 8: the whole block is in range or none of it
-        unsigned int q[8];
-#pragma unroll
-        for (int j = 0; j < 8; j++) q[j] = tile[8 * g + j][w];
-        transpose_4x4_bytes(q[0], q[1], q[2], q[3]);
-        transpose_4x4_bytes(q[4], q[5], q[6], q[7]);
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            *reinterpret_cast<uint2*>(out_t + (long long)(c + i) * R + r) = make_uint2(q[i], q[4 + i]);
-    }
+    store_tile_transposed(tile, out_t, r0, c0, R, C);
     if (CAST) return;
     const unsigned int m = block_max(local);  // its barriers also order the tile reads above
     if (threadIdx.x == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), m);
@@ -324,6 +334,42 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __n
     }
 TRANSPOSE_KERNELS(, quantize_transpose)
 TRANSPOSE_KERNELS(_vec, quantize_transpose_vec)
+
+// fp8_transpose: out_t (C, R) = x (R, C), fp8 bytes of either format (the GELU output the fc
+// matmul's epilogue wrote in fp8, copied tokens last for the fc projection's weight gradient).
+// One FP8_VROWS x FP8_VTILE tile per block, as the transposing casts: every 16-byte load of the
+// tile issued first, then the shared tile written and store_tile_transposed. R a multiple of 8,
+// C of 16, x 16-byte and out_t 8-byte aligned. One read and one write of a byte per element,
+// where casting the bf16 output read 2 bytes and wrote 2.
+extern "C" __global__ void __launch_bounds__(FP8_THREADS)
+fp8_transpose_vec_kernel(__nv_fp8_storage_t* __restrict__ out_t, const __nv_fp8_storage_t* __restrict__ x, int R,
+                         int C) {
+    constexpr int VEC = 16, PITCH = FP8_VTILE / 4 + 1, VECS_PER_ROW = FP8_VTILE / VEC;
+    constexpr int LOADS = FP8_VROWS * VECS_PER_ROW / FP8_THREADS;
+    static_assert(LOADS * FP8_THREADS == FP8_VROWS * VECS_PER_ROW, "a tile is whole loads of every thread");
+    __shared__ unsigned int tile[FP8_VROWS][PITCH];
+    const int r0 = blockIdx.y * FP8_VROWS, c0 = blockIdx.x * FP8_VTILE;
+    uint4 v[LOADS];
+#pragma unroll
+    for (int u = 0; u < LOADS; u++) {
+        const int k = threadIdx.x + u * FP8_THREADS;
+        const int r = r0 + k / VECS_PER_ROW, c = c0 + (k % VECS_PER_ROW) * VEC;
+        if (r < R && c < C) v[u] = __ldcs(reinterpret_cast<const uint4*>(x + (long long)r * C + c));
+    }
+#pragma unroll
+    for (int u = 0; u < LOADS; u++) {
+        const int k = threadIdx.x + u * FP8_THREADS;
+        const int dr = k / VECS_PER_ROW, dc = (k % VECS_PER_ROW) * VEC;
+        if (r0 + dr < R && c0 + dc < C) {
+            tile[dr][dc / 4] = v[u].x;
+            tile[dr][dc / 4 + 1] = v[u].y;
+            tile[dr][dc / 4 + 2] = v[u].z;
+            tile[dr][dc / 4 + 3] = v[u].w;
+        }
+    }
+    __syncthreads();
+    store_tile_transposed(tile, out_t, r0, c0, R, C);
+}
 
 // fp8_gelu_quantize_transpose: the fc layer's output gradient, from the fc projection's input-
 // gradient product inp and the pre-activation pre, cast with a delayed scale into both layouts,

@@ -295,6 +295,63 @@ def test_fp8_fc_forward_with_gelu_matches_the_reference(mm, N, C, OC):
         assert_close(f"fp8 fc {name}", got, want, atol=1e-2 * rms, rtol=2e-2)
 
 
+# fc with its GELU output written in fp8 by the epilogue (the fp8 recipe's forward): the
+# pre-activation as above; the fp8 values against the reference's (GELU of the float64
+# pre-activation, then the cast): the product's own error (rtol 2e-2, atol a hundredth of the rms)
+# plus one e4m3 rounding, 2^-4 relative, of either side's value, and e4m3's smallest step at
+# the scale near 0. The scale saturates the largest values: those must be +-448 (no NaN). The
+# amax is the GELU output's before the cast (within the product's rtol), and two runs are the
+# same bits.
+@pytest.mark.parametrize("N,C,OC", [(256, 768, 3072), (512, 1600, 6400), (64, 64, 256)])
+def test_fp8_fc_forward_with_an_fp8_gelu_output_matches_the_reference(mm, N, C, OC):
+    from gpu_check import assert_close
+    torch.manual_seed(N + OC + 1)
+    x, w = torch.randn(N, C).to(torch.bfloat16), (torch.randn(OC, C) * 0.03).to(torch.bfloat16)
+    b = (torch.randn(OC) * 0.1).to(torch.bfloat16)
+    x8, x_inv = cast_pair(x, "e4m3")
+    w8, w_inv = cast_pair(w, "e4m3")
+    want_pre, want_act = torch.empty(N, OC, dtype=torch.float64), torch.empty(N, OC, dtype=torch.float64)
+    reference.fp8_matmul_forward(want_pre, x8.cpu(), x_inv.cpu(), w8.cpu(), w_inv.cpu(), b.double(),
+                                 gelu_out=want_act)
+    scale = torch.zeros(1)
+    reference.fp8_scale(scale, torch.tensor([float(want_act.abs().max()) / 3]), "e4m3")  # the top saturates
+    limit = reference.fp8_max("e4m3") / float(scale)
+    runs = []
+    for _ in range(2):
+        pre = torch.full((N, OC), float("nan"), dtype=torch.bfloat16, device="cuda")
+        act8 = torch.full((N, OC), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)  # NaN
+        amax = torch.full((4,), float("nan"), device="cuda")[:1]  # a 16-byte aligned element
+        mm.forward_fp8(pre, x8, x_inv, w8, w_inv, b.cuda(), gelu_out=act8, gelu_scale=scale.cuda(), gelu_amax=amax)
+        runs.append((pre.cpu(), as_bytes(act8), amax.cpu()))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    pre, act8, amax = runs[0]
+    rms = float(want_pre.pow(2).mean().sqrt())
+    assert_close("fp8 fc pre-activation", pre, want_pre, atol=1e-2 * rms, rtol=2e-2)
+    assert not ((act8 & 0x7F) == 0x7F).any(), "an fp8 GELU output is NaN (not saturated)"
+    got = reference.fp8_dequantize(act8.view(torch.float8_e4m3fn), scale)
+    clipped = want_act.abs() > 1.05 * limit  # past the range even with the product's error
+    assert clipped.any() and torch.equal(got[clipped], want_act[clipped].sign() * limit)
+    keep = ~clipped & (want_act.abs() < 0.95 * limit)
+    act_rms = float(want_act.pow(2).mean().sqrt())
+    assert_close("fp8 GELU output", got[keep], want_act[keep], atol=1e-2 * act_rms + 2.0 ** -9 / float(scale),
+                 rtol=2e-2 + 2 * 2.0 ** -4)
+    assert abs(float(amax) - float(want_act.abs().max())) <= 2e-2 * float(want_act.abs().max())
+
+
+@pytest.mark.parametrize("R,C", [(8, 16), (200, 80), (1024, 3072), (16384, 6400)])
+def test_fp8_transpose_is_the_bytes_transposed(R, C):
+    """fp8_transpose (the fp8 GELU output's copy for the fc projection's weight gradient): every
+    byte where the transpose puts it; (200, 80) leaves partial tiles both ways."""
+    from distgpt.backends.cuda import fp8
+    x = torch.randint(0, 256, (R, C), dtype=torch.uint8, device="cuda")
+    out_t = torch.full((C, R), 0x55, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    fp8.fp8_transpose(out_t, x.view(torch.float8_e4m3fn))
+    assert torch.equal(out_t.view(torch.uint8), x.t())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        fp8.fp8_transpose(torch.empty(12, 8, dtype=torch.float8_e4m3fn, device="cuda"),
+                          torch.empty(8, 12, dtype=torch.float8_e4m3fn, device="cuda"))
+
+
 @pytest.mark.parametrize("dout_format", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("N,C,OC", [(256, 3072, 768), (512, 1600, 4800)])

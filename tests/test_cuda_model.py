@@ -94,7 +94,7 @@ def test_fp8_step_matches_reference_fp32(fp8_wgrad):
 
 
 def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weights=False, fp8_wgrad=False,
-                 fp8_scaling="current", fuse_gelu=True):
+                 fp8_scaling="current", fuse_gelu=True, gelu_in_matmul=True):
     """Twenty steps of a fresh model and backend, each of `accum` micro-steps (reuse_weights: the
     later ones pass fresh_weights=False, as the trainer does). The matmuls take cuBLASLt's first
     answers (tune off, as deterministic runs do): two runs compared bit for bit must not each
@@ -107,6 +107,7 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weig
     if fp8:
         model.fp8.fuse_amax = fuse_amax
         model.fp8.fuses_gelu &= fuse_gelu
+        model.fp8.gelu_in_matmul &= gelu_in_matmul
     micro_step = MicroStep(model, use_graph)
     opt = ShardedAdamW(model, DataParallel(LocalComm(), model.layout, 1), OptimConfig(lr=1e-3), model.ops)
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -179,6 +180,20 @@ def test_fp8_recipe_fused_gelu_cast_trains_as_the_separate_passes():
     for a, b in zip(fused[0], separate[0]):
         assert abs(a - b) <= 1e-3 * abs(b), (fused[0], separate[0])
     assert fused[0][-1] < fused[0][0] - 0.5
+
+
+def test_fp8_recipe_gelu_output_in_the_matmul_trains_as_the_cast_apart():
+    """fp8_gelu_in_matmul: fc's epilogue writes the GELU output in fp8 (the fc projection's
+    delayed scale) and fp8_transpose copies it for the weight gradient, against the bf16 output
+    cast by fp8_quantize_transpose with that scale: the same up to the GELU taken before the
+    pre-activation's bf16 rounding (tests/test_cuda_fp8.py), so twenty steps stay within 1e-3 of
+    each other's losses rather than bitwise (eager = graphed: test_cuda_graph_replay_..., fp8_recipe)."""
+    kw = dict(fp8=True, fp8_wgrad=True, fp8_scaling="delayed")
+    in_matmul, apart = twenty_steps(use_graph=True, **kw), twenty_steps(use_graph=True, gelu_in_matmul=False, **kw)
+    assert in_matmul[0][:1] == apart[0][:1]  # step 1 casts by current scaling either way
+    for a, b in zip(in_matmul[0], apart[0]):
+        assert abs(a - b) <= 1e-3 * abs(b), (in_matmul[0], apart[0])
+    assert in_matmul[0][-1] < in_matmul[0][0] - 0.5
 
 
 def test_scratch_estimate_is_what_plan_takes():

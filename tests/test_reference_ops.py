@@ -234,6 +234,42 @@ def test_fp8_gelu_quantize_transpose():
     assert torch.allclose(dbias, 0.5 + want.sum(dim=0), rtol=1e-12, atol=1e-12)
 
 
+def test_fp8_matmul_forward_writes_the_gelu_output_in_fp8():
+    """fc with its GELU output in fp8 (the fp8 recipe's forward): the pre-activation is the
+    dequantized product plus the bias, and the fp8 output is F.gelu (tanh) of that, times the
+    given power-of-two scale, rounded to e4m3 (within 2^-4 relative, or e4m3's smallest step near
+    0) and saturated at 448 where the scale pushes it past (no NaN); amax is the GELU output's."""
+    N, C, OC = 12, 16, 32
+    x8 = (torch.randn(N, C, **f64) * 8).to(torch.float8_e4m3fn)
+    w8 = (torch.randn(OC, C, **f64) * 8).to(torch.float8_e4m3fn)
+    x_inv, w_inv, bias = torch.tensor([2.0 ** -3]), torch.tensor([2.0 ** -5]), torch.randn(OC, **f64)
+    pre, g8 = poisoned(N, OC), torch.empty(N, OC, dtype=torch.float8_e4m3fn)
+    want_pre = (x8.double() / 8) @ (w8.double() / 32).t() + bias
+    want = F.gelu(want_pre, approximate="tanh")
+    scale = torch.zeros(1)
+    ops.fp8_scale(scale, torch.tensor([float(want.abs().max()) / 4]), "e4m3")  # the largest saturate
+    amax = torch.full((1,), float("nan"))
+    ops.fp8_matmul_forward(pre, x8, x_inv, w8, w_inv, bias, gelu_out=g8, gelu_scale=scale, gelu_amax=amax)
+    check("fp8 fc pre-activation", pre, want_pre, "forward")
+    got, limit = ops.fp8_dequantize(g8, scale), ops.fp8_max("e4m3") / float(scale)
+    inside = want.abs() <= limit
+    assert (~inside).any() and inside.any()
+    assert torch.all((got - want)[inside].abs() <= 2.0 ** -4 * want[inside].abs() + 2.0 ** -9 / float(scale))
+    assert torch.equal(got[~inside], want[~inside].sign() * limit)
+    assert math.isclose(float(amax), float(want.abs().max()), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="gelu_scale and gelu_amax"):
+        ops.fp8_matmul_forward(pre, x8, x_inv, w8, w_inv, bias, gelu_out=g8)
+
+
+def test_fp8_transpose():
+    x = (torch.randn(6, 16, **f64) * 50).to(torch.float8_e5m2)
+    out_t = torch.empty(16, 6, dtype=torch.float8_e5m2)
+    ops.fp8_transpose(out_t, x)
+    assert torch.equal(out_t.view(torch.uint8), x.view(torch.uint8).t())
+    with pytest.raises(ValueError, match="float8 tensors of one format"):
+        ops.fp8_transpose(out_t.view(torch.float8_e4m3fn), x)
+
+
 def test_gelu():
     x = torch.randn(3, 5, 16, **f64, requires_grad=True) * 3
     x.retain_grad()

@@ -496,12 +496,18 @@ def fp8_dequantize(x8, scale):
     return x8.double() / float(scale.reshape(-1)[0])
 
 
-def fp8_matmul_forward(out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None, residual=None):
+def fp8_matmul_forward(out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None, residual=None,
+                       gelu_scale=None, gelu_amax=None):
     """out (..., OC) = dequant(inp) (..., C) @ dequant(weight) (OC, C)^T + bias: what a scaled fp8
     matmul computes (the tensor cores multiply the fp8 values exactly and accumulate in fp32;
     here in float64), written in out's dtype. Each operand comes with the inverse of the scale it
     was quantized with (one fp32 element, from fp8_scale(inverse=)): cuBLASLt multiplies by it.
-    residual and gelu_out as matmul_forward."""
+    residual and gelu_out as matmul_forward.
+    gelu_out a float8 tensor (with gelu_scale and gelu_amax, one fp32 element each): the GELU
+    output goes straight to fp8, fp8_quantize(gelu_out, gelu_amax, gelu(pre), gelu_scale), with
+    GELU taken of the pre-activation before it is rounded to out's dtype (cuBLASLt's epilogue
+    works on its fp32 sum): the delayed-scaling cast of the fc projection's input, done by the
+    fc matmul that makes it, so the bf16 GELU output is never written nor read back."""
     OC, C = weight.shape
     product = ((inp.double() * float(inp_inverse.reshape(-1)[0])).reshape(-1, C)
                @ (weight.double() * float(weight_inverse.reshape(-1)[0])).t())
@@ -510,8 +516,24 @@ def fp8_matmul_forward(out, inp, inp_inverse, weight, weight_inverse, bias, gelu
     if residual is not None:
         product = product + residual.double().reshape(-1, OC)
     out.view(-1, OC).copy_(product)
-    if gelu_out is not None:
+    if gelu_out is None:
+        return
+    if gelu_out.dtype not in FP8_FORMATS.values():
         gelu_forward(gelu_out, out)
+        return
+    if gelu_scale is None or gelu_amax is None:
+        raise ValueError("fp8_matmul_forward: an fp8 gelu_out needs gelu_scale and gelu_amax")
+    activated = torch.empty_like(product)
+    gelu_forward(activated, product)
+    fp8_quantize(gelu_out.view(-1, OC), gelu_amax, activated, gelu_scale)
+
+
+def fp8_transpose(out_t, x):
+    """out_t (C, R) = x (R, C) transposed, both float8 of one format: the copy, tokens last, that the
+    fc projection's weight gradient reads of the GELU output the fc matmul wrote in fp8."""
+    if out_t.dtype != x.dtype or x.dtype not in FP8_FORMATS.values() or out_t.shape != (x.shape[1], x.shape[0]):
+        raise ValueError("fp8_transpose: x (R, C) and out_t (C, R) must be float8 tensors of one format")
+    out_t.copy_(x.t())
 
 
 def fp8_matmul_backward_input(dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None, amax=None):

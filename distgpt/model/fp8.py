@@ -28,7 +28,12 @@ fc's output gradient takes a delayed scale too, so that the GELU derivative's ow
 cast it into both layouts and take fc's bias gradient (fp8_gelu_quantize_transpose; the bf16
 gradient is never written nor read back): 1558M B=16 on an H200, 236.2-239.9 -> 229.7 ms a
 step, and the val loss of 124M within 0.90%, of 350M within 0.63% (seed 1337, measured before
-the evaluation fix in begin_forward; README, FP8).
+the evaluation fix in begin_forward; README, FP8). With fp8 weight gradients and delayed
+scaling the fc matmul also writes its GELU output in fp8 (gelu_in_matmul: config
+fp8_gelu_in_matmul): cuBLASLt's GELU_AUX_BIAS epilogue scales it by the fc projection's delayed
+input scale and takes its amax, and one fp8 -> fp8 transpose fills the copy kept for the weight
+gradient, so the bf16 GELU output is neither written nor read back by a cast: 1558M B=16 on an
+H200, 229.4 and 227.1 -> 226.2 and 223.8 ms a step (2026-12-03, alternated in one call).
 Measured at 1558M B=16 on an H200 (2026-12-03, fp8 weight gradients, before that fusion):
 238.1 -> 232.1 ms a step for the three delayed sites; at 124M the val loss stayed within
 0.66% of bf16's, and at 350M the early gap passes 1% (fp8 ahead), where two bf16 runs
@@ -120,7 +125,8 @@ class Fp8Matmuls:
     the forward / input-gradient products of the block matmuls over the backend's fp8 ops."""
 
     def __init__(self, ops, p_layers, n_layer, C, rows, device, gradient_format="e4m3", fuse_amax=True,
-                 weight_gradients=False, scaling="current", amax_history=16, margin=0, fuse_gelu=True):
+                 weight_gradients=False, scaling="current", amax_history=16, margin=0, fuse_gelu=True,
+                 gelu_in_matmul=True):
         self.ops, self.p_layers = ops, p_layers
         self.fuse_amax = fuse_amax  # False: every cast takes its own amax pass (tests compare the two)
         self.gradient_format = FP8_FORMATS[gradient_format]  # of the gradients entering a backward
@@ -181,6 +187,12 @@ class Fp8Matmuls:
         self.fuses_gelu = self.delayed and weight_gradients and fuse_gelu
         self._fc_gradient_delayed = self.fuses_gelu  # its site's scale, whether fused or not (tests)
         self._fused_gradient = None  # (layer, out, out_t, inverse): fc's gradient, cast by the fusion
+        # delayed scaling with fp8 weight gradients: the fc matmul's epilogue writes the GELU
+        # output straight in fp8 with the fc projection's delayed input scale (and takes its
+        # amax), and one fp8 -> fp8 transpose makes the copy kept for the weight gradient; the bf16
+        # GELU output is never written, nor read back by a cast (see forward)
+        self.gelu_in_matmul = self.delayed and weight_gradients and gelu_in_matmul
+        self._gelu8 = None  # (layer, the fp8 GELU output in scratch region 1), for fcproj's forward
         self.forwards = 0
         n = sites if self.delayed else 0
         self.history = torch.zeros(n, amax_history, dtype=torch.float32, device=device)
@@ -325,8 +337,16 @@ class Fp8Matmuls:
 
     def forward(self, layer, m, out, inp, bias, gelu_out=None, residual=None):
         """out = inp @ W^T + bias (+ residual; and gelu_out = gelu(out)) with inp and W in e4m3;
-        with weight_gradients inp is cast transposed too, into its kept copy."""
-        if self.weight_gradients:
+        with weight_gradients inp is cast transposed too, into its kept copy. With gelu_in_matmul
+        (and a delayed scale for it) fc writes its GELU output in fp8 instead of gelu_out, and
+        the fc projection reads that (_gelu_forward)."""
+        if gelu_out is not None and self._fp8_gelu_output(layer, gelu_out):
+            return self._gelu_forward(layer, out, inp, bias, gelu_out)
+        if self._gelu8 is not None and self._gelu8[0] == layer and m == "fcproj":
+            _, inp8 = self._gelu8
+            self._gelu8 = None
+            _, inp_inverse = self._site(layer, INPUT, m)
+        elif self.weight_gradients:
             inp8, inp_inverse = self._cast_transposed(
                 inp, ACTIVATION_FORMAT, layer, INPUT, m, self._kept_input(layer, m, inp.numel() // inp.shape[-1]),
                 amax_known=self.producer_amax(layer, INPUT, m) is not None)
@@ -336,6 +356,33 @@ class Fp8Matmuls:
         _, w_inverse = self._site(layer, WEIGHT, m)
         self.ops.fp8_matmul_forward(out, inp8, inp_inverse, self.weights8[layer][m], w_inverse, bias,
                                     gelu_out=gelu_out, residual=residual)
+
+    def _fp8_gelu_output(self, layer, gelu_out):
+        """Whether fc's GELU output goes to fp8 in its matmul: gelu_in_matmul, a delayed scale for the
+        fc projection's input (not the first forward, nor an evaluation), and the shapes the
+        transpose kernel takes (rows a multiple of 8, 4C of 16: every GPT-2 run)."""
+        rows, C4 = gelu_out.numel() // gelu_out.shape[-1], gelu_out.shape[-1]
+        return (self.gelu_in_matmul and self._delaying(layer, INPUT, "fcproj") is not None
+                and rows % 8 == 0 and C4 % 16 == 0)
+
+    def _gelu_forward(self, layer, out, inp, bias, gelu_out):
+        """fc with its GELU output in fp8: inp (ln2) is cast transposed as any block input (into
+        scratch region 0 and its kept copy), the product writes the pre-activation into out and
+        fp8(gelu(out) * the fc projection's delayed input scale) into scratch region 1 (free in
+        the forward: the backward's output-gradient transposes use it), taking its amax for that
+        site's history, and the transpose pass fills the fc projection's kept input from it."""
+        inp8, inp_inverse = self._cast_transposed(
+            inp, ACTIVATION_FORMAT, layer, INPUT, "fc", self._kept_input(layer, "fc", inp.numel() // inp.shape[-1]),
+            amax_known=self.producer_amax(layer, INPUT, "fc") is not None)
+        _, w_inverse = self._site(layer, WEIGHT, "fc")
+        rows, C4 = gelu_out.numel() // gelu_out.shape[-1], gelu_out.shape[-1]
+        gelu8 = self._region(1, rows * C4, ACTIVATION_FORMAT).view(rows, C4)
+        amax, _ = self._site(layer, INPUT, "fcproj")
+        self.ops.fp8_matmul_forward(out, inp8.view(inp.shape), inp_inverse, self.weights8[layer]["fc"], w_inverse,
+                                    bias, gelu_out=gelu8.view(gelu_out.shape),
+                                    gelu_scale=self._delaying(layer, INPUT, "fcproj"), gelu_amax=amax)
+        self.ops.fp8_transpose(self._kept_input(layer, "fcproj", rows), gelu8)
+        self._gelu8 = (layer, gelu8.view(gelu_out.shape))
 
     # ------------------------------------------------------------ backward
     def gradient_cast(self, layer, m):

@@ -174,11 +174,14 @@ class CudaBackend:
     def fp8_cast_transpose(self, out, out_t, inverse, amax, inp, amax_known=False):
         fp8.fp8_cast_transpose(out, out_t, inverse, amax, inp, amax_known)
 
+    def fp8_transpose(self, out_t, x):
+        fp8.fp8_transpose(out_t, x)
+
     def fp8_matmul_forward(self, out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out=None,
-                           residual=None):
-        self._planned("fp8_matmul_forward", self.matmuls).forward_fp8(out, inp, inp_inverse, weight,
-                                                                       weight_inverse, bias, gelu_out,
-                                                                       residual=residual)
+                           residual=None, gelu_scale=None, gelu_amax=None):
+        self._planned("fp8_matmul_forward", self.matmuls).forward_fp8(
+            out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out, residual=residual,
+            gelu_scale=gelu_scale, gelu_amax=gelu_amax)
 
     def fp8_matmul_weight_grad(self, dweight, dout_t, dout_inverse, inp_t, inp_inverse):
         self._planned("fp8_matmul_weight_grad", self.matmuls).weight_grad_fp8(dweight, dout_t, dout_inverse, inp_t,

@@ -133,6 +133,26 @@ def fp8_quantize_transpose(out, out_t, amax, inp, scale):
     KERNELS.launch(name, grid, block, (ptr(out), ptr(out_t), ptr(amax), ptr(inp), ptr(scale), i32(R), i32(C)))
 
 
+def fp8_transpose(out_t, x):
+    """out_t (C, R) = x (R, C), fp8 bytes (the reference's fp8_transpose): R a multiple of 8, C of
+    16, x 16-byte and out_t 8-byte aligned (GPT-2's (B*T, 4C) GELU output)."""
+    op = "fp8_transpose"
+    if x.dtype not in FORMAT_OF or out_t.dtype != x.dtype:
+        raise ValueError(f"{op}: x and out_t must be float8 tensors of one format, got {x.dtype} and {out_t.dtype}")
+    for name, t in (("x", x), ("out_t", out_t)):
+        if not t.is_cuda or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be a contiguous CUDA tensor")
+    if x.dim() != 2 or out_t.shape != (x.shape[1], x.shape[0]):
+        raise ValueError(f"{op}: x must be (R, C) and out_t (C, R), got {tuple(x.shape)} and {tuple(out_t.shape)}")
+    R, C = x.shape
+    if R % VEC or C % (2 * VEC) or x.data_ptr() % 16 or out_t.data_ptr() % 8:
+        raise ValueError(f"{op}: R={R} must be a multiple of {VEC}, C={C} a multiple of {2 * VEC}, x 16-byte "
+                         f"and out_t 8-byte aligned")
+    if R:
+        KERNELS.launch("fp8_transpose_vec_kernel", (ceil_div(C, VTILE), ceil_div(R, VROWS)), THREADS,
+                       (ptr(out_t), ptr(x), i32(R), i32(C)))
+
+
 def gelu_partials_elements(rows, C):
     """fp32 partials of fp8_gelu_quantize_transpose's bias gradient: one row of 4C per VROWS rows
     of the gradient (1558M B=16: 128 x 6400, 3.3 MB; 124M B=64: 512 x 3072, 6.3 MB)."""

@@ -84,9 +84,11 @@ def _bindings():
     return cublasLt
 
 
-def _agrees(got, want):
+def _agrees(got, want, ulp=2.0 ** -7):
     """Two bf16 results of the same product by different algorithms: each element within one bf16
     ulp (2^-7 relative) of the other's, or within 2^-10 of the result's rms where it cancels.
+    An fp8 result (the fc matmul's GELU output in e4m3) passes ulp=2^-3, one e4m3 ulp: a sum a
+    little different can round to the neighbouring fp8 value.
     That is all a different summation order (fp32 sums, one bf16 rounding) moves a result, and it
     sits inside the tests' budget against the fp32 reference (rtol 1e-2, atol 2e-3 at O(1)
     results); two ulps and 2^-6 of the rms let a less exact dGELU kernel through, which then
@@ -101,7 +103,7 @@ def _agrees(got, want):
     if want.numel() == 0:
         return True
     rms = want.square().mean().sqrt()
-    return bool(((got - want).abs() <= 2.0 ** -7 * want.abs() + 2.0 ** -10 * rms).all())
+    return bool(((got - want).abs() <= ulp * want.abs() + 2.0 ** -10 * rms).all())
 
 
 def _alignment(t):
@@ -115,8 +117,10 @@ class _Plan:
     def __init__(self, lt, handle, workspace_bytes, key, pointers, attributes=(), types=(CUDA_R_16BF, CUDA_R_16BF),
                  candidates=CANDIDATES):
         """attributes: further (MatmulDescAttribute, numpy scalar) pairs set before the heuristic;
-        types: the data types of A and B (bf16, or fp8 with their scale pointers set); candidates:
-        how many of the heuristic's answers to keep (the first is the default algorithm)."""
+        types: the data types of A and B (bf16, or fp8 with their scale pointers set), and of D
+        when a third is given (bf16 otherwise; C stays bf16: an fp8 D takes a bf16 C in cuBLASLt's
+        table of fp8 products); candidates: how many of the heuristic's answers to keep (the first
+        is the default algorithm)."""
         (epilogue, transa, transb, m, n, k, lda, ldb, ldd, aux_ld, aligns) = key
         self.lt = lt
         self._pointer = np.zeros(1, dtype=np.uint64)
@@ -137,7 +141,8 @@ class _Plan:
         rows_b, cols_b = (k, n) if transb == OP_N else (n, k)
         self.a = lt.matrix_layout_create(types[0], rows_a, cols_a, lda)
         self.b = lt.matrix_layout_create(types[1], rows_b, cols_b, ldb)
-        self.d = lt.matrix_layout_create(CUDA_R_16BF, m, n, ldd)
+        self.c = lt.matrix_layout_create(CUDA_R_16BF, m, n, ldd)
+        self.d = self.c if len(types) < 3 else lt.matrix_layout_create(types[2], m, n, ldd)
         pref = lt.matmul_preference_create()
         P = lt.MatmulPreferenceAttribute
         self._set_pref(pref, P.MAX_WORKSPACE_BYTES, np.uint64(workspace_bytes))
@@ -146,7 +151,7 @@ class _Plan:
             self._set_pref(pref, attr, np.uint32(value))
         self.heuristic = lt.MatmulHeuristicResult(candidates)
         found = np.zeros(1, dtype=np.int32)
-        lt.matmul_algo_get_heuristic(handle, self.desc, self.a, self.b, self.d, self.d, pref, candidates,
+        lt.matmul_algo_get_heuristic(handle, self.desc, self.a, self.b, self.c, self.d, pref, candidates,
                                      self.heuristic.ptr, found.ctypes.data)
         lt.matmul_preference_destroy(pref)
         if found[0] == 0:
@@ -228,7 +233,7 @@ class Matmuls:
         beta_ptr = (self._one if beta else self._zero).ctypes.data
         c_ptr = (d if c is None else c).data_ptr()
         self.lt.matmul(self.handle, plan.desc, alpha_ptr, a.data_ptr(), plan.a, b.data_ptr(), plan.b,
-                       beta_ptr, c_ptr, plan.d, d.data_ptr(), plan.d, algo,
+                       beta_ptr, c_ptr, plan.c, d.data_ptr(), plan.d, algo,
                        self.workspace.data_ptr(), WORKSPACE_BYTES, torch.cuda.current_stream().cuda_stream)
 
     def _tune(self, plan, a, b, d, beta, c=None):
@@ -259,7 +264,8 @@ class Matmuls:
             if index == 0 or not times[index] < TUNE_MARGIN * times[0]:
                 break
             first = self._sample(plan, 0, a, b, d, beta, saved, c) if first is None else first
-            if _agrees(self._sample(plan, index, a, b, d, beta, saved, c), first):
+            if _agrees(self._sample(plan, index, a, b, d, beta, saved, c), first,
+                       2.0 ** -3 if d.dtype in FP8_TYPES else 2.0 ** -7):
                 choice = index
                 break
         if saved is not None:
@@ -321,7 +327,7 @@ class Matmuls:
             raise ValueError(f"{op}: residual must be another buffer than out (out is written as the sum)")
 
     def forward_fp8(self, out, inp8, inp_inverse, weight8, weight_inverse, bias=None, gelu_out=None,
-                    fast_accum=True, residual=None):
+                    fast_accum=True, residual=None, gelu_scale=None, gelu_amax=None):
         """out (..., OC) bf16 = (inp8 (..., C) @ weight8 (OC, C)^T) * inp_inverse * weight_inverse
         + bias (+ residual, as forward; with gelu_out: also gelu_out = gelu(out)): the reference's
         fp8_matmul_forward.
@@ -329,7 +335,11 @@ class Matmuls:
         one-element fp32 device tensors (1 / the scale each was quantized with). Both operands
         are K-major, as Hopper's fp8 tensor cores require: out^T = weight8 @ inp8^T is
         cuBLASLt's "TN" product. fast_accum: the tensor cores' faster, less often promoted
-        accumulation (forward passes use it)."""
+        accumulation (forward passes use it).
+        gelu_out float8_e4m3fn (with gelu_scale and gelu_amax): the GELU output written in fp8 by
+        the epilogue, gelu_out = fp8(gelu(out) * gelu_scale) saturated, gelu_amax = max |gelu(out)|
+        (cuBLASLt's D_SCALE and AMAX_D), out still the bf16 pre-activation (the aux output): the
+        fc projection's input cast, with a delayed scale, in the product that makes it."""
         op = "matmul_forward_fp8"
         self._check_fp8(op, out, inp8, inp_inverse, weight8, weight_inverse)
         self._check_residual(op, residual, out, gelu_out)
@@ -347,10 +357,24 @@ class Matmuls:
             return
         if bias is None:
             raise ValueError(f"{op}: the fused GELU form needs a bias (GPT-2's fc has one)")
-        check_tensor(op, "gelu_out", gelu_out)
         pointers[A.EPILOGUE_AUX_POINTER] = out  # the pre-activation is the aux output
+        if gelu_out.dtype not in FP8_TYPES:
+            check_tensor(op, "gelu_out", gelu_out)
+            self._fp8_product(Lt.GELU_AUX_BIAS, gelu_out, inp8, inp_inverse, weight8, weight_inverse, pointers, OC,
+                              fast_accum)
+            return
+        # the GELU output in fp8: D is e4m3, scaled by gelu_scale, its amax taken by the epilogue;
+        # the aux (the pre-activation) stays bf16, as the backward's GELU derivative reads it
+        if gelu_out.dtype != torch.float8_e4m3fn or gelu_out.shape != out.shape or not gelu_out.is_contiguous():
+            raise ValueError(f"{op}: an fp8 gelu_out must be a contiguous float8_e4m3fn tensor of out's shape")
+        for name, t in (("gelu_scale", gelu_scale), ("gelu_amax", gelu_amax)):
+            if t is None or t.dtype != torch.float32 or t.numel() != 1 or not t.is_cuda or t.data_ptr() % 16:
+                raise ValueError(f"{op}: an fp8 gelu_out needs {name}, one fp32 CUDA element 16-byte aligned")
+        pointers[A.D_SCALE_POINTER] = gelu_scale
+        pointers[A.AMAX_D_POINTER] = gelu_amax
+        gelu_amax.zero_()  # the epilogue's amax is written as max |GELU|; zeroed so it is that alone
         self._fp8_product(Lt.GELU_AUX_BIAS, gelu_out, inp8, inp_inverse, weight8, weight_inverse, pointers, OC,
-                          fast_accum)
+                          fast_accum, aux_type=CUDA_R_16BF, c=out)
 
     def backward_input_fp8(self, dinp, dout8, dout_inverse, weight8_t, weight_inverse, gelu_inp=None, amax=None):
         """dinp (..., C) = dout8 (..., OC) @ weight8_t (C, OC)^T, scaled back by both inverses,
@@ -408,19 +432,27 @@ class Matmuls:
         self._require_plan(op)
 
     def _fp8_product(self, epilogue, out, inp8, inp_inverse, weight8, weight_inverse, pointers, aux_ld,
-                     fast_accum, residual=None):
+                     fast_accum, residual=None, aux_type=None, c=None):
         """out^T = weight8 @ inp8^T (TN) (+ residual^T) with this epilogue, the operands' inverse
-        scales and the epilogue's pointers."""
+        scales and the epilogue's pointers; out bf16 or fp8 (D's type; aux_type: the epilogue's
+        aux output's, which otherwise defaults to D's). c: a bf16 buffer of out's shape to name
+        as C when out is fp8 and nothing is added (beta 0: C is not read): cuBLASLt refuses a C
+        that is D's memory under another layout (CUBLAS_STATUS_INVALID_VALUE at the launch)."""
         OC, C = weight8.shape
         N = inp8.numel() // C
         A = self.lt.MatmulDescAttribute
         key = (int(epilogue), OP_T, OP_N, OC, N, C, C, C, OC, aux_ld,
-               tuple(_alignment(t) for t in (weight8, inp8, out if residual is None else residual, out)))
+               tuple(_alignment(t) for t in (weight8, inp8, residual if residual is not None else
+                                             c if c is not None else out, out)))
         attributes = ((A.FAST_ACCUM, np.int8(bool(fast_accum))),)
+        if aux_type is not None:
+            attributes += ((A.EPILOGUE_AUX_DATA_TYPE, np.int32(aux_type)),)
         types = (FP8_TYPES[weight8.dtype], FP8_TYPES[inp8.dtype])
+        if out.dtype in FP8_TYPES:
+            types += (FP8_TYPES[out.dtype],)
         pointers = {**pointers, A.A_SCALE_POINTER: weight_inverse, A.B_SCALE_POINTER: inp_inverse}
         self._run(self._get(key, pointers, attributes, types), weight8, inp8, out, beta=residual is not None,
-                  c=residual)
+                  c=residual if residual is not None else c)
 
     # ---------------------------------------------------------------- backward
     def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
