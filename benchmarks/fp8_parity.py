@@ -29,6 +29,7 @@ import sys
 from train_runs import distgpt, metrics, work_dir
 
 TOLERANCE = 0.01  # the acceptance: fp8's val loss within 1% of bf16's at every evaluation
+SKIP_WINDOW = 128  # accepted steps a skipped step is compared with in its note (train.skip_window)
 GPU = ["backend=cuda", "device=cuda", "dtype=bfloat16", "train.micro_batch=8", "train.seq_len=1024",
        "train.max_steps=500", "train.val_every=50", "train.val_steps=10"]
 SMOKE = ["model=tiny", "backend=reference", "device=cpu", "dtype=float32", "train.micro_batch=2",
@@ -38,20 +39,36 @@ COMMON = ["optim.schedule=cosine", "optim.lr=6e-4", "optim.warmup_steps=20", "tr
 
 
 def read_run(run_dir):
-    """(val loss by step, skipped steps, non-finite steps, median tok/s) from metrics.jsonl."""
+    """(val loss by step, skipped steps, non-finite steps, median tok/s, a note on each skipped
+    step) from metrics.jsonl."""
     rows = metrics(run_dir)
     steps = [r for r in rows if "loss" in r]
     val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     skipped = [r["step"] for r in steps if r.get("skipped")]
     not_finite = [r["step"] for r in steps if not math.isfinite(r["loss"]) or not math.isfinite(r["grad_norm"])]
     tok_s = statistics.median(r["tokens_per_s"] for r in steps[1:] or steps)
-    return val, skipped, not_finite, tok_s
+    return val, skipped, not_finite, tok_s, [skip_note(steps, i) for i, r in enumerate(steps) if r.get("skipped")]
+
+
+def skip_note(steps, i, window=SKIP_WINDOW):
+    """Why step i was skipped, with its loss and gradient norm in standard deviations from the
+    accepted steps before it (the spike guard's window): is it a spike, or a z-score just past
+    the bar?"""
+    row = steps[i]
+    accepted = [r for r in steps[:i] if not r.get("skipped")][-window:]
+    parts = [f"step {row['step']} ({row['skipped'].replace('_', ' ')}:"]
+    for key, label in (("loss", "loss"), ("grad_norm", "norm")):
+        values = [r[key] for r in accepted]
+        mean, sd = statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+        z = (row[key] - mean) / sd if sd > 0 else float("inf")
+        parts.append(f" {label} {row[key]:.4g}, mean {mean:.4g} +- {sd:.3g}, z {z:.1f};")
+    return "".join(parts).rstrip(";") + ")"
 
 
 def report(model, runs):
     """The markdown table of one model's runs, each against the first (bf16), and whether the
     fp8 run agrees with it within TOLERANCE with no skipped or non-finite step in either."""
-    base_name, (base, *_, base_tok) = next(iter(runs.items()))
+    base_name, (base, _, _, base_tok, *_) = next(iter(runs.items()))
     others = [(name, run) for name, run in runs.items() if name != base_name]
     lines = [f"### {model}", "", f"| step | val loss {base_name} |"
              + "".join(f" val loss {name} | {name} vs {base_name} |" for name, _ in others),
@@ -65,11 +82,11 @@ def report(model, runs):
             cells.append(f" {val.get(step, float('nan')):.4f} | {100 * gap:+.2f}% |")
         lines.append(f"| {step} | {base[step]:.4f} |" + "".join(cells))
     lines.append("")
-    for name, run in runs.items():
-        _, skips, bad, tok = run
+    for name, (_, skips, bad, tok, *notes) in runs.items():
         gap = f"largest gap {100 * worst[name]:.2f}%, " if name in worst else ""
         lines.append(f"- {name}: {gap}skipped steps {skips or 'none'}, non-finite steps {bad or 'none'}, "
                      f"median {tok:,.0f} tok/s ({tok / base_tok:.3f}x {base_name})")
+        lines += [f"  - skipped {note}" for note in (notes[0] if notes else [])]
     lines.append("")
     ok = worst["fp8"] <= TOLERANCE and not any(runs[n][1] or runs[n][2] for n in (base_name, "fp8"))
     return "\n".join(lines), ok

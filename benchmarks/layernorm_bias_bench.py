@@ -12,6 +12,11 @@ are checked against each other (dinp bitwise, dproj_bias within bf16 rounding).
 in shared memory) and "cols" (a thread per 8 channels, sums in registers, rows staged ahead by
 cp.async), plain and with dproj_bias, and how far their dinp lie apart (their row sums add in
 different orders). --cols-stages S compiles the cols kernel with S staged groups (COLS_STAGES).
+
+--sweep times the cols kernel with dproj_bias (what 774M and 1558M run) at every launch setting
+of a grid: rows a group (COLS_ROWS), staged groups (COLS_STAGES) and warps an SM
+(COLS_WARPS_PER_SM), each compiled and replayed from a CUDA graph, its dinp checked bitwise
+against the default setting's (the settings change which block sums which rows, not dinp).
 """
 import argparse
 
@@ -33,7 +38,11 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["65536:768", "32768:1024", "16384:1600"], help="N:C")
     p.add_argument("--forms", action="store_true", help="also time the rows and cols phase-1 kernels")
     p.add_argument("--cols-stages", type=int, default=None, help="staged groups of the cols kernel")
+    p.add_argument("--sweep", action="store_true", help="the cols kernel at a grid of launch settings")
     a = p.parse_args()
+    if a.sweep:
+        sweep([tuple(int(v) for v in s.split(":")) for s in a.shapes])
+        return
     if a.cols_stages is not None:
         from distgpt.backends.cuda import layernorm as ln_module
         ln_module.COLS_STAGES = a.cols_stages
@@ -119,6 +128,52 @@ def compare_forms(shapes, layernorm):
         rel = ((results[0] - results[1]).abs() / results[0].abs().clamp_min(1e-3)).max().item()
         print(f"| {N} | {C} | {times[0][0]:.1f} | {times[1][0]:.1f} | {times[0][1]:.1f} | {times[1][1]:.1f} | "
               f"max rel {rel:.1e} |", flush=True)
+
+
+SWEEP_ROWS, SWEEP_STAGES, SWEEP_WARPS_PER_SM = (1, 2, 4), (2, 3, 4, 5, 6), (16, 28)
+
+
+def sweep(shapes):
+    from distgpt.backends.cuda import layernorm as ln_module
+    default = (ln_module.COLS_ROWS, ln_module.COLS_STAGES, ln_module.COLS_WARPS_PER_SM)
+    constants = dict(ln_module.KERNELS.constants)
+    print("| N | C | rows a group | stages | warps an SM | blocks | smem KB | cols + dproj_bias us | TB/s | dinp |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for N, C in shapes:
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        inp, dout, start = torch.randn(N, C, **bf), torch.randn(N, C, **bf), torch.randn(N, C, **bf)
+        weight = (1 + 0.1 * torch.randn(C, device="cuda")).to(torch.bfloat16)
+        mean, rstd = inp.float().mean(-1), torch.rsqrt(inp.float().var(-1, unbiased=False) + 1e-5)
+        dw, db, dp = (torch.zeros(C, **bf) for _ in range(3))
+        reference_dinp = None
+        # the default first (the dinp the others are checked against); one compile per rows x stages
+        settings = [default] + [(r, s, w) for r in SWEEP_ROWS for s in SWEEP_STAGES for w in SWEEP_WARPS_PER_SM
+                                if (r, s, w) != default]
+        for rows, stages, warps_per_sm in settings:
+            if (rows, stages) != (ln_module.COLS_ROWS, ln_module.COLS_STAGES) or reference_dinp is None:
+                ln_module.KERNELS = ln_module.KernelModule(
+                    "layernorm", **{**constants, "LN_COLS_ROWS": rows, "LN_COLS_STAGES": stages})
+            ln_module.COLS_ROWS, ln_module.COLS_STAGES, ln_module.COLS_WARPS_PER_SM = rows, stages, warps_per_sm
+            layernorm = LayerNormGradients(C, "cuda", BiasGradients(C, "cuda"), form="cols")
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            blocks = ln_module.cols_blocks(C, sms, layernorm.smem_per_sm) // sms
+            if ln_module.cols_smem(C) + ln_module.SMEM_RESERVED > layernorm.smem_per_sm:
+                continue
+            dinp = start.clone()
+            try:
+                us = graphed_us(lambda: layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd, dproj_bias=dp))
+            except Exception as exc:  # a setting that does not launch (registers, shared memory)
+                print(f"| {N} | {C} | {rows} | {stages} | {warps_per_sm} | {blocks} | | failed: {exc} | | |")
+                continue
+            dinp = start.clone()
+            layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd, dproj_bias=dp)
+            reference_dinp = dinp if reference_dinp is None else reference_dinp
+            same = "bitwise" if torch.equal(dinp, reference_dinp) else "DIFFERS"
+            tbs = 4 * N * C * 2 / (us * 1e-6) / 1e12  # inp, dout, dinp read, dinp written
+            mark = " (default)" if (rows, stages, warps_per_sm) == default else ""
+            print(f"| {N} | {C} | {rows} | {stages} | {warps_per_sm}{mark} | {blocks} | "
+                  f"{ln_module.cols_smem(C) / 1024:.0f} | {us:.1f} | {tbs:.2f} | {same} |", flush=True)
+    ln_module.COLS_ROWS, ln_module.COLS_STAGES, ln_module.COLS_WARPS_PER_SM = default
 
 
 if __name__ == "__main__":

@@ -182,6 +182,21 @@ def test_fp8_parity_benchmark_compares_once_per_seed(tmp_path, capsys, monkeypat
             assert abs(float(mean[col]) - (float(one[col]) + float(two[col])) / 2) <= 1e-4
 
 
+def test_fp8_parity_notes_how_far_a_skipped_step_was_out(monkeypatch):
+    """A skipped step's note gives the guard's reason and its loss and norm in standard
+    deviations from the accepted steps before it (skipped ones left out of that window)."""
+    bench = load_parity_script(monkeypatch)
+    steps = [{"step": i + 1, "loss": 5.0 + (0.1 if i % 2 else -0.1), "grad_norm": 1.0} for i in range(20)]
+    steps[10]["skipped"] = "norm_spike"  # skipped earlier: not in the window of the later one
+    steps[10]["grad_norm"] = 100.0
+    steps.append({"step": 21, "loss": 5.5, "grad_norm": 9.0, "skipped": "loss_spike"})
+    note = bench.skip_note(steps, 20)
+    # the window: 10 losses of 5.1 and 9 of 4.9 (the skipped 4.9 left out), mean 5.005
+    assert note.startswith("step 21 (loss spike: loss 5.5, mean 5.005 +- 0.0999, z 5.0;")
+    assert "norm 9, mean 1 +- 0, z inf)" in note
+    assert bench.skip_note(steps, 10).startswith("step 11 (norm spike: loss 4.9, mean 5 +- 0.1, z -1.0;")
+
+
 class StrictCasts:
     """The reference backend, except that a cast told its amax is known (its producer merged it,
     fp8 fuse_amax) checks that it is: exactly max |inp|. Counts the casts it checked."""
