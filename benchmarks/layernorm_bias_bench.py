@@ -39,9 +39,12 @@ def main():
     p.add_argument("--forms", action="store_true", help="also time the rows and cols phase-1 kernels")
     p.add_argument("--cols-stages", type=int, default=None, help="staged groups of the cols kernel")
     p.add_argument("--sweep", action="store_true", help="the cols kernel at a grid of launch settings")
+    p.add_argument("--sweep-rows", nargs="+", type=int, default=[1, 2, 4], help="rows a group to sweep")
+    p.add_argument("--sweep-stages", nargs="+", type=int, default=[2, 3, 4, 5, 6], help="staged groups to sweep")
+    p.add_argument("--sweep-warps", nargs="+", type=int, default=[16, 28], help="warps an SM to sweep")
     a = p.parse_args()
     if a.sweep:
-        sweep([tuple(int(v) for v in s.split(":")) for s in a.shapes])
+        sweep([tuple(int(v) for v in s.split(":")) for s in a.shapes], a.sweep_rows, a.sweep_stages, a.sweep_warps)
         return
     if a.cols_stages is not None:
         from distgpt.backends.cuda import layernorm as ln_module
@@ -130,24 +133,23 @@ def compare_forms(shapes, layernorm):
               f"max rel {rel:.1e} |", flush=True)
 
 
-SWEEP_ROWS, SWEEP_STAGES, SWEEP_WARPS_PER_SM = (1, 2, 4), (2, 3, 4, 5, 6), (16, 28)
-
-
-def sweep(shapes):
+def sweep(shapes, rows_grid, stages_grid, warps_grid):
     from distgpt.backends.cuda import layernorm as ln_module
     default = (ln_module.COLS_ROWS, ln_module.COLS_STAGES, ln_module.COLS_WARPS_PER_SM)
     constants = dict(ln_module.KERNELS.constants)
-    print("| N | C | rows a group | stages | warps an SM | blocks | smem KB | cols + dproj_bias us | TB/s | dinp |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | C | rows a group | stages | warps an SM | blocks | smem KB | cols + dproj_bias us | TB/s | "
+          "+ amax (fp8) us | dinp |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for N, C in shapes:
         bf = dict(device="cuda", dtype=torch.bfloat16)
         inp, dout, start = torch.randn(N, C, **bf), torch.randn(N, C, **bf), torch.randn(N, C, **bf)
         weight = (1 + 0.1 * torch.randn(C, device="cuda")).to(torch.bfloat16)
         mean, rstd = inp.float().mean(-1), torch.rsqrt(inp.float().var(-1, unbiased=False) + 1e-5)
         dw, db, dp = (torch.zeros(C, **bf) for _ in range(3))
+        amax = torch.zeros(1, device="cuda")  # the _amax twin's (fp8 runs)
         reference_dinp = None
         # the default first (the dinp the others are checked against); one compile per rows x stages
-        settings = [default] + [(r, s, w) for r in SWEEP_ROWS for s in SWEEP_STAGES for w in SWEEP_WARPS_PER_SM
+        settings = [default] + [(r, s, w) for r in rows_grid for s in stages_grid for w in warps_grid
                                 if (r, s, w) != default]
         for rows, stages, warps_per_sm in settings:
             if (rows, stages) != (ln_module.COLS_ROWS, ln_module.COLS_STAGES) or reference_dinp is None:
@@ -162,8 +164,10 @@ def sweep(shapes):
             dinp = start.clone()
             try:
                 us = graphed_us(lambda: layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd, dproj_bias=dp))
+                amax_us = graphed_us(lambda: layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd,
+                                                                dproj_bias=dp, amax=amax))
             except Exception as exc:  # a setting that does not launch (registers, shared memory)
-                print(f"| {N} | {C} | {rows} | {stages} | {warps_per_sm} | {blocks} | | failed: {exc} | | |")
+                print(f"| {N} | {C} | {rows} | {stages} | {warps_per_sm} | {blocks} | | failed: {exc} | | | |")
                 continue
             dinp = start.clone()
             layernorm.backward(dinp, dw, db, dout, inp, weight, mean, rstd, dproj_bias=dp)
@@ -172,7 +176,7 @@ def sweep(shapes):
             tbs = 4 * N * C * 2 / (us * 1e-6) / 1e12  # inp, dout, dinp read, dinp written
             mark = " (default)" if (rows, stages, warps_per_sm) == default else ""
             print(f"| {N} | {C} | {rows} | {stages} | {warps_per_sm}{mark} | {blocks} | "
-                  f"{ln_module.cols_smem(C) / 1024:.0f} | {us:.1f} | {tbs:.2f} | {same} |", flush=True)
+                  f"{ln_module.cols_smem(C) / 1024:.0f} | {us:.1f} | {tbs:.2f} | {amax_us:.1f} | {same} |", flush=True)
     ln_module.COLS_ROWS, ln_module.COLS_STAGES, ln_module.COLS_WARPS_PER_SM = default
 
 

@@ -20,8 +20,8 @@ At C = 1600 (1558M) the row kernels run out of memory parallelism: with one row 
 block's sums in shared memory, 8 rows of loads are in flight per SM, and the _sum_narrow kernel
 took 114.8 us a call in the 1558M step where its 210 MB need about 75. From C = 1200 on
 (COLS_FROM_C) the column-owned kernel runs instead: a thread per 8 channels with its sums in
-registers, and each thread's chunks of the rows two groups ahead copied into shared memory by
-cp.async while it computes. In the step: 94.0 against 114.8 us a call, layernorms 16.70 -> 14.73
+registers, and each thread's chunks of the next COLS_STAGES - 1 groups of rows copied into
+shared memory by cp.async while it computes. In the step: 94.0 against 114.8 us a call, layernorms 16.70 -> 14.73
 ms a step, and 324.4 / 324.0 -> 319.9 / 321.3 ms a step alternated in one call (1558M B=16,
 recompute 2 in 20 layers, H100, 2026-11-23). Replayed from a CUDA graph
 (benchmarks/layernorm_bias_bench.py --forms), plain / with dproj_bias, rows against cols:
@@ -46,8 +46,11 @@ FWD_MIN_BLOCKS = 3   # __launch_bounds__ minimum blocks per SM of the forward ke
 BWD_WARPS = 8        # warps per block of the backward
 NARROW_WARPS = 4     # ... of its _sum_narrow twin, where 8 warps' three sums fit one block per SM
 BWD_BLOCKS_PER_SM = 2  # at most 2 x 8 warps per SM (__launch_bounds__(256, 2) in the kernels)
-COLS_ROWS = 2        # rows a group of the column-owned backward (_cols) computes at once
-COLS_STAGES = 3      # groups of it in shared memory: the one computed and 2 in flight behind it
+COLS_ROWS = 4        # rows a group of the column-owned backward (_cols) computes at once
+COLS_STAGES = 2      # groups of it in shared memory: the one computed and 1 in flight behind it
+#                      (4 x 2: one barrier every 4 rows, the same bytes in flight as 2 rows x 3
+#                      stages; with dproj_bias at N = 16384, C = 1600 on an H200, 80.3 -> 75.7 us,
+#                      benchmarks/layernorm_bias_bench.py --sweep, 2026-12-04)
 COLS_MIN_BLOCKS = 2  # its __launch_bounds__ minimum blocks per SM (caps its registers at 128)
 COLS_WARPS_PER_SM = 16  # at most about this many of its warps per SM (fewer where shared memory is short)
 COLS_FROM_C = 1200   # form="auto": the column-owned backward from this width on
