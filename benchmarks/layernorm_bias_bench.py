@@ -108,15 +108,21 @@ def graphed_us(fn, calls=20, repeats=5):
     return sorted(times)[len(times) // 2]
 
 
+def backward_operands(N, C):
+    """Random inputs of one layernorm backward: inp, dout, the dinp to start from, weight, mean,
+    rstd, and zeroed dweight, dbias, dproj_bias."""
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    inp, dout, start = torch.randn(N, C, **bf), torch.randn(N, C, **bf), torch.randn(N, C, **bf)
+    weight = (1 + 0.1 * torch.randn(C, device="cuda")).to(torch.bfloat16)
+    mean, rstd = inp.float().mean(-1), torch.rsqrt(inp.float().var(-1, unbiased=False) + 1e-5)
+    return (inp, dout, start, weight, mean, rstd, *(torch.zeros(C, **bf) for _ in range(3)))
+
+
 def compare_forms(shapes, layernorm):
     print("\n| N | C | rows us | cols us | rows + dproj_bias us | cols + dproj_bias us | dinp rows vs cols |")
     print("|---|---|---|---|---|---|---|")
     for N, C in shapes:
-        bf = dict(device="cuda", dtype=torch.bfloat16)
-        inp, dout, start = torch.randn(N, C, **bf), torch.randn(N, C, **bf), torch.randn(N, C, **bf)
-        weight = (1 + 0.1 * torch.randn(C, device="cuda")).to(torch.bfloat16)
-        mean, rstd = inp.float().mean(-1), torch.rsqrt(inp.float().var(-1, unbiased=False) + 1e-5)
-        dw, db, dp = (torch.zeros(C, **bf) for _ in range(3))
+        inp, dout, start, weight, mean, rstd, dw, db, dp = backward_operands(N, C)
         times, results = [], []
         for form in ("rows", "cols"):
             layernorm.form = form
@@ -141,11 +147,7 @@ def sweep(shapes, rows_grid, stages_grid, warps_grid):
           "+ amax (fp8) us | dinp |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for N, C in shapes:
-        bf = dict(device="cuda", dtype=torch.bfloat16)
-        inp, dout, start = torch.randn(N, C, **bf), torch.randn(N, C, **bf), torch.randn(N, C, **bf)
-        weight = (1 + 0.1 * torch.randn(C, device="cuda")).to(torch.bfloat16)
-        mean, rstd = inp.float().mean(-1), torch.rsqrt(inp.float().var(-1, unbiased=False) + 1e-5)
-        dw, db, dp = (torch.zeros(C, **bf) for _ in range(3))
+        inp, dout, start, weight, mean, rstd, dw, db, dp = backward_operands(N, C)
         amax = torch.zeros(1, device="cuda")  # the _amax twin's (fp8 runs)
         reference_dinp = None
         # the default first (the dinp the others are checked against); one compile per rows x stages
