@@ -38,7 +38,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
                     pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward="auto",
                     fp8=False, fp8_gradients="e4m3", tune_matmuls=True, recompute_layers=-1,
-                    fp8_weight_gradients=None, fp8_scaling=None, fp8_fuse_gelu=None, fp8_gelu_in_matmul=None):
+                    fp8_weight_gradients=None, fp8_scaling=None, fp8_fuse_gelu=None, fp8_gelu_in_matmul=None,
+                    fp8_layernorm_cast=None):
     from distgpt.backends import get_backend
     from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
@@ -49,13 +50,14 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
 
     # the fp8 settings left None are the config's defaults (the measured recipe), as in training
     fp8_settings = {"fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling,
-                    "fp8_fuse_gelu": fp8_fuse_gelu, "fp8_gelu_in_matmul": fp8_gelu_in_matmul}
+                    "fp8_fuse_gelu": fp8_fuse_gelu, "fp8_gelu_in_matmul": fp8_gelu_in_matmul,
+                    "fp8_layernorm_cast": fp8_layernorm_cast}
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
                        f"train.recompute={recompute}", f"train.recompute_layers={recompute_layers}",
                        "backend=cuda", "device=cuda", "dtype=bfloat16",
                        *(f"{k}={str(v).lower()}" for k, v in fp8_settings.items() if v is not None)])
     fp8_weight_gradients, fp8_scaling, fp8_fuse_gelu = cfg.fp8_weight_gradients, cfg.fp8_scaling, cfg.fp8_fuse_gelu
-    fp8_gelu_in_matmul = cfg.fp8_gelu_in_matmul
+    fp8_gelu_in_matmul, fp8_layernorm_cast = cfg.fp8_gelu_in_matmul, cfg.fp8_layernorm_cast
     dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s, rendezvous=rendezvous)
     backend = get_backend("cuda")
     backend.set_deterministic(deterministic)
@@ -64,7 +66,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                  pad_multiple=dist.world, fp8=fp8, fp8_gradients=fp8_gradients, recompute_layers=recompute_layers,
                  fp8_weight_gradients=fp8_weight_gradients, fp8_scaling=fp8_scaling,
                  fp8_amax_history=cfg.fp8_amax_history, fp8_margin=cfg.fp8_margin, fp8_fuse_gelu=fp8_fuse_gelu,
-                 fp8_gelu_in_matmul=fp8_gelu_in_matmul)
+                 fp8_gelu_in_matmul=fp8_gelu_in_matmul, fp8_layernorm_cast=fp8_layernorm_cast)
     model.init_weights(cfg.seed)
     if not tune_matmuls:  # cuBLASLt's first heuristic answer for every matmul (as deterministic runs)
         backend.matmuls.tune = False
@@ -145,7 +147,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "recompute_layers": recompute_layers,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, "fp8_fuse_gelu": fp8_fuse_gelu, "fp8_gelu_in_matmul": fp8_gelu_in_matmul, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, "fp8_fuse_gelu": fp8_fuse_gelu, "fp8_gelu_in_matmul": fp8_gelu_in_matmul, "fp8_layernorm_cast": fp8_layernorm_cast, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
@@ -205,7 +207,9 @@ def fp8_label(r):
             + ("" if r.get("fp8_fuse_gelu", True) or not r["fp8_weight_gradients"] or r["fp8_scaling"] != "delayed"
                else ", fc's gradient cast apart from the GELU derivative")
             + ("" if r.get("fp8_gelu_in_matmul", True) or not r["fp8_weight_gradients"]
-               or r["fp8_scaling"] != "delayed" else ", fc's GELU output cast apart from its matmul"))
+               or r["fp8_scaling"] != "delayed" else ", fc's GELU output cast apart from its matmul")
+            + ("" if not r.get("fp8_layernorm_cast") or not r["fp8_weight_gradients"]
+               or r["fp8_scaling"] != "delayed" else ", ln1 and ln2 writing their fp8 casts"))
 
 
 def summarize(result):
@@ -246,6 +250,9 @@ def main(argv=None):
     p.add_argument("--fp8-gelu-in-matmul", action=argparse.BooleanOptionalAction, default=None,
                    help="with --fp8: fc's matmul writes its GELU output in fp8 (fp8_gelu_in_matmul; "
                         "default: the config's, true)")
+    p.add_argument("--fp8-layernorm-cast", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --fp8: ln1 and ln2 write their outputs as the next matmuls' fp8 casts, "
+                        "with delayed scales (fp8_layernorm_cast; default: the config's, false)")
     p.add_argument("--no-tune", action="store_true",
                    help="every matmul takes cuBLASLt's first heuristic answer, untimed (as deterministic runs do)")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
@@ -271,9 +278,9 @@ def main(argv=None):
     if a.profile_steps < 1:
         p.error("--profile-steps must be at least 1")
     if (a.fp8_wgrad is not None or a.fp8_scaling is not None or a.fp8_fuse_gelu is not None
-            or a.fp8_gelu_in_matmul is not None) and not a.fp8:
-        p.error("--fp8-wgrad, --no-fp8-wgrad, --fp8-scaling, --[no-]fp8-fuse-gelu and --[no-]fp8-gelu-in-matmul "
-                "need --fp8")
+            or a.fp8_gelu_in_matmul is not None or a.fp8_layernorm_cast is not None) and not a.fp8:
+        p.error("--fp8-wgrad, --no-fp8-wgrad, --fp8-scaling, --[no-]fp8-fuse-gelu, --[no-]fp8-gelu-in-matmul and "
+                "--[no-]fp8-layernorm-cast need --fp8")
     if a.profile_trace and not Path(a.profile_trace).resolve().parent.is_dir():
         p.error(f"--profile-trace: no directory {Path(a.profile_trace).resolve().parent}")
     if not torch.cuda.is_available():
@@ -290,7 +297,8 @@ def main(argv=None):
                                   fp8_gradients=a.fp8_gradients, tune_matmuls=not a.no_tune,
                                   recompute_layers=a.recompute_layers, fp8_weight_gradients=a.fp8_wgrad,
                                   fp8_scaling=a.fp8_scaling, fp8_fuse_gelu=a.fp8_fuse_gelu,
-                                  fp8_gelu_in_matmul=a.fp8_gelu_in_matmul))
+                                  fp8_gelu_in_matmul=a.fp8_gelu_in_matmul,
+                                  fp8_layernorm_cast=a.fp8_layernorm_cast))
     if not r.pop("is_main"):
         return 0
     if a.json:

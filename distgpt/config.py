@@ -137,6 +137,11 @@ class Config:
     #                                  matmul's epilogue writes its GELU output in fp8 (a delayed
     #                                  scale) and one byte transpose copies it for the weight
     #                                  gradient; false: the bf16 output written, then cast
+    fp8_layernorm_cast: bool = False  # fp8=true with fp8 weight gradients and delayed scaling: ln1 and
+    #                                   ln2 write their outputs as the qkv and fc inputs' e4m3 casts
+    #                                   (a delayed scale in place of current scaling) and one byte
+    #                                   transpose copies each for the weight gradient; off until its
+    #                                   speed and loss are measured on a GPU
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
     overlap_comm: str = "auto"  # sum each bucket of gradients over ranks during the backward (on a
     #                             communication stream): true | false | auto (when the ranks span

@@ -103,7 +103,7 @@ class Trainer:
                           recompute_layers=t.recompute_layers, fp8_weight_gradients=cfg.fp8_weight_gradients,
                           fp8_scaling=cfg.fp8_scaling, fp8_amax_history=cfg.fp8_amax_history,
                           fp8_margin=cfg.fp8_margin, fp8_fuse_gelu=cfg.fp8_fuse_gelu,
-                          fp8_gelu_in_matmul=cfg.fp8_gelu_in_matmul)
+                          fp8_gelu_in_matmul=cfg.fp8_gelu_in_matmul, fp8_layernorm_cast=cfg.fp8_layernorm_cast)
         if scratch is not None:  # what the libraries really asked for, beside the estimate
             taken = sum(nbytes for _, nbytes in self.backend.scratch())
             self.log.info(f"backend scratch planned: {taken / 2**20:,.1f} MiB (estimated "
@@ -464,11 +464,12 @@ def fp8_summary(cfg):
     if not cfg.fp8:
         return ""
     grads = "fp8" if cfg.fp8_weight_gradients else "bf16"
-    # fp8_fuse_gelu and fp8_gelu_in_matmul act only with fp8 weight gradients and delayed scaling:
-    # named when they are off there
+    # fp8_fuse_gelu, fp8_gelu_in_matmul and fp8_layernorm_cast act only with fp8 weight gradients
+    # and delayed scaling: named where they leave the defaults
     recipe = cfg.fp8_weight_gradients and cfg.fp8_scaling == "delayed"
     apart = (", fc's gradient cast apart from the GELU derivative" if not cfg.fp8_fuse_gelu and recipe else "")
     apart += (", fc's GELU output cast apart from its matmul" if not cfg.fp8_gelu_in_matmul and recipe else "")
+    apart += (", ln1 and ln2 writing their fp8 casts" if cfg.fp8_layernorm_cast and recipe else "")
     return f", fp8 block matmuls: {grads} weight gradients, {cfg.fp8_scaling} scaling{apart}"
 
 

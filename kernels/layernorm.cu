@@ -9,6 +9,9 @@
 //   *_amax_kernel_CH twins: with fp8=true, max |output| merged
 //   into the fp8 cast's amax of the matmul that reads the output next (common.cuh: merge_amax),
 //   so that cast needs no pass of its own over the tensor to find it
+//   layernorm_forward_fp8_kernel_CH: the output cast to e4m3 as it is written, fp8(out * scale)
+//   saturated with a scale known before the values (delayed scaling), and amax as the _amax twin:
+//   the bf16 output is never written, and no cast reads it back
 //
 // One warp per row of C channels; lane l holds the 16-byte chunks (k*32 + l)*8, k < CH, in
 // registers. CH = ceil(C / 256) is a template parameter, so the arrays stay in registers (indexed
@@ -30,6 +33,7 @@
 // SM (C > 1200 on an H100), half as many warps fit two; with 128 threads a block they have the
 // registers to prefetch dinp at CH = 7 too.
 #include "common.cuh"
+#include <cuda_fp8.h>
 
 // launch constants, defined once in backends/cuda/layernorm.py
 #ifndef LN_EPS
@@ -76,11 +80,14 @@ __device__ __forceinline__ void opaque(x128& v) {
 // CH (chunks per lane, ceil(C / 256)) only bounds the unrolled loops: chunks past C are skipped,
 // so every CH gives the same bits for the same row. amax (fp8=true, may be null): merged with the
 // row's max |output| as stored in bf16, what the next matmul's fp8 cast would otherwise re-read.
-template <int CH, bool AMAX>
+// OUT8: the output goes to out8_row in e4m3 instead, each bf16-rounded value times scale and
+// saturated: bitwise what fp8_quantize (fp8.cu) makes of the bf16 output with that scale.
+template <int CH, bool AMAX, bool OUT8 = false>
 __device__ __forceinline__ void normalize_row(x128 (&x)[CH], floatX* out_row,
                                               float* mean_out, float* rstd_out,
                                               const floatX* weight, const floatX* bias, float* amax,
-                                              int C, int lane) {
+                                              int C, int lane, __nv_fp8_storage_t* out8_row = nullptr,
+                                              float scale = 1.0f) {
     float sum = 0.0f;
 #pragma unroll
     for (int k = 0; k < CH; k++) {
@@ -111,13 +118,16 @@ __device__ __forceinline__ void normalize_row(x128 (&x)[CH], floatX* out_row,
         const int c = (k * 32 + lane) * 8;
         const x128 w = load128(weight + c), b = load128(bias + c);
         x128 o;
+        union { __nv_fp8_storage_t q[8]; uint2 packed; } o8;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const float n = __fmul_rn(__fsub_rn(__bfloat162float(x[k][j]), mean), rstd);
             o[j] = __float2bfloat16_rn(__fmaf_rn(n, __bfloat162float(w[j]), __bfloat162float(b[j])));
             if (AMAX) local = max(local, abs_bits(__bfloat162float(o[j])));
+            if (OUT8) o8.q[j] = __nv_cvt_float_to_fp8(__fmul_rn(__bfloat162float(o[j]), scale), __NV_SATFINITE, __NV_E4M3);
         }
-        store128(out_row + c, o);
+        if (OUT8) *reinterpret_cast<uint2*>(out8_row + c) = o8.packed;
+        else store128(out_row + c, o);
     }
     if (AMAX) merge_amax(amax, local);
     if (lane == 0) {
@@ -126,10 +136,13 @@ __device__ __forceinline__ void normalize_row(x128 (&x)[CH], floatX* out_row,
     }
 }
 
-template <int CH, bool AMAX>
+// out8 (OUT8, the fp8 twin): out8 (N, C) e4m3 = fp8(layernorm(inp) * *scale) in place of out
+template <int CH, bool AMAX, bool OUT8 = false>
 __device__ __forceinline__ void layernorm_forward_impl(floatX* out, float* mean, float* rstd,
                                                        const floatX* inp, const floatX* weight,
-                                                       const floatX* bias, float* amax, int N, int C) {
+                                                       const floatX* bias, float* amax, int N, int C,
+                                                       __nv_fp8_storage_t* out8 = nullptr,
+                                                       const float* scale = nullptr) {
     const int lane = threadIdx.x % 32, row = blockIdx.x * LN_FWD_WARPS + threadIdx.x / 32;
     if (row >= N) return;
     const long long base = (long long)row * C;
@@ -137,7 +150,8 @@ __device__ __forceinline__ void layernorm_forward_impl(floatX* out, float* mean,
 #pragma unroll
     for (int k = 0; k < CH; k++)
         if (chunk_on(k, lane, C)) x[k] = load128(inp + base + (k * 32 + lane) * 8);
-    normalize_row<CH, AMAX>(x, out + base, mean + row, rstd + row, weight, bias, amax, C, lane);
+    normalize_row<CH, AMAX, OUT8>(x, OUT8 ? nullptr : out + base, mean + row, rstd + row, weight, bias, amax, C,
+                                  lane, OUT8 ? out8 + base : nullptr, OUT8 ? *scale : 1.0f);
 }
 
 // Phase 1. Shared memory: per warp, C floats of dweight sums then C floats of dbias sums, stored
@@ -267,7 +281,12 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
     LN_BACKWARD_ENTRY(layernorm_backward_sum_narrow##SUFFIX##_##CH, CH, 3, LN_BWD_NARROW_WARPS, true, AMAX)
 #define LAYERNORM_KERNELS(CH)                                                                          \
     LAYERNORM_KERNEL_SET(CH, _kernel, false)                                                           \
-    LAYERNORM_KERNEL_SET(CH, _amax_kernel, true)
+    LAYERNORM_KERNEL_SET(CH, _amax_kernel, true)                                                       \
+    extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32, LN_FWD_MIN_BLOCKS) layernorm_forward_fp8_kernel_##CH( \
+        __nv_fp8_storage_t* out8, float* mean, float* rstd, const floatX* inp, const floatX* weight,  \
+        const floatX* bias, float* amax, const float* scale, int N, int C) {                           \
+        layernorm_forward_impl<CH, true, true>(nullptr, mean, rstd, inp, weight, bias, amax, N, C, out8, scale); \
+    }
 LAYERNORM_KERNELS(1)
 LAYERNORM_KERNELS(2)
 LAYERNORM_KERNELS(3)

@@ -422,6 +422,35 @@ def test_producers_take_the_amax_the_cast_would(C):
     check("gelu_backward", lambda a: gelu.gelu_backward(d4, pre, g4, a), d4)
 
 
+@pytest.mark.parametrize("N,C", [(4096, 768), (4096, 1600), (1000, 1280)])
+def test_layernorm_writing_its_fp8_cast_is_the_cast_of_its_bf16_output(N, C):
+    """fp8_layernorm_cast: the layernorm with an e4m3 out writes bitwise what fp8_quantize makes
+    of the bf16 layernorm's output with the same scale (saturation included: the second scale
+    puts most values past 448), the same mean and rstd, and the amax the _amax twin takes."""
+    from distgpt.backends.cuda import fp8
+    from gpu_check import planned_backend
+    backend = planned_backend(4, 1024, C, C // 64)
+    x = rows(N, C, 21)
+    x[N // 2] *= 40  # one large row: the amax is the whole tensor's
+    weight, bias = rows(1, C, 22).view(C) + 1, rows(1, C, 23).view(C)
+    out, mean, rstd, amax = torch.empty_like(x), *(torch.empty(N, device="cuda") for _ in range(2)), \
+        torch.zeros(1, device="cuda")
+    backend.layernorm_forward(out, mean, rstd, x, weight, bias, amax=amax)
+    for scale in (8.0, 2.0 ** 12):
+        scale = torch.full((1,), scale, device="cuda")
+        want8, want_amax = torch.empty(N, C, dtype=torch.float8_e4m3fn, device="cuda"), torch.zeros(1, device="cuda")
+        fp8.fp8_quantize(want8, want_amax, out, scale)
+        out8 = torch.empty(N, C, dtype=torch.float8_e4m3fn, device="cuda")
+        mean8, rstd8, amax8 = torch.empty_like(mean), torch.empty_like(rstd), torch.zeros(1, device="cuda")
+        backend.layernorm_forward(out8, mean8, rstd8, x, weight, bias, amax=amax8, scale=scale)
+        assert torch.equal(as_bytes(out8), as_bytes(want8)), f"scale {scale.item()}: the cast differs"
+        assert torch.equal(mean8, mean) and torch.equal(rstd8, rstd)
+        assert torch.equal(amax8, amax) and torch.equal(amax8, want_amax) and amax8.item() > 0
+    assert not out8.float().isnan().any() and (out8.float().abs() == 448).float().mean() > 0.5
+    with pytest.raises(ValueError, match="needs amax and scale"):
+        backend.layernorm_forward(out8, mean8, rstd8, x, weight, bias, amax=amax8)
+
+
 def test_delayed_scales_match_the_reference():
     """fp8_delayed_scales on the GPU: the same histories, scales and inverses as the reference,
     bit for bit (a shift, a maximum and a power of two), unmasked sites untouched, and the

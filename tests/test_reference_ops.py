@@ -64,6 +64,28 @@ def test_layernorm(B, T, C):
     check("ln dbias", db - db0, b.grad, "backward")
 
 
+def test_layernorm_writing_its_fp8_cast():
+    """An e4m3 out (fp8_layernorm_cast): the layernorm's output in inp's dtype, scaled and
+    saturated into e4m3 exactly as fp8_quantize casts it, amax merged with max |output| (as the
+    bf16 form's), and mean and rstd as the bf16 form saves them."""
+    B, T, C = 2, 5, 32
+    x = torch.randn(B, T, C, **f64) * 3
+    w, b = torch.randn(C, **f64), torch.randn(C, **f64)
+    out, mean, rstd = poisoned(B, T, C), poisoned(B, T), poisoned(B, T)
+    amax = torch.tensor([0.5], dtype=torch.float32)
+    ops.layernorm_forward(out, mean, rstd, x, w, b, amax=amax)
+    for scale in (8.0, 2.0 ** 12):  # 2^12: most values saturate at 448
+        want8, want_amax = torch.empty(B, T, C, dtype=torch.float8_e4m3fn), torch.zeros(1)
+        ops.fp8_quantize(want8, want_amax, out, torch.tensor([scale]))
+        out8, mean8, rstd8 = torch.empty(B, T, C, dtype=torch.float8_e4m3fn), poisoned(B, T), poisoned(B, T)
+        amax8 = torch.tensor([0.5], dtype=torch.float32)
+        ops.layernorm_forward(out8, mean8, rstd8, x, w, b, amax=amax8, scale=torch.tensor([scale]))
+        assert torch.equal(out8.view(torch.uint8), want8.view(torch.uint8))
+        assert torch.equal(mean8, mean) and torch.equal(rstd8, rstd) and torch.equal(amax8, amax)
+        assert float(amax8) == float(out.abs().max().float()) > 0.5
+    assert (out8.float().abs() == 448).float().mean() > 0.5 and not out8.float().isnan().any()
+
+
 @pytest.mark.parametrize("B,T,C", [(2, 3, 16), (1, 9, 40)])
 def test_layernorm_backward_takes_the_projection_bias_gradient(B, T, C):
     """r = x + (y @ W^T + b) feeds both ln(r) and the residual stream above: with dinp holding

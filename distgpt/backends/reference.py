@@ -50,9 +50,17 @@ def merge_amax(amax, x):
     amax.fill_(seen if math.isnan(seen) else max(float(amax.reshape(-1)[0]), seen))
 
 
-def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None):
+def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None, scale=None):
     """out (B,T,C) = (inp - mean) * rstd * weight + bias; saves mean, rstd (B,T) for backward.
-    amax (fp8 runs): also amax = max(amax, max |out|), of out as stored."""
+    amax (fp8 runs): also amax = max(amax, max |out|), of out as stored. out an e4m3 tensor (with
+    amax and scale, the fp8 recipe's delayed scale): the output y in inp's dtype, amax = max(amax,
+    max |y|), and out = fp8_quantize of y with that scale: the layernorm writes the cast the next
+    matmul reads, and no pass reads y back."""
+    if out.dtype in FP8_FORMATS.values():
+        y = torch.empty_like(inp)
+        layernorm_forward(y, mean, rstd, inp, weight, bias, amax)
+        fp8_quantize(out, torch.zeros(1, dtype=torch.float32, device=inp.device), y, scale)
+        return
     mu = inp.mean(dim=-1, keepdim=True)
     centered = inp - mu
     var = (centered * centered).mean(dim=-1, keepdim=True)  # biased, as GPT-2

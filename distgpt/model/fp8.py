@@ -37,6 +37,10 @@ recipe's val loss, deterministic, 500 steps, seeds 1337 / 2 / 3: 124M within 0.4
 of bf16's at every evaluation, 350M within 0.56 / 2.25 / 0.79% (seed 2: fp8 ahead at steps
 100-150, as the cast apart was); one step skipped by the spike guard at 124M seed 1337 (README,
 FP8, has the table).
+layernorm_cast (config fp8_layernorm_cast, off until measured on a GPU) does the same for the
+layernorms: with a delayed scale for the qkv and fc inputs, ln1 and ln2 write those casts in
+e4m3 themselves (the bf16 outputs are never written nor read back; 78 of 156 MB a layernorm
+less at 1558M B=16, estimated 2 ms a step on an H200) and a byte transpose makes each kept copy.
 Measured at 1558M B=16 on an H200 (2026-12-03, fp8 weight gradients, before that fusion):
 238.1 -> 232.1 ms a step for the three delayed sites; at 124M the val loss stayed within
 0.66% of bf16's, and at 350M the early gap passes 1% (fp8 ahead), where two bf16 runs
@@ -81,6 +85,7 @@ WEIGHT, INPUT, GRADIENT = range(3)  # what a site casts
 # the sites whose tensor our own kernels write, taking its amax as they do (see the module note)
 PRODUCED = frozenset({(INPUT, "qkv"), (INPUT, "fc"), (GRADIENT, "attproj"), (GRADIENT, "fcproj"),
                       (GRADIENT, "fc")})
+LAYERNORM_INPUTS = ("qkv", "fc")  # the matmuls whose input is a layernorm's output (ln1, ln2)
 ACTIVATION_FORMAT = torch.float8_e4m3fn  # weights and matmul inputs
 SITE_STRIDE = 4  # fp32 elements between two sites' scales: cuBLASLt wants its scale pointers
 #                  16-byte aligned (a packed array failed with NOT_SUPPORTED at every odd site)
@@ -129,7 +134,7 @@ class Fp8Matmuls:
 
     def __init__(self, ops, p_layers, n_layer, C, rows, device, gradient_format="e4m3", fuse_amax=True,
                  weight_gradients=False, scaling="current", amax_history=16, margin=0, fuse_gelu=True,
-                 gelu_in_matmul=True):
+                 gelu_in_matmul=True, layernorm_cast=False):
         self.ops, self.p_layers = ops, p_layers
         self.fuse_amax = fuse_amax  # False: every cast takes its own amax pass (tests compare the two)
         self.gradient_format = FP8_FORMATS[gradient_format]  # of the gradients entering a backward
@@ -189,6 +194,11 @@ class Fp8Matmuls:
         # bf16 gradient nor a separate cast or bias pass is left (see _input_gradient)
         self.fuses_gelu = self.delayed and weight_gradients and fuse_gelu
         self._fc_gradient_delayed = self.fuses_gelu  # its site's scale, whether fused or not (tests)
+        # delayed scaling with fp8 weight gradients and layernorm_cast: ln1 and ln2 write the qkv and
+        # fc inputs' e4m3 casts themselves, with a delayed scale for those two sites (so they
+        # leave current scaling), and a byte transpose fills the kept copies (see layernorm)
+        self.layernorm_cast = self.delayed and weight_gradients and layernorm_cast
+        self._ln8 = None  # (layer, matrix, the e4m3 layernorm output in scratch region 0)
         self._fused_gradient = None  # (layer, out, out_t, inverse): fc's gradient, cast by the fusion
         # delayed scaling with fp8 weight gradients: the fc matmul's epilogue writes the GELU
         # output straight in fp8 with the fc projection's delayed input scale (and takes its
@@ -238,6 +248,8 @@ class Fp8Matmuls:
         weight's, nor one whose producer takes the amax (see __init__; also with fuse_amax off,
         so that switch stays bitwise)."""
         if (what, m) == (GRADIENT, "fc") and self._fc_gradient_delayed:
+            return True
+        if what == INPUT and m in LAYERNORM_INPUTS and self.layernorm_cast:
             return True
         return self.delayed and what != WEIGHT and (what, m) not in PRODUCED
 
@@ -350,15 +362,45 @@ class Fp8Matmuls:
             self._gelu8 = None
             _, inp_inverse = self._site(layer, INPUT, m)
         elif self.weight_gradients:
-            inp8, inp_inverse = self._cast_transposed(
-                inp, ACTIVATION_FORMAT, layer, INPUT, m, self._kept_input(layer, m, inp.numel() // inp.shape[-1]),
-                amax_known=self.producer_amax(layer, INPUT, m) is not None)
-            inp8 = inp8.view(inp.shape)
+            inp8, inp_inverse = self._input_cast(layer, m, inp)
         else:
             inp8, inp_inverse = self._cast(inp, ACTIVATION_FORMAT, layer, INPUT, m)
         _, w_inverse = self._site(layer, WEIGHT, m)
         self.ops.fp8_matmul_forward(out, inp8, inp_inverse, self.weights8[layer][m], w_inverse, bias,
                                     gelu_out=gelu_out, residual=residual)
+
+    def layernorm(self, layer, m, out, mean, rstd, inp, weight, bias):
+        """The layernorm whose output the layer's matmul m (qkv: ln1, fc: ln2) reads. As a rule
+        it writes the bf16 out and takes the amax for that input's cast (producer_amax). With
+        layernorm_cast and a delayed scale for the site (not the first forward, nor an
+        evaluation; rows a multiple of 8 and C of 16, as the transpose kernel takes) it writes
+        the cast itself, e4m3 with that scale, into scratch region 0 (the matmul before it has
+        read its operand from there), takes the amax for the site's history, and leaves out
+        unwritten: the matmul reads the cast (_input_cast)."""
+        C = out.shape[-1]
+        scale = self._delaying(layer, INPUT, m) if self.layernorm_cast else None
+        if scale is None or (out.numel() // C) % 8 or C % 16:
+            self.ops.layernorm_forward(out, mean, rstd, inp, weight, bias, amax=self.producer_amax(layer, INPUT, m))
+            return
+        out8 = self._region(0, out.numel(), ACTIVATION_FORMAT).view(out.shape)
+        amax, _ = self._site(layer, INPUT, m)
+        self.ops.layernorm_forward(out8, mean, rstd, inp, weight, bias, amax=amax, scale=scale)
+        self._ln8 = (layer, m, out8)
+
+    def _input_cast(self, layer, m, inp):
+        """With weight_gradients: inp's e4m3 copy (in scratch region 0, inp's shape) and its
+        inverse scale, its transpose in the kept copy: the layernorm's own cast where it wrote one
+        (then only the transpose runs), else one cast pass writing both."""
+        rows = inp.numel() // inp.shape[-1]
+        kept = self._kept_input(layer, m, rows)
+        if self._ln8 is not None and self._ln8[:2] == (layer, m):
+            inp8 = self._ln8[2]
+            self._ln8 = None
+            self.ops.fp8_transpose(kept, inp8.view(rows, -1))
+            return inp8, self._site(layer, INPUT, m)[1]
+        inp8, inverse = self._cast_transposed(inp, ACTIVATION_FORMAT, layer, INPUT, m, kept,
+                                              amax_known=self.producer_amax(layer, INPUT, m) is not None)
+        return inp8.view(inp.shape), inverse
 
     def _fp8_gelu_output(self, layer, gelu_out):
         """Whether fc's GELU output goes to fp8 in its matmul: gelu_in_matmul, a delayed scale for the
@@ -370,18 +412,16 @@ class Fp8Matmuls:
 
     def _gelu_forward(self, layer, out, inp, bias, gelu_out):
         """fc with its GELU output in fp8: inp (ln2) is cast transposed as any block input (into
-        scratch region 0 and its kept copy), the product writes the pre-activation into out and
+        scratch region 0 and its kept copy, _input_cast), the product writes the pre-activation into out and
         fp8(gelu(out) * the fc projection's delayed input scale) into scratch region 1 (free in
         the forward: the backward's output-gradient transposes use it), taking its amax for that
         site's history, and the transpose pass fills the fc projection's kept input from it."""
-        inp8, inp_inverse = self._cast_transposed(
-            inp, ACTIVATION_FORMAT, layer, INPUT, "fc", self._kept_input(layer, "fc", inp.numel() // inp.shape[-1]),
-            amax_known=self.producer_amax(layer, INPUT, "fc") is not None)
+        inp8, inp_inverse = self._input_cast(layer, "fc", inp)
         _, w_inverse = self._site(layer, WEIGHT, "fc")
         rows, C4 = gelu_out.numel() // gelu_out.shape[-1], gelu_out.shape[-1]
         gelu8 = self._region(1, rows * C4, ACTIVATION_FORMAT).view(rows, C4)
         amax, _ = self._site(layer, INPUT, "fcproj")
-        self.ops.fp8_matmul_forward(out, inp8.view(inp.shape), inp_inverse, self.weights8[layer]["fc"], w_inverse,
+        self.ops.fp8_matmul_forward(out, inp8, inp_inverse, self.weights8[layer]["fc"], w_inverse,
                                     bias, gelu_out=gelu8.view(gelu_out.shape),
                                     gelu_scale=self._delaying(layer, INPUT, "fcproj"), gelu_amax=amax)
         self.ops.fp8_transpose(self._kept_input(layer, "fcproj", rows), gelu8)

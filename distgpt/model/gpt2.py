@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from distgpt.model.fp8 import GRADIENT, INPUT, Fp8Matmuls, activation_recompute
+from distgpt.model.fp8 import GRADIENT, Fp8Matmuls, activation_recompute
 from distgpt.model.layout import (CLASSIFIER_CHUNK_ROWS, RESIDUAL_PROJECTIONS, ActivationPlan,
                                   ParameterLayout, layer_tensors, recompute_levels)
 
@@ -24,7 +24,7 @@ class GPT2:
     def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
                  pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False, fp8_gradients="e4m3",
                  recompute_layers=-1, fp8_weight_gradients=False, fp8_scaling="current", fp8_amax_history=16,
-                 fp8_margin=0, fp8_fuse_gelu=True, fp8_gelu_in_matmul=True):
+                 fp8_margin=0, fp8_fuse_gelu=True, fp8_gelu_in_matmul=True, fp8_layernorm_cast=False):
         m = model_cfg
         self.cfg, self.ops = m, backend
         # fp8 weight gradients read the blocks' inputs from fp8 copies kept by the forward: the
@@ -56,7 +56,7 @@ class GPT2:
         self.fp8 = (Fp8Matmuls(backend, self.p_layers, m.n_layer, m.n_embd, B * T, self.device, fp8_gradients,
                                weight_gradients=fp8_weight_gradients, scaling=fp8_scaling,
                                amax_history=fp8_amax_history, margin=fp8_margin, fuse_gelu=fp8_fuse_gelu,
-                               gelu_in_matmul=fp8_gelu_in_matmul)
+                               gelu_in_matmul=fp8_gelu_in_matmul, layernorm_cast=fp8_layernorm_cast)
                     if fp8 else None)
         if hasattr(backend, "plan"):  # kernels reserve their scratch once, here
             backend.plan(B, T, m.n_embd, m.n_head, self.device)
@@ -114,8 +114,7 @@ class GPT2:
         for layer, lp in enumerate(self.p_layers):
             ln1, ln2, fch_gelu = (self._act(a, n, layer) for n in ("ln1", "ln2", "fch_gelu"))
             if layer == 0:
-                ops.layernorm_forward(ln1, a["ln1_mean.0"], a["ln1_rstd.0"], residual,
-                                      lp.ln1_w, lp.ln1_b, amax=self._amax(0, INPUT, "qkv"))
+                self._layernorm(0, "qkv", ln1, a["ln1_mean.0"], a["ln1_rstd.0"], residual, lp.ln1_w, lp.ln1_b)
             # (the previous block already wrote this block's ln1, from the residual sum its
             # projection wrote)
             if layer_needed is not None:
@@ -128,8 +127,8 @@ class GPT2:
             # the next layernorm then reads alone (one pass over (B, T, C) instead of two inputs)
             self._matmul(layer, "attproj", a[f"residual2.{layer}"], a[f"atty.{layer}"], lp.attproj_b,
                          residual=residual)
-            ops.layernorm_forward(ln2, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"], a[f"residual2.{layer}"],
-                                  lp.ln2_w, lp.ln2_b, amax=self._amax(layer, INPUT, "fc"))
+            self._layernorm(layer, "fc", ln2, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"], a[f"residual2.{layer}"],
+                            lp.ln2_w, lp.ln2_b)
             # fc and its GELU in one op (one matmul epilogue on the GPU): fch keeps the
             # pre-activation for the backward, fch_gelu feeds the projection
             self._matmul(layer, "fc", a[f"fch.{layer}"], ln2, lp.fc_b, gelu_out=fch_gelu)  # (b, t, 4C)
@@ -138,15 +137,11 @@ class GPT2:
             # the block's output residual goes through the next block's ln1 (or the final ln_f)
             if layer + 1 < self.n_layer:
                 nxt = self.p_layers[layer + 1]
-                ln_out, ln_mean, ln_rstd = (self._act(a, "ln1", layer + 1),
-                                            a[f"ln1_mean.{layer + 1}"], a[f"ln1_rstd.{layer + 1}"])
-                ln_w, ln_b = nxt.ln1_w, nxt.ln1_b
-                ln_amax = self._amax(layer + 1, INPUT, "qkv")
-            else:
-                ln_out, ln_mean, ln_rstd = a["lnf"], a["lnf_mean"], a["lnf_rstd"]
-                ln_w, ln_b = P["transformer.ln_f.weight"], P["transformer.ln_f.bias"]
-                ln_amax = None  # the lm head is a bf16 matmul
-            ops.layernorm_forward(ln_out, ln_mean, ln_rstd, a[f"residual3.{layer}"], ln_w, ln_b, amax=ln_amax)
+                self._layernorm(layer + 1, "qkv", self._act(a, "ln1", layer + 1), a[f"ln1_mean.{layer + 1}"],
+                                a[f"ln1_rstd.{layer + 1}"], a[f"residual3.{layer}"], nxt.ln1_w, nxt.ln1_b)
+            else:  # the lm head is a bf16 matmul: no cast reads ln_f's output
+                ops.layernorm_forward(a["lnf"], a["lnf_mean"], a["lnf_rstd"], a[f"residual3.{layer}"],
+                                      P["transformer.ln_f.weight"], P["transformer.ln_f.bias"])
             residual = a[f"residual3.{layer}"]
         # tied lm head: logits = lnf @ wte^T over the padded vocabulary, R rows at a time
         # through the (R, Vp) scratch
@@ -259,6 +254,15 @@ class GPT2:
         # the weight's gradient first: dinp may be inp's memory (d_4C is the rebuilt fch_gelu)
         self.ops.matmul_backward(None, dweight, dbias, dout, inp, weight)
         self.fp8.backward_input(layer, m, dinp, dout, gelu_inp)
+
+    def _layernorm(self, layer, m, out, mean, rstd, inp, weight, bias):
+        """A layernorm whose output the layer's block matmul m reads (ln1: qkv, ln2: fc). With fp8
+        the fp8 path runs it: it takes the amax for that matmul's input cast, or writes the cast
+        itself (fp8_layernorm_cast)."""
+        if self.fp8 is None:
+            self.ops.layernorm_forward(out, mean, rstd, inp, weight, bias)
+        else:
+            self.fp8.layernorm(layer, m, out, mean, rstd, inp, weight, bias)
 
     def _amax(self, layer, what, m):
         """With fp8: the amax of the cast that will read this op's output (for the op to take as

@@ -97,8 +97,8 @@ class CudaBackend:
         self._planned("encoder_backward", self.encoder_gradients).backward(dwte, dwpe, dout, tokens)
 
     # ------------------------------------------------------------ layernorm and the residual
-    def layernorm_forward(self, out, mean, rstd, inp, weight, bias, amax=None):
-        layernorm.layernorm_forward(out, mean, rstd, inp, weight, bias, amax)
+    def layernorm_forward(self, out, mean, rstd, inp, weight, bias, amax=None, scale=None):
+        layernorm.layernorm_forward(out, mean, rstd, inp, weight, bias, amax, scale)
 
     def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dproj_bias=None, amax=None,
                            dproj_sum=None):

@@ -127,18 +127,31 @@ def _check_row_op(op, rows_like, stats, params):
     return N, C
 
 
-def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None):
+def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None, scale=None):
     """out (B,T,C) = (inp - mean) * rstd * weight + bias; mean, rstd (B,T) fp32 saved for backward.
-    amax (one fp32 element, fp8 runs): also amax = max(amax, max |out|)."""
+    amax (one fp32 element, fp8 runs): also amax = max(amax, max |out|). out float8_e4m3fn (with
+    amax and scale, one fp32 element): out = fp8(bf16 output * scale), saturated, and the bf16
+    output is never written (the reference's layernorm_forward with scale)."""
     op = "layernorm_forward"
-    N, C = _check_row_op(op, [("inp", inp), ("out", out)], [("mean", mean), ("rstd", rstd)],
+    out8 = out.dtype == torch.float8_e4m3fn
+    if out8:
+        if amax is None or scale is None:
+            raise ValueError(f"{op}: an e4m3 out needs amax and scale (the delayed scale it is cast with)")
+        check_scalars(op, amax=amax, scale=scale)
+        if out.shape != inp.shape or not out.is_cuda or not out.is_contiguous() or out.data_ptr() % 8:
+            raise ValueError(f"{op}: an e4m3 out must be a contiguous CUDA tensor of inp's shape, 8-byte aligned")
+    elif scale is not None:
+        raise ValueError(f"{op}: scale is for an e4m3 out (a bf16 out is not scaled)")
+    N, C = _check_row_op(op, [("inp", inp)] + ([] if out8 else [("out", out)]), [("mean", mean), ("rstd", rstd)],
                          [("weight", weight), ("bias", bias)])
     if amax is not None:
         check_scalars(op, amax=amax)
     if N == 0:
         return
-    KERNELS.launch(f"layernorm_forward{_kind(amax)}_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS), FWD_WARPS * 32,
-                   (ptr(out), ptr(mean), ptr(rstd), ptr(inp), ptr(weight), ptr(bias), ptr(amax), i32(N), i32(C)))
+    kind = "_fp8_kernel" if out8 else _kind(amax)
+    args = (ptr(out), ptr(mean), ptr(rstd), ptr(inp), ptr(weight), ptr(bias), ptr(amax)) + \
+        ((ptr(scale),) if out8 else ()) + (i32(N), i32(C))
+    KERNELS.launch(f"layernorm_forward{kind}_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS), FWD_WARPS * 32, args)
 
 
 class LayerNormGradients:
