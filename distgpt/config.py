@@ -142,6 +142,9 @@ class Config:
     #                                   (a delayed scale in place of current scaling) and one byte
     #                                   transpose copies each for the weight gradient; off until its
     #                                   speed and loss are measured on a GPU
+    fp8_delayed_weights: bool = False  # fp8_scaling=delayed: the weights' fp8 casts take delayed scales
+    #                                    too (from the weight amaxes' history): one pass a matrix,
+    #                                    not an amax pass and a cast; off until measured on a GPU
     comm_timeout_s: float = 600.0  # a collective waiting longer aborts every rank (a rank died or hangs)
     overlap_comm: str = "auto"  # sum each bucket of gradients over ranks during the backward (on a
     #                             communication stream): true | false | auto (when the ranks span

@@ -103,7 +103,8 @@ class Trainer:
                           recompute_layers=t.recompute_layers, fp8_weight_gradients=cfg.fp8_weight_gradients,
                           fp8_scaling=cfg.fp8_scaling, fp8_amax_history=cfg.fp8_amax_history,
                           fp8_margin=cfg.fp8_margin, fp8_fuse_gelu=cfg.fp8_fuse_gelu,
-                          fp8_gelu_in_matmul=cfg.fp8_gelu_in_matmul, fp8_layernorm_cast=cfg.fp8_layernorm_cast)
+                          fp8_gelu_in_matmul=cfg.fp8_gelu_in_matmul, fp8_layernorm_cast=cfg.fp8_layernorm_cast,
+                          fp8_delayed_weights=cfg.fp8_delayed_weights)
         if scratch is not None:  # what the libraries really asked for, beside the estimate
             taken = sum(nbytes for _, nbytes in self.backend.scratch())
             self.log.info(f"backend scratch planned: {taken / 2**20:,.1f} MiB (estimated "
@@ -470,6 +471,7 @@ def fp8_summary(cfg):
     apart = (", fc's gradient cast apart from the GELU derivative" if not cfg.fp8_fuse_gelu and recipe else "")
     apart += (", fc's GELU output cast apart from its matmul" if not cfg.fp8_gelu_in_matmul and recipe else "")
     apart += (", ln1 and ln2 writing their fp8 casts" if cfg.fp8_layernorm_cast and recipe else "")
+    apart += (", delayed weight scales" if cfg.fp8_delayed_weights and cfg.fp8_scaling == "delayed" else "")
     return f", fp8 block matmuls: {grads} weight gradients, {cfg.fp8_scaling} scaling{apart}"
 
 

@@ -22,9 +22,11 @@ SHAPE = ModelConfig(name="t", n_layer=2, n_head=2, n_embd=128, vocab_size=50257,
 B, T = 4, 256
 
 
-def build(backend, dtype, seed=1234, fp8=False, fp8_wgrad=False, fp8_scaling="current", layernorm_cast=False):
+def build(backend, dtype, seed=1234, fp8=False, fp8_wgrad=False, fp8_scaling="current", layernorm_cast=False,
+          delayed_weights=False):
     model = GPT2(SHAPE, backend, B, T, dtype=dtype, device="cuda", fp8=fp8, fp8_weight_gradients=fp8_wgrad,
-                 fp8_scaling=fp8_scaling, fp8_amax_history=4, fp8_layernorm_cast=layernorm_cast)
+                 fp8_scaling=fp8_scaling, fp8_amax_history=4, fp8_layernorm_cast=layernorm_cast,
+                 fp8_delayed_weights=delayed_weights)
     model.init_weights(seed)
     # perturb biases and layernorms away from 0/1 so their gradients are tested, identically
     gen = torch.Generator().manual_seed(seed + 1)
@@ -94,7 +96,8 @@ def test_fp8_step_matches_reference_fp32(fp8_wgrad):
 
 
 def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weights=False, fp8_wgrad=False,
-                 fp8_scaling="current", fuse_gelu=True, gelu_in_matmul=True, layernorm_cast=False):
+                 fp8_scaling="current", fuse_gelu=True, gelu_in_matmul=True, layernorm_cast=False,
+                 delayed_weights=False):
     """Twenty steps of a fresh model and backend, each of `accum` micro-steps (reuse_weights: the
     later ones pass fresh_weights=False, as the trainer does). The matmuls take cuBLASLt's first
     answers (tune off, as deterministic runs do): two runs compared bit for bit must not each
@@ -103,7 +106,7 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weig
     from distgpt.model.micro_step import MicroStep
     backend = CudaBackend()
     model = build(backend, torch.bfloat16, fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling,
-                  layernorm_cast=layernorm_cast)
+                  layernorm_cast=layernorm_cast, delayed_weights=delayed_weights)
     backend.matmuls.tune = False
     if fp8:
         model.fp8.fuse_amax = fuse_amax
@@ -197,19 +200,33 @@ def test_fp8_recipe_gelu_output_in_the_matmul_trains_as_the_cast_apart():
     assert in_matmul[0][-1] < in_matmul[0][0] - 0.5
 
 
+def recipe_trains_as_without(switch, first_equal=1, **kw):
+    """Twenty graphed steps of the fp8 recipe with `switch` (a twenty_steps keyword) on, against
+    off: the first `first_equal` losses bitwise the same (current scaling either way: no history
+    yet), every loss within 1e-3 of the other run's, the loss falling, and the eager run with
+    the switch bitwise the graphed one."""
+    kw = dict(fp8=True, fp8_wgrad=True, fp8_scaling="delayed", **kw)
+    on, off = twenty_steps(use_graph=True, **{switch: True}, **kw), twenty_steps(use_graph=True, **kw)
+    assert on[0][:first_equal] == off[0][:first_equal]
+    for a, b in zip(on[0], off[0]):
+        assert abs(a - b) <= 1e-3 * abs(b), (on[0], off[0])
+    assert on[0][-1] < on[0][0] - 0.5
+    eager = twenty_steps(use_graph=False, **{switch: True}, **kw)
+    assert eager[0] == on[0] and torch.equal(eager[1], on[1]) and torch.equal(eager[2], on[2])
+
+
 def test_fp8_recipe_with_the_layernorms_writing_their_casts_trains_as_without():
     """fp8_layernorm_cast: ln1 and ln2 write the qkv and fc inputs' e4m3 casts with delayed scales
     and fp8_transpose copies them for the weight gradients, against bf16 outputs cast by current
-    scaling: the first step bitwise the same, twenty steps (graphed) within 1e-3 of each other's
-    losses, the loss falling, and the eager run bitwise the graphed one."""
-    kw = dict(fp8=True, fp8_wgrad=True, fp8_scaling="delayed")
-    cast, apart = twenty_steps(layernorm_cast=True, use_graph=True, **kw), twenty_steps(use_graph=True, **kw)
-    assert cast[0][:1] == apart[0][:1]  # step 1 casts by current scaling either way
-    for a, b in zip(cast[0], apart[0]):
-        assert abs(a - b) <= 1e-3 * abs(b), (cast[0], apart[0])
-    assert cast[0][-1] < cast[0][0] - 0.5
-    eager = twenty_steps(layernorm_cast=True, use_graph=False, **kw)
-    assert eager[0] == cast[0] and torch.equal(eager[1], cast[1]) and torch.equal(eager[2], cast[2])
+    scaling."""
+    recipe_trains_as_without("layernorm_cast")
+
+
+def test_fp8_recipe_with_delayed_weight_scales_trains_as_with_current_ones():
+    """fp8_delayed_weights under gradient accumulation (the second micro-step reusing the weight
+    casts, as the trainer runs it): the weights cast in one pass with their history's scale,
+    against an amax pass and a cast."""
+    recipe_trains_as_without("delayed_weights", first_equal=2, accum=2, reuse_weights=True)
 
 
 def test_scratch_estimate_is_what_plan_takes():

@@ -466,6 +466,49 @@ def test_layernorms_writing_their_fp8_casts_follow_the_cast_apart():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_delayed_weight_scales_cast_each_weight_in_one_pass():
+    """fp8_delayed_weights: from the second step on each block matrix is cast by one
+    fp8_quantize_transpose with its history's scale (no amax pass); the copies are exactly that
+    cast of the weights by the scale the matmuls scale back by, also after a micro-step reusing
+    them (whose forward moves no weight site: its history takes one entry a step); and the run
+    follows the one casting by current scaling: the first step bitwise, then the losses within
+    1e-4 relative."""
+    runs = []
+    for delayed in (True, False):
+        model, ops, batches = recipe_model("fp8_cast_transpose", 14, fp8_delayed_weights=delayed)
+        assert model.fp8.delayed_weights == delayed
+        counts, losses = [], []
+        for x, y in batches:
+            model.zero_grad()
+            for micro in range(2):  # gradient accumulation: the second micro-step reuses the casts
+                losses.append(float(model.forward(x, y, 1.0 / (2 * B * T), fresh_weights=micro == 0)))
+                model.backward()
+            counts.append(ops.calls)
+            cast_from = model.params.clone()  # what the step's copies were cast from
+            model.params.add_(model.grads, alpha=-1e-2)
+        runs.append((counts, losses, model, cast_from))
+    (counts, losses, model, cast_from), (current_counts, current_losses, _, _) = runs
+    L, fp8 = SHAPE.n_layer, model.fp8
+    # fp8_cast_transpose calls a step, a layer: the 4 weights, and in each of the two micro-steps
+    # the 2 layernorm outputs and 2 output gradients (the first forward and backward, with no
+    # history yet, cast their other 4 tensors so too); delayed weights leave the 4 weights' out
+    # from the second step on
+    steps, current_steps = ([b - a for a, b in zip([0] + c, c)] for c in (counts, current_counts))
+    assert current_steps == [16 * L, 12 * L, 12 * L] and steps == [16 * L, 8 * L, 8 * L]
+    assert losses[:2] == current_losses[:2]
+    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(losses, current_losses))
+    model.params.copy_(cast_from)
+    for layer in range(L):
+        for m in ("qkv", "attproj", "fc", "fcproj"):
+            site = fp8._index(layer, 0, m)
+            want = torch.empty(fp8.weights8[layer][m].shape, dtype=torch.float8_e4m3fn)
+            reference.fp8_quantize(want, torch.zeros(1), getattr(model.p_layers[layer], f"{m}_w"),
+                                   1 / fp8.inverse[site, :1])
+            assert torch.equal(fp8.weights8[layer][m].view(torch.uint8), want.view(torch.uint8))
+            assert int((fp8.history[site] != 0).sum()) == 2  # the amaxes of the first two steps' casts
+    assert int((fp8.history[fp8._index(0, 1, "attproj")] != 0).sum()) == 4  # an activation's: every forward
+
+
 def test_evaluation_forwards_leave_the_delayed_scaling_state_alone():
     """Evaluation forwards (dloss 0) and sampling (no targets) between training steps change
     nothing the training steps compute under the fp8 recipe: three training steps with

@@ -24,7 +24,8 @@ class GPT2:
     def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
                  pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False, fp8_gradients="e4m3",
                  recompute_layers=-1, fp8_weight_gradients=False, fp8_scaling="current", fp8_amax_history=16,
-                 fp8_margin=0, fp8_fuse_gelu=True, fp8_gelu_in_matmul=True, fp8_layernorm_cast=False):
+                 fp8_margin=0, fp8_fuse_gelu=True, fp8_gelu_in_matmul=True, fp8_layernorm_cast=False,
+                 fp8_delayed_weights=False):
         m = model_cfg
         self.cfg, self.ops = m, backend
         # fp8 weight gradients read the blocks' inputs from fp8 copies kept by the forward: the
@@ -56,7 +57,8 @@ class GPT2:
         self.fp8 = (Fp8Matmuls(backend, self.p_layers, m.n_layer, m.n_embd, B * T, self.device, fp8_gradients,
                                weight_gradients=fp8_weight_gradients, scaling=fp8_scaling,
                                amax_history=fp8_amax_history, margin=fp8_margin, fuse_gelu=fp8_fuse_gelu,
-                               gelu_in_matmul=fp8_gelu_in_matmul, layernorm_cast=fp8_layernorm_cast)
+                               gelu_in_matmul=fp8_gelu_in_matmul, layernorm_cast=fp8_layernorm_cast,
+                               delayed_weights=fp8_delayed_weights)
                     if fp8 else None)
         if hasattr(backend, "plan"):  # kernels reserve their scratch once, here
             backend.plan(B, T, m.n_embd, m.n_head, self.device)
