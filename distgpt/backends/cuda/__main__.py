@@ -7,6 +7,12 @@ from distgpt.backends.cuda import adamw, bias, classifier, encoder, fp8, gelu, l
 
 MODULES = {m.KERNELS.name: m.KERNELS for m in (adamw, bias, classifier, encoder, fp8, gelu, layernorm, norm)}
 
-if len(sys.argv) != 2 or sys.argv[1] not in MODULES:
-    sys.exit(f"usage: python -m distgpt.backends.cuda NAME, NAME one of {', '.join(sorted(MODULES))}")
-print(" ".join(MODULES[sys.argv[1]].compiler_flags()))
+
+def main(argv):
+    if len(argv) != 1 or argv[0] not in MODULES:
+        sys.exit(f"usage: python -m distgpt.backends.cuda NAME, NAME one of {', '.join(sorted(MODULES))}")
+    print(" ".join(MODULES[argv[0]].compiler_flags()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

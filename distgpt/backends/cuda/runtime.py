@@ -9,8 +9,9 @@ Launch constants (threads per block, warps per block, ...) are numbers both side
 on: the Python module that launches a .cu file declares them once, in its KernelModule, and they
 reach the compiler as -D defines; the .cu files do not define them (and refuse to compile
 without them). Constants of the math itself (GELU's, the layernorm epsilon) come from the
-reference backend the same way. To compile a file by hand, as the kernels' tests do not:
-`nvcc -arch=sm_90 -Ikernels -c kernels/layernorm.cu $(python -m distgpt.backends.cuda layernorm)`.
+reference backend the same way. To compile a file by hand:
+`nvcc -arch=sm_90 -Ikernels -c kernels/layernorm.cu $(python -m distgpt.backends.cuda layernorm)`;
+tests/test_kernels_compile.py does so for every file wherever nvcc is installed (no GPU needed).
 
 DISTGPT_CUDA_DEBUG=1 synchronises after every launch and names the kernel that failed.
 """
