@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from distgpt.config import FP8_SWITCHES, Config, fp8_switch_notes, load_config
+
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
 
 
@@ -38,27 +40,23 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
                     pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward="auto",
                     fp8=False, fp8_gradients="e4m3", tune_matmuls=True, recompute_layers=-1,
-                    fp8_weight_gradients=None, fp8_scaling=None, fp8_fuse_gelu=None, fp8_gelu_in_matmul=None,
-                    fp8_layernorm_cast=None, fp8_delayed_weights=None):
+                    fp8_weight_gradients=None, fp8_scaling=None, fp8_switches=None):
     from distgpt.backends import get_backend
-    from distgpt.config import load_config
     from distgpt.parallel.bootstrap import bootstrap
     from distgpt.model.gpt2 import GPT2
     from distgpt.model.micro_step import MicroStep
     from distgpt.optim import ShardedAdamW
     from distgpt.parallel.data_parallel import DataParallel, gather_in_forward_wanted, overlap_wanted
 
-    # the fp8 settings left None are the config's defaults (the measured recipe), as in training
-    fp8_settings = {"fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling,
-                    "fp8_fuse_gelu": fp8_fuse_gelu, "fp8_gelu_in_matmul": fp8_gelu_in_matmul,
-                    "fp8_layernorm_cast": fp8_layernorm_cast, "fp8_delayed_weights": fp8_delayed_weights}
+    # the fp8 settings left None are the config's defaults (the measured recipe), as in training;
+    # fp8_switches: config.FP8_SWITCHES key -> True, False or None
+    fp8_settings = {"fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, **(fp8_switches or {})}
     cfg = load_config([f"model={model_name}", f"train.micro_batch={B}", f"train.seq_len={T}",
                        f"train.recompute={recompute}", f"train.recompute_layers={recompute_layers}",
                        "backend=cuda", "device=cuda", "dtype=bfloat16",
                        *(f"{k}={str(v).lower()}" for k, v in fp8_settings.items() if v is not None)])
-    fp8_weight_gradients, fp8_scaling, fp8_fuse_gelu = cfg.fp8_weight_gradients, cfg.fp8_scaling, cfg.fp8_fuse_gelu
-    fp8_gelu_in_matmul, fp8_layernorm_cast = cfg.fp8_gelu_in_matmul, cfg.fp8_layernorm_cast
-    fp8_delayed_weights = cfg.fp8_delayed_weights
+    fp8_weight_gradients, fp8_scaling = cfg.fp8_weight_gradients, cfg.fp8_scaling
+    fp8_switches = {key: getattr(cfg, key) for key in FP8_SWITCHES}
     dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s, rendezvous=rendezvous)
     backend = get_backend("cuda")
     backend.set_deterministic(deterministic)
@@ -66,9 +64,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
                  pad_multiple=dist.world, fp8=fp8, fp8_gradients=fp8_gradients, recompute_layers=recompute_layers,
                  fp8_weight_gradients=fp8_weight_gradients, fp8_scaling=fp8_scaling,
-                 fp8_amax_history=cfg.fp8_amax_history, fp8_margin=cfg.fp8_margin, fp8_fuse_gelu=fp8_fuse_gelu,
-                 fp8_gelu_in_matmul=fp8_gelu_in_matmul, fp8_layernorm_cast=fp8_layernorm_cast,
-                 fp8_delayed_weights=fp8_delayed_weights)
+                 fp8_amax_history=cfg.fp8_amax_history, fp8_margin=cfg.fp8_margin, **fp8_switches)
     model.init_weights(cfg.seed)
     if not tune_matmuls:  # cuBLASLt's first heuristic answer for every matmul (as deterministic runs)
         backend.matmuls.tune = False
@@ -149,7 +145,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "recompute_layers": recompute_layers,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, "fp8_fuse_gelu": fp8_fuse_gelu, "fp8_gelu_in_matmul": fp8_gelu_in_matmul, "fp8_layernorm_cast": fp8_layernorm_cast, "fp8_delayed_weights": fp8_delayed_weights, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, **fp8_switches, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
@@ -206,13 +202,7 @@ def fp8_label(r):
         return ""
     return (" fp8" + ("" if r["fp8_weight_gradients"] else ", bf16 weight gradients")
             + ("" if r["fp8_scaling"] == "delayed" else f", {r['fp8_scaling']} scaling")
-            + ("" if r.get("fp8_fuse_gelu", True) or not r["fp8_weight_gradients"] or r["fp8_scaling"] != "delayed"
-               else ", fc's gradient cast apart from the GELU derivative")
-            + ("" if r.get("fp8_gelu_in_matmul", True) or not r["fp8_weight_gradients"]
-               or r["fp8_scaling"] != "delayed" else ", fc's GELU output cast apart from its matmul")
-            + ("" if not r.get("fp8_layernorm_cast") or not r["fp8_weight_gradients"]
-               or r["fp8_scaling"] != "delayed" else ", ln1 and ln2 writing their fp8 casts")
-            + ("" if not r.get("fp8_delayed_weights") or r["fp8_scaling"] != "delayed" else ", delayed weight scales"))
+            + "".join(f", {note}" for note in fp8_switch_notes(r)))
 
 
 def summarize(result):
@@ -247,18 +237,9 @@ def main(argv=None):
     p.add_argument("--fp8-scaling", choices=("current", "delayed"), default=None,
                    help="with --fp8: fp8_scaling (default: the config's, delayed: scales from past "
                         "amaxes where a cast would need its own amax pass)")
-    p.add_argument("--fp8-fuse-gelu", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --fp8: fc's output gradient cast with the GELU derivative, in one pass "
-                        "(fp8_fuse_gelu; default: the config's, true)")
-    p.add_argument("--fp8-gelu-in-matmul", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --fp8: fc's matmul writes its GELU output in fp8 (fp8_gelu_in_matmul; "
-                        "default: the config's, true)")
-    p.add_argument("--fp8-layernorm-cast", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --fp8: ln1 and ln2 write their outputs as the next matmuls' fp8 casts, "
-                        "with delayed scales (fp8_layernorm_cast; default: the config's, false)")
-    p.add_argument("--fp8-delayed-weights", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --fp8: the weights' casts take delayed scales too, one pass a matrix "
-                        "(fp8_delayed_weights; default: the config's, false)")
+    for key, (does, _, _) in FP8_SWITCHES.items():
+        p.add_argument(f"--{key.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"with --fp8: {does} ({key}; default: the config's, {str(getattr(Config, key)).lower()})")
     p.add_argument("--no-tune", action="store_true",
                    help="every matmul takes cuBLASLt's first heuristic answer, untimed (as deterministic runs do)")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
@@ -283,11 +264,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.profile_steps < 1:
         p.error("--profile-steps must be at least 1")
-    if (a.fp8_wgrad is not None or a.fp8_scaling is not None or a.fp8_fuse_gelu is not None
-            or a.fp8_gelu_in_matmul is not None or a.fp8_layernorm_cast is not None
-            or a.fp8_delayed_weights is not None) and not a.fp8:
-        p.error("--fp8-wgrad, --no-fp8-wgrad, --fp8-scaling, --[no-]fp8-fuse-gelu, --[no-]fp8-gelu-in-matmul, "
-                "--[no-]fp8-layernorm-cast and --[no-]fp8-delayed-weights need --fp8")
+    fp8_switches = {key: getattr(a, key) for key in FP8_SWITCHES}
+    if (a.fp8_wgrad is not None or a.fp8_scaling is not None or any(v is not None for v in fp8_switches.values())) \
+            and not a.fp8:
+        p.error("--fp8-wgrad, --no-fp8-wgrad, --fp8-scaling and "
+                + ", ".join(f"--[no-]{key.replace('_', '-')}" for key in FP8_SWITCHES) + " need --fp8")
     if a.profile_trace and not Path(a.profile_trace).resolve().parent.is_dir():
         p.error(f"--profile-trace: no directory {Path(a.profile_trace).resolve().parent}")
     if not torch.cuda.is_available():
@@ -303,10 +284,7 @@ def main(argv=None):
                                   bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward, fp8=a.fp8,
                                   fp8_gradients=a.fp8_gradients, tune_matmuls=not a.no_tune,
                                   recompute_layers=a.recompute_layers, fp8_weight_gradients=a.fp8_wgrad,
-                                  fp8_scaling=a.fp8_scaling, fp8_fuse_gelu=a.fp8_fuse_gelu,
-                                  fp8_gelu_in_matmul=a.fp8_gelu_in_matmul,
-                                  fp8_layernorm_cast=a.fp8_layernorm_cast,
-                                  fp8_delayed_weights=a.fp8_delayed_weights))
+                                  fp8_scaling=a.fp8_scaling, fp8_switches=fp8_switches))
     if not r.pop("is_main"):
         return 0
     if a.json:

@@ -169,6 +169,20 @@ FP8_GRADIENT_FORMATS = ("e5m2", "e4m3")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 # one GPU thread sums the spike guard's window each step: a few thousand values stay microseconds
 MAX_SKIP_WINDOW = 4096
+# The fp8 path's on/off switches, one row each: what it does when on, whether it acts only in the
+# recipe (fp8 weight gradients and delayed scaling; otherwise delayed scaling alone), and what a
+# run's start-up line and a bench result say when it leaves its default (Config's field). The
+# model, the trainer and `distgpt bench` (a --[no-]flag each) all read them from here.
+FP8_SWITCHES = {
+    "fp8_fuse_gelu": ("fc's output gradient cast with the GELU derivative, in one pass", True,
+                      "fc's gradient cast apart from the GELU derivative"),
+    "fp8_gelu_in_matmul": ("fc's matmul writes its GELU output in fp8", True,
+                           "fc's GELU output cast apart from its matmul"),
+    "fp8_layernorm_cast": ("ln1 and ln2 write their outputs as the next matmuls' fp8 casts, with delayed "
+                           "scales", True, "ln1 and ln2 writing their fp8 casts"),
+    "fp8_delayed_weights": ("the weights' casts take delayed scales too, one pass a matrix", False,
+                            "delayed weight scales"),
+}
 
 
 def config_dir() -> Path:
@@ -304,6 +318,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume='{cfg.resume}': no such checkpoint directory; use resume=auto, "
                           f"resume=none or the path of a checkpoint")
+
+
+def fp8_switch_notes(settings):
+    """What of FP8_SWITCHES acts and leaves its default, in the table's order: settings maps
+    fp8_scaling, fp8_weight_gradients and the switches (one left out: its default) to values."""
+    delayed = settings["fp8_scaling"] == "delayed"
+    recipe = delayed and settings["fp8_weight_gradients"]
+    return [note for key, (_, needs_recipe, note) in FP8_SWITCHES.items()
+            if (recipe if needs_recipe else delayed) and settings.get(key, getattr(Config, key)) != getattr(Config, key)]
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from distgpt import checkpoint, hellaswag
 from distgpt.backends import get_backend
-from distgpt.config import DataConfig, accumulation_steps, to_yaml, validate
+from distgpt.config import FP8_SWITCHES, DataConfig, accumulation_steps, fp8_switch_notes, to_yaml, validate
 from distgpt.data.prepare import prepare
 from distgpt.data.shards import ShardedLoader, read_shard, shard_paths
 from distgpt.data.tokenizer import EOT_TOKEN, decode, encode
@@ -102,9 +102,7 @@ class Trainer:
                           t.recompute, pad_multiple=dist.world, fp8=cfg.fp8, fp8_gradients=cfg.fp8_gradients,
                           recompute_layers=t.recompute_layers, fp8_weight_gradients=cfg.fp8_weight_gradients,
                           fp8_scaling=cfg.fp8_scaling, fp8_amax_history=cfg.fp8_amax_history,
-                          fp8_margin=cfg.fp8_margin, fp8_fuse_gelu=cfg.fp8_fuse_gelu,
-                          fp8_gelu_in_matmul=cfg.fp8_gelu_in_matmul, fp8_layernorm_cast=cfg.fp8_layernorm_cast,
-                          fp8_delayed_weights=cfg.fp8_delayed_weights)
+                          fp8_margin=cfg.fp8_margin, **{key: getattr(cfg, key) for key in FP8_SWITCHES})
         if scratch is not None:  # what the libraries really asked for, beside the estimate
             taken = sum(nbytes for _, nbytes in self.backend.scratch())
             self.log.info(f"backend scratch planned: {taken / 2**20:,.1f} MiB (estimated "
@@ -465,13 +463,8 @@ def fp8_summary(cfg):
     if not cfg.fp8:
         return ""
     grads = "fp8" if cfg.fp8_weight_gradients else "bf16"
-    # fp8_fuse_gelu, fp8_gelu_in_matmul and fp8_layernorm_cast act only with fp8 weight gradients
-    # and delayed scaling: named where they leave the defaults
-    recipe = cfg.fp8_weight_gradients and cfg.fp8_scaling == "delayed"
-    apart = (", fc's gradient cast apart from the GELU derivative" if not cfg.fp8_fuse_gelu and recipe else "")
-    apart += (", fc's GELU output cast apart from its matmul" if not cfg.fp8_gelu_in_matmul and recipe else "")
-    apart += (", ln1 and ln2 writing their fp8 casts" if cfg.fp8_layernorm_cast and recipe else "")
-    apart += (", delayed weight scales" if cfg.fp8_delayed_weights and cfg.fp8_scaling == "delayed" else "")
+    settings = {key: getattr(cfg, key) for key in ("fp8_scaling", "fp8_weight_gradients", *FP8_SWITCHES)}
+    apart = "".join(f", {note}" for note in fp8_switch_notes(settings))
     return f", fp8 block matmuls: {grads} weight gradients, {cfg.fp8_scaling} scaling{apart}"
 
 

@@ -391,14 +391,12 @@ class Fp8Matmuls:
     def layernorm(self, layer, m, out, mean, rstd, inp, weight, bias):
         """The layernorm whose output the layer's matmul m (qkv: ln1, fc: ln2) reads. As a rule
         it writes the bf16 out and takes the amax for that input's cast (producer_amax). With
-        layernorm_cast and a delayed scale for the site (not the first forward, nor an
-        evaluation; rows a multiple of 8 and C of 16, as the transpose kernel takes) it writes
-        the cast itself, e4m3 with that scale, into scratch region 0 (the matmul before it has
+        layernorm_cast and a delayed scale for the site (_produced_cast_scale) it writes the cast
+        itself, e4m3 with that scale, into scratch region 0 (the matmul before it has
         read its operand from there), takes the amax for the site's history, and leaves out
         unwritten: the matmul reads the cast (_input_cast)."""
-        C = out.shape[-1]
-        scale = self._delaying(layer, INPUT, m) if self.layernorm_cast else None
-        if scale is None or (out.numel() // C) % 8 or C % 16:
+        scale = self._produced_cast_scale(layer, m, out) if self.layernorm_cast else None
+        if scale is None:
             self.ops.layernorm_forward(out, mean, rstd, inp, weight, bias, amax=self.producer_amax(layer, INPUT, m))
             return
         out8 = self._region(0, out.numel(), ACTIVATION_FORMAT).view(out.shape)
@@ -421,13 +419,17 @@ class Fp8Matmuls:
                                               amax_known=self.producer_amax(layer, INPUT, m) is not None)
         return inp8.view(inp.shape), inverse
 
+    def _produced_cast_scale(self, layer, m, t):
+        """The scale the kernel writing t (the input of the layer's matmul m) casts it with in
+        place of its bf16 output, a byte transpose then making the kept copy: the site's delayed
+        scale (none in the first forward, nor in an evaluation), where t's shape is one the
+        transpose kernel takes (rows a multiple of 8, columns of 16: every GPT-2 run); else None."""
+        rows, cols = t.numel() // t.shape[-1], t.shape[-1]
+        return None if rows % 8 or cols % 16 else self._delaying(layer, INPUT, m)
+
     def _fp8_gelu_output(self, layer, gelu_out):
-        """Whether fc's GELU output goes to fp8 in its matmul: gelu_in_matmul, a delayed scale for the
-        fc projection's input (not the first forward, nor an evaluation), and the shapes the
-        transpose kernel takes (rows a multiple of 8, 4C of 16: every GPT-2 run)."""
-        rows, C4 = gelu_out.numel() // gelu_out.shape[-1], gelu_out.shape[-1]
-        return (self.gelu_in_matmul and self._delaying(layer, INPUT, "fcproj") is not None
-                and rows % 8 == 0 and C4 % 16 == 0)
+        """Whether fc's GELU output goes to fp8 in its matmul (gelu_in_matmul, with a scale for it)."""
+        return self.gelu_in_matmul and self._produced_cast_scale(layer, "fcproj", gelu_out) is not None
 
     def _gelu_forward(self, layer, out, inp, bias, gelu_out):
         """fc with its GELU output in fp8: inp (ln2) is cast transposed as any block input (into
