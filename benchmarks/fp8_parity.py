@@ -40,14 +40,15 @@ COMMON = ["optim.schedule=cosine", "optim.lr=6e-4", "optim.warmup_steps=20", "tr
 
 def read_run(run_dir):
     """(val loss by step, skipped steps, non-finite steps, median tok/s, a note on each skipped
-    step) from metrics.jsonl."""
+    step, the step rows) from metrics.jsonl."""
     rows = metrics(run_dir)
     steps = [r for r in rows if "loss" in r]
     val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     skipped = [r["step"] for r in steps if r.get("skipped")]
     not_finite = [r["step"] for r in steps if not math.isfinite(r["loss"]) or not math.isfinite(r["grad_norm"])]
     tok_s = statistics.median(r["tokens_per_s"] for r in steps[1:] or steps)
-    return val, skipped, not_finite, tok_s, [skip_note(steps, i) for i, r in enumerate(steps) if r.get("skipped")]
+    notes = [skip_note(steps, i) for i, r in enumerate(steps) if r.get("skipped")]
+    return val, skipped, not_finite, tok_s, notes, steps
 
 
 def skip_note(steps, i, window=SKIP_WINDOW):
@@ -55,14 +56,28 @@ def skip_note(steps, i, window=SKIP_WINDOW):
     accepted steps before it (the spike guard's window): is it a spike, or a z-score just past
     the bar?"""
     row = steps[i]
+    return f"step {row['step']} ({row['skipped'].replace('_', ' ')}:" + zscores(steps, i, window) + ")"
+
+
+def same_step_note(name, steps, step, window=SKIP_WINDOW):
+    """The same step in another run (same weights at the start, same batch): did its gradient
+    norm stand out there too, or is the spike this run's own?"""
+    i = next((k for k, r in enumerate(steps) if r["step"] == step), None)
+    return None if i is None else f"{name} at step {step}:" + zscores(steps, i, window)
+
+
+def zscores(steps, i, window):
+    """Step i's loss and gradient norm against the accepted steps before it (the spike guard's
+    window): value, mean +- standard deviation, z-score."""
+    row = steps[i]
     accepted = [r for r in steps[:i] if not r.get("skipped")][-window:]
-    parts = [f"step {row['step']} ({row['skipped'].replace('_', ' ')}:"]
+    parts = []
     for key, label in (("loss", "loss"), ("grad_norm", "norm")):
         values = [r[key] for r in accepted]
         mean, sd = statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
-        z = (row[key] - mean) / sd if sd > 0 else float("inf")
+        z = (row[key] - mean) / sd if sd > 0 else 0.0 if row[key] == mean else float("inf")
         parts.append(f" {label} {row[key]:.4g}, mean {mean:.4g} +- {sd:.3g}, z {z:.1f};")
-    return "".join(parts).rstrip(";") + ")"
+    return "".join(parts).rstrip(";")
 
 
 def report(model, runs):
@@ -82,11 +97,15 @@ def report(model, runs):
             cells.append(f" {val.get(step, float('nan')):.4f} | {100 * gap:+.2f}% |")
         lines.append(f"| {step} | {base[step]:.4f} |" + "".join(cells))
     lines.append("")
-    for name, (_, skips, bad, tok, *notes) in runs.items():
+    for name, (_, skips, bad, tok, *rest) in runs.items():
         gap = f"largest gap {100 * worst[name]:.2f}%, " if name in worst else ""
         lines.append(f"- {name}: {gap}skipped steps {skips or 'none'}, non-finite steps {bad or 'none'}, "
                      f"median {tok:,.0f} tok/s ({tok / base_tok:.3f}x {base_name})")
-        lines += [f"  - skipped {note}" for note in (notes[0] if notes else [])]
+        notes = rest[0] if rest else []  # a mean over seeds has no per-step notes
+        for step, note in zip(skips if notes else [], notes):
+            lines.append(f"  - skipped {note}")
+            lines += [f"    - {same}" for other, (*_, rows) in runs.items() if other != name
+                      for same in [same_step_note(other, rows, step)] if same]
     lines.append("")
     ok = worst["fp8"] <= TOLERANCE and not any(runs[n][1] or runs[n][2] for n in (base_name, "fp8"))
     return "\n".join(lines), ok

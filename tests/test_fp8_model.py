@@ -197,6 +197,26 @@ def test_fp8_parity_notes_how_far_a_skipped_step_was_out(monkeypatch):
     assert bench.skip_note(steps, 10).startswith("step 11 (norm spike: loss 4.9, mean 5 +- 0.1, z -1.0;")
 
 
+def test_fp8_parity_shows_a_skipped_step_in_the_other_runs(monkeypatch):
+    """Beside a skipped step's note, the report gives the same step in every other run (same
+    weights at the start, same batch): a norm that stands out there too is the batch's, one
+    that does not is the run's own."""
+    bench = load_parity_script(monkeypatch)
+
+    def run(norm_at_21, skipped):
+        steps = [{"step": i + 1, "loss": 5.0, "grad_norm": 1.0 + (0.1 if i % 2 else -0.1)} for i in range(20)]
+        steps.append({"step": 21, "loss": 5.0, "grad_norm": norm_at_21, **({"skipped": "norm_spike"} if skipped else {})})
+        notes = [bench.skip_note(steps, 20)] if skipped else []
+        return {0: 5.0}, [21] if skipped else [], [], 1000.0, notes, steps
+
+    table, ok = bench.report("tiny", {"bf16": run(1.2, False), "fp8": run(9.0, True)})
+    assert not ok
+    lines = table.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("  - skipped step 21 (norm spike:")))
+    assert lines[at + 1] == "    - bf16 at step 21: loss 5, mean 5 +- 0, z 0.0; norm 1.2, mean 1 +- 0.1, z 2.0"
+    assert bench.same_step_note("bf16", run(1.2, False)[-1], 99) is None  # a step the run did not take
+
+
 class StrictCasts:
     """The reference backend, except that a cast told its amax is known (its producer merged it,
     fp8 fuse_amax) checks that it is: exactly max |inp|. Counts the casts it checked."""
