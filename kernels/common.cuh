@@ -6,6 +6,7 @@
 // widest access a thread can issue: memory-bound kernels should read and write through it.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 // NVRTC compiles without the host math headers: define what kernels use from them
 #ifndef INFINITY
@@ -31,6 +32,30 @@ struct alignas(16) Packed128 {
 };
 typedef Packed128<floatX> x128;
 typedef Packed128<float> f128;
+
+// 8 floats to 8 fp8 bytes (element j in byte j), saturating (past the format's largest finite
+// value x clips to it), the bytes __nv_cvt_float_to_fp8 gives each: converted in pairs, one F2FP
+// instruction for two elements where the one-element form takes one each (conversions issue at
+// a quarter of the FP32 rate: fp8.cu's fused GELU cast ran 32 of them a thread beside 64 SFU ops)
+template <__nv_fp8_interpretation_t FORMAT>
+__device__ __forceinline__ uint2 to_fp8x8(const float (&f)[8]) {
+    union { __nv_fp8x2_storage_t pair[4]; uint2 packed; } y;
+#pragma unroll
+    for (int k = 0; k < 4; k++)  // the pair's first element lands in its low byte
+        y.pair[k] = __nv_cvt_float2_to_fp8x2(make_float2(f[2 * k], f[2 * k + 1]), __NV_SATFINITE, FORMAT);
+    return y.packed;
+}
+
+// 8 floats rounded to bf16, the bits of __float2bfloat16_rn on each, in pairs: one F2FP
+// instruction converts two where __float2bfloat16_rn's F2F converts one (conversions issue at a
+// quarter of the FP32 rate, a limit for the elementwise kernels that also run an exp)
+__device__ __forceinline__ x128 to_bf16x8(const float (&f)[8]) {
+    x128 out;
+    __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int k = 0; k < 4; k++) pairs[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+    return out;
+}
 
 // 16-byte load through the read-only cache path / plain store; p must be 16-byte aligned
 template <class T>

@@ -73,6 +73,7 @@ __device__ __forceinline__ __nv_fp8_storage_t to_fp8(float x) {
     return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, FORMAT);
 }
 
+
 // out, inp: n elements, 16-byte aligned; 8 per 16-byte bf16 load and 8-byte fp8 store,
 // grid-stride, FP8_UNROLL loads in flight per thread before the first is used (a weight of a
 // few MB is otherwise a chain of dependent round trips: 25 us for 15 MB). CAST=false: quantize
@@ -95,14 +96,14 @@ __device__ void quantize(__nv_fp8_storage_t* out, float* amax, const floatX* inp
         for (int u = 0; u < FP8_UNROLL; u++) {
             const long long k = k0 + u * stride;
             if (k >= n8) break;
-            union { __nv_fp8_storage_t q[8]; uint2 packed; } y;
+            float scaled[8];
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 const float v = __bfloat162float(x[u][j]);
                 local = max(local, abs_bits(v));
-                y.q[j] = to_fp8<FORMAT>(v * scale);
+                scaled[j] = v * scale;
             }
-            if (out != nullptr) *reinterpret_cast<uint2*>(out + k * 8) = y.packed;
+            if (out != nullptr) *reinterpret_cast<uint2*>(out + k * 8) = to_fp8x8<FORMAT>(scaled);
         }
     }
     // the n % 8 elements past the last vector: the grid's first threads
@@ -268,20 +269,20 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __n
         const int dr = v / VECS_PER_ROW, dc = (v % VECS_PER_ROW) * VEC;
         const int r = r0 + dr, c = c0 + dc;
         if (r < R && c < C) {
-            union { __nv_fp8_storage_t q[VEC]; uint2 packed; } y;
+            float f[VEC];
+#pragma unroll
+            for (int j = 0; j < VEC; j++) f[j] = __bfloat162float(x[u][j]);
+            if constexpr (GELU) gelu_backward_values8(f, h[u]);  // f becomes gelu'(pre) * f, in bf16
 #pragma unroll
             for (int j = 0; j < VEC; j++) {
-                float f = __bfloat162float(x[u][j]);
-                if constexpr (GELU) {
-                    f = __bfloat162float(gelu_backward_value(__bfloat162float(h[u][j]), f));
-                    colsum[j] += f;
-                }
-                local = max(local, abs_bits(f));
-                y.q[j] = to_fp8<FORMAT>(f * scale);
+                if constexpr (GELU) colsum[j] += f[j];
+                local = max(local, abs_bits(f[j]));
+                f[j] *= scale;
             }
-            *reinterpret_cast<uint2*>(out + (long long)r * C + c) = y.packed;
-            tile[dr][dc / 4] = y.packed.x;
-            tile[dr][dc / 4 + 1] = y.packed.y;
+            const uint2 y = to_fp8x8<FORMAT>(f);
+            *reinterpret_cast<uint2*>(out + (long long)r * C + c) = y;
+            tile[dr][dc / 4] = y.x;
+            tile[dr][dc / 4 + 1] = y.y;
         }
     }
     __syncthreads();

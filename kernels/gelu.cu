@@ -25,14 +25,14 @@ extern "C" __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, l
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n8) return;
     const x128 x = load128(inp + i * 8);
-    x128 o;
+    float o[8];
 #pragma unroll
     for (int j = 0; j < 8; j++) {
         const float v = __bfloat162float(x[j]);
         const float u = fmaxf(GELU_SCALE * (v + GELU_CUBIC * v * v * v), -40.0f);
-        o[j] = __float2bfloat16_rn(__fdividef(v, 1.0f + __expf(-2.0f * u)));
+        o[j] = __fdividef(v, 1.0f + exp_minus_2u(u));
     }
-    store128(out + i * 8, o);
+    store128(out + i * 8, to_bf16x8(o));
 }
 
 // gelu'(x) through sigmoid(2u): see gelu.cuh (shared with fp8.cu's fused cast)
@@ -41,14 +41,14 @@ __device__ __forceinline__ unsigned int gelu_backward8(floatX* dinp, const float
                                                        long long i8) {
     const x128 x = load128(inp + i8 * 8);
     const x128 g = load128(dout + i8 * 8);
-    x128 o;
+    float o[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j] = __bfloat162float(g[j]);
+    gelu_backward_values8(o, x);  // o becomes gelu'(x) * g, rounded to bf16
     unsigned int local = 0u;
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        o[j] = gelu_backward_value(__bfloat162float(x[j]), __bfloat162float(g[j]));
-        local = max(local, abs_bits(__bfloat162float(o[j])));
-    }
-    store128(dinp + i8 * 8, o);
+    for (int j = 0; j < 8; j++) local = max(local, abs_bits(o[j]));
+    store128(dinp + i8 * 8, to_bf16x8(o));  // exact: o holds bf16 values
     return local;
 }
 

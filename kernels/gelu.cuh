@@ -19,12 +19,41 @@
 #error "GELU_CUBIC comes from backends/reference.py (compiled in as -DGELU_CUBIC=...)"
 #endif
 
-// gelu'(v) * g, rounded once to bf16: the value gelu_backward writes
-__device__ __forceinline__ floatX gelu_backward_value(float v, float g) {
+// exp(-2u) as __expf(-2.0f * u) computes it, (-2u) log2(e) through the SFU's 2^x, without the
+// range fix-up __expf adds for results under 2^-126 (a compare and two multiplies an element):
+// ex2.approx.ftz returns 0 there, and neither GELU form can tell 0 from such an e (1 + e and
+// 1 + 2 x e sg s (..) are 1 in fp32 either way). u (-2 log2 e) is bitwise (-2u) log2 e: -2 is a
+// power of two, so folding it into the constant changes no rounding.
+__device__ __forceinline__ float exp_minus_2u(float u) {
+    float e;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(u * (-2.0f * 1.4426950408889634f)));
+    return e;
+}
+
+// gelu'(v) * g in fp32, before its rounding to bf16
+__device__ __forceinline__ float gelu_backward_product(float v, float g) {
     const float u = fmaxf(GELU_SCALE * (v + GELU_CUBIC * v * v * v), -40.0f);
-    const float e = __expf(-2.0f * u);
+    const float e = exp_minus_2u(u);
     const float sg = __fdividef(1.0f, 1.0f + e);  // 1 + e < 2^126, where __fdividef is exact enough
     const float dinner = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * v * v);
     const float grad = sg * (1.0f + 2.0f * v * (e * sg) * dinner);
-    return __float2bfloat16_rn(grad * g);
+    return grad * g;
+}
+
+// gelu'(v) * g, rounded once to bf16: the value gelu_backward writes
+__device__ __forceinline__ floatX gelu_backward_value(float v, float g) {
+    return __float2bfloat16_rn(gelu_backward_product(v, g));
+}
+
+// The same for 8 elements in place: g[j] becomes gelu_backward_value(pre[j], g[j]) as a float.
+// Rounded to bf16 in pairs (__floats2bfloat162_rn: one F2FP for two, where __float2bfloat16_rn
+// is one F2F each; conversions issue at a quarter of the FP32 rate), the same bits.
+__device__ __forceinline__ void gelu_backward_values8(float (&g)[8], const x128& pre) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const __nv_bfloat162 pair = __floats2bfloat162_rn(gelu_backward_product(__bfloat162float(pre[2 * k]), g[2 * k]),
+                                                          gelu_backward_product(__bfloat162float(pre[2 * k + 1]), g[2 * k + 1]));
+        g[2 * k] = __low2float(pair);
+        g[2 * k + 1] = __high2float(pair);
+    }
 }
