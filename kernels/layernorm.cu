@@ -117,16 +117,22 @@ __device__ __forceinline__ void normalize_row(x128 (&x)[CH], floatX* out_row,
         if (!chunk_on(k, lane, C)) continue;
         const int c = (k * 32 + lane) * 8;
         const x128 w = load128(weight + c), b = load128(bias + c);
-        x128 o;
-        union { __nv_fp8_storage_t q[8]; uint2 packed; } o8;
+        float y[8];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const float n = __fmul_rn(__fsub_rn(__bfloat162float(x[k][j]), mean), rstd);
-            o[j] = __float2bfloat16_rn(__fmaf_rn(n, __bfloat162float(w[j]), __bfloat162float(b[j])));
-            if (AMAX) local = max(local, abs_bits(__bfloat162float(o[j])));
-            if (OUT8) o8.q[j] = __nv_cvt_float_to_fp8(__fmul_rn(__bfloat162float(o[j]), scale), __NV_SATFINITE, __NV_E4M3);
+            y[j] = __fmaf_rn(n, __bfloat162float(w[j]), __bfloat162float(b[j]));
         }
-        if (OUT8) *reinterpret_cast<uint2*>(out8_row + c) = o8.packed;
+        const x128 o = to_bf16x8(y);  // the output as stored; amax and the fp8 twin read it back
+        if (AMAX || OUT8) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                y[j] = __bfloat162float(o[j]);
+                if (AMAX) local = max(local, abs_bits(y[j]));
+                y[j] = __fmul_rn(y[j], scale);
+            }
+        }
+        if (OUT8) *reinterpret_cast<uint2*>(out8_row + c) = to_fp8x8<__NV_E4M3>(y);
         else store128(out_row + c, o);
     }
     if (AMAX) merge_amax(amax, local);
