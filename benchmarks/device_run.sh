@@ -18,10 +18,11 @@
 #                                 recipe (fp8 weight gradients, delayed scaling, the fused GELU cast), --accum 4)
 #   STAGE=gelu8                   benchmarks/device_run.sh        (fp8 GPU tests, then 1558M B=16 fp8 with fc's
 #                                 GELU output cast apart and written in fp8 by its matmul, alternated, and a profile)
-#   STAGE=fp8switches             benchmarks/device_run.sh        (fp8 GPU tests, then 1558M B=16 fp8: the recipe,
-#                                 with the layernorms writing their fp8 casts, with delayed weight scales, with
-#                                 both, alternated twice, and a profile of both; loss: STAGE=fp8parity
-#                                 PARITY_ARGS="--set deterministic=true --variant both=fp8=true,fp8_layernorm_cast=true,fp8_delayed_weights=true")
+#   STAGE=fp8switches             benchmarks/device_run.sh        (fp8 GPU tests, then 1558M B=16 fp8 with neither
+#                                 of the layernorms writing their fp8 casts and delayed weight scales, either, both
+#                                 (the default), alternated twice, and a profile of both; the loss without them:
+#                                 STAGE=fp8parity PARITY_ARGS="--set deterministic=true --variant
+#                                 neither=fp8=true,fp8_layernorm_cast=false,fp8_delayed_weights=false")
 #   STAGE=fp8parity               benchmarks/device_run.sh        (val loss, fp8 against bf16, 124M and 350M;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/; more runs beside:
 #                                 PARITY_ARGS="--set deterministic=true --variant current=fp8=true,fp8_scaling=current")
@@ -90,11 +91,11 @@ if [ "$STAGE" = gelu8 ]; then  # fc's GELU output in fp8 from its matmul: its GP
   python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 10 --fp8 --profile 2>&1 \
     | tee "$OUT/gelu8_profile.log" | grep -v '^\s*$' | grep -v Warning | head -40
 fi
-if [ "$STAGE" = fp8switches ]; then  # the fp8 switches not yet on by default: GPU tests, 1558M B=16 alternated
+if [ "$STAGE" = fp8switches ]; then  # the layernorm casts and delayed weight scales: GPU tests, 1558M B=16 alternated
   python3 -m pytest -q -m gpu -p no:cacheprovider $FP8_TESTS 2>&1 | tee "$OUT/fp8switches_tests.log" | tail -15
   for round in 1 2; do
-    for args in "--fp8" "--fp8 --fp8-layernorm-cast" "--fp8 --fp8-delayed-weights" \
-        "--fp8 --fp8-layernorm-cast --fp8-delayed-weights"; do
+    for args in "--fp8 --no-fp8-layernorm-cast --no-fp8-delayed-weights" "--fp8 --no-fp8-delayed-weights" \
+        "--fp8 --no-fp8-layernorm-cast" "--fp8 --fp8-layernorm-cast --fp8-delayed-weights"; do
       python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 20 $args ${BENCH_ARGS:-} 2>&1 \
         | grep -v Warn | tee -a "$OUT/fp8switches_bench.log" | grep "ms/step"
     done

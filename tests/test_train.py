@@ -67,9 +67,9 @@ def test_tiny_model_learns_shakespeare(tmp_path, shards):
 
 @pytest.mark.parametrize("precision", [[], ["fp8=true", "fp8_scaling=current", "fp8_weight_gradients=false"],
                                        ["fp8=true", "fp8_scaling=current"], ["fp8=true", "fp8_amax_history=4"],
-                                       ["fp8=true", "fp8_amax_history=4", "fp8_layernorm_cast=true",
-                                        "fp8_delayed_weights=true"]],
-                         ids=["dtype", "fp8_current", "fp8_current_wgrad", "fp8", "fp8_switches"])
+                                       ["fp8=true", "fp8_amax_history=4", "fp8_layernorm_cast=false",
+                                        "fp8_delayed_weights=false"]],
+                         ids=["dtype", "fp8_current", "fp8_current_wgrad", "fp8", "fp8_switches_off"])
 def test_resume_is_bitwise_identical(tmp_path, shards, precision):
     """Also with fp8=true: current scaling keeps no state besides the weights, so a resumed run
     recomputes the same scales; delayed scaling's amax histories go to the checkpoint."""
@@ -448,9 +448,9 @@ def test_fp8_summary_names_the_recipe_and_says_nothing_without_fp8():
         ", fp8 block matmuls: bf16 weight gradients, current scaling"
     assert fp8_summary(load_config(["fp8=true", "fp8_fuse_gelu=false"])) == \
         ", fp8 block matmuls: fp8 weight gradients, delayed scaling, fc's gradient cast apart from the GELU derivative"
-    assert fp8_summary(load_config(["fp8=true", "fp8_layernorm_cast=true", "fp8_delayed_weights=true"])) == \
-        ", fp8 block matmuls: fp8 weight gradients, delayed scaling, ln1 and ln2 writing their fp8 casts, " \
-        "delayed weight scales"
+    assert fp8_summary(load_config(["fp8=true", "fp8_layernorm_cast=false", "fp8_delayed_weights=false"])) == \
+        ", fp8 block matmuls: fp8 weight gradients, delayed scaling, ln1 and ln2 outputs cast apart, " \
+        "weights cast by current scaling"
     # where the fusion cannot act, turning it off changes nothing to name
     assert fp8_summary(load_config(["fp8=true", "fp8_fuse_gelu=false", "fp8_scaling=current"])) == \
         ", fp8 block matmuls: fp8 weight gradients, current scaling"

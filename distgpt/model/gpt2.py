@@ -24,8 +24,8 @@ class GPT2:
     def __init__(self, model_cfg, backend, B, T, dtype=torch.float32, device="cpu", recompute=0,
                  pad_multiple=1, classifier_chunk_rows=CLASSIFIER_CHUNK_ROWS, fp8=False, fp8_gradients="e4m3",
                  recompute_layers=-1, fp8_weight_gradients=False, fp8_scaling="current", fp8_amax_history=16,
-                 fp8_margin=0, fp8_fuse_gelu=True, fp8_gelu_in_matmul=True, fp8_layernorm_cast=False,
-                 fp8_delayed_weights=False):
+                 fp8_margin=0, fp8_fuse_gelu=True, fp8_gelu_in_matmul=True, fp8_layernorm_cast=True,
+                 fp8_delayed_weights=True):
         m = model_cfg
         self.cfg, self.ops = m, backend
         # fp8 weight gradients read the blocks' inputs from fp8 copies kept by the forward: the
