@@ -161,6 +161,7 @@ def test_fp8_parity_benchmark_smoke(tmp_path, capsys, monkeypatch):
         assert abs(float(e5m2) - float(bf16)) <= 0.01 * float(bf16)
         assert (e5m2 == fp8) == (step == "| 0")  # the gradients' format shows once a step was taken
     assert "- fp8: largest gap" in out and out.strip().endswith("PASS")
+    assert "- fp8: past 1% and past bf16_again's own gap at steps none" in out
 
 
 def test_fp8_parity_benchmark_compares_once_per_seed(tmp_path, capsys, monkeypatch):
@@ -195,6 +196,18 @@ def test_fp8_parity_notes_how_far_a_skipped_step_was_out(monkeypatch):
     assert note.startswith("step 21 (loss spike: loss 5.5, mean 5.005 +- 0.0999, z 5.0;")
     assert "norm 9, mean 1 +- 0, z inf)" in note
     assert bench.skip_note(steps, 10).startswith("step 11 (norm spike: loss 4.9, mean 5 +- 0.1, z -1.0;")
+
+
+def test_fp8_parity_names_the_gaps_past_bf16s_own_spread(monkeypatch):
+    """--noise: the evaluations where fp8's gap passes 1% and also the second bf16 run's gap at
+    that step; a gap past 1% within bf16's own spread is not named, nor one under 1%."""
+    bench = load_parity_script(monkeypatch)
+    run = lambda val: (val, [], [], 1000.0)
+    runs = {"bf16": run({0: 10.0, 50: 5.0, 100: 5.0, 150: 5.0}),
+            "fp8": run({0: 10.0, 50: 5.1, 100: 5.1, 150: 5.04}),  # +2%, +2%, +0.8%
+            "bf16_again": run({0: 10.0, 50: 5.05, 100: 4.85, 150: 5.0})}  # +1%, -3%, 0
+    table, ok = bench.report("tiny", runs)
+    assert not ok and "- fp8: past 1% and past bf16_again's own gap at steps [50]" in table.splitlines()
 
 
 def test_fp8_parity_shows_a_skipped_step_in_the_other_runs(monkeypatch):
