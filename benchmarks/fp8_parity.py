@@ -104,7 +104,7 @@ def report(model, runs):
         lines.append(f"- {name}: {gap}skipped steps {skips or 'none'}, non-finite steps {bad or 'none'}, "
                      f"median {tok:,.0f} tok/s ({tok / base_tok:.3f}x {base_name})")
         notes = rest[0] if rest else []  # a mean over seeds has no per-step notes
-        for step, note in zip(skips if notes else [], notes):
+        for step, note in zip(skips, notes):
             lines.append(f"  - skipped {note}")
             lines += [f"    - {same}" for other, (*_, rows) in runs.items() if other != name
                       for same in [same_step_note(other, rows, step)] if same]

@@ -73,7 +73,6 @@ __device__ __forceinline__ __nv_fp8_storage_t to_fp8(float x) {
     return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, FORMAT);
 }
 
-
 // out, inp: n elements, 16-byte aligned; 8 per 16-byte bf16 load and 8-byte fp8 store,
 // grid-stride, FP8_UNROLL loads in flight per thread before the first is used (a weight of a
 // few MB is otherwise a chain of dependent round trips: 25 us for 15 MB). CAST=false: quantize
@@ -269,12 +268,12 @@ __device__ void quantize_transpose_vec(__nv_fp8_storage_t* __restrict__ out, __n
         const int dr = v / VECS_PER_ROW, dc = (v % VECS_PER_ROW) * VEC;
         const int r = r0 + dr, c = c0 + dc;
         if (r < R && c < C) {
+            x128 v = x[u];
+            if constexpr (GELU) v = gelu_backward_x128(h[u], x[u]);  // gelu'(pre) * inp, in bf16
             float f[VEC];
 #pragma unroll
-            for (int j = 0; j < VEC; j++) f[j] = __bfloat162float(x[u][j]);
-            if constexpr (GELU) gelu_backward_values8(f, h[u]);  // f becomes gelu'(pre) * f, in bf16
-#pragma unroll
             for (int j = 0; j < VEC; j++) {
+                f[j] = __bfloat162float(v[j]);
                 if constexpr (GELU) colsum[j] += f[j];
                 local = max(local, abs_bits(f[j]));
                 f[j] *= scale;

@@ -41,14 +41,11 @@ __device__ __forceinline__ unsigned int gelu_backward8(floatX* dinp, const float
                                                        long long i8) {
     const x128 x = load128(inp + i8 * 8);
     const x128 g = load128(dout + i8 * 8);
-    float o[8];
-#pragma unroll
-    for (int j = 0; j < 8; j++) o[j] = __bfloat162float(g[j]);
-    gelu_backward_values8(o, x);  // o becomes gelu'(x) * g, rounded to bf16
+    const x128 o = gelu_backward_x128(x, g);
     unsigned int local = 0u;
 #pragma unroll
-    for (int j = 0; j < 8; j++) local = max(local, abs_bits(o[j]));
-    store128(dinp + i8 * 8, to_bf16x8(o));  // exact: o holds bf16 values
+    for (int j = 0; j < 8; j++) local = max(local, abs_bits(__bfloat162float(o[j])));
+    store128(dinp + i8 * 8, o);
     return local;
 }
 

@@ -40,20 +40,11 @@ __device__ __forceinline__ float gelu_backward_product(float v, float g) {
     return grad * g;
 }
 
-// gelu'(v) * g, rounded once to bf16: the value gelu_backward writes
-__device__ __forceinline__ floatX gelu_backward_value(float v, float g) {
-    return __float2bfloat16_rn(gelu_backward_product(v, g));
-}
-
-// The same for 8 elements in place: g[j] becomes gelu_backward_value(pre[j], g[j]) as a float.
-// Rounded to bf16 in pairs (__floats2bfloat162_rn: one F2FP for two, where __float2bfloat16_rn
-// is one F2F each; conversions issue at a quarter of the FP32 rate), the same bits.
-__device__ __forceinline__ void gelu_backward_values8(float (&g)[8], const x128& pre) {
+// gelu'(pre) * g for 8 elements, each rounded once to bf16: the values gelu_backward writes
+// (to_bf16x8 rounds them in pairs)
+__device__ __forceinline__ x128 gelu_backward_x128(const x128& pre, const x128& g) {
+    float d[8];
 #pragma unroll
-    for (int k = 0; k < 4; k++) {
-        const __nv_bfloat162 pair = __floats2bfloat162_rn(gelu_backward_product(__bfloat162float(pre[2 * k]), g[2 * k]),
-                                                          gelu_backward_product(__bfloat162float(pre[2 * k + 1]), g[2 * k + 1]));
-        g[2 * k] = __low2float(pair);
-        g[2 * k + 1] = __high2float(pair);
-    }
+    for (int j = 0; j < 8; j++) d[j] = gelu_backward_product(__bfloat162float(pre[j]), __bfloat162float(g[j]));
+    return to_bf16x8(d);
 }
