@@ -7,13 +7,14 @@ each of the candidates the plan keeps (matmul.CANDIDATES) back to back. The tabl
 first answer's time, the best one's and what the step would save with the best (times the calls
 per step).
 
-    python3 benchmarks/matmul_algo_probe.py [--models gpt2_124m:64 gpt2_1558m:16]
+    python3 benchmarks/matmul_algo_probe.py [--models gpt2_124m:64 gpt2_1558m:16] [--candidates 32]
 """
 import argparse
 import math
 
 import torch
 
+from distgpt.backends.cuda import matmul
 from distgpt.backends.cuda.bias import BiasGradients
 from distgpt.backends.cuda.matmul import Matmuls, _agrees
 from distgpt.backends.cuda.runtime import median_ms
@@ -103,7 +104,10 @@ def run_model(model, B):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["gpt2_124m:64", "gpt2_1558m:16"], help="model:B")
+    p.add_argument("--candidates", type=int, default=matmul.CANDIDATES,
+                   help="the heuristic's answers each plan keeps and times (matmul.CANDIDATES)")
     a = p.parse_args()
+    matmul.CANDIDATES = a.candidates
     print("| model | product | calls/step | answers | first us | best agreeing us (rank) | best TFLOP/s | gain "
           "| ms/step saved |")
     print("|---|---|---|---|---|---|---|---|---|")

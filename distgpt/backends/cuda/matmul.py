@@ -68,7 +68,9 @@ MAX_ALIGN = 256
 DGELU_FORMS = ("auto", "fused", "split")
 SPLIT_MARGIN = 0.95  # the split form must time under 95% of the epilogue's to be chosen
 TIMING_REPEATS = 5
-CANDIDATES = 8  # the heuristic's answers a plan keeps, to time when tuning
+CANDIDATES = 8  # the heuristic's answers a plan keeps, to time when tuning; asked for 32, it gave
+#                at most 8 at every product of 124M, 350M and 1558M (H100, 2026-12-05,
+#                benchmarks/matmul_algo_probe.py --candidates 32), so more would time nothing new
 TUNE_MARGIN = 0.98  # another answer replaces the first only when it times under 98% of it
 TUNE_REPEATS = 10
 VALIDATE_ELEMENTS = 1 << 22  # the elements of a candidate's result compared with the first answer's
@@ -115,13 +117,14 @@ class _Plan:
     """One cuBLASLt problem: descriptor, the four layouts and the chosen algorithm."""
 
     def __init__(self, lt, handle, workspace_bytes, key, pointers, attributes=(), types=(CUDA_R_16BF, CUDA_R_16BF),
-                 candidates=CANDIDATES):
+                 candidates=None):
         """attributes: further (MatmulDescAttribute, numpy scalar) pairs set before the heuristic;
         types: the data types of A and B (bf16, or fp8 with their scale pointers set), and of D
         when a third is given (bf16 otherwise; C stays bf16: an fp8 D takes a bf16 C in cuBLASLt's
         table of fp8 products); candidates: how many of the heuristic's answers to keep (the first
         is the default algorithm)."""
         (epilogue, transa, transb, m, n, k, lda, ldb, ldd, aux_ld, aligns) = key
+        candidates = CANDIDATES if candidates is None else candidates  # read at plan time (probes change it)
         self.lt = lt
         self._pointer = np.zeros(1, dtype=np.uint64)
         A = lt.MatmulDescAttribute

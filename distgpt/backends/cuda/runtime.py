@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+SMEM_WITHOUT_OPT_IN = 48 * 1024  # shared memory (static + dynamic) a block may use without opting in
 DEBUG = os.environ.get("DISTGPT_CUDA_DEBUG", "0") not in ("", "0")
 
 
@@ -65,6 +66,7 @@ class KernelModule:
         self.constants = constants
         self._defines = tuple(sorted(constants.items()))
         self._functions = {}
+        self._dynamic_smem = {}  # function -> the dynamic shared memory it has been opted in to
 
     def compiler_flags(self):
         return [f"-D{key}={value}" for key, value in self._defines]
@@ -75,11 +77,22 @@ class KernelModule:
             fn = self._functions[name] = _compiled(self.name, self._defines).get_function(name)
         return fn
 
+    def _opt_in_shared_memory(self, function, fn, shared_mem):
+        """Past 48 KiB a block, its static and dynamic shared memory together, a launch needs the
+        function's opt-in to that much dynamic memory (without it: CUDA_ERROR_INVALID_VALUE). The
+        static part counts: the layernorm backward's 48 KiB of staged rows at C = 1024 plus its
+        static row sums failed on an H100 while the dynamic part alone looked allowed. Set once
+        per function and size, not at every launch."""
+        if shared_mem <= self._dynamic_smem.get(function, 0):
+            return
+        if shared_mem + fn.shared_size_bytes > SMEM_WITHOUT_OPT_IN:
+            fn.max_dynamic_shared_size_bytes = shared_mem
+        self._dynamic_smem[function] = shared_mem
+
     def launch(self, function, grid, block, args, shared_mem=0):
         """Launch kernels/<name>.cu:<function> on torch's current stream."""
         fn = self.function(function)
-        if shared_mem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = shared_mem
+        self._opt_in_shared_memory(function, fn, shared_mem)
         stream = _stream(torch.cuda.current_stream().cuda_stream)
         grid = grid if isinstance(grid, tuple) else (grid,)
         block = block if isinstance(block, tuple) else (block,)
