@@ -6,6 +6,9 @@
 #   STAGE=scaling GPUS="1 2 4"    benchmarks/device_run.sh gpt2_124m:64:2 gpt2_1558m:16:2   (mpirun, NCCL)
 #   STAGE=drill                   benchmarks/device_run.sh        (kill/hang/resume + socket transport, 2 GPUs)
 #   STAGE=profile [TRACE=1]       benchmarks/device_run.sh gpt2_124m:64:2 gpt2_1558m:16:2   (kernel time per step)
+#   STAGE=llmc LLMC=PATH          benchmarks/device_run.sh gpt2_124m:8 gpt2_124m:64 gpt2_1558m:16:2:20   (llm.c's
+#                                 train_gpt2cu, built on this machine and carried in an ignored folder, beside
+#                                 distgpt: benchmarks/vs_llmc.py)
 #   STAGE=shuffle [TEXT=...]      benchmarks/device_run.sh        (val loss, shuffled vs file order;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/)
 #   STAGE=launch                  benchmarks/device_run.sh        (2 GPUs: rendezvous launch = mpirun, bitwise)
@@ -61,6 +64,10 @@ if [ "$STAGE" = profile ] && [ $# -gt 0 ]; then
         --recompute-layers "${layers:--1}" --profile \
         "${trace[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/profile_${model}_${batch}.log"
   done
+fi
+if [ "$STAGE" = llmc ] && [ $# -gt 0 ]; then
+  python3 benchmarks/vs_llmc.py --llmc "${LLMC:?STAGE=llmc needs LLMC=path/to/train_gpt2cu}" "$@" --logs "$OUT" \
+      2>&1 | grep -v -i warn | tee "$OUT/vs_llmc.log"
 fi
 FP8_TESTS="tests/test_cuda_fp8.py tests/test_cuda_model.py tests/test_cuda_matmul.py tests/test_cuda_layers.py::test_gelu"
 if [ "$STAGE" = fp8 ]; then

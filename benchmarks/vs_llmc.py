@@ -122,6 +122,15 @@ def table_row(model, batch, ours, llmc_ms, llmc_gb):
             f"{f'{llmc_gb:.1f}' if llmc_gb else ''} | {speedup} |")
 
 
+def parse_config(item):
+    """model:batch[:recompute[:layers]] -> (model, batch, recompute, layers or "")."""
+    parts = item.split(":")
+    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts[1:]):
+        fail(f"{item!r}: write model:batch[:recompute[:layers]], e.g. gpt2_1558m:16:2:20")
+    model, batch, *rest = parts
+    return model, batch, (rest[0] if rest else "0"), (rest[1] if len(rest) > 1 else "")
+
+
 def fail(message):
     print(f"vs_llmc: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -144,16 +153,15 @@ def main():
         if not sep:
             fail(f"--llmc-args {item!r}: write MODEL=ARGS, e.g. gpt2_124m='-r 0 -ge 2'")
         llmc_args[model] = args
-    for item in a.configs:  # every preset known before the first run, not after an hour of them
-        preset_layers(item.split(":")[0])
+    configs = [parse_config(item) for item in a.configs]
+    for model, *_ in configs:  # every preset known before the first run, not after an hour of them
+        preset_layers(model)
     work = Path(tempfile.mkdtemp(prefix="vs-llmc-"))
     logs = a.logs or work
     logs.mkdir(parents=True, exist_ok=True)
     prepare_tokens(work / "data")
     rows = []
-    for item in a.configs:
-        model, batch, *rest = item.split(":")
-        recompute, layers = (rest[0] if rest else "0"), (rest[1] if len(rest) > 1 else "")
+    for model, batch, recompute, layers in configs:
         extra = llmc_args.get(model, "")
         ms, gb = run_llmc(llmc_command(a.llmc, work / "data", model, int(batch), a.steps, extra),
                           logs / f"llmc_{model}_{batch}.log")

@@ -46,9 +46,10 @@ def test_llmc_command_takes_the_preset_depth_and_batch(vs_llmc, model, depth):
     assert flags["-x"] == str(30 + vs_llmc.WARMUP_STEPS) and flags["-r"] == "0"
 
 
-def test_missing_binary_or_unknown_preset_is_one_line_exit_2(tmp_path):
+def test_missing_binary_unknown_preset_or_bad_config_is_one_line_exit_2(tmp_path):
     for args in (["--llmc", str(tmp_path / "train_gpt2cu"), "gpt2_124m:8"],
-                 ["--llmc", sys.executable, "gpt2_9000m:8"]):
+                 ["--llmc", sys.executable, "gpt2_9000m:8"], ["--llmc", sys.executable, "gpt2_124m"],
+                 ["--llmc", sys.executable, "gpt2_124m:8:x"]):
         proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("vs_llmc: ")
