@@ -55,8 +55,8 @@ def main():
         for r in (ours, base) + ((fp8,) if a.fp8_too else ()):
             if r:
                 print(json.dumps(r), flush=True)
-    print("\n| model | B | impl | recompute | ms/step | tok/s | MFU | device GB | torch peak GB | speed ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | B | impl | recompute | ms/step | tok/s | MFU | device GB | torch peak GB | SM MHz | speed ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model, batch, ours, base in rows:
         for r in (ours, base):
             if r is None or (r is base and r["impl"] == "distgpt"):  # fp8 rows: base is the bf16 row above
@@ -65,7 +65,8 @@ def main():
             recompute = r["recompute"] if r.get("recompute_layers", -1) < 0 else \
                 f"{r['recompute']} in {r['recompute_layers']} layers"
             print(f"| {model} | {batch} | {r['impl']} | {recompute} | {1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | "
-                  f"{100 * r['mfu']:.1f}% | {r['device_used_gb']:.1f} | {r['torch_peak_gb']:.1f} | {ratio} |")
+                  f"{100 * r['mfu']:.1f}% | {r['device_used_gb']:.1f} | {r['torch_peak_gb']:.1f} | "
+                  f"{format(r['sm_clock_mhz'], '.0f') if r.get('sm_clock_mhz') else ''} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from distgpt.config import FP8_SWITCHES, Config, fp8_switch_notes, load_config
+from distgpt.gpu_clock import GpuClocks, format_clocks
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
 
@@ -96,6 +97,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     # step too), so the host's work between steps does not idle the GPU; each step's time is
     # its own start and end events'
     times, losses = [], []
+    clocks = GpuClocks(dist.device)  # the SM clock the timed steps ran at: cards of one kind differ
     host_loss = [torch.zeros((), dtype=torch.float32).pin_memory() for _ in range(2)]
     in_flight = deque()
 
@@ -105,6 +107,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
         losses.append(host_loss[slot].item() / accum)
         if i >= warmup:
             times.append(start.elapsed_time(end) / 1000)
+            clocks.sample()  # the next step is running meanwhile
 
     for i in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -154,7 +157,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
             "reduce_s": max(r["reduce_s"] for r in ranks), "gather_s": max(r["gather_s"] for r in ranks),
             "local_step_s": max(r["local_s"] for r in ranks),
             "rank_step_s": [statistics.median(r["times"]) for r in ranks],
-            "first_loss": losses[0], "last_loss": losses[-1], "is_main": dist.is_main, **extra}
+            "first_loss": losses[0], "last_loss": losses[-1], "is_main": dist.is_main, **clocks.summary(), **extra}
 
 
 def time_collectives(model, dp, dist, repeats=10):
@@ -297,7 +300,8 @@ def main(argv=None):
                 if r["world"] > 1 else "")
         print(f"{r['model']}{fp8_label(r)} {r['world']} GPU(s) B={r['B']} T={r['T']} accum={r['accum']}: "
               f"{r['step_s'] * 1000:.1f} ms/step, {r['tok_s']:,.0f} tok/s{per_gpu}, MFU {100 * r['mfu']:.1f}%, "
-              f"device memory {r['device_used_gb']:.1f} GB/GPU (torch peak {r['torch_peak_gb']:.1f} GB){comm}, "
+              f"device memory {r['device_used_gb']:.1f} GB/GPU (torch peak {r['torch_peak_gb']:.1f} GB)"
+              f"{format_clocks(r)}{comm}, "
               f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}", flush=True)
         if "profile" in r:
             from distgpt.profile import format_profile
