@@ -159,7 +159,14 @@ def test_fp8_parity_benchmark_smoke(tmp_path, capsys, monkeypatch):
     for step, bf16, fp8, gap, again, noise, e5m2, gap_e5m2 in rows:
         assert abs(float(fp8) - float(bf16)) <= 0.01 * float(bf16) and again == bf16 and noise == "+0.00%"
         assert abs(float(e5m2) - float(bf16)) <= 0.01 * float(bf16)
-        assert (e5m2 == fp8) == (step == "| 0")  # the gradients' format shows once a step was taken
+        # the gradients' format shows once a step was taken. Before it the two runs compute the
+        # same function, but in two processes: the CPU's matmuls may round the last bit by how
+        # their buffers happen to align, and an fp8 cast of a value on a rounding boundary turns
+        # that into up to about 1e-4 of loss (seen in CI: 10.7585 against 10.7586): not string-equal
+        if step == "| 0":
+            assert abs(float(e5m2) - float(fp8)) <= 2e-4
+        else:
+            assert e5m2 != fp8
     assert "- fp8: largest gap" in out and out.strip().endswith("PASS")
     assert "- fp8: past 1% and past bf16_again's own gap at steps none" in out
 
