@@ -28,6 +28,11 @@ def run(cmd):
     return summarize(json.loads(lines[-1]))
 
 
+def recompute_label(r):
+    """A result's recompute setting as the tables print it: '1', or '2 in 20 layers'."""
+    return r["recompute"] if r.get("recompute_layers", -1) < 0 else f"{r['recompute']} in {r['recompute_layers']} layers"
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("configs", nargs="+", help="model:batch[:recompute[:layers]], e.g. gpt2_124m:64:1")
@@ -62,9 +67,7 @@ def main():
             if r is None or (r is base and r["impl"] == "distgpt"):  # fp8 rows: base is the bf16 row above
                 continue
             ratio = f"{ours['tok_s'] / base['tok_s']:.3f}" if ours and base and r is ours else ""
-            recompute = r["recompute"] if r.get("recompute_layers", -1) < 0 else \
-                f"{r['recompute']} in {r['recompute_layers']} layers"
-            print(f"| {model} | {batch} | {r['impl']} | {recompute} | {1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | "
+            print(f"| {model} | {batch} | {r['impl']} | {recompute_label(r)} | {1000 * r['step_s']:.1f} | {r['tok_s']:,.0f} | "
                   f"{100 * r['mfu']:.1f}% | {r['device_used_gb']:.1f} | {r['torch_peak_gb']:.1f} | "
                   f"{format(r['sm_clock_mhz'], '.0f') if r.get('sm_clock_mhz') else ''} | {ratio} |")
 

@@ -27,8 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from distgpt.bench import summarize
 from distgpt.config import ConfigError, load_config
+from throughput import recompute_label, run  # beside this file
 
 STEP_LINE = re.compile(r"^step\s+(\d+)/\d+ \|.*\| ([0-9.]+) ms \|", re.MULTILINE)
 WARMUP_STEPS = 5  # llm.c steps left out of the median (its first includes cuBLAS/cuDNN set-up)
@@ -94,15 +94,9 @@ def run_llmc(cmd, log_path):
 
 
 def run_distgpt(model, batch, recompute, layers, steps):
-    cmd = [sys.executable, "-m", "distgpt", "bench", "--model", model, "--batch", batch, "--steps", str(steps),
-           "--recompute", recompute, *(["--recompute-layers", layers] if layers else []), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        print(f"distgpt FAILED ({' '.join(cmd)}):\n{tail}", file=sys.stderr)
-        return None
-    return summarize(json.loads(lines[-1]))
+    """distgpt bench at one shape, as throughput.py runs it (its summarized JSON, None on failure)."""
+    return run([sys.executable, "-m", "distgpt", "bench", "--model", model, "--batch", batch, "--steps", str(steps),
+                "--recompute", recompute, *(["--recompute-layers", layers] if layers else []), "--json"])
 
 
 def prepare_tokens(out_dir):
@@ -113,11 +107,9 @@ def prepare_tokens(out_dir):
 
 
 def table_row(model, batch, ours, llmc_ms, llmc_gb):
-    recompute = ours["recompute"] if ours.get("recompute_layers", -1) < 0 else \
-        f"{ours['recompute']} in {ours['recompute_layers']} layers"
     llmc = f"{llmc_ms:.1f} ({int(batch) * 1024 / llmc_ms * 1000:,.0f})" if llmc_ms else "failed"
     speedup = f"{llmc_ms / (1000 * ours['step_s']):.2f}x" if llmc_ms else ""
-    return (f"| {model} | {batch} | {recompute} | {1000 * ours['step_s']:.1f} ({ours['tok_s']:,.0f}) | "
+    return (f"| {model} | {batch} | {recompute_label(ours)} | {1000 * ours['step_s']:.1f} ({ours['tok_s']:,.0f}) | "
             f"{100 * ours['mfu']:.1f}% | {ours['device_used_gb']:.1f} | {llmc} | "
             f"{f'{llmc_gb:.1f}' if llmc_gb else ''} | {speedup} |")
 

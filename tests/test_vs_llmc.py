@@ -14,6 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_llmc.py"
 
 @pytest.fixture(scope="module")
 def vs_llmc():
+    if str(SCRIPT.parent) not in sys.path:  # it imports throughput.py from beside it, as a script does
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("vs_llmc", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
