@@ -26,6 +26,9 @@
 #                                 (the default), alternated twice, and a profile of both; the loss without them:
 #                                 STAGE=fp8parity PARITY_ARGS="--set deterministic=true --variant
 #                                 neither=fp8=true,fp8_layernorm_cast=false,fp8_delayed_weights=false")
+#   STAGE=dgelu                   benchmarks/device_run.sh gpt2_350m:32:1::2 gpt2_1558m:16:2:20   (the transposed
+#                                 dGELU form: matmul/model GPU tests, the layout probe, bench without/with it,
+#                                 model:batch:recompute:layers:rounds)
 #   STAGE=fp8parity               benchmarks/device_run.sh        (val loss, fp8 against bf16, 124M and 350M;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/; more runs beside:
 #                                 PARITY_ARGS="--set deterministic=true --variant current=fp8=true,fp8_scaling=current")
@@ -109,6 +112,22 @@ if [ "$STAGE" = fp8switches ]; then  # the layernorm casts and delayed weight sc
   done
   python3 -m distgpt bench --model gpt2_1558m --batch 16 --steps 10 --fp8 --fp8-layernorm-cast --fp8-delayed-weights \
       --profile 2>&1 | tee "$OUT/fp8switches_profile.log" | grep -v '^\s*$' | grep -v Warning | head -40
+fi
+if [ "$STAGE" = dgelu ]; then  # the transposed dGELU form: its GPU tests, the layout probe, then bench without and
+  # with it, alternated (ROUNDS times); "without" plans no transpose scratch, so "auto" has only the other two forms
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_matmul.py tests/test_cuda_model.py 2>&1 \
+      | tee "$OUT/dgelu_tests.log" | tail -5
+  python3 benchmarks/dgelu_layout_probe.py 2>&1 | grep -v -i warn | tee "$OUT/dgelu_probe.log"
+  for item in "$@"; do
+    IFS=: read -r model batch recompute layers rounds <<< "$item"
+    args=(bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" --recompute-layers "${layers:--1}")
+    for _ in $(seq "${rounds:-1}"); do
+      python3 -c "import sys, distgpt.backends.cuda.matmul as m; plan = m.Matmuls.plan
+m.Matmuls.plan = lambda self, device, transpose_elements=0: plan(self, device)
+from distgpt.cli import main; sys.exit(main(sys.argv[1:]))" "${args[@]}" 2>&1 | grep "tok/s" | sed 's/^/without: /'
+      python3 -m distgpt "${args[@]}" 2>&1 | grep "tok/s" | sed 's/^/with:    /'
+    done
+  done 2>&1 | tee "$OUT/dgelu_bench.log"
 fi
 if [ "$STAGE" = fp8parity ]; then
   python3 benchmarks/fp8_parity.py "${TEXT:-benchmarks/shakespeare.txt}" ${PARITY_ARGS:-} 2>&1 \

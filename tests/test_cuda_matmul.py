@@ -29,7 +29,7 @@ def mm():
     from distgpt.backends.cuda.bias import BiasGradients
     from distgpt.backends.cuda.matmul import Matmuls
     m = Matmuls(BiasGradients(1600, "cuda"))  # the bias gradient's column-sum kernels
-    m.plan("cuda")
+    m.plan("cuda", transpose_elements=4 * 1600 * 1600)  # every weight of SHAPES fits
     torch.manual_seed(0)
     return m
 
@@ -69,10 +69,11 @@ def test_forward(mm, N, C, OC, form):
 
 
 @pytest.mark.parametrize("N,C,OC", SHAPES)
-@pytest.mark.parametrize("form", ["plain", "bias", "dgelu", "dgelu split"])
+@pytest.mark.parametrize("form", ["plain", "bias", "dgelu", "dgelu transposed", "dgelu split"])
 def test_backward(mm, N, C, OC, form, monkeypatch):
-    """dgelu: the DGELU epilogue; dgelu split: the plain product, then our gelu_backward."""
-    monkeypatch.setattr(mm, "dgelu", "split" if form == "dgelu split" else "fused")
+    """dgelu: the DGELU epilogue; dgelu transposed: the same epilogue on the weight's transpose
+    (TN); dgelu split: the plain product, then our gelu_backward."""
+    monkeypatch.setattr(mm, "dgelu", form.split()[1] if form.startswith("dgelu ") else "fused")
     dout, inp, weight = bf16(N, OC), bf16(N, C), bf16(OC, C, scale=OC ** -0.5)
     gelu_inp = bf16(N, C) if form.startswith("dgelu") else None
     dinp = nan(N, C)
@@ -91,14 +92,14 @@ def test_backward(mm, N, C, OC, form, monkeypatch):
 
 
 def test_dgelu_auto_measures_once_and_keeps_its_choice(mm, monkeypatch):
-    """"auto" times both forms on the first call at a shape, keeps the choice for that shape, and
-    computes exactly what the chosen form computes."""
+    """"auto" times the three forms on the first call at a shape, keeps the choice for that
+    shape, and computes exactly what the chosen form computes."""
     monkeypatch.setattr(mm, "dgelu", "auto")
     monkeypatch.setattr(mm, "dgelu_choice", {})
     N, C, OC = 1024, 3072, 768
     dout, inp, weight, gelu_inp = bf16(N, OC), bf16(N, C), bf16(OC, C, scale=OC ** -0.5), bf16(N, C)
     runs = {}
-    for form in ("auto", "auto", "fused", "split"):
+    for form in ("auto", "auto", "fused", "transposed", "split"):
         mm.dgelu = form
         dinp = nan(N, C)
         mm.backward(dinp, bf16(OC, C), None, dout, inp, weight, gelu_inp)
@@ -106,6 +107,41 @@ def test_dgelu_auto_measures_once_and_keeps_its_choice(mm, monkeypatch):
     assert len(mm.dgelu_choice) == 1, "one shape, one measured choice"
     chosen = next(iter(mm.dgelu_choice.values()))
     assert all(torch.equal(d, runs[chosen][0]) for d in runs["auto"]), f"auto differs from its choice {chosen}"
+
+
+@pytest.mark.parametrize("R,C", [(6400, 1600), (64, 128), (130, 66), (2, 2)])
+def test_transpose_is_exact(R, C):
+    """kernels/transpose.cu moves bits: out equals inp.t() exactly, partial edge tiles included
+    (130 x 66 leaves 2-row and 2-column tiles past the 64-element tiles)."""
+    from distgpt.backends.cuda.transpose import transpose
+    inp = bf16(R, C)
+    out = nan(C, R)
+    transpose(out, inp)
+    assert torch.equal(out, inp.t())
+
+
+def test_transpose_refuses_what_the_kernel_cannot_do():
+    from distgpt.backends.cuda.transpose import transpose
+    with pytest.raises(ValueError, match="must be even"):
+        transpose(nan(64, 63), bf16(63, 64))
+    with pytest.raises(ValueError, match="transposed"):
+        transpose(nan(64, 64), bf16(64, 32))
+
+
+def test_dgelu_transposed_form_needs_its_planned_scratch(monkeypatch):
+    """A Matmuls planned without transpose scratch has no "transposed" form: asked for it by
+    name, it says so; "auto" chooses between the other two."""
+    from distgpt.backends.cuda.matmul import Matmuls
+    m = Matmuls()
+    m.plan("cuda")
+    N, C, OC = 256, 1024, 256
+    args = (nan(N, C), bf16(OC, C), None, bf16(N, OC), bf16(N, C), bf16(OC, C), bf16(N, C))
+    m.dgelu = "transposed"
+    with pytest.raises(ValueError, match="transpose_elements"):
+        m.backward(*args)
+    m.dgelu = "auto"
+    m.backward(*args)
+    assert set(m.dgelu_choice.values()) <= {"fused", "split"}
 
 
 def test_residual_must_be_its_own_buffer(mm):

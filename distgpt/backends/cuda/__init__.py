@@ -41,7 +41,9 @@ class CudaBackend:
         self.layernorm_gradients = layernorm.LayerNormGradients(C, device, self.bias_gradients)
         self.matmuls = Matmuls(self.bias_gradients, dgelu="fused" if self.deterministic else "auto",
                                tune=not self.deterministic)
-        self.matmuls.plan(device)  # cuBLASLt handle and workspace
+        # cuBLASLt handle and workspace, and the scratch the fc projection's weight (C, 4C) is
+        # transposed into where its dGELU product runs faster from the transpose (matmul.py)
+        self.matmuls.plan(device, transpose_elements=4 * C * C)
         self.attention.plan(B, T, C, n_head, device)  # cuDNN graphs for (B, T) and their workspace
         self.norm = GlobalNorm(device)  # per-block squared-norm partials
         # fp8: the fused GELU cast's bias-gradient partials (fp8.gelu_partials_elements)
@@ -63,7 +65,9 @@ class CudaBackend:
 
     def scratch(self):
         """[(what, bytes)] of the scratch plan() allocated."""
-        parts = [("cuBLASLt workspace", self.matmuls), ("layernorm backward partials", self.layernorm_gradients),
+        parts = [("cuBLASLt workspace", self.matmuls),
+                 ("fc projection weight transpose", None if self.matmuls is None else self.matmuls.weight_t),
+                 ("layernorm backward partials", self.layernorm_gradients),
                  ("bias gradient partials", self.bias_gradients), ("token sort buffers", self.encoder_gradients),
                  ("global norm partials", self.norm), ("fp8 GELU bias partials", self.fp8_gelu_partials)]
         rows = [(name, part.nbytes) for name, part in parts if part is not None]
@@ -77,6 +81,7 @@ class CudaBackend:
         so that is the estimate; scratch() reports what was taken."""
         sms = sm_count(device)
         return [("cuBLASLt workspace", WORKSPACE_BYTES),
+                ("fc projection weight transpose", 2 * 4 * C * C),
                 ("layernorm backward partials", 4 * layernorm.partials_elements(C, sms)),
                 ("bias gradient partials", 4 * bias_partials(C, sms)),
                 ("token sort buffers", sort_buffer_bytes(B * T)),

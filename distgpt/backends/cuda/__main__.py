@@ -3,9 +3,10 @@ launch constants, defined in the Python module that launches it), for compiling 
     nvcc -arch=sm_90 -Ikernels -c kernels/layernorm.cu $(python -m distgpt.backends.cuda layernorm)"""
 import sys
 
-from distgpt.backends.cuda import adamw, bias, classifier, encoder, fp8, gelu, layernorm, norm
+from distgpt.backends.cuda import adamw, bias, classifier, encoder, fp8, gelu, layernorm, norm, transpose
 
-MODULES = {m.KERNELS.name: m.KERNELS for m in (adamw, bias, classifier, encoder, fp8, gelu, layernorm, norm)}
+MODULES = {m.KERNELS.name: m.KERNELS for m in (adamw, bias, classifier, encoder, fp8, gelu, layernorm, norm,
+                                          transpose)}
 
 
 def main(argv):

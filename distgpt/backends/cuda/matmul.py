@@ -22,11 +22,16 @@ our kernel (fc at N = 65536, C = 768; 647 against 454 + 110 at N = 16384, C = 16
 
 The DGELU epilogue's kernel is the heuristic's, and at some shapes that is an Ampere kernel: at
 350M (N = 32768, 4C = 4096) cuBLASLt picks cutlass_80_..._dgelu at 855 us a call, while the
-plain product (a Hopper kernel) and our gelu_backward take about 680 together. So unless the
-run is deterministic, the first call at each shape times both forms once and keeps the faster
-(`dgelu`: "auto"); a deterministic run always takes the epilogue, so that every run computes
-the same bits (the two forms round differently: the split one rounds the product to bf16
-before the GELU derivative).
+plain product (a Hopper kernel) and our gelu_backward take about 680 together. The same product
+from W's transpose (the "TN" layout, the fc forward's) gets a Hopper kernel there: 485 us against
+771 for the stored layout on an H200, plus a transpose of W (C, 4C) into planned scratch
+(kernels/transpose.cu); at 124M and 1558M the two layouts run about even
+(benchmarks/dgelu_layout_probe.py, 2026-12-05). So unless the run is deterministic, the first
+call at each shape times the three forms once, the epilogue on the stored W ("fused"), on its
+transpose ("transposed") and the plain product + gelu_backward ("split"), and keeps the fastest
+(`dgelu`: "auto"; another form replaces "fused" only under SPLIT_MARGIN of its time); a
+deterministic run always takes "fused", so that every run computes the same bits (the split form
+rounds the product to bf16 before the GELU derivative; the transposed one may sum in another order).
 torch.mm/addmm reach neither from Python, and nvmath's high-level Matmul allocates its
 auxiliary outputs on every call, hence the bindings.
 
@@ -56,6 +61,7 @@ import torch
 
 from distgpt.backends.cuda.gelu import gelu_backward
 from distgpt.backends.cuda.runtime import check_tensor, median_ms
+from distgpt.backends.cuda.transpose import transpose
 
 # cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
 CUDA_R_32F, CUDA_R_16BF = 0, 14
@@ -65,8 +71,8 @@ COMPUTE_32F = 68
 OP_N, OP_T = 0, 1
 WORKSPACE_BYTES = 32 * 2**20  # what NVIDIA recommends for Hopper's cuBLASLt kernels
 MAX_ALIGN = 256
-DGELU_FORMS = ("auto", "fused", "split")
-SPLIT_MARGIN = 0.95  # the split form must time under 95% of the epilogue's to be chosen
+DGELU_FORMS = ("auto", "fused", "transposed", "split")
+SPLIT_MARGIN = 0.95  # another form must time under 95% of the epilogue's on the stored W to be chosen
 TIMING_REPEATS = 5
 CANDIDATES = 8  # the heuristic's answers a plan keeps, to time when tuning; asked for 32, it gave
 #                at most 8 at every product of 124M, 350M and 1558M (H100, 2026-12-05,
@@ -186,12 +192,13 @@ class Matmuls:
 
     def __init__(self, bias_gradients=None, dgelu="auto", tune=True):
         self.bias_gradients = bias_gradients
-        self.dgelu = dgelu  # "auto": time the two forms once per shape; "fused" | "split": always that
+        self.dgelu = dgelu  # "auto": time the forms once per shape; "fused" | "transposed" | "split": always that
         self.tune = tune  # time each plan's candidate algorithms on its first call (False: the first answer)
         self.dgelu_choice = {}  # plan key -> "fused" | "split", what "auto" measured
         self.lt = None
         self.plans = {}
         self.workspace = None
+        self.weight_t = None  # planned scratch for a weight's transpose (the "transposed" dGELU form)
         self._one = np.ones(1, dtype=np.float32)
         self._zero = np.zeros(1, dtype=np.float32)
 
@@ -199,11 +206,16 @@ class Matmuls:
     def nbytes(self):
         return 0 if self.workspace is None else self.workspace.nbytes
 
-    def plan(self, device):
-        """The handle and the workspace (32 MiB), shared by every matmul."""
+    def plan(self, device, transpose_elements=0):
+        """The handle and the workspace (32 MiB), shared by every matmul; with transpose_elements,
+        also the scratch a weight of up to that many elements is transposed into for the
+        "transposed" dGELU form (the model's largest: the fc projection's 4C * C). Without it
+        that form is not a choice."""
         self.lt = _bindings()
         self.handle = self.lt.create()
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.weight_t = (torch.empty(transpose_elements, dtype=torch.bfloat16, device=device)
+                         if transpose_elements else None)
 
     def _require_plan(self, op):
         if self.lt is None:
@@ -485,8 +497,8 @@ class Matmuls:
             self._input_gradient(dinp, dout, weight, gelu_inp)
 
     def _input_gradient(self, dinp, dout, weight, gelu_inp):
-        """dinp = dout @ weight, times gelu'(gelu_inp) when given (the DGELU epilogue or the
-        split form, see _dgelu_form)."""
+        """dinp = dout @ weight, times gelu'(gelu_inp) when given (the DGELU epilogue on the
+        stored weight or on its transpose, or the split form: see _dgelu_form)."""
         OC, C = weight.shape
         N = dout.numel() // OC
         E, A = self.lt.Epilogue, self.lt.MatmulDescAttribute
@@ -506,20 +518,37 @@ class Matmuls:
             self._run(self._get(plain, {}), weight, dout, dinp, beta=False)
             gelu_backward(dinp, gelu_inp, dinp)
 
-        form = self._dgelu_form(fused, run_fused, run_split)
-        (run_fused if form == "fused" else run_split)()
+        forms = {"fused": run_fused, "split": run_split}
+        if self.weight_t is not None and weight.numel() <= self.weight_t.numel():
+            weight_t = self.weight_t[:weight.numel()].view(C, OC)
+            # dinp^T (C, N) = (W^T stored (C, OC), read as the column-major (OC, C))^T @ dout^T
+            transposed = (int(E.DGELU), OP_T, OP_N, C, N, OC, OC, OC, C, C,
+                          (_alignment(weight_t),) + aligns[1:])
 
-    def _dgelu_form(self, key, run_fused, run_split):
-        """"fused" or "split" for this shape: self.dgelu when it names one, else the measured
-        choice, measured on the first call (with the call's own buffers: the forms only write
-        dinp, which the caller's run then overwrites). Never timed inside a CUDA graph capture,
-        which must not synchronise: an unmeasured shape takes the epilogue there."""
+            def run_transposed():
+                transpose(weight_t, weight)
+                self._run(self._get(transposed, {A.EPILOGUE_AUX_POINTER: gelu_inp}), weight_t, dout, dinp,
+                          beta=False)
+            forms["transposed"] = run_transposed
+        forms[self._dgelu_form(fused, forms)]()
+
+    def _dgelu_form(self, key, forms):
+        """The form (a key of forms: "fused", "split", "transposed" where the scratch was planned)
+        for this shape: self.dgelu when it names one, else the measured choice, measured on the
+        first call (with the call's own buffers: the forms only write dinp, which the caller's
+        run then overwrites, and the transposed form the scratch). Never timed inside a CUDA
+        graph capture, which must not synchronise: an unmeasured shape takes the epilogue there."""
         if self.dgelu != "auto":
+            if self.dgelu not in forms:
+                raise ValueError(f"matmul_backward: dgelu form {self.dgelu!r} is not available here "
+                                 f"(one of {', '.join(forms)}; 'transposed' needs plan(transpose_elements=...))")
             return self.dgelu
         form = self.dgelu_choice.get(key)
         if form is None:
             if torch.cuda.is_current_stream_capturing():
                 return "fused"
-            fused_ms, split_ms = (median_ms(run, 1, TIMING_REPEATS) for run in (run_fused, run_split))
-            form = self.dgelu_choice[key] = "split" if split_ms < SPLIT_MARGIN * fused_ms else "fused"
+            times = {name: median_ms(run, 1, TIMING_REPEATS) for name, run in forms.items()}
+            fastest = min(times, key=times.get)
+            form = fastest if times[fastest] < SPLIT_MARGIN * times["fused"] else "fused"
+            self.dgelu_choice[key] = form
         return form
