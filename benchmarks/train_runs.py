@@ -10,8 +10,9 @@ from pathlib import Path
 def distgpt(*args):
     """`python -m distgpt ARGS`; its stdout, or exit with its output's tail when it fails."""
     proc = subprocess.run([sys.executable, "-m", "distgpt", *args], capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"distgpt {args[0]} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    if proc.returncode:  # named by its run (name=...), so a sweep says which of its runs failed
+        run = next((f" {arg}" for arg in args if arg.startswith("name=")), "")
+        sys.exit(f"distgpt {args[0]}{run} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
     return proc.stdout
 
 

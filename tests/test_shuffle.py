@@ -164,3 +164,16 @@ def test_shuffle_val_benchmark_smoke(tmp_path, capsys, monkeypatch):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 4 and rows[2].startswith("| 2 | ")
     assert rows[1] == f"| 0 | {shuffled[0]:.4f} | {ordered[0]:.4f} | +0.00% |"
+
+
+def test_a_failed_benchmark_run_is_named_in_the_exit_message(monkeypatch):
+    """benchmarks/train_runs.distgpt stops a sweep at the first failed run and names that run
+    (its name= override): a parity sweep runs bf16 and fp8 of each model and seed, and the
+    error alone does not say which one diverged."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    import train_runs
+    with pytest.raises(SystemExit) as stop:
+        train_runs.distgpt("train", "model=no_such_preset", "name=gpt2_124m_bf16_seed3")
+    message = str(stop.value.code)
+    assert message.startswith("distgpt train name=gpt2_124m_bf16_seed3 failed (2):")
+    assert "unknown model preset 'no_such_preset'" in message
