@@ -82,8 +82,8 @@ class TrainConfig:
     #                          CUDA graph (no per-launch host cost; bitwise the same results)
     # the spike guard (distgpt/spikes.py): a step whose loss or grad norm is not finite, or lies
     # more than this many standard deviations above the mean of the last skip_window accepted
-    # steps (once skip_min_samples were accepted), is skipped: its update runs with a zero
-    # gradient. 0 turns the z-score check off (non-finite steps are always skipped).
+    # steps (once skip_min_samples were accepted), is skipped: its batch is dropped, weights and
+    # AdamW moments stay as they were. 0 turns the z-score check off (non-finite steps are always skipped).
     skip_loss_zscore: float = 6.0
     skip_norm_zscore: float = 6.0
     skip_window: int = 128

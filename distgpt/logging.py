@@ -83,8 +83,8 @@ class RunLogger:
             charted["skipped"] = 1 if skipped else 0
             self.wandb.log(charted, step=step)
         if skipped:
-            print(f"step {step:>6}/{max_steps} | SKIPPED ({skipped.replace('_', ' ')}): update applied with a "
-                  f"zero gradient | loss {loss:.4f} | norm {grad_norm:.3f}", flush=True)
+            print(f"step {step:>6}/{max_steps} | SKIPPED ({skipped.replace('_', ' ')}): batch dropped, "
+                  f"weights unchanged | loss {loss:.4f} | norm {grad_norm:.3f}", flush=True)
         elif step % self.log_every == 0 or step == max_steps or step == 1:
             mfu = f" | MFU {100 * record['mfu']:.1f}%" if "mfu" in record else ""
             print(f"step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "

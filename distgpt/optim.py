@@ -42,7 +42,7 @@ def learning_rate(step, max_steps, o):
 class ShardedAdamW:
     def __init__(self, model, dp, optim_cfg, backend, guard=None):
         """dp: the DataParallel layer (this rank's slice; the norm's one collective goes through
-        it). guard: a spikes.SpikeGuard that may turn a step into a zero-gradient update (None:
+        it). guard: a spikes.SpikeGuard that may turn a step into no update at all (None:
         every step updates)."""
         self.model, self.dp, self.cfg, self.ops = model, dp, optim_cfg, backend
         self.comm, self.zero_stage = dp.comm, dp.zero_stage

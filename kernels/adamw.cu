@@ -1,6 +1,6 @@
 // AdamW over one contiguous slice of the flat buffers (any ZeRO-1 shard piece), in fp32:
 //
-//   g = grad * grad_scale          (0 when grad_scale == 0: a skipped step, whatever grad holds)
+//   g = grad * grad_scale          (grad_scale == 0: a skipped step, which leaves w, m, v as they were)
 //   m = beta1 * m + (1 - beta1) * g                 v = beta2 * v + (1 - beta2) * g * g
 //   w = w - lr * ((m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) + wd * w)
 //
@@ -45,9 +45,12 @@ struct Hyper {  // the scalars of one step, as the kernels receive them
 // reciprocals (1 / (1 - beta^t), computed once in double on the host): a multiply, not a divide,
 // within an ulp or so of the reference's division.
 __device__ __forceinline__ float adamw_element(float grad, float& m, float& v, float w, const Hyper& h) {
-    // grad_scale == 0 is a step the spike guard skipped: the gradient counts as zero even where it
-    // holds NaN or Inf (0 * NaN is NaN), so m, v decay and weight decay applies as for a zero gradient
-    const float g = h.grad_scale == 0.0f ? 0.0f : __fmul_rn(grad, h.grad_scale);
+    // grad_scale == 0 is a step the spike guard skipped: its batch is dropped, w, m and v stay as
+    // they were whatever grad holds (NaN, Inf). Not a zero-gradient step: that would still move w
+    // by the momentum m / sqrt(v), about 13 full updates over a burst of skips, along the direction
+    // that led into the spike (a 124M run climbed from loss 5.1 to 7.2 that way and was stopped)
+    if (h.grad_scale == 0.0f) return w;
+    const float g = __fmul_rn(grad, h.grad_scale);
     m = __fmaf_rn(h.beta1, m, __fmul_rn(h.one_minus_beta1, g));
     v = __fmaf_rn(h.beta2, v, __fmul_rn(__fmul_rn(h.one_minus_beta2, g), g));
     const float denom = __fadd_rn(__fsqrt_rn(__fmul_rn(v, h.inv_bc2)), h.eps);

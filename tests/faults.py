@@ -6,7 +6,6 @@ faults before any of that backward's gradients are summed over ranks):
     nan         one gradient element becomes NaN (the reduction spreads it to every rank)
     grad_spike  the gradients are multiplied by 1000 (a norm spike)
     loss_spike  the micro-step's loss is raised by 100
-    zero_grad   the gradients become 0 (the run a skipped step must equal)
     sigterm     this process sends itself SIGTERM (as Slurm would, mid-step)
     sigusr1     the same with SIGUSR1
 
@@ -18,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-KINDS = ("nan", "grad_spike", "loss_spike", "zero_grad", "sigterm", "sigusr1")
+KINDS = ("nan", "grad_spike", "loss_spike", "sigterm", "sigusr1")
 
 
 def parse(spec):
@@ -56,8 +55,6 @@ def install(spec, setattr_=setattr):
                 grads[0] = float("nan")
             elif kind == "grad_spike":
                 grads.mul_(1000.0)
-            elif kind == "zero_grad":
-                grads.zero_()
         if layer_done is not None:
             for layer in reversed(range(self.n_layer)):
                 layer_done(layer)

@@ -280,16 +280,14 @@ def adamw_update(param, grad, m, v, master, lr, beta1, beta2, eps, weight_decay,
     The CUDA backend's stochastic rounding draws from (seed, step, index); the reference rounds
     to nearest (seed is unused here).
     Weight decay is decoupled, as in AdamW: w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w).
-    grad_scale == 0 means "the gradient is zero" (a step the spike guard skipped), whatever grad holds."""
-    g = grad.to(m.dtype)
+    grad_scale == 0 is a step the spike guard skipped: param, m, v and master stay as they were,
+    whatever grad holds (the batch is dropped; spikes.py says why not a zero gradient)."""
     if isinstance(grad_scale, torch.Tensor):  # the optimizer's device-side clipping scale
         grad_scale = grad_scale.item()
-    if grad_scale == 0.0:
-        # a skipped step (spike_guard): the gradient counts as zero even where it holds NaN or
-        # Inf (0 * NaN is NaN), so the moments decay and weight decay applies exactly as for a
-        # zero gradient
-        g = torch.zeros_like(g)
-    elif grad_scale != 1.0:
+    if grad_scale == 0.0:  # a skipped step (spike_guard): nothing changes
+        return
+    g = grad.to(m.dtype)
+    if grad_scale != 1.0:
         g = g * grad_scale
     m.mul_(beta1).add_(g, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -371,7 +369,7 @@ def spike_guard(verdict, scale, window, count, loss, norm, loss_zscore, norm_zsc
     steps were accepted, when x - mean > zscore * std over the last min(count, W) accepted values
     (a one-sided z-score: only upward spikes; zscore 0 turns that check off). verdict (one int32)
     = 0 or the SKIP_CODES reason; a skipped step sets scale (one float32, the clipping factor) to
-    0, which AdamW reads as a zero gradient; an accepted step is pushed into the window."""
+    0, which AdamW reads as "change nothing"; an accepted step is pushed into the window."""
     W = window.shape[1]
     pushed = int(count.item())
     n = min(pushed, W)
