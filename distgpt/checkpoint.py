@@ -35,6 +35,11 @@ def checkpoint_root(run_dir):
     return Path(run_dir) / "checkpoints"
 
 
+def step_dir(run_dir, step):
+    """The directory of the checkpoint of `step` (written under step_dir(...).tmp first)."""
+    return checkpoint_root(run_dir) / f"step_{step:08d}"
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -71,8 +76,8 @@ def save(run_dir, step, model, optimizer, state, dist, keep=2):
     rank (a full disk, a quota) fails the save on every rank alike: the half-written step_N.tmp
     is removed, `latest` still names the previous checkpoint, and CheckpointError says so."""
     root = checkpoint_root(run_dir)
-    final = root / f"step_{step:08d}"
-    tmp = root / f"step_{step:08d}.tmp"
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
     failure = None
     try:
         if dist.is_main:

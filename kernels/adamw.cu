@@ -45,10 +45,8 @@ struct Hyper {  // the scalars of one step, as the kernels receive them
 // reciprocals (1 / (1 - beta^t), computed once in double on the host): a multiply, not a divide,
 // within an ulp or so of the reference's division.
 __device__ __forceinline__ float adamw_element(float grad, float& m, float& v, float w, const Hyper& h) {
-    // grad_scale == 0 is a step the spike guard skipped: its batch is dropped, w, m and v stay as
-    // they were whatever grad holds (NaN, Inf). Not a zero-gradient step: that would still move w
-    // by the momentum m / sqrt(v), about 13 full updates over a burst of skips, along the direction
-    // that led into the spike (a 124M run climbed from loss 5.1 to 7.2 that way and was stopped)
+    // grad_scale == 0 is a step the spike guard skipped: w, m and v stay as they were whatever grad
+    // holds (NaN, Inf); distgpt/spikes.py says why this is not a zero-gradient step
     if (h.grad_scale == 0.0f) return w;
     const float g = __fmul_rn(grad, h.grad_scale);
     m = __fmaf_rn(h.beta1, m, __fmul_rn(h.one_minus_beta1, g));

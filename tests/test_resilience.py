@@ -42,12 +42,12 @@ def numbers(run_dir):
 
 def weights(run_dir, step=None):
     """The model's tensors in the latest checkpoint, or in the one of `step`."""
-    ckpt = checkpoint.find_latest(run_dir) if step is None else checkpoint.checkpoint_root(run_dir) / f"step_{step:08d}"
+    ckpt = checkpoint.find_latest(run_dir) if step is None else checkpoint.step_dir(run_dir, step)
     return load_file(str(ckpt / checkpoint.MODEL_FILE))
 
 
 def optimizer_state(run_dir, step):
-    return load_file(str(checkpoint.checkpoint_root(run_dir) / f"step_{step:08d}" / checkpoint.optimizer_file(0)))
+    return load_file(str(checkpoint.step_dir(run_dir, step) / checkpoint.optimizer_file(0)))
 
 
 def bitwise_equal(a, b):
