@@ -41,7 +41,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
                     pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward="auto",
                     fp8=False, fp8_gradients="e4m3", tune_matmuls=True, recompute_layers=-1,
-                    fp8_weight_gradients=None, fp8_scaling=None, fp8_switches=None):
+                    fp8_weight_gradients=None, fp8_scaling=None, fp8_switches=None, dgelu=None):
     from distgpt.backends import get_backend
     from distgpt.parallel.bootstrap import bootstrap
     from distgpt.model.gpt2 import GPT2
@@ -69,6 +69,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     model.init_weights(cfg.seed)
     if not tune_matmuls:  # cuBLASLt's first heuristic answer for every matmul (as deterministic runs)
         backend.matmuls.tune = False
+    if dgelu is not None:  # one form of the fc projection's dGELU product, untimed (matmul.py)
+        backend.matmuls.dgelu = dgelu
     dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
                       model.grads.element_size(), dist.device)
     overlap = overlap_wanted(overlap, dist.nodes)
@@ -148,7 +150,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     return {"impl": "distgpt", "model": model_name, "B": B, "T": T, "recompute": recompute,
             "recompute_layers": recompute_layers,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
-            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, **fp8_switches, "tune_matmuls": backend.matmuls.tune, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
+            "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, **fp8_switches, "tune_matmuls": backend.matmuls.tune,
+            "dgelu": backend.matmuls.dgelu, "dgelu_choices": backend.matmuls.dgelu_report(), "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
@@ -217,6 +220,7 @@ def summarize(result):
 
 
 def main(argv=None):
+    from distgpt.backends.cuda.matmul import DGELU_FORMS
     p = argparse.ArgumentParser(prog="distgpt bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2_124m")
@@ -245,6 +249,11 @@ def main(argv=None):
                        help=f"with --fp8: {does} ({key}; default: the config's, {str(getattr(Config, key)).lower()})")
     p.add_argument("--no-tune", action="store_true",
                    help="every matmul takes cuBLASLt's first heuristic answer, untimed (as deterministic runs do)")
+    p.add_argument("--dgelu", choices=DGELU_FORMS, default=None,
+                   help="the fc projection's input gradient with the GELU derivative: cuBLASLt's DGELU "
+                        "epilogue on the stored weight (fused), on its transpose (transposed), or the plain "
+                        "product and our GELU-derivative kernel (split); default: auto, each timed once per "
+                        "shape (fused when --deterministic)")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
                    help="sum each gradient bucket over ranks during the backward (overlap_comm; auto: "
                         "when the ranks span nodes or NCCL runs over its socket transport)")
@@ -287,7 +296,7 @@ def main(argv=None):
                                   bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward, fp8=a.fp8,
                                   fp8_gradients=a.fp8_gradients, tune_matmuls=not a.no_tune,
                                   recompute_layers=a.recompute_layers, fp8_weight_gradients=a.fp8_wgrad,
-                                  fp8_scaling=a.fp8_scaling, fp8_switches=fp8_switches))
+                                  fp8_scaling=a.fp8_scaling, fp8_switches=fp8_switches, dgelu=a.dgelu))
     if not r.pop("is_main"):
         return 0
     if a.json:
@@ -303,6 +312,10 @@ def main(argv=None):
               f"device memory {r['device_used_gb']:.1f} GB/GPU (torch peak {r['torch_peak_gb']:.1f} GB)"
               f"{format_clocks(r)}{comm}, "
               f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}", flush=True)
+        for c in r["dgelu_choices"]:
+            timed = ", ".join(f"{form} {us:.0f} us" for form, us in c["us"].items())
+            print(f"dGELU product ({c['rows']} x {c['cols']} from {c['inner']}): {c['form']} (timed: {timed})",
+                  flush=True)
         if "profile" in r:
             from distgpt.profile import format_profile
             rank = " (rank 0)" if r["world"] > 1 else ""

@@ -27,9 +27,10 @@ from W's transpose (the "TN" layout, the fc forward's) gets a Hopper kernel ther
 771 for the stored layout on an H200, plus a transpose of W (C, 4C) into planned scratch
 (kernels/transpose.cu); at 124M and 1558M the two layouts run about even
 (benchmarks/dgelu_layout_probe.py, 2026-12-05). So unless the run is deterministic, the first
-call at each shape times the three forms once, the epilogue on the stored W ("fused"), on its
+call at each shape times the three forms in turns, the epilogue on the stored W ("fused"), on its
 transpose ("transposed") and the plain product + gelu_backward ("split"), and keeps the fastest
-(`dgelu`: "auto"; another form replaces "fused" only under SPLIT_MARGIN of its time); a
+(`dgelu`: "auto"; another form replaces "fused" only under SPLIT_MARGIN of its time; `distgpt
+bench` prints the timings and the choice, and `--dgelu FORM` pins one); a
 deterministic run always takes "fused", so that every run computes the same bits (the split form
 rounds the product to bf16 before the GELU derivative; the transposed one may sum in another order).
 torch.mm/addmm reach neither from Python, and nvmath's high-level Matmul allocates its
@@ -60,7 +61,7 @@ import numpy as np
 import torch
 
 from distgpt.backends.cuda.gelu import gelu_backward
-from distgpt.backends.cuda.runtime import check_tensor, median_ms
+from distgpt.backends.cuda.runtime import check_tensor, interleaved_median_ms, median_ms
 from distgpt.backends.cuda.transpose import transpose
 
 # cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
@@ -72,8 +73,14 @@ OP_N, OP_T = 0, 1
 WORKSPACE_BYTES = 32 * 2**20  # what NVIDIA recommends for Hopper's cuBLASLt kernels
 MAX_ALIGN = 256
 DGELU_FORMS = ("auto", "fused", "transposed", "split")
-SPLIT_MARGIN = 0.95  # another form must time under 95% of the epilogue's on the stored W to be chosen
+SPLIT_MARGIN = 0.85  # another dGELU form must time under 85% of the epilogue's on the stored W to be
+#                    chosen. At 0.95 an H100 took the split form at 1558M in both runs of one call
+#                    (2026-12-05; its 1558M step 320.5 ms); with the forms pinned on another H100 the
+#                    split form's step took 326.8 and 324.9 ms against the epilogue's 317.5 and 321.0,
+#                    where timed alone split ran 1.15x the epilogue's time. The forms that pay lead by
+#                    far: at 350M transposed times 0.65x the epilogue (step 154.1 against 161.4 ms)
 TIMING_REPEATS = 5
+TIMING_ROUNDS = 3  # the dGELU forms are timed in turns, this many rounds (runtime.interleaved_median_ms)
 CANDIDATES = 8  # the heuristic's answers a plan keeps, to time when tuning; asked for 32, it gave
 #                at most 8 at every product of 124M, 350M and 1558M (H100, 2026-12-05,
 #                benchmarks/matmul_algo_probe.py --candidates 32), so more would time nothing new
@@ -194,7 +201,8 @@ class Matmuls:
         self.bias_gradients = bias_gradients
         self.dgelu = dgelu  # "auto": time the forms once per shape; "fused" | "transposed" | "split": always that
         self.tune = tune  # time each plan's candidate algorithms on its first call (False: the first answer)
-        self.dgelu_choice = {}  # plan key -> "fused" | "split", what "auto" measured
+        self.dgelu_choice = {}  # plan key -> "fused" | "transposed" | "split", what "auto" measured
+        self.dgelu_times = {}  # plan key -> {form: ms}, the timings that choice was made from
         self.lt = None
         self.plans = {}
         self.workspace = None
@@ -532,6 +540,13 @@ class Matmuls:
             forms["transposed"] = run_transposed
         forms[self._dgelu_form(fused, forms)]()
 
+    def dgelu_report(self):
+        """What "auto" chose at each dGELU product it timed: a list of {"rows", "cols", "inner",
+        "form", "us": {form: microseconds}} (dinp (rows, cols) = dout (rows, inner) @ W)."""
+        return [{"rows": key[4], "cols": key[3], "inner": key[5], "form": self.dgelu_choice[key],
+                 "us": {name: round(1000 * ms, 1) for name, ms in times.items()}}
+                for key, times in self.dgelu_times.items()]
+
     def _dgelu_form(self, key, forms):
         """The form (a key of forms: "fused", "split", "transposed" where the scratch was planned)
         for this shape: self.dgelu when it names one, else the measured choice, measured on the
@@ -547,8 +562,8 @@ class Matmuls:
         if form is None:
             if torch.cuda.is_current_stream_capturing():
                 return "fused"
-            times = {name: median_ms(run, 1, TIMING_REPEATS) for name, run in forms.items()}
+            times = interleaved_median_ms(forms, 1, TIMING_ROUNDS, TIMING_REPEATS)
             fastest = min(times, key=times.get)
             form = fastest if times[fastest] < SPLIT_MARGIN * times["fused"] else "fused"
-            self.dgelu_choice[key] = form
+            self.dgelu_choice[key], self.dgelu_times[key] = form, times
         return form

@@ -154,17 +154,34 @@ def sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def event_ms(fn):
+    """One call of fn, timed on the GPU between two CUDA events, in ms (waits for it)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def median_ms(fn, warmup=1, repeats=5):
     """fn's median time on the GPU in ms over `repeats` calls after `warmup` calls (compilation,
     plans, caches stay out), each between CUDA events."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(event_ms(fn) for _ in range(repeats))
+
+
+def interleaved_median_ms(fns, warmup=1, rounds=3, repeats=5):
+    """The median time in ms of each of fns (a dict: name -> fn), timed in turns: after `warmup`
+    calls of each, `rounds` rounds in which every fn in turn runs `repeats` timed calls. A slow
+    stretch of the GPU (a clock step under its power cap, another process) then falls on every
+    fn alike instead of on the one being timed at that moment."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].extend(event_ms(fn) for _ in range(repeats))
+    return {name: statistics.median(times) for name, times in samples.items()}
