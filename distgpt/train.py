@@ -308,9 +308,9 @@ class Trainer:
             self._due(every, step) for every in (t.val_every, t.hellaswag_every, t.sample_every))
 
     def queue_step(self):
-        """Queue one optimizer step over the global batch (or one the spike guard turns into a
-        zero-gradient update, spikes.py) without waiting for the GPU. Returns the PendingStep
-        that finish_step reads."""
+        """Queue one optimizer step over the global batch without waiting for the GPU (a step
+        the spike guard skips drops its batch and leaves the weights as they were, spikes.py).
+        Returns the PendingStep that finish_step reads."""
         queued_at = time.time()
         index = self.queued_steps  # 0-based: the schedule's step
         self.queued_steps += 1
