@@ -25,8 +25,9 @@ The DGELU epilogue's kernel is the heuristic's, and at some shapes that is an Am
 plain product (a Hopper kernel) and our gelu_backward take about 680 together. The same product
 from W's transpose (the "TN" layout, the fc forward's) gets a Hopper kernel there: 485 us against
 771 for the stored layout on an H200, plus a transpose of W (C, 4C) into planned scratch
-(kernels/transpose.cu); at 124M and 1558M the two layouts run about even
-(benchmarks/dgelu_layout_probe.py, 2026-12-05). So unless the run is deterministic, the first
+(kernels/transpose.cu); at 124M and 1558M the stored layout is as fast or faster
+(benchmarks/dgelu_layout_probe.py, 2026-12-05; timed by `auto` on an H100 that evening: 612
+against 643 us at 124M B=64, 574-609 against 649-707 at 1558M B=16). So unless the run is deterministic, the first
 call at each shape times the three forms in turns, the epilogue on the stored W ("fused"), on its
 transpose ("transposed") and the plain product + gelu_backward ("split"), and keeps the fastest
 (`dgelu`: "auto"; another form replaces "fused" only under SPLIT_MARGIN of its time; `distgpt
