@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from distgpt.config import FP8_SWITCHES, Config, fp8_switch_notes, load_config
+from distgpt.config import DGELU_FORMS, FP8_SWITCHES, Config, fp8_switch_notes, load_config
 from distgpt.gpu_clock import GpuClocks, format_clocks
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
@@ -69,8 +69,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     model.init_weights(cfg.seed)
     if not tune_matmuls:  # cuBLASLt's first heuristic answer for every matmul (as deterministic runs)
         backend.matmuls.tune = False
-    if dgelu is not None:  # one form of the fc projection's dGELU product, untimed (matmul.py)
-        backend.matmuls.dgelu = dgelu
+    backend.set_dgelu(dgelu or cfg.matmul_dgelu)  # a pinned dGELU form runs untimed (matmul.py)
     dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
                       model.grads.element_size(), dist.device)
     overlap = overlap_wanted(overlap, dist.nodes)
@@ -220,7 +219,6 @@ def summarize(result):
 
 
 def main(argv=None):
-    from distgpt.backends.cuda.matmul import DGELU_FORMS
     p = argparse.ArgumentParser(prog="distgpt bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2_124m")
@@ -252,8 +250,8 @@ def main(argv=None):
     p.add_argument("--dgelu", choices=DGELU_FORMS, default=None,
                    help="the fc projection's input gradient with the GELU derivative: cuBLASLt's DGELU "
                         "epilogue on the stored weight (fused), on its transpose (transposed), or the plain "
-                        "product and our GELU-derivative kernel (split); default: auto, each timed once per "
-                        "shape (fused when --deterministic)")
+                        "product and our GELU-derivative kernel (split); default: the config's matmul_dgelu, "
+                        "auto: each timed once per shape (fused when --deterministic)")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
                    help="sum each gradient bucket over ranks during the backward (overlap_comm; auto: "
                         "when the ranks span nodes or NCCL runs over its socket transport)")

@@ -110,6 +110,10 @@ class Config:
     zero_stage: int = 1  # 0: all-reduce grads; 1: shard AdamW state across ranks
     deterministic: bool = False  # backend=cuda: bitwise-reproducible runs and resumes, through a
     #                              deterministic attention backward (~8% slower at 124M)
+    matmul_dgelu: str = "auto"  # backend=cuda: how the fc projection's input gradient takes the GELU
+    #                            derivative: auto (each form timed once per shape, the fastest
+    #                            kept; fused when deterministic) | fused | transposed | split, to
+    #                            pin one where `distgpt bench` shows auto misjudging your GPU
     fp8: bool = False  # the transformer blocks' matmuls with fp8 operands (e4m3 weights and
     #                    activations, per-tensor scales; the lm head, master weights and AdamW
     #                    unchanged); backend=cuda needs Hopper/Ada. The fp8_* defaults below are the
@@ -167,6 +171,10 @@ BACKENDS = ("reference", "cuda")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float64")
 FP8_GRADIENT_FORMATS = ("e5m2", "e4m3")
+# the fc projection's input gradient with the GELU derivative (backends/cuda/matmul.py): timed
+# once per shape (auto), cuBLASLt's DGELU epilogue on the stored weight, on its transpose, or the
+# plain product and our GELU-derivative kernel
+DGELU_FORMS = ("auto", "fused", "transposed", "split")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 # one GPU thread sums the spike guard's window each step: a few thousand values stay microseconds
 MAX_SKIP_WINDOW = 4096
@@ -295,6 +303,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("optim: warmup_steps >= 0, final_lr_frac in [0, 1] and decay_frac in (0, 1] are required")
     if o.lr <= 0 or o.grad_clip < 0:
         raise ConfigError(f"optim: lr={o.lr} must be > 0 and grad_clip={o.grad_clip} >= 0")
+    if cfg.matmul_dgelu not in DGELU_FORMS:
+        raise ConfigError(f"matmul_dgelu={cfg.matmul_dgelu}: choose one of {', '.join(DGELU_FORMS)}")
     if cfg.fp8_gradients not in FP8_GRADIENT_FORMATS:
         raise ConfigError(f"fp8_gradients={cfg.fp8_gradients}: choose one of {', '.join(FP8_GRADIENT_FORMATS)}")
     if cfg.fp8_scaling not in ("current", "delayed"):

@@ -88,6 +88,7 @@ class Trainer:
         dtype = DTYPES[cfg.dtype]
         self.backend = get_backend(cfg.backend)  # allocates nothing until the model plans it
         self.backend.set_deterministic(cfg.deterministic)
+        self.backend.set_dgelu(cfg.matmul_dgelu)
         scratch = getattr(self.backend, "estimate_scratch", None)
         scratch_rows = [] if scratch is None else scratch(self.B, self.T, cfg.model.n_embd, cfg.model.n_head,
                                                            dist.device)

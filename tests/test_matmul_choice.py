@@ -151,3 +151,33 @@ def test_interleaved_timing_spreads_a_slow_stretch_over_every_function(monkeypat
     got = runtime.interleaved_median_ms({"a": fn("a"), "b": fn("b")}, warmup=1, rounds=3, repeats=5)
     assert got == true_ms
     assert calls[:10] == ["a"] * 5 + ["b"] * 5 and len(calls) == 30  # in turns: a, b, a, b, a, b
+
+
+def test_dgelu_mode_a_pinned_form_wins_else_deterministic_runs_take_the_epilogue():
+    import pytest
+    from distgpt.backends.cuda.matmul import Matmuls
+    assert Matmuls.dgelu_mode("auto", deterministic=False) == "auto"
+    assert Matmuls.dgelu_mode("auto", deterministic=True) == "fused"
+    # a pinned form is one fixed computation, so a deterministic run may take it too
+    assert Matmuls.dgelu_mode("split", deterministic=True) == "split"
+    assert Matmuls.dgelu_mode("transposed", deterministic=False) == "transposed"
+    with pytest.raises(ValueError, match="choose one of auto, fused, transposed, split"):
+        Matmuls.dgelu_mode("epilogue", deterministic=False)
+
+
+def test_cuda_backend_keeps_a_pinned_dgelu_form_across_plan_and_the_deterministic_switch(monkeypatch):
+    """matmul_dgelu reaches the Matmuls whether it is set before plan() (the trainer) or after,
+    and set_deterministic no longer undoes it; auto goes back to timing (or fused when
+    deterministic). The backend is made with CUDA faked as present: nothing here touches a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from distgpt.backends.cuda import CudaBackend
+    backend = CudaBackend()
+    backend.set_dgelu("split")  # before plan(), as the trainer sets it
+    backend.matmuls = backend.make_matmuls()  # what plan() makes
+    assert backend.matmuls.dgelu == "split" and backend.matmuls.tune is True
+    backend.set_deterministic(True)
+    assert backend.matmuls.dgelu == "split" and backend.matmuls.tune is False
+    backend.set_dgelu("auto")
+    assert backend.matmuls.dgelu == "fused"
+    backend.set_deterministic(False)
+    assert backend.matmuls.dgelu == "auto" and backend.matmuls.tune is True

@@ -152,6 +152,11 @@ def set_deterministic(flag):
     """The reference ops are deterministic already; the CUDA backend picks kernels by it."""
 
 
+def set_dgelu(form):
+    """matmul_dgelu: the CUDA backend's form of the GELU derivative's product; the reference
+    computes that product one way, exactly."""
+
+
 def attention_forward(out, lse, qkv, n_head):
     """out (B,T,C) = causal softmax(q k^T / sqrt(HS)) v; lse (B,NH,T) = log-sum-exp of each
     score row, all the backward needs to rebuild the probabilities (as fused attention does)."""

@@ -27,6 +27,7 @@ class CudaBackend:
             raise ModuleNotFoundError("no CUDA GPU is visible")
         self.attention = Attention()
         self.deterministic = False
+        self.dgelu = "auto"  # the dGELU form asked for (matmul_dgelu); Matmuls.dgelu_mode resolves it
         self.matmuls = None  # made by plan(), with the bias gradients' kernels
         self.encoder_gradients = self.layernorm_gradients = self.bias_gradients = self.norm = None
         self.fp8_gelu_partials = None
@@ -39,8 +40,7 @@ class CudaBackend:
         self.bias_gradients = BiasGradients(C, device)  # per-block bias-gradient partials
         self.encoder_gradients = EncoderGradients(B * T, device)  # token sort buffers
         self.layernorm_gradients = layernorm.LayerNormGradients(C, device, self.bias_gradients)
-        self.matmuls = Matmuls(self.bias_gradients, dgelu="fused" if self.deterministic else "auto",
-                               tune=not self.deterministic)
+        self.matmuls = self.make_matmuls()
         # cuBLASLt handle and workspace, and the scratch the fc projection's weight (C, 4C) is
         # transposed into where its dGELU product runs faster from the transpose (matmul.py)
         self.matmuls.plan(device, transpose_elements=4 * C * C)
@@ -49,6 +49,12 @@ class CudaBackend:
         # fp8: the fused GELU cast's bias-gradient partials (fp8.gelu_partials_elements)
         self.fp8_gelu_partials = torch.empty(fp8.gelu_partials_elements(B * T, C), dtype=torch.float32,
                                              device=device)
+
+    def make_matmuls(self):
+        """The Matmuls for this backend's modes (no GPU work: plan() then plans its handle and
+        workspace): the dGELU form asked for, the algorithms timed unless deterministic."""
+        return Matmuls(self.bias_gradients, dgelu=Matmuls.dgelu_mode(self.dgelu, self.deterministic),
+                       tune=not self.deterministic)
 
     def set_deterministic(self, flag):
         """deterministic=true: FlashAttention-2 with a deterministic backward instead of cuDNN's
@@ -60,8 +66,16 @@ class CudaBackend:
         self.deterministic = bool(flag)
         self.attention.set_deterministic(flag)
         if self.matmuls is not None:
-            self.matmuls.dgelu = "fused" if self.deterministic else "auto"
+            self.matmuls.dgelu = Matmuls.dgelu_mode(self.dgelu, self.deterministic)
             self.matmuls.tune = not self.deterministic
+
+    def set_dgelu(self, form):
+        """Pin the fc projection's dGELU form (matmul_dgelu: fused | transposed | split), or leave
+        the choice to timing again (auto; fused when deterministic). Before or after plan()."""
+        Matmuls.dgelu_mode(form, self.deterministic)  # refuses an unknown form
+        self.dgelu = form
+        if self.matmuls is not None:
+            self.matmuls.dgelu = Matmuls.dgelu_mode(form, self.deterministic)
 
     def scratch(self):
         """[(what, bytes)] of the scratch plan() allocated."""

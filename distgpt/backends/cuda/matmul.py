@@ -31,7 +31,7 @@ against 643 us at 124M B=64, 574-609 against 649-707 at 1558M B=16). So unless t
 call at each shape times the three forms in turns, the epilogue on the stored W ("fused"), on its
 transpose ("transposed") and the plain product + gelu_backward ("split"), and keeps the fastest
 (`dgelu`: "auto"; another form replaces "fused" only under SPLIT_MARGIN of its time; `distgpt
-bench` prints the timings and the choice, and `--dgelu FORM` pins one); a
+bench` prints the timings and the choice, `--dgelu FORM` or the config's matmul_dgelu pins one); a
 deterministic run always takes "fused", so that every run computes the same bits (the split form
 rounds the product to bf16 before the GELU derivative; the transposed one may sum in another order).
 torch.mm/addmm reach neither from Python, and nvmath's high-level Matmul allocates its
@@ -64,6 +64,7 @@ import torch
 from distgpt.backends.cuda.gelu import gelu_backward
 from distgpt.backends.cuda.runtime import check_tensor, interleaved_median_ms, median_ms
 from distgpt.backends.cuda.transpose import transpose
+from distgpt.config import DGELU_FORMS
 
 # cuBLASLt enum values (cublasLt.h / library_types.h): stable parts of the C ABI
 CUDA_R_32F, CUDA_R_16BF = 0, 14
@@ -73,7 +74,6 @@ COMPUTE_32F = 68
 OP_N, OP_T = 0, 1
 WORKSPACE_BYTES = 32 * 2**20  # what NVIDIA recommends for Hopper's cuBLASLt kernels
 MAX_ALIGN = 256
-DGELU_FORMS = ("auto", "fused", "transposed", "split")
 SPLIT_MARGIN = 0.85  # another dGELU form must time under 85% of the epilogue's on the stored W to be
 #                    chosen. At 0.95 an H100 took the split form at 1558M in both runs of one call
 #                    (2026-12-05; its 1558M step 320.5 ms); with the forms pinned on another H100 the
@@ -540,6 +540,17 @@ class Matmuls:
                           beta=False)
             forms["transposed"] = run_transposed
         forms[self._dgelu_form(fused, forms)]()
+
+    @staticmethod
+    def dgelu_mode(pinned, deterministic):
+        """The dgelu a Matmuls runs with: a pinned form (matmul_dgelu, bench --dgelu) as named,
+        else "fused" in a deterministic run (a timed choice could differ between two runs), else
+        "auto"."""
+        if pinned not in DGELU_FORMS:
+            raise ValueError(f"dgelu form {pinned!r}: choose one of {', '.join(DGELU_FORMS)}")
+        if pinned != "auto":
+            return pinned
+        return "fused" if deterministic else "auto"
 
     def dgelu_report(self):
         """What "auto" chose at each dGELU product it timed: a list of {"rows", "cols", "inner",
