@@ -310,10 +310,9 @@ def main(argv=None):
               f"device memory {r['device_used_gb']:.1f} GB/GPU (torch peak {r['torch_peak_gb']:.1f} GB)"
               f"{format_clocks(r)}{comm}, "
               f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}", flush=True)
-        for c in r["dgelu_choices"]:
-            timed = ", ".join(f"{form} {us:.0f} us" for form, us in c["us"].items())
-            print(f"dGELU product ({c['rows']} x {c['cols']} from {c['inner']}): {c['form']} (timed: {timed})",
-                  flush=True)
+        from distgpt.backends.cuda.matmul import dgelu_line
+        for choice in r["dgelu_choices"]:
+            print(dgelu_line(choice), flush=True)
         if "profile" in r:
             from distgpt.profile import format_profile
             rank = " (rank 0)" if r["world"] > 1 else ""

@@ -269,6 +269,9 @@ class Trainer:
                               self.tokens_per_step / step_s, 1000 * step_s, eta, self.tokens_seen,
                               self._gpu_stats(self.tokens_per_step / step_s), skipped=result.skipped)
             self._count_skips(result.skipped)
+            if done == 1:  # what the first step's timing chose (CUDA: each shape's dGELU form)
+                for line in self.backend.timed_choices():
+                    self.log.info(line)
             if self._due(t.val_every, self.step):
                 self.evaluate()
             if self._due(t.hellaswag_every, self.step):

@@ -181,3 +181,19 @@ def test_cuda_backend_keeps_a_pinned_dgelu_form_across_plan_and_the_deterministi
     assert backend.matmuls.dgelu == "fused"
     backend.set_deterministic(False)
     assert backend.matmuls.dgelu == "auto" and backend.matmuls.tune is True
+
+
+def test_cuda_backend_reports_the_timed_dgelu_choice_as_one_line(monkeypatch):
+    import distgpt.backends.cuda.matmul as matmul
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(matmul, "interleaved_median_ms",
+                        lambda fns, warmup, rounds, repeats: {"fused": 0.6093, "split": 0.7376})
+    from distgpt.backends.cuda import CudaBackend
+    backend = CudaBackend()
+    assert backend.timed_choices() == []  # before plan()
+    backend.matmuls = backend.make_matmuls()
+    assert backend.timed_choices() == []  # nothing timed yet
+    backend.matmuls._dgelu_form((0, 0, 0, 6400, 16384, 1600), {"fused": None, "split": None})
+    assert backend.timed_choices() == ["dGELU product (16384 x 6400 from 1600): fused "
+                                       "(timed: fused 609 us, split 738 us)"]

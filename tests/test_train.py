@@ -160,6 +160,21 @@ def test_raising_max_steps_on_resume_says_the_schedule_changes(tmp_path, shards,
     assert "from the next step (4) on; at step 8 the lr is" in capsys.readouterr().out
 
 
+def test_the_first_steps_timed_choices_are_logged_once_a_run(tmp_path, shards, capsys, monkeypatch):
+    """What the backend's timing chose on the first step (the CUDA backend's dGELU forms) is one
+    log line each, after this process's first step: once per run, and again in a resumed one
+    (the timing runs again there). The reference times nothing; a stand-in reports two choices."""
+    from distgpt.backends import reference
+    monkeypatch.setattr(reference, "timed_choices", lambda: ["choice one", "choice two"])
+    common = [*SMALL, *shards, f"out_dir={tmp_path}", "name=c", "train.val_every=0",
+              "train.micro_batch=2", "train.seq_len=32"]
+    assert main(["train", *common, "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out.count("choice one") == 1 and out.count("choice two") == 1
+    assert main(["train", *common, "train.max_steps=5"]) == 0
+    assert capsys.readouterr().out.splitlines().count("choice one") == 1
+
+
 def test_a_half_written_checkpoint_is_never_the_latest(tmp_path, shards):
     common = [*SMALL, *shards, f"out_dir={tmp_path}", "name=r", "train.val_every=0",
               "train.checkpoint_every=5", "train.micro_batch=2", "train.seq_len=32"]

@@ -157,6 +157,11 @@ def set_dgelu(form):
     computes that product one way, exactly."""
 
 
+def timed_choices():
+    """The reference times nothing: no choices to report (the CUDA backend's, for the run log)."""
+    return []
+
+
 def attention_forward(out, lse, qkv, n_head):
     """out (B,T,C) = causal softmax(q k^T / sqrt(HS)) v; lse (B,NH,T) = log-sum-exp of each
     score row, all the backward needs to rebuild the probabilities (as fused attention does)."""

@@ -16,7 +16,7 @@ from distgpt.backends.cuda import adamw
 from distgpt.backends.cuda.attention import Attention
 from distgpt.backends.cuda.bias import BiasGradients, partials_elements as bias_partials
 from distgpt.backends.cuda.encoder import EncoderGradients, encoder_forward, sort_buffer_bytes
-from distgpt.backends.cuda.matmul import WORKSPACE_BYTES, Matmuls
+from distgpt.backends.cuda.matmul import WORKSPACE_BYTES, Matmuls, dgelu_line
 from distgpt.backends.cuda.norm import BLOCKS_PER_SM as NORM_BLOCKS_PER_SM, GlobalNorm, clip_scale, spike_guard
 from distgpt.backends.cuda.runtime import sm_count
 
@@ -68,6 +68,11 @@ class CudaBackend:
         if self.matmuls is not None:
             self.matmuls.dgelu = Matmuls.dgelu_mode(self.dgelu, self.deterministic)
             self.matmuls.tune = not self.deterministic
+
+    def timed_choices(self):
+        """Lines on what the first step's timing chose (the dGELU form of each shape), for the
+        run's log; empty before that step, or where nothing was timed."""
+        return [] if self.matmuls is None else [dgelu_line(c) for c in self.matmuls.dgelu_report()]
 
     def set_dgelu(self, form):
         """Pin the fc projection's dGELU form (matmul_dgelu: fused | transposed | split), or leave

@@ -194,6 +194,13 @@ class _Plan:
         self.lt.matmul_desc_set_attribute(self.desc, attr, self._pointer.ctypes.data, 8)
 
 
+def dgelu_line(choice):
+    """One line on a dGELU choice of Matmuls.dgelu_report(), as bench and the trainer print it."""
+    timed = ", ".join(f"{form} {us:.0f} us" for form, us in choice["us"].items())
+    return (f"dGELU product ({choice['rows']} x {choice['cols']} from {choice['inner']}): {choice['form']} "
+            f"(timed: {timed})")
+
+
 class Matmuls:
     """The cuBLASLt handle, the workspace and the plan cache; bias gradients go to the
     BiasGradients (column-sum kernels) it is given."""
