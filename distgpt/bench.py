@@ -67,9 +67,9 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                  fp8_weight_gradients=fp8_weight_gradients, fp8_scaling=fp8_scaling,
                  fp8_amax_history=cfg.fp8_amax_history, fp8_margin=cfg.fp8_margin, **fp8_switches)
     model.init_weights(cfg.seed)
+    backend.set_dgelu(dgelu or cfg.matmul_dgelu)  # a pinned dGELU form runs untimed (matmul.py)
     if not tune_matmuls:  # cuBLASLt's first heuristic answer for every matmul (as deterministic runs)
         backend.matmuls.tune = False
-    backend.set_dgelu(dgelu or cfg.matmul_dgelu)  # a pinned dGELU form runs untimed (matmul.py)
     dp = DataParallel(dist.comm, model.layout, zero_stage, bucket_mb or cfg.bucket_mb,
                       model.grads.element_size(), dist.device)
     overlap = overlap_wanted(overlap, dist.nodes)

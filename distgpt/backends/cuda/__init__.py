@@ -53,8 +53,13 @@ class CudaBackend:
     def make_matmuls(self):
         """The Matmuls for this backend's modes (no GPU work: plan() then plans its handle and
         workspace): the dGELU form asked for, the algorithms timed unless deterministic."""
-        return Matmuls(self.bias_gradients, dgelu=Matmuls.dgelu_mode(self.dgelu, self.deterministic),
-                       tune=not self.deterministic)
+        dgelu, tune = self._matmul_modes()
+        return Matmuls(self.bias_gradients, dgelu=dgelu, tune=tune)
+
+    def _matmul_modes(self):
+        """(dgelu, tune) for the Matmuls: the dGELU form asked for (fused when deterministic and
+        not pinned), and the algorithms timed unless deterministic."""
+        return Matmuls.dgelu_mode(self.dgelu, self.deterministic), not self.deterministic
 
     def set_deterministic(self, flag):
         """deterministic=true: FlashAttention-2 with a deterministic backward instead of cuDNN's
@@ -65,9 +70,7 @@ class CudaBackend:
         gelu_backward (see matmul.py)."""
         self.deterministic = bool(flag)
         self.attention.set_deterministic(flag)
-        if self.matmuls is not None:
-            self.matmuls.dgelu = Matmuls.dgelu_mode(self.dgelu, self.deterministic)
-            self.matmuls.tune = not self.deterministic
+        self._sync_matmuls()
 
     def timed_choices(self):
         """Lines on what the first step's timing chose (the dGELU form of each shape), for the
@@ -77,10 +80,14 @@ class CudaBackend:
     def set_dgelu(self, form):
         """Pin the fc projection's dGELU form (matmul_dgelu: fused | transposed | split), or leave
         the choice to timing again (auto; fused when deterministic). Before or after plan()."""
-        Matmuls.dgelu_mode(form, self.deterministic)  # refuses an unknown form
+        Matmuls.dgelu_mode(form, self.deterministic)  # refuses an unknown form before keeping it
         self.dgelu = form
+        self._sync_matmuls()
+
+    def _sync_matmuls(self):
+        """Carry the modes into the Matmuls plan() already made, if any."""
         if self.matmuls is not None:
-            self.matmuls.dgelu = Matmuls.dgelu_mode(form, self.deterministic)
+            self.matmuls.dgelu, self.matmuls.tune = self._matmul_modes()
 
     def scratch(self):
         """[(what, bytes)] of the scratch plan() allocated."""
