@@ -83,11 +83,11 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     micro_step = MicroStep(model, use_graph=cuda_graphs)
 
     def step():
-        model.zero_grad()
+        model.zero_grad(matrices=False)  # as the trainer: the first micro-step's backward writes them
         loss = torch.zeros((), device=dist.device)
         for micro in range(accum):
             loss += micro_step(x[micro], y[micro], dloss, *dp.micro_step_hooks(micro, accum, overlap),
-                               fresh_weights=micro == 0)
+                               fresh_weights=micro == 0, write_matrices=micro == 0)
         dp.reduce_gradients(model.grads)
         optimizer.step(1e-4)
         dp.gather_weights(model.params)

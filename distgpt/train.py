@@ -318,7 +318,7 @@ class Trainer:
         queued_at = time.time()
         index = self.queued_steps  # 0-based: the schedule's step
         self.queued_steps += 1
-        self.model.zero_grad()
+        self.model.zero_grad(matrices=False)  # the first micro-step's backward writes them
         self.reduced.zero_()
         # each token's loss enters the objective with weight 1 / (tokens in the global batch);
         # the gradient reduction sums over ranks, so this is the mean over all of them
@@ -330,7 +330,7 @@ class Trainer:
             # weights change only between optimizer steps, so fp8 casts them in the first alone
             self.reduced[:1] += self.micro_step(x, y, dloss, *self.dp.micro_step_hooks(micro, self.accum,
                                                                                       self.overlap),
-                                                fresh_weights=micro == 0)
+                                                fresh_weights=micro == 0, write_matrices=micro == 0)
         if self.signals is not None and self.signals.received:
             self.reduced[1:].fill_(1.0)  # the sum tells every rank that some rank was signalled
         # the mean loss over ranks before the update: the spike guard decides from it on every

@@ -45,10 +45,10 @@ def install(spec, setattr_=setattr):
         now["step"], now["rank"] = self.queued_steps + 1, self.dist.rank
         return queue_step(self)
 
-    def faulty_backward(self, layer_done=None):
+    def faulty_backward(self, layer_done=None, write_matrices=False):
         # the whole backward first, then the data-parallel layer's hooks: the fault lands in
         # this rank's gradients before any of them is summed over ranks
-        backward(self)
+        backward(self, write_matrices=write_matrices)
         grads = self.grads
         for kind in active():
             if kind == "nan":

@@ -97,9 +97,10 @@ def test_fp8_step_matches_reference_fp32(fp8_wgrad):
 
 def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weights=False, fp8_wgrad=False,
                  fp8_scaling="current", fuse_gelu=True, gelu_in_matmul=True, layernorm_cast=False,
-                 delayed_weights=False):
+                 delayed_weights=False, write_matrices=False):
     """Twenty steps of a fresh model and backend, each of `accum` micro-steps (reuse_weights: the
-    later ones pass fresh_weights=False, as the trainer does). The matmuls take cuBLASLt's first
+    later ones pass fresh_weights=False, as the trainer does; write_matrices: the first one writes
+    the block matrices' gradients that zero_grad left, as the trainer does). The matmuls take cuBLASLt's first
     answers (tune off, as deterministic runs do): two runs compared bit for bit must not each
     time the candidate algorithms and keep different ones."""
     from distgpt.backends.cuda import CudaBackend
@@ -121,11 +122,12 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weig
                      for _ in range(2)) for _ in range(2)]
     losses = []
     for step in range(20):
-        model.zero_grad()
+        model.zero_grad(matrices=not write_matrices)
         for micro in range(accum):
             x, y = batches[(step * accum + micro) % 2]
             fresh = micro == 0 or not reuse_weights
-            losses.append(micro_step(x, y, 1.0 / (accum * B * T), fresh_weights=fresh).item())
+            losses.append(micro_step(x, y, 1.0 / (accum * B * T), fresh_weights=fresh,
+                                     write_matrices=write_matrices and micro == 0).item())
         opt.step(1e-3)
     return losses, model.params.clone(), opt.master_values()
 
@@ -153,6 +155,17 @@ def test_cuda_graph_replay_is_bitwise_the_eager_step(fp8, fp8_wgrad, fp8_scaling
     eager, graphed = twenty_steps(use_graph=False, **kw), twenty_steps(use_graph=True, **kw)
     assert eager[0] == graphed[0], "losses differ between the eager and the CUDA-graph step"
     assert torch.equal(eager[1], graphed[1]) and torch.equal(eager[2], graphed[2])
+
+
+@PRECISIONS
+def test_first_micro_step_writing_the_matrices_gradients_is_bitwise_zeroing_them(fp8, fp8_wgrad, fp8_scaling):
+    """The trainer's step: zero_grad(matrices=False), then the first micro-step's weight gradient
+    products write (beta 0) and the second's add, each micro-step kind its own CUDA graph: bit for
+    bit the run that zeroes every gradient and adds (0 + x is x in the fp32 epilogue)."""
+    kw = dict(fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling, use_graph=True, accum=2)
+    zeroed, written = twenty_steps(**kw), twenty_steps(write_matrices=True, **kw)
+    assert zeroed[0] == written[0], "losses differ when the first backward writes the matrices' gradients"
+    assert torch.equal(zeroed[1], written[1]) and torch.equal(zeroed[2], written[2])
 
 
 def test_fp8_micro_steps_reusing_the_weight_casts_are_bitwise_casting_again():

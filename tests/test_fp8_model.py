@@ -68,6 +68,26 @@ def test_fp8_weight_gradients_change_only_the_block_weights_gradients():
     assert cosine >= TOLERANCES["gradient cosine"]
 
 
+@pytest.mark.parametrize("weight_gradients", [False, True])
+def test_fp8_first_backward_writes_the_matrices_gradients(weight_gradients):
+    """As the trainer steps: zero_grad(matrices=False) over stale gradients, the first micro-step
+    writes the block matrices' gradients (the bf16 product's, or fp8_weight_gradients' fp8
+    product's) and the second adds: exactly the gradients of zeroing everything and adding."""
+    def two_micro_steps(write_first):
+        model = GPT2(SHAPE, reference, B, T, fp8=True, fp8_weight_gradients=weight_gradients)
+        model.init_weights(5)
+        gen = torch.Generator().manual_seed(5)
+        model.grads.copy_(torch.randn(model.layout.total, generator=gen))
+        model.zero_grad(matrices=not write_first)
+        for micro in range(2):
+            x, y = (torch.randint(0, SHAPE.vocab_size, (B, T), generator=gen) for _ in range(2))
+            model.forward(x, y, 1.0 / (2 * B * T), fresh_weights=micro == 0)
+            model.backward(write_matrices=write_first and micro == 0)
+        return model.grads
+
+    assert torch.equal(two_micro_steps(True), two_micro_steps(False))
+
+
 def test_fp8_step_is_deterministic_and_differs_from_fp32():
     (a, ma), (b, mb), (_, exact) = step(True), step(True), step(False)
     assert a == b and torch.equal(ma.grads, mb.grads)

@@ -119,6 +119,48 @@ def test_gradients_accumulate_across_micro_batches(chunk_rows):
         assert relative_error(model.g[name], ref.grad) <= RTOL_F64, name
 
 
+def test_zero_grad_without_matrices_zeroes_exactly_the_rest():
+    """zero_grad(matrices=False) zeroes every gradient but the blocks' four matrices (and
+    whatever alignment lies between those), which it leaves untouched."""
+    cfg, model = small_model(n_layer=3)
+    model.grads.copy_(torch.randn_like(model.grads).add_(5.0))  # no element is 0
+    stale = model.grads.clone()
+    model.zero_grad(matrices=False)
+    matrices = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    for spec in model.layout.specs:
+        grad = model.g[spec.name]
+        if spec.name.startswith("transformer.h.") and spec.name.endswith(matrices):
+            assert torch.equal(grad, stale[spec.offset:spec.offset + spec.numel].view(spec.shape)), spec.name
+        else:
+            assert grad.abs().max().item() == 0.0, spec.name
+    kept = model.grads != 0
+    assert kept.sum().item() == sum(s.numel for s in model.layout.specs if s.name.endswith(matrices))
+    model.zero_grad()
+    assert model.grads.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("recompute", [0, 2])
+def test_writing_the_matrices_gradients_equals_zeroing_then_adding(recompute):
+    """The trainer's step: zero_grad(matrices=False), then the first micro-step's backward writes
+    the matrices' gradients and later ones add. Every gradient equals zero_grad() then adding,
+    exactly (float32: 0 + x is x), over stale values that would show if any were read."""
+    torch.manual_seed(11)
+    cfg, model = small_model(recompute, dtype=torch.float32, n_layer=3)
+    B, T = 2, 16
+    batches = [(torch.randint(0, cfg.vocab_size, (B, T)), torch.randint(0, cfg.vocab_size, (B, T)))
+               for _ in range(2)]
+
+    def gradients(write_first):
+        model.grads.copy_(torch.randn_like(model.grads))  # the last step's, as far as anyone knows
+        model.zero_grad(matrices=not write_first)
+        for i, (x, y) in enumerate(batches):
+            model.forward(x, y, dloss=1.0 / (2 * B * T))
+            model.backward(write_matrices=write_first and i == 0)
+        return model.grads.clone()
+
+    assert torch.equal(gradients(True), gradients(False))
+
+
 def test_forward_on_a_smaller_view_matches_a_model_planned_for_it():
     cfg, model = small_model(B=4, T=16)
     small = GPT2(cfg, reference, 1, 5, dtype=torch.float64)

@@ -113,16 +113,21 @@ def matmul_forward(out, inp, weight, bias, gelu_out=None, residual=None):
         gelu_forward(gelu_out, out)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=None, accumulate=True):
     """dinp = dout @ weight (overwrites); dweight += dout^T @ inp; dbias += column sums of dout.
     dbias may be None (the tied lm head has no bias). With gelu_inp, this layer's input was
     gelu(gelu_inp) and dinp is the gradient of gelu_inp instead: (dout @ weight) * gelu'(gelu_inp).
-    dinp None: the weight's and bias's gradients only (fp8 runs compute dinp apart)."""
+    dinp None: the weight's and bias's gradients only (fp8 runs compute dinp apart).
+    accumulate False: dweight = dout^T @ inp, overwritten, whatever it held (the first backward
+    after GPT2.zero_grad(matrices=False)); dbias still adds."""
     OC, C = weight.shape
     dout2 = dout.reshape(-1, OC)
     # the weight's gradient first: dinp may be inp's own memory (the model's d_4C is the rebuilt
     # GELU output the fc projection's weight gradient reads)
-    dweight += dout2.t() @ inp.reshape(-1, C)
+    if accumulate:
+        dweight += dout2.t() @ inp.reshape(-1, C)
+    else:
+        torch.matmul(dout2.t(), inp.reshape(-1, C), out=dweight)
     if dbias is not None:
         dbias += dout2.sum(dim=0)
     if dinp is not None:
@@ -565,11 +570,12 @@ def fp8_matmul_backward_input(dinp, dout, dout_inverse, weight_t, weight_inverse
         gelu_backward(dinp, gelu_inp, dinp, amax)
 
 
-def fp8_matmul_weight_grad(dweight, dout_t, dout_inverse, inp_t, inp_inverse):
+def fp8_matmul_weight_grad(dweight, dout_t, dout_inverse, inp_t, inp_inverse, accumulate=True):
     """dweight (OC, C) += dequant(dout_t) (OC, N) @ dequant(inp_t) (C, N)^T, rounded once to
     dweight's dtype: a linear layer's weight gradient as an fp8 product (fp8_weight_gradients).
     Its operands are the fp8 copies of the output gradient and the input transposed, tokens last
-    (fp8_cast_transpose's out_t): the tensor cores want both K-major, and K is the tokens."""
+    (fp8_cast_transpose's out_t): the tensor cores want both K-major, and K is the tokens.
+    accumulate False: dweight = the product, overwritten (matmul_backward's accumulate)."""
     product = (dout_t.double() * float(dout_inverse.reshape(-1)[0])) @ \
         (inp_t.double() * float(inp_inverse.reshape(-1)[0])).t()
-    dweight.copy_(dweight.double() + product)
+    dweight.copy_(dweight.double() + product if accumulate else product)

@@ -457,14 +457,15 @@ class Fp8Matmuls:
         (fc's, by the fused GELU derivative of the fc projection's backward just before)."""
         return self._fused_gradient is not None and self._fused_gradient[0] == layer and m == "fc"
 
-    def backward(self, layer, m, dinp, dweight, dout, gelu_inp=None, gelu_dbias=None):
+    def backward(self, layer, m, dinp, dweight, dout, gelu_inp=None, gelu_dbias=None, accumulate=True):
         """With weight_gradients: dW += dout^T @ inp and dinp = dout @ W (times gelu'(gelu_inp)),
         both fp8 products. Hopper's fp8 tensor cores take both operands K-major, and the weight
         gradient's K is the tokens: it reads the transposes of dout (OC, rows) and of the input
         (C, rows). The input's is the copy its forward cast kept (with that cast's scale, which
         its site keeps until the next forward); dout is cast once into both layouts, the input
         gradient reading the first, unless the fused GELU derivative cast it already
-        (gradient_cast). gelu_dbias (with gelu_inp): fc's bias gradient, for that fusion."""
+        (gradient_cast). gelu_dbias (with gelu_inp): fc's bias gradient, for that fusion.
+        accumulate False: dW is overwritten (GPT2.backward's write_matrices)."""
         _, inp_inverse = self._site(layer, INPUT, m)
         OC = dout.shape[-1]
         rows = dout.numel() // OC
@@ -477,7 +478,7 @@ class Fp8Matmuls:
                 dout, self.gradient_format, layer, GRADIENT, m, dout8_t,
                 amax_known=self.producer_amax(layer, GRADIENT, m) is not None)
         self.ops.fp8_matmul_weight_grad(dweight, dout8_t, dout_inverse, self._kept_input(layer, m, rows),
-                                        inp_inverse)
+                                        inp_inverse, accumulate=accumulate)
         self._input_gradient(layer, m, dinp, dout8.view(dout.shape), dout_inverse, gelu_inp, gelu_dbias)
 
     def backward_input(self, layer, m, dinp, dout, gelu_inp=None):

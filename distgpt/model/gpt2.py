@@ -3,7 +3,8 @@
 The model owns three planned allocations: the flat parameter buffer, the flat gradient buffer
 (same layout) and the activation plan for (B, T). A training micro-step is
     loss = model.forward(tokens, targets, dloss); model.backward()
-and gradients accumulate into `model.grads` until the trainer zeroes them. As in llm.c, the lm
+and gradients accumulate into `model.grads` until the trainer zeroes them (the trainer zeroes all
+but the blocks' matrices, and the step's first backward writes those: zero_grad). As in llm.c, the lm
 head's backward runs inside forward(), chunk by chunk so that the (B, T, Vp) logits never exist:
 forward() with targets already adds the lm head's part of wte's gradient, and backward() starts
 at ln_f. Which backend runs the ops (reference PyTorch or our CUDA kernels) is the only thing
@@ -81,8 +82,24 @@ class GPT2:
                 values[self.vocab_size:] = 0  # padded rows: never read, never updated
             self.p[spec.name].copy_(values)
 
-    def zero_grad(self):
-        self.grads.zero_()
+    def zero_grad(self, matrices=True):
+        """Zero the gradients. matrices=False leaves the blocks' matrices (all but 5-6% of the
+        buffer) as they are, for the next backward(write_matrices=True) to overwrite: their weight
+        gradient products then write (beta 0) instead of adding to zeros, which saves a pass
+        that writes the whole buffer (1 ms of a 1558M step) and the products' reads of it. Until
+        that backward has run, those gradients hold stale values."""
+        if matrices:
+            self.grads.zero_()
+            return
+        start, end = self._matrix_span
+        self.grads[:start].zero_()
+        self.grads[end:].zero_()
+
+    @property
+    def _matrix_span(self):
+        """[start, end) of every block's matrices in the flat buffer: contiguous (layout.py's
+        order: wte, wpe, then each layer's matrices, then the tensors without weight decay)."""
+        return self.layout.layer_matrices(0)[0], self.layout.layer_matrices(self.n_layer - 1)[1]
 
     # ------------------------------------------------------------ forward
     def forward(self, tokens, targets=None, dloss=0.0, layer_needed=None, fresh_weights=True):
@@ -170,16 +187,18 @@ class GPT2:
         return a["losses"].mean()
 
     # ------------------------------------------------------------ backward
-    def backward(self, layer_done=None):
+    def backward(self, layer_done=None, write_matrices=False):
         """Gradients of sum(dloss * loss per token) into self.grads (+=), from the last forward.
         layer_done(layer), if given, is called once a layer's matrices have their final
         gradients (the data-parallel layer starts summing them over ranks while the backward goes
-        on with the layers below)."""
+        on with the layers below). write_matrices: the blocks' matrices get their gradients
+        written (=) rather than added, as after zero_grad(matrices=False); everything else adds."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() with targets first")
         ops, P, G, NH = self.ops, self.p, self.g, self.n_head
         a, tokens = self._saved
         self._saved = None
+        add = not write_matrices
         dres, d_C, d_3C, d_4C = a["dresidual"], a["d_C"], a["d_3C"], a["d_4C"]
         L = self.n_layer
         # ln_f, from the dlnf the forward's lm_head_loss left in d_C (the lm head's own backward
@@ -204,18 +223,18 @@ class GPT2:
             # is fch_gelu's buffer, written after the weight gradient has read fch_gelu
             # (fp8 recipe: fcproj's backward casts fc's output gradient and takes fc's bias gradient
             # with the GELU derivative, in one pass; fc's backward then reads that cast)
-            self._matmul_backward(layer, "fcproj", d_4C, None, dres, fch_gelu, gelu_inp=a[f"fch.{layer}"],
+            self._matmul_backward(layer, "fcproj", d_4C, None, dres, fch_gelu, add, gelu_inp=a[f"fch.{layer}"],
                                   gelu_dbias=lg.fc_b)
-            self._matmul_backward(layer, "fc", d_C, lg.fc_b, d_4C, ln2)
+            self._matmul_backward(layer, "fc", d_C, lg.fc_b, d_4C, ln2, add)
             ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
                                    lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"],
                                    dproj_bias=lg.attproj_b, amax=self._amax(layer, GRADIENT, "attproj"),
                                    dproj_sum=a["dproj_sum"])
             # attention branch; dres is now d(residual2)
-            self._matmul_backward(layer, "attproj", d_C, None, dres, a[f"atty.{layer}"])
+            self._matmul_backward(layer, "attproj", d_C, None, dres, a[f"atty.{layer}"], add)
             ops.attention_backward(d_3C, d_C, a[f"qkv.{layer}"], a[f"atty.{layer}"],
                                    a[f"att_lse.{layer}"], NH)
-            self._matmul_backward(layer, "qkv", d_C, None, d_3C, ln1)
+            self._matmul_backward(layer, "qkv", d_C, None, d_3C, ln1, add)
             # qkv's bias gradient: the queries' column sums, zero for the keys, and the values'
             # from the projection's bias gradient of this backward (dproj_sum) through its weight
             ops.qkv_bias_backward(lg.qkv_b, d_3C, a["dproj_sum"], lp.attproj_w)
@@ -239,22 +258,25 @@ class GPT2:
             self.ops.matmul_forward(out, inp, getattr(self.p_layers[layer], f"{m}_w"), bias, gelu_out=gelu_out,
                                     residual=residual)
 
-    def _matmul_backward(self, layer, m, dinp, dbias, dout, inp, gelu_inp=None, gelu_dbias=None):
-        """Its backward: dinp = dout @ W (times gelu'(gelu_inp)), dW += dout^T @ inp, dbias +=
-        column sums of dout. With fp8 the input gradient is an fp8 product; dW too with
-        fp8_weight_gradients, else it stays in the dtype, as dbias does. gelu_dbias: the bias
-        gradient of the layer below (fc), which the fp8 recipe takes with the GELU derivative."""
+    def _matmul_backward(self, layer, m, dinp, dbias, dout, inp, accumulate, gelu_inp=None, gelu_dbias=None):
+        """Its backward: dinp = dout @ W (times gelu'(gelu_inp)), dW += dout^T @ inp (= when not
+        accumulate), dbias += column sums of dout. With fp8 the input gradient is an fp8 product;
+        dW too with fp8_weight_gradients, else it stays in the dtype, as dbias does. gelu_dbias:
+        the bias gradient of the layer below (fc), which the fp8 recipe takes with the GELU
+        derivative."""
         weight, dweight = getattr(self.p_layers[layer], f"{m}_w"), getattr(self.g_layers[layer], f"{m}_w")
         if self.fp8 is None:
-            self.ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=gelu_inp)
+            self.ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=gelu_inp,
+                                     accumulate=accumulate)
             return
         if self.fp8.weight_gradients:  # dW an fp8 product too; the bias from the bf16 dout
             if dbias is not None and not self.fp8.gradient_cast(layer, m):
                 self.ops.bias_backward(dbias, dout)
-            self.fp8.backward(layer, m, dinp, dweight, dout, gelu_inp, gelu_dbias)  # inp: its kept fp8 copy
+            self.fp8.backward(layer, m, dinp, dweight, dout, gelu_inp, gelu_dbias,  # inp: its kept fp8 copy
+                              accumulate=accumulate)
             return
         # the weight's gradient first: dinp may be inp's memory (d_4C is the rebuilt fch_gelu)
-        self.ops.matmul_backward(None, dweight, dbias, dout, inp, weight)
+        self.ops.matmul_backward(None, dweight, dbias, dout, inp, weight, accumulate=accumulate)
         self.fp8.backward_input(layer, m, dinp, dout, gelu_inp)
 
     def _layernorm(self, layer, m, out, mean, rstd, inp, weight, bias):

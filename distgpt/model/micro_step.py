@@ -34,7 +34,8 @@ class MicroStep:
         B, T = model.acts.B, model.acts.T
         self.tokens = torch.zeros((B, T), dtype=torch.int64, device=model.device)
         self.targets = torch.zeros((B, T), dtype=torch.int64, device=model.device)
-        # (b, t, dloss, reduces?, gathers?, fresh weights?) -> [captured graph or None, its loss, calls]
+        # (b, t, dloss, reduces?, gathers?, fresh weights?, writes matrices?) -> [captured graph or None, its
+        # loss, calls]
         self.graphs = {}
         self.device = model.device
         if self.device.type == "cuda":
@@ -44,16 +45,18 @@ class MicroStep:
             self.copied = [torch.cuda.Event(), torch.cuda.Event()]
             self.slot = 0
 
-    def __call__(self, x, y, dloss, dp=None, gather=None, fresh_weights=True):
+    def __call__(self, x, y, dloss, dp=None, gather=None, fresh_weights=True, write_matrices=False):
         """Forward + backward of one micro-batch (x, y: (b, t) int64, on the device or pinned
-        host memory); gradients accumulate into model.grads. Returns the mean loss as a 0-d
-        device tensor (the graph's static output when replaying: read it before the next call).
+        host memory); gradients accumulate into model.grads (write_matrices: the blocks' matrices'
+        gradients are written instead, the first micro-step after GPT2.zero_grad(matrices=False)).
+        Returns the mean loss as a 0-d device tensor (the graph's static output when replaying:
+        read it before the next call).
         dp: the data-parallel layer on the last micro-step (its gradients are then summed over
         ranks during the backward), None on the others. gather: the data-parallel layer when the
         weights are still to be gathered (the first micro-step after a deferred update).
         fresh_weights False: the weights have not changed since the last micro-step (all but the
         first of an optimizer step), so an fp8 model reuses their fp8 copies (GPT2.forward)."""
-        # a bf16 model ignores it: one graph serves every micro-step
+        # a bf16 model ignores it: one graph serves every micro-step but the first (write_matrices)
         fresh_weights = bool(fresh_weights) or self.model.fp8 is None
         b, t = x.shape
         # the planned buffers' first b*t tokens, contiguous as the kernels read them
@@ -64,32 +67,33 @@ class MicroStep:
         else:
             tokens.copy_(x)
             targets.copy_(y)
-        loss = self._run(tokens, targets, dloss, dp, gather, fresh_weights)
+        loss = self._run(tokens, targets, dloss, dp, gather, fresh_weights, bool(write_matrices))
         if dp is not None:
             dp.reduced_in_backward()
         if gather is not None:
             gather.gathered_in_forward()
         return loss
 
-    def _run(self, tokens, targets, dloss, dp, gather, fresh_weights):
+    def _run(self, tokens, targets, dloss, dp, gather, fresh_weights, write_matrices):
+        args = (tokens, targets, dloss, dp, gather, fresh_weights, write_matrices)
         if not self.use_graph:
-            return self._eager(tokens, targets, dloss, dp, gather, fresh_weights)
+            return self._eager(*args)
         b, t = tokens.shape
-        key = (b, t, float(dloss), dp is not None, gather is not None, fresh_weights)
+        key = (b, t, float(dloss), dp is not None, gather is not None, fresh_weights, write_matrices)
         entry = self.graphs.setdefault(key, [None, None, 0])
         entry[2] += 1
         if entry[2] == 1:
-            return self._eager(tokens, targets, dloss, dp, gather, fresh_weights)
+            return self._eager(*args)
         if entry[0] is None:
             graph = torch.cuda.CUDAGraph()
             # thread_local: the collective watchdog's thread may query CUDA during the capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                entry[1] = self._eager(tokens, targets, dloss, dp, gather, fresh_weights)
+                entry[1] = self._eager(*args)
             entry[0] = graph
         entry[0].replay()
         return entry[1]
 
-    def _eager(self, tokens, targets, dloss, dp, gather, fresh_weights):
+    def _eager(self, tokens, targets, dloss, dp, gather, fresh_weights, write_matrices):
         if gather is None:
             loss = self.model.forward(tokens, targets, dloss, fresh_weights=fresh_weights)
         else:
@@ -98,10 +102,10 @@ class MicroStep:
                                       fresh_weights=fresh_weights)
             gather.forward_done()
         if dp is None:
-            self.model.backward()
+            self.model.backward(write_matrices=write_matrices)
         else:
             dp.attach(self.model.grads)
-            self.model.backward(layer_done=dp.layer_done)
+            self.model.backward(layer_done=dp.layer_done, write_matrices=write_matrices)
             dp.backward_done()
         return loss
 

@@ -140,8 +140,9 @@ class CudaBackend:
     def matmul_forward(self, out, inp, weight, bias, gelu_out=None, residual=None):
         self._planned("matmul_forward", self.matmuls).forward(out, inp, weight, bias, gelu_out, residual)
 
-    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
-        self._planned("matmul_backward", self.matmuls).backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp)
+    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None, accumulate=True):
+        self._planned("matmul_backward", self.matmuls).backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp,
+                                                                accumulate)
 
     def bias_backward(self, dbias, dout):
         self._planned("bias_backward", self.bias_gradients).backward(dbias, dout)
@@ -214,9 +215,9 @@ class CudaBackend:
             out, inp, inp_inverse, weight, weight_inverse, bias, gelu_out, residual=residual,
             gelu_scale=gelu_scale, gelu_amax=gelu_amax)
 
-    def fp8_matmul_weight_grad(self, dweight, dout_t, dout_inverse, inp_t, inp_inverse):
+    def fp8_matmul_weight_grad(self, dweight, dout_t, dout_inverse, inp_t, inp_inverse, accumulate=True):
         self._planned("fp8_matmul_weight_grad", self.matmuls).weight_grad_fp8(dweight, dout_t, dout_inverse, inp_t,
-                                                                               inp_inverse)
+                                                                               inp_inverse, accumulate)
 
     def fp8_matmul_backward_input(self, dinp, dout, dout_inverse, weight_t, weight_inverse, gelu_inp=None,
                                   amax=None):

@@ -429,12 +429,13 @@ class Matmuls:
             check_tensor(op, "gelu_inp", gelu_inp)
             gelu_backward(dinp, gelu_inp, dinp, amax)
 
-    def weight_grad_fp8(self, dweight, dout8_t, dout_inverse, inp8_t, inp_inverse):
+    def weight_grad_fp8(self, dweight, dout8_t, dout_inverse, inp8_t, inp_inverse, accumulate=True):
         """dweight (OC, C) bf16 += (dout8_t (OC, N) @ inp8_t (C, N)^T) * both inverses: the
         reference's fp8_matmul_weight_grad. The operands are the transposed fp8 copies of the
         output gradient and the input (tokens last: K-major, as Hopper's fp8 tensor cores want),
         so this is the forward's TN product with the tokens as K, and dweight is its C and D
-        (beta 1: an fp32 sum in cuBLASLt, one rounding to bf16, as the bf16 weight gradient).
+        (beta 1: an fp32 sum in cuBLASLt, one rounding to bf16, as the bf16 weight gradient;
+        accumulate False: beta 0, dweight overwritten and never read).
         Full-precision accumulation: K is every token of the micro-batch."""
         op = "matmul_weight_grad_fp8"
         self._check_fp8(op, dweight, dout8_t, dout_inverse, inp8_t, inp_inverse)
@@ -444,7 +445,7 @@ class Matmuls:
         if dout8_t.numel() == 0:
             return
         self._fp8_product(self.lt.Epilogue.DEFAULT, dweight, dout8_t, dout_inverse, inp8_t, inp_inverse, {}, 0,
-                          fast_accum=False, residual=dweight)
+                          fast_accum=False, residual=dweight if accumulate else None)
 
     def _check_fp8(self, op, out, inp8, inp_inverse, weight8, weight_inverse):
         for name, t in (("inp8", inp8), ("weight8", weight8)):
@@ -486,10 +487,11 @@ class Matmuls:
                   c=residual if residual is not None else c)
 
     # ---------------------------------------------------------------- backward
-    def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None):
+    def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None, accumulate=True):
         """dinp = dout @ weight (overwrites; times gelu'(gelu_inp) when given); dweight += dout^T @
         inp; dbias += the column sums of dout (bias.cu). dinp None: dweight and dbias only (fp8
-        runs take dinp from backward_input_fp8). dinp is written last, so it may be inp."""
+        runs take dinp from backward_input_fp8). dinp is written last, so it may be inp.
+        accumulate False: dweight = dout^T @ inp (beta 0: overwritten, never read)."""
         OC, C = weight.shape
         N = dout.numel() // OC
         for name, t in (("dinp", dinp), ("dweight", dweight), ("dout", dout), ("inp", inp), ("weight", weight)):
@@ -500,11 +502,11 @@ class Matmuls:
         self._require_plan("matmul_backward")
         E = self.lt.Epilogue
         # dW^T (C, OC) += inp^T (C, N) @ dout (N, OC): beta = 1 accumulates (an fp32 sum inside
-        # cuBLASLt, one rounding to bf16). First: dinp may be inp's own memory (the model's d_4C
-        # is the rebuilt GELU output this product reads)
+        # cuBLASLt, one rounding to bf16); beta = 0 writes, the same plan and algorithm. First:
+        # dinp may be inp's own memory (the model's d_4C is the rebuilt GELU output this product reads)
         key = (int(E.DEFAULT), OP_N, OP_T, C, OC, N, C, OC, C, 0,
                tuple(_alignment(t) for t in (inp, dout, dweight, dweight)))
-        self._run(self._get(key, {}), inp, dout, dweight, beta=True)
+        self._run(self._get(key, {}), inp, dout, dweight, beta=accumulate)
         if dbias is not None:
             if self.bias_gradients is None:
                 raise RuntimeError("matmul_backward: a dbias needs the BiasGradients this Matmuls was made with")
