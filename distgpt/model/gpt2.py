@@ -44,6 +44,7 @@ class GPT2:
         self.grads = torch.zeros(self.layout.total, dtype=dtype, device=self.device)
         self.p = self.layout.views(self.params)
         self.g = self.layout.views(self.grads)
+        self.matrix_span = self.layout.block_matrices()  # what zero_grad(matrices=False) leaves
         self.p_layers = [layer_tensors(self.p, i) for i in range(m.n_layer)]
         self.g_layers = [layer_tensors(self.g, i) for i in range(m.n_layer)]
         # statistics (layernorm mean/rstd, attention logsumexp, losses) stay fp32 under bf16
@@ -91,15 +92,9 @@ class GPT2:
         if matrices:
             self.grads.zero_()
             return
-        start, end = self._matrix_span
+        start, end = self.matrix_span
         self.grads[:start].zero_()
         self.grads[end:].zero_()
-
-    @property
-    def _matrix_span(self):
-        """[start, end) of every block's matrices in the flat buffer: contiguous (layout.py's
-        order: wte, wpe, then each layer's matrices, then the tensors without weight decay)."""
-        return self.layout.layer_matrices(0)[0], self.layout.layer_matrices(self.n_layer - 1)[1]
 
     # ------------------------------------------------------------ forward
     def forward(self, tokens, targets=None, dloss=0.0, layer_needed=None, fresh_weights=True):

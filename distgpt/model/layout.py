@@ -101,6 +101,11 @@ class ParameterLayout:
             raise ValueError(f"layer {layer}'s matrices are not contiguous in the flat buffer")
         return start, end
 
+    def block_matrices(self):
+        """[start, end) of every layer's matrices together: contiguous, as the flat order puts
+        wte and wpe first, then each layer's matrices, then the tensors without weight decay."""
+        return self.layer_matrices(0)[0], self.layer_matrices(self.n_layer - 1)[1]
+
     def views(self, flat):
         """name -> view of `flat` with that parameter's shape."""
         return {s.name: flat[s.offset:s.offset + s.numel].view(s.shape) for s in self.specs}
