@@ -8,6 +8,13 @@ first answer's time, the best one's and what the step would save with the best (
 per step).
 
     python3 benchmarks/matmul_algo_probe.py [--models gpt2_124m:64 gpt2_1558m:16] [--candidates 32]
+        [--sustained MS]
+
+--sustained MS also times each answer in bursts of MS milliseconds back to back, after a burst as
+long that brings the GPU to its power cap (where the clock follows each kernel's energy, not its
+speed alone), the answers in turns over three rounds (runtime.sustained_median_ms), and adds the
+columns: the answer fastest in bursts, and what a step would save with it instead of the answer
+fastest alone (a step did not, tuned so: docs/measurements.md, 2026-12-06).
 """
 import argparse
 import math
@@ -17,7 +24,7 @@ import torch
 from distgpt.backends.cuda import matmul
 from distgpt.backends.cuda.bias import BiasGradients
 from distgpt.backends.cuda.matmul import Matmuls, _agrees
-from distgpt.backends.cuda.runtime import median_ms
+from distgpt.backends.cuda.runtime import median_ms, sustained_median_ms
 from distgpt.model.layout import CLASSIFIER_CHUNK_ROWS
 
 SHAPES = {"gpt2_124m": (12, 768), "gpt2_350m": (24, 1024), "gpt2_774m": (36, 1280), "gpt2_1558m": (48, 1600)}
@@ -37,7 +44,7 @@ class Recorder(Matmuls):
         super()._run(plan, a, b, d, beta, c)
 
 
-def run_model(model, B):
+def run_model(model, B, burst_ms=0.0):
     L, C = SHAPES[model]
     N = B * T
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -91,13 +98,24 @@ def run_model(model, B):
         rank = next(i for i in sorted(range(found), key=times.__getitem__)
                     if i == 0 or _agrees(mm._sample(plan, i, a, b_, d, beta, saved, c), want))
         first, best = times[0], times[rank]
+        sustained = ""
+        if burst_ms:
+            launches = [lambda algo=plan.algorithm(i): mm._launch(plan, algo, a, b_, d, beta, c)
+                        for i in range(found)]
+            held = sustained_median_ms(launches, times, burst_ms)
+            if saved is not None:
+                d.copy_(saved)
+            srank = next(i for i in sorted(range(found), key=held.__getitem__)
+                         if i == 0 or _agrees(mm._sample(plan, i, a, b_, d, beta, saved, c), want))
+            sustained = (f" {held[0] * 1000:.0f} | {held[rank] * 1000:.0f} | {held[srank] * 1000:.0f} (#{srank}) | "
+                         f"{(held[rank] - held[srank]) * per_step:.2f} |")
         total_first += first * per_step
         total_best += best * per_step
         # d (m x n) = a (m x k) b (k x n) in whichever layout: numel(a) numel(b) / numel(d) = k^2
         flops = 2 * d.numel() * math.isqrt(a.numel() * b_.numel() // d.numel())
         rows.append(f"| {model} | {label} | {per_step} | {found} | {first * 1000:.0f} | {best * 1000:.0f} "
                     f"(#{rank}) | {flops / best / 1e9:.0f} | {100 * (1 - best / first):.1f}% | "
-                    f"{(first - best) * per_step:.2f} |")
+                    f"{(first - best) * per_step:.2f} |{sustained}")
     return rows, total_first, total_best
 
 
@@ -106,15 +124,19 @@ def main():
     p.add_argument("--models", nargs="+", default=["gpt2_124m:64", "gpt2_1558m:16"], help="model:B")
     p.add_argument("--candidates", type=int, default=matmul.CANDIDATES,
                    help="the heuristic's answers each plan keeps and times (matmul.CANDIDATES)")
+    p.add_argument("--sustained", type=float, default=0.0, metavar="MS",
+                   help="also time each answer in back-to-back bursts of MS ms (0: no)")
     a = p.parse_args()
     matmul.CANDIDATES = a.candidates
+    more = (" sustained: first us | the isolated best's us | best us (rank) | ms/step saved over the isolated best |"
+            if a.sustained else "")
     print("| model | product | calls/step | answers | first us | best agreeing us (rank) | best TFLOP/s | gain "
-          "| ms/step saved |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| ms/step saved |" + more)
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if a.sustained else ""))
     summary = []
     for item in a.models:
         model, B = item.split(":")
-        rows, first, best = run_model(model, int(B))
+        rows, first, best = run_model(model, int(B), a.sustained)
         print("\n".join(rows), flush=True)
         summary.append(f"{model} B={B}: matmuls {first:.1f} ms a step with the first answers, {best:.1f} with "
                        f"the best ({first - best:.1f} ms saved)")

@@ -1,6 +1,7 @@
 """The choices backends/cuda/matmul.py makes by timing, on the host (so they run on CPU): the check a
 timed cuBLASLt candidate passes before it replaces the heuristic's first answer (_agrees), and
 which dGELU form a shape takes (_dgelu_form, with the GPU timing stood in for)."""
+import pytest
 import torch
 
 from distgpt.backends.cuda.matmul import _agrees
@@ -197,3 +198,37 @@ def test_cuda_backend_reports_the_timed_dgelu_choice_as_one_line(monkeypatch):
     backend.matmuls._dgelu_form((0, 0, 0, 6400, 16384, 1600), {"fused": None, "split": None})
     assert backend.timed_choices() == ["dGELU product (16384 x 6400 from 1600): fused "
                                        "(timed: fused 609 us, split 738 us)"]
+
+
+def test_sustained_timing_runs_each_function_in_bursts_in_turns_and_skips_what_does_not_run(monkeypatch):
+    """Each function runs burst_ms / its isolated time calls untimed, then as many timed, in turns
+    over the rounds; the result is its time a call in the timed bursts (here a clock that each call
+    advances by the function's time under load, unlike its isolated time), and a function whose
+    isolated time is inf is never called."""
+    import distgpt.backends.cuda.runtime as runtime
+    clock, calls = [0.0], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    def fn(name, loaded_ms):
+        def run():
+            calls.append(name)
+            clock[0] += loaded_ms
+        return run
+
+    monkeypatch.setattr(runtime.torch.cuda, "Event", FakeEvent)
+    fns = [fn("a", 0.6), fn("b", 0.45), fn("c", 9.0)]
+    got = runtime.sustained_median_ms(fns, [0.5, 0.5, float("inf")], burst_ms=10.0, rounds=3)
+    assert got[0] == pytest.approx(0.6) and got[1] == pytest.approx(0.45) and got[2] == float("inf")
+    assert calls == (["a"] * 40 + ["b"] * 40) * 3  # 10 / 0.5 = 20 untimed, then 20 timed, each round

@@ -54,7 +54,11 @@ dGELU product (613 -> 560 us); over a step's products, 78.3 -> 73.1 ms at 124M B
 234.6 ms at 1558M B=16. So unless the run is deterministic (`tune`), the first call of each plan
 times its candidates on the call's own operands and keeps the fastest (when it beats the first
 answer by TUNE_MARGIN). A product that accumulates (beta = 1, the weight gradients) has its
-output saved to host memory before the timing and put back after it.
+output saved to host memory before the timing and put back after it. The answers are timed
+alone, each call after an idle GPU: timed instead in 20 ms bursts at the card's power cap
+(`matmul_algo_probe.py --sustained 20`), 1558M's answers rank otherwise (the probe's sum: 8.9 ms
+a step), but a tuner choosing by those times gave no faster step (H100, 2026-12-06, alternated:
+320.8 and 318.2 ms timed alone, 320.4 and 321.3 in bursts), so the isolated timing stays.
 
 Deterministic: a fixed algorithm per plan (the first answer when deterministic: a timed choice
 could differ between two runs) and no atomics in cuBLASLt's reductions."""

@@ -16,6 +16,7 @@ tests/test_kernels_compile.py does so for every file wherever nvcc is installed 
 DISTGPT_CUDA_DEBUG=1 synchronises after every launch and names the kernel that failed.
 """
 import functools
+import math
 import os
 import statistics
 from importlib import resources
@@ -185,3 +186,28 @@ def interleaved_median_ms(fns, warmup=1, rounds=3, repeats=5):
         for name, fn in fns.items():
             samples[name].extend(event_ms(fn) for _ in range(repeats))
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def sustained_median_ms(fns, isolated_ms, burst_ms, rounds=3):
+    """Each of fns' (a list) time in ms a call in bursts back to back, where the GPU sits at its
+    power cap and its clock follows the energy a kernel spends (median_ms times calls alone,
+    after an idle GPU). In `rounds` rounds, every fn in turn runs for about burst_ms untimed (the
+    clock settles), then as long again timed between two events; its call count comes from
+    isolated_ms (its time alone; inf: it does not run, and stays inf). benchmarks/
+    matmul_algo_probe.py --sustained ranks cuBLASLt's answers so; the tuner does not (matmul.py)."""
+    counts = [max(5, int(burst_ms / t)) if math.isfinite(t) and t > 0 else 0 for t in isolated_ms]
+    samples = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, count, times in zip(fns, counts, samples):
+            if not count:
+                continue
+            for _ in range(count):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(count):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / count)
+    return [statistics.median(times) if times else float("inf") for times in samples]
