@@ -201,13 +201,10 @@ def sustained_median_ms(fns, isolated_ms, burst_ms, rounds=3):
         for fn, count, times in zip(fns, counts, samples):
             if not count:
                 continue
-            for _ in range(count):
-                fn()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(count):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / count)
+
+            def burst(fn=fn, count=count):
+                for _ in range(count):
+                    fn()
+            burst()
+            times.append(event_ms(burst) / count)
     return [statistics.median(times) if times else float("inf") for times in samples]
