@@ -25,6 +25,7 @@ from distgpt.evaluate import validation_loss
 from distgpt.logging import RunLogger, format_duration
 from distgpt.model import memory
 from distgpt.model.gpt2 import GPT2
+from distgpt.model.layout import takes_ones_column
 from distgpt.model.micro_step import MicroStep
 from distgpt.optim import ShardedAdamW, learning_rate
 from distgpt.parallel.data_parallel import DataParallel, gather_in_forward_wanted, overlap_wanted
@@ -94,7 +95,8 @@ class Trainer:
                                                            dist.device)
         plan, planned_bytes = memory.format_estimate(memory.estimate(
             cfg.model, self.B, self.T, t.recompute, dtype, dist.world, cfg.zero_stage, scratch_rows, cfg.fp8,
-            t.recompute_layers, self.backend.master_dtype(dtype), cfg.fp8_weight_gradients))
+            t.recompute_layers, self.backend.master_dtype(dtype), cfg.fp8_weight_gradients,
+            takes_ones_column(self.backend, cfg.fp8, self.B, self.T, cfg.model.n_embd)))
         self.log.info(plan)
         check_fits(planned_bytes, dist.device)
         if cfg.fp8:

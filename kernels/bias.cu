@@ -166,3 +166,61 @@ projected_bias_kernel(floatX* dbias, const float* sums, const floatX* weight, in
 #pragma unroll
     for (int j = 0; j < 8; j++) dst[j] = __float2bfloat16_rn(__bfloat162float(dst[j]) + acc[j]);
 }
+
+// The bias gradient taken by the weight-gradient product itself (matmul.py's
+// weight_grad_bias_column): that product ran over the layer's input with a column of ones at
+// column C, so row o of `product` (OC rows, `ld` apart) holds dW[o, 0..C) and, at column C, the
+// column sum of dout over the tokens, dbias[o]'s gradient. This pass moves dW into the gradient
+// buffer (written, or added when accumulate: an fp32 add and one rounding, what the product's
+// beta = 1 would have done with an fp32 product) and adds the sums into dbias, except in rows
+// [skip_begin, skip_end), whose sums are exactly zero in exact arithmetic (qkv's keys: see
+// qkv_bias_backward in backends/reference.py) and stay so. A thread per 8 columns of a row; the
+// last thread of each row takes the bias column.
+__device__ __forceinline__ void load8(float (&f)[8], const float* p) {
+    const f128 lo = load128(p), hi = load128(p + 4);
+#pragma unroll
+    for (int j = 0; j < 4; j++) { f[j] = lo[j]; f[4 + j] = hi[j]; }
+}
+__device__ __forceinline__ void load8(float (&f)[8], const floatX* p) {
+    const x128 v = load128(p);
+#pragma unroll
+    for (int j = 0; j < 8; j++) f[j] = __bfloat162float(v[j]);
+}
+__device__ __forceinline__ float as_float(float x) { return x; }
+__device__ __forceinline__ float as_float(floatX x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ void split_bias_column(floatX* dweight, floatX* dbias, const T* product, int OC, int C,
+                                                  long long ld, int accumulate, int skip_begin, int skip_end) {
+    const int vecs = C / 8 + 1;  // C / 8 vectors of dW, then the bias column
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)OC * vecs) return;
+    const int o = (int)(i / vecs), v = (int)(i % vecs);
+    const T* row = product + o * ld;
+    if (v == vecs - 1) {
+        if (o < skip_begin || o >= skip_end)
+            dbias[o] = __float2bfloat16_rn(__bfloat162float(dbias[o]) + as_float(row[C]));
+        return;
+    }
+    float f[8];
+    load8(f, row + 8 * v);
+    floatX* dst = dweight + (long long)o * C + 8 * v;
+    if (accumulate) {
+        const x128 old = load128(dst);
+#pragma unroll
+        for (int j = 0; j < 8; j++) f[j] += __bfloat162float(old[j]);
+    }
+    store128(dst, to_bf16x8(f));
+}
+
+extern "C" __global__ void split_bias_column_f32_kernel(floatX* dweight, floatX* dbias, const float* product,
+                                                        int OC, int C, long long ld, int accumulate,
+                                                        int skip_begin, int skip_end) {
+    split_bias_column(dweight, dbias, product, OC, C, ld, accumulate, skip_begin, skip_end);
+}
+
+extern "C" __global__ void split_bias_column_bf16_kernel(floatX* dweight, floatX* dbias, const floatX* product,
+                                                         int OC, int C, long long ld, int accumulate,
+                                                        int skip_begin, int skip_end) {
+    split_bias_column(dweight, dbias, product, OC, C, ld, accumulate, skip_begin, skip_end);
+}

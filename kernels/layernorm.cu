@@ -142,12 +142,14 @@ __device__ __forceinline__ void normalize_row(x128 (&x)[CH], floatX* out_row,
     }
 }
 
-// out8 (OUT8, the fp8 twin): out8 (N, C) e4m3 = fp8(layernorm(inp) * *scale) in place of out
+// out8 (OUT8, the fp8 twin): out8 (N, C) e4m3 = fp8(layernorm(inp) * *scale) in place of out.
+// out's rows are out_ld elements apart (C, or more where the activation plan keeps a column of
+// ones beside the output: layout.py's ONES_PAD); inp's and out8's are C apart.
 template <int CH, bool AMAX, bool OUT8 = false>
 __device__ __forceinline__ void layernorm_forward_impl(floatX* out, float* mean, float* rstd,
                                                        const floatX* inp, const floatX* weight,
                                                        const floatX* bias, float* amax, int N, int C,
-                                                       __nv_fp8_storage_t* out8 = nullptr,
+                                                       long long out_ld, __nv_fp8_storage_t* out8 = nullptr,
                                                        const float* scale = nullptr) {
     const int lane = threadIdx.x % 32, row = blockIdx.x * LN_FWD_WARPS + threadIdx.x / 32;
     if (row >= N) return;
@@ -156,8 +158,8 @@ __device__ __forceinline__ void layernorm_forward_impl(floatX* out, float* mean,
 #pragma unroll
     for (int k = 0; k < CH; k++)
         if (chunk_on(k, lane, C)) x[k] = load128(inp + base + (k * 32 + lane) * 8);
-    normalize_row<CH, AMAX, OUT8>(x, OUT8 ? nullptr : out + base, mean + row, rstd + row, weight, bias, amax, C,
-                                  lane, OUT8 ? out8 + base : nullptr, OUT8 ? *scale : 1.0f);
+    normalize_row<CH, AMAX, OUT8>(x, OUT8 ? nullptr : out + row * out_ld, mean + row, rstd + row, weight, bias,
+                                  amax, C, lane, OUT8 ? out8 + base : nullptr, OUT8 ? *scale : 1.0f);
 }
 
 // Phase 1. Shared memory: per warp, C floats of dweight sums then C floats of dbias sums, stored
@@ -279,8 +281,8 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
 #define LAYERNORM_KERNEL_SET(CH, SUFFIX, AMAX)                                                         \
     extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32, LN_FWD_MIN_BLOCKS) layernorm_forward##SUFFIX##_##CH( \
         floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight,               \
-        const floatX* bias, float* amax, int N, int C) {                                               \
-        layernorm_forward_impl<CH, AMAX>(out, mean, rstd, inp, weight, bias, amax, N, C);              \
+        const floatX* bias, float* amax, int N, int C, long long out_ld) {                             \
+        layernorm_forward_impl<CH, AMAX>(out, mean, rstd, inp, weight, bias, amax, N, C, out_ld);      \
     }                                                                                                  \
     LN_BACKWARD_ENTRY(layernorm_backward##SUFFIX##_##CH, CH, 2, LN_BWD_WARPS, (CH < 7), AMAX)            \
     LN_BACKWARD_ENTRY(layernorm_backward_sum##SUFFIX##_##CH, CH, 3, LN_BWD_WARPS, (CH < 7), AMAX)        \
@@ -291,7 +293,7 @@ __device__ __forceinline__ void layernorm_backward_impl(floatX* dinp, float* par
     extern "C" __global__ void __launch_bounds__(LN_FWD_WARPS * 32, LN_FWD_MIN_BLOCKS) layernorm_forward_fp8_kernel_##CH( \
         __nv_fp8_storage_t* out8, float* mean, float* rstd, const floatX* inp, const floatX* weight,  \
         const floatX* bias, float* amax, const float* scale, int N, int C) {                           \
-        layernorm_forward_impl<CH, true, true>(nullptr, mean, rstd, inp, weight, bias, amax, N, C, out8, scale); \
+        layernorm_forward_impl<CH, true, true>(nullptr, mean, rstd, inp, weight, bias, amax, N, C, C, out8, scale); \
     }
 LAYERNORM_KERNELS(1)
 LAYERNORM_KERNELS(2)

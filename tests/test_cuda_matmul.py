@@ -91,6 +91,66 @@ def test_backward(mm, N, C, OC, form, monkeypatch):
         assert_close("dbias (+=)", dbias, dbias0.float() + want_db, atol(N), RTOL)
 
 
+def ones_column(inp, pad=8):
+    """inp (N, C) in the first C columns of (N, C + pad), ones in column C, zeros after."""
+    N, C = inp.shape
+    out = torch.zeros(N, C + pad, dtype=inp.dtype, device=inp.device)
+    out[:, :C], out[:, C] = inp, 1
+    return out
+
+
+@pytest.mark.parametrize("N,C,OC", SHAPES[1:])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("product", ["fp32", "bf16"])
+def test_weight_grad_bias_column(N, C, OC, accumulate, product):
+    """The weight and bias gradients out of one product over the input with a column of ones:
+    dweight written or added, dbias added, against the reference's column sums; the same budget
+    as the column-sum kernel (one fp32 sum over N, one bf16 rounding: two with a bf16 product)."""
+    from distgpt.backends.cuda.bias import BiasGradients
+    from distgpt.backends.cuda.matmul import Matmuls
+    m = Matmuls(BiasGradients(C, "cuda"))
+    m.plan("cuda", bias_column_elements=OC * (C + 8))
+    dout, inp = bf16(N, OC), bf16(N, C)
+    dweight0, dbias0 = bf16(OC, C), bf16(OC)
+    dweight = dweight0.clone() if accumulate else nan(OC, C)
+    dbias = dbias0.clone()
+    scratch = None if product == "fp32" else nan(OC, C + 8)
+    m.weight_grad_bias_column(dweight, dbias, dout, ones_column(inp), accumulate, product=scratch)
+    want_dw, want_db = torch.zeros(OC, C, device="cuda"), torch.zeros(OC, device="cuda")
+    reference.matmul_backward(None, want_dw, want_db, dout.float(), inp.float(), bf16(OC, C).float())
+    assert_close("dweight", dweight, (dweight0.float() if accumulate else 0) + want_dw, atol(N), RTOL)
+    assert_close("dbias (+=)", dbias, dbias0.float() + want_db, atol(N), RTOL)
+
+
+def test_weight_grad_bias_column_fp32_rounds_as_the_plain_product():
+    """With the heuristic's first answers, the fp32 bias-column product rounds dweight once, as
+    backward()'s beta = 1 product does: each element within one bf16 ulp of it (matmul._agrees,
+    the tuner's test: the two products may sum in another order), and bitwise the same from one
+    run to the next."""
+    from distgpt.backends.cuda.bias import BiasGradients
+    from distgpt.backends.cuda.matmul import Matmuls
+    N, C, OC = 2048, 768, 3072
+    m = Matmuls(BiasGradients(C, "cuda"), tune=False)
+    m.plan("cuda", bias_column_elements=OC * (C + 8))
+    dout, inp, weight = bf16(N, OC), bf16(N, C), bf16(OC, C)
+    plain_w, plain_b = bf16(OC, C), bf16(OC)
+    column_w, column_b = plain_w.clone(), plain_b.clone()
+    m.backward(None, plain_w, plain_b, dout, inp, weight)
+    m.weight_grad_bias_column(column_w, column_b, dout, ones_column(inp))
+    from distgpt.backends.cuda.matmul import _agrees
+    assert _agrees(column_w.float(), plain_w.float()), "within one bf16 ulp (or 2^-10 of the rms where it cancels)"
+    assert_close("dbias", column_b, plain_b.float(), atol(N), RTOL)
+    twice_equal(lambda dw, db: m.weight_grad_bias_column(dw, db, dout, ones_column(inp), False),
+                [nan(OC, C), bf16(OC)])
+
+
+def test_weight_grad_bias_column_refuses_what_it_cannot_do(mm):
+    with pytest.raises(ValueError, match="do not fit"):
+        mm.weight_grad_bias_column(bf16(64, 32), bf16(64), bf16(16, 64), bf16(16, 32))  # no room for ones
+    with pytest.raises(RuntimeError, match="planned no scratch"):
+        mm.weight_grad_bias_column(bf16(64, 32), bf16(64), bf16(16, 64), bf16(16, 40))
+
+
 def test_dgelu_auto_measures_once_and_keeps_its_choice(mm, monkeypatch):
     """"auto" times the three forms on the first call at a shape, keeps the choice for that
     shape, and computes exactly what the chosen form computes."""

@@ -23,7 +23,11 @@ B, T = 4, 256
 
 
 def build(backend, dtype, seed=1234, fp8=False, fp8_wgrad=False, fp8_scaling="current", layernorm_cast=False,
-          delayed_weights=False):
+          delayed_weights=False, ones=None):
+    """ones: force the bias gradients from the weight-gradient products over ones columns (True)
+    or from the column-sum kernels (False); None: the backend's choice at this shape."""
+    if ones is not None:
+        backend.takes_bias_column = lambda tokens, C: ones
     model = GPT2(SHAPE, backend, B, T, dtype=dtype, device="cuda", fp8=fp8, fp8_weight_gradients=fp8_wgrad,
                  fp8_scaling=fp8_scaling, fp8_amax_history=4, fp8_layernorm_cast=layernorm_cast,
                  fp8_delayed_weights=delayed_weights)
@@ -55,9 +59,11 @@ def one_step_each(fast, ref):
     return losses
 
 
-def test_step_matches_reference_fp32():
+@pytest.mark.parametrize("ones", [False, True], ids=["column sums", "ones columns"])
+def test_step_matches_reference_fp32(ones):
     from distgpt.backends.cuda import CudaBackend
-    fast = build(CudaBackend(), torch.bfloat16)
+    fast = build(CudaBackend(), torch.bfloat16, ones=ones)
+    assert fast.ones_column == ones
     ref = build(reference, torch.float32)
     losses = one_step_each(fast, ref)
     assert abs(losses[0] - losses[1]) <= TOLERANCES["loss"] * losses[1], losses
@@ -97,7 +103,7 @@ def test_fp8_step_matches_reference_fp32(fp8_wgrad):
 
 def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weights=False, fp8_wgrad=False,
                  fp8_scaling="current", fuse_gelu=True, gelu_in_matmul=True, layernorm_cast=False,
-                 delayed_weights=False, write_matrices=False):
+                 delayed_weights=False, write_matrices=False, ones=None):
     """Twenty steps of a fresh model and backend, each of `accum` micro-steps (reuse_weights: the
     later ones pass fresh_weights=False, as the trainer does; write_matrices: the first one writes
     the block matrices' gradients that zero_grad left, as the trainer does). The matmuls take cuBLASLt's first
@@ -107,7 +113,7 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weig
     from distgpt.model.micro_step import MicroStep
     backend = CudaBackend()
     model = build(backend, torch.bfloat16, fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling,
-                  layernorm_cast=layernorm_cast, delayed_weights=delayed_weights)
+                  layernorm_cast=layernorm_cast, delayed_weights=delayed_weights, ones=ones)
     backend.matmuls.tune = False
     if fp8:
         model.fp8.fuse_amax = fuse_amax
@@ -132,15 +138,16 @@ def twenty_steps(use_graph=False, fp8=False, fuse_amax=True, accum=1, reuse_weig
     return losses, model.params.clone(), opt.master_values()
 
 
-PRECISIONS = pytest.mark.parametrize("fp8,fp8_wgrad,fp8_scaling",
-                                     [(False, False, "current"), (True, False, "current"), (True, True, "current"),
-                                      (True, False, "delayed"), (True, True, "delayed")],
-                                     ids=["bf16", "fp8", "fp8_wgrad", "fp8_delayed", "fp8_recipe"])
+PRECISIONS = pytest.mark.parametrize("fp8,fp8_wgrad,fp8_scaling,ones",
+                                     [(False, False, "current", False), (False, False, "current", True),
+                                      (True, False, "current", None), (True, True, "current", None),
+                                      (True, False, "delayed", None), (True, True, "delayed", None)],
+                                     ids=["bf16", "bf16_ones", "fp8", "fp8_wgrad", "fp8_delayed", "fp8_recipe"])
 
 
 @PRECISIONS
-def test_twenty_steps_are_bitwise_deterministic(fp8, fp8_wgrad, fp8_scaling):
-    kw = dict(fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling)
+def test_twenty_steps_are_bitwise_deterministic(fp8, fp8_wgrad, fp8_scaling, ones):
+    kw = dict(fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling, ones=ones)
     first, second = twenty_steps(**kw), twenty_steps(**kw)
     assert first[0] == second[0], "losses differ between identical runs"
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
@@ -148,21 +155,21 @@ def test_twenty_steps_are_bitwise_deterministic(fp8, fp8_wgrad, fp8_scaling):
 
 
 @PRECISIONS
-def test_cuda_graph_replay_is_bitwise_the_eager_step(fp8, fp8_wgrad, fp8_scaling):
+def test_cuda_graph_replay_is_bitwise_the_eager_step(fp8, fp8_wgrad, fp8_scaling, ones):
     """Steps 1 eager, 2 captured + replayed, 3.. replayed: the same losses and weights, bit for bit,
     as launching every kernel from Python."""
-    kw = dict(fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling)
+    kw = dict(fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling, ones=ones)
     eager, graphed = twenty_steps(use_graph=False, **kw), twenty_steps(use_graph=True, **kw)
     assert eager[0] == graphed[0], "losses differ between the eager and the CUDA-graph step"
     assert torch.equal(eager[1], graphed[1]) and torch.equal(eager[2], graphed[2])
 
 
 @PRECISIONS
-def test_first_micro_step_writing_the_matrices_gradients_is_bitwise_zeroing_them(fp8, fp8_wgrad, fp8_scaling):
+def test_first_micro_step_writing_the_matrices_gradients_is_bitwise_zeroing_them(fp8, fp8_wgrad, fp8_scaling, ones):
     """The trainer's step: zero_grad(matrices=False), then the first micro-step's weight gradient
     products write (beta 0) and the second's add, each micro-step kind its own CUDA graph: bit for
     bit the run that zeroes every gradient and adds (0 + x is x in the fp32 epilogue)."""
-    kw = dict(fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling, use_graph=True, accum=2)
+    kw = dict(fp8=fp8, fp8_wgrad=fp8_wgrad, fp8_scaling=fp8_scaling, use_graph=True, accum=2, ones=ones)
     zeroed, written = twenty_steps(**kw), twenty_steps(write_matrices=True, **kw)
     assert zeroed[0] == written[0], "losses differ when the first backward writes the matrices' gradients"
     assert torch.equal(zeroed[1], written[1]) and torch.equal(zeroed[2], written[2])
@@ -242,13 +249,16 @@ def test_fp8_recipe_with_delayed_weight_scales_trains_as_with_current_ones():
     recipe_trains_as_without("delayed_weights", first_equal=2, accum=2, reuse_weights=True)
 
 
-def test_scratch_estimate_is_what_plan_takes():
+@pytest.mark.parametrize("Bs", [4, 64])
+def test_scratch_estimate_is_what_plan_takes(Bs):
     """The memory plan a run prints counts the backend's scratch before anything exists: each
     kernel's partials and the cuBLASLt workspace exactly, cuDNN's attention workspace (which
-    cuDNN sizes when it builds the graphs) within a quarter of the estimate, at a 124M shape."""
+    cuDNN sizes when it builds the graphs) within a quarter of the estimate, at 124M shapes
+    without and with the bias-column products' scratch (B=64 takes the bias columns)."""
     from distgpt.backends.cuda import CudaBackend
     backend = CudaBackend()
-    Bs, Ts, C, n_head = 4, 1024, 768, 12
+    Ts, C, n_head = 1024, 768, 12
+    assert CudaBackend.takes_bias_column(Bs * Ts, C) == (Bs == 64)
     estimate = dict(backend.estimate_scratch(Bs, Ts, C, n_head, "cuda"))
     backend.plan(Bs, Ts, C, n_head, "cuda")
     taken = dict(backend.scratch())

@@ -7,7 +7,8 @@ from distgpt.backends import reference
 from distgpt.config import ModelConfig, load_config
 from distgpt.model.gpt2 import GPT2
 from distgpt.model import memory
-from distgpt.model.layout import CLASSIFIER_CHUNK_ROWS, ParameterLayout, activation_slots
+from distgpt.model.layout import (CLASSIFIER_CHUNK_ROWS, ONES_PAD, ParameterLayout, activation_slots, pack_slots,
+                                  with_ones_column)
 from plain_gpt2 import plain_gpt2_loss
 
 # float64 end to end: the two computations differ only in summation order, ~1e-15 relative;
@@ -20,11 +21,22 @@ RTOL_F64 = 1e-9
 CHUNKS = [CLASSIFIER_CHUNK_ROWS, 20]
 
 
+class OnesColumnReference:
+    """The reference backend, taking the fc and qkv bias gradients from the weight-gradient
+    products over the layernorm outputs' ones columns, as the CUDA backend does."""
+    @staticmethod
+    def takes_bias_column(tokens, C):
+        return True
+
+    def __getattr__(self, name):
+        return getattr(reference, name)
+
+
 def small_model(recompute=0, B=2, T=16, dtype=torch.float64, chunk_rows=CLASSIFIER_CHUNK_ROWS,
-                recompute_layers=-1, n_layer=2):
+                recompute_layers=-1, n_layer=2, backend=reference):
     cfg = ModelConfig(name="t", n_layer=n_layer, n_head=4, n_embd=32, vocab_size=101,
                       padded_vocab_size=128, block_size=32)
-    model = GPT2(cfg, reference, B, T, dtype=dtype, recompute=recompute,
+    model = GPT2(cfg, backend, B, T, dtype=dtype, recompute=recompute,
                  classifier_chunk_rows=chunk_rows, recompute_layers=recompute_layers)
     model.init_weights(seed=torch.randint(0, 2**31, ()).item())
     # GPT-2's init leaves biases at 0 and layernorms at 1, which would hide errors in their
@@ -39,10 +51,11 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+@pytest.mark.parametrize("backend", [reference, OnesColumnReference()], ids=["column sums", "ones column"])
 @pytest.mark.parametrize("chunk_rows", CHUNKS)
 @pytest.mark.parametrize("recompute", [0, 1, 2])
-def test_loss_and_every_gradient_match_autograd(recompute, chunk_rows):
-    cfg, model = small_model(recompute, chunk_rows=chunk_rows)
+def test_loss_and_every_gradient_match_autograd(recompute, chunk_rows, backend):
+    cfg, model = small_model(recompute, chunk_rows=chunk_rows, backend=backend)
     B, T = 2, 16
     tokens = torch.randint(0, cfg.vocab_size, (B, T))
     targets = torch.randint(0, cfg.vocab_size, (B, T))
@@ -159,6 +172,36 @@ def test_writing_the_matrices_gradients_equals_zeroing_then_adding(recompute):
         return model.grads.clone()
 
     assert torch.equal(gradients(True), gradients(False))
+
+
+@pytest.mark.parametrize("recompute", [0, 2])
+def test_ones_columns_are_planned_once_and_never_overwritten(recompute):
+    """With ones columns the layernorm outputs are views of C of C + ONES_PAD columns: column C
+    holds ones and the rest zeros after forwards, backwards (where recompute rebuilds them) and a
+    smaller view's forward; the estimate plans exactly the buffer the model allocates; and the
+    keys' bias gradient stays exactly zero."""
+    cfg, model = small_model(recompute, backend=OnesColumnReference(), n_layer=3)
+    C = cfg.n_embd
+    B, T = 2, 16
+    model.zero_grad()
+    for b, t in ((B, T), (1, 5)):
+        tokens, targets = torch.randint(0, cfg.vocab_size, (2, b, t))
+        model.forward(tokens, targets, dloss=1.0 / (b * t))
+        model.backward()
+    padded = [x for name, x in model.acts.view(B, T).items() if name.split(".")[0] in ("ln1", "ln2")]
+    assert len(padded) == (2 if recompute == 2 else 2 * cfg.n_layer)
+    for x in padded:
+        assert x.shape == (B, T, C) and x.stride(-2) == C + ONES_PAD
+        whole = with_ones_column(x)
+        assert torch.equal(whole[..., C], torch.ones(B, T, dtype=x.dtype))
+        assert whole[..., C + 1:].abs().max().item() == 0.0
+    for layer in model.g_layers:
+        assert layer.qkv_b[C:2 * C].abs().max().item() == 0.0
+    _, elements = pack_slots(activation_slots(cfg.n_layer, C, cfg.n_head, cfg.padded_vocab_size, B, T, recompute,
+                                              ones_column=True))
+    assert model.acts.buffers[False].numel() == elements[False]
+    _, plain = pack_slots(activation_slots(cfg.n_layer, C, cfg.n_head, cfg.padded_vocab_size, B, T, recompute))
+    assert elements[False] - plain[False] == len(padded) * B * T * ONES_PAD
 
 
 def test_forward_on_a_smaller_view_matches_a_model_planned_for_it():

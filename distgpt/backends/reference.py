@@ -113,23 +113,38 @@ def matmul_forward(out, inp, weight, bias, gelu_out=None, residual=None):
         gelu_forward(gelu_out, out)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=None, accumulate=True):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=None, accumulate=True, inp_ones=None,
+                    exact_zero=None):
     """dinp = dout @ weight (overwrites); dweight += dout^T @ inp; dbias += column sums of dout.
     dbias may be None (the tied lm head has no bias). With gelu_inp, this layer's input was
     gelu(gelu_inp) and dinp is the gradient of gelu_inp instead: (dout @ weight) * gelu'(gelu_inp).
     dinp None: the weight's and bias's gradients only (fp8 runs compute dinp apart).
     accumulate False: dweight = dout^T @ inp, overwritten, whatever it held (the first backward
-    after GPT2.zero_grad(matrices=False)); dbias still adds."""
+    after GPT2.zero_grad(matrices=False)); dbias still adds.
+    inp_ones (..., ld): inp's memory with a column of ones at C (layout.with_ones_column). The
+    bias gradient is then row C of the product dout^T @ inp_ones, one product for both
+    gradients, as the CUDA backend computes them; the same sums, in another order.
+    exact_zero = (begin, end): rows of dbias left as they are, whose sums are exactly zero in
+    exact arithmetic (qkv's keys: qkv_bias_backward)."""
     OC, C = weight.shape
     dout2 = dout.reshape(-1, OC)
     # the weight's gradient first: dinp may be inp's own memory (the model's d_4C is the rebuilt
     # GELU output the fc projection's weight gradient reads)
-    if accumulate:
-        dweight += dout2.t() @ inp.reshape(-1, C)
+    if inp_ones is not None:
+        product = dout2.t() @ inp_ones.reshape(-1, inp_ones.shape[-1])
+        grad, column_sums = product[:, :C], product[:, C]
     else:
-        torch.matmul(dout2.t(), inp.reshape(-1, C), out=dweight)
+        grad, column_sums = dout2.t() @ inp.reshape(-1, C), None
+    if accumulate:
+        dweight += grad
+    else:
+        dweight.copy_(grad)
     if dbias is not None:
-        dbias += dout2.sum(dim=0)
+        column_sums = dout2.sum(dim=0) if column_sums is None else column_sums
+        if exact_zero is not None:
+            column_sums = column_sums.clone()
+            column_sums[exact_zero[0]:exact_zero[1]] = 0
+        dbias += column_sums
     if dinp is not None:
         torch.matmul(dout2, weight, out=dinp.view(-1, C))
     if dinp is not None and gelu_inp is not None:

@@ -16,7 +16,8 @@ import torch
 
 from distgpt.model.fp8 import GRADIENT, Fp8Matmuls, activation_recompute
 from distgpt.model.layout import (CLASSIFIER_CHUNK_ROWS, RESIDUAL_PROJECTIONS, ActivationPlan,
-                                  ParameterLayout, layer_tensors, recompute_levels)
+                                  ParameterLayout, layer_tensors, recompute_levels, takes_ones_column,
+                                  with_ones_column)
 
 INIT_STD = 0.02
 
@@ -49,9 +50,12 @@ class GPT2:
         self.g_layers = [layer_tensors(self.g, i) for i in range(m.n_layer)]
         # statistics (layernorm mean/rstd, attention logsumexp, losses) stay fp32 under bf16
         stat_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        # the backend's bias gradients from the weight-gradient products: the layernorm outputs
+        # sit beside a column of ones (layout.ONES_PAD)
+        self.ones_column = takes_ones_column(backend, fp8, B, T, m.n_embd)
         self.acts = ActivationPlan(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size, B, T,
                                    recompute, dtype, stat_dtype, self.device, classifier_chunk_rows,
-                                   recompute_layers)
+                                   recompute_layers, self.ones_column)
         self._saved = None  # (activations view, tokens) of the last forward, for backward
         self.logits = None  # (b, t, Vp) after a forward without targets
         self.token_losses = None  # (b, t) losses of each position after a forward with targets
@@ -221,18 +225,24 @@ class GPT2:
             self._matmul_backward(layer, "fcproj", d_4C, None, dres, fch_gelu, add, gelu_inp=a[f"fch.{layer}"],
                                   gelu_dbias=lg.fc_b)
             self._matmul_backward(layer, "fc", d_C, lg.fc_b, d_4C, ln2, add)
+            # (dproj_sum: the attention projection's bias sums, from which qkv_bias_backward
+            # takes the values' bias gradient; with ones columns the qkv product gives it)
             ops.layernorm_backward(dres, lg.ln2_w, lg.ln2_b, d_C, a[f"residual2.{layer}"],
                                    lp.ln2_w, a[f"ln2_mean.{layer}"], a[f"ln2_rstd.{layer}"],
                                    dproj_bias=lg.attproj_b, amax=self._amax(layer, GRADIENT, "attproj"),
-                                   dproj_sum=a["dproj_sum"])
+                                   dproj_sum=None if self.ones_column else a["dproj_sum"])
             # attention branch; dres is now d(residual2)
             self._matmul_backward(layer, "attproj", d_C, None, dres, a[f"atty.{layer}"], add)
             ops.attention_backward(d_3C, d_C, a[f"qkv.{layer}"], a[f"atty.{layer}"],
                                    a[f"att_lse.{layer}"], NH)
-            self._matmul_backward(layer, "qkv", d_C, None, d_3C, ln1, add)
-            # qkv's bias gradient: the queries' column sums, zero for the keys, and the values'
-            # from the projection's bias gradient of this backward (dproj_sum) through its weight
-            ops.qkv_bias_backward(lg.qkv_b, d_3C, a["dproj_sum"], lp.attproj_w)
+            if self.ones_column:
+                # qkv's bias gradient from its weight-gradient product, the keys' left at zero
+                self._matmul_backward(layer, "qkv", d_C, lg.qkv_b, d_3C, ln1, add)
+            else:
+                self._matmul_backward(layer, "qkv", d_C, None, d_3C, ln1, add)
+                # qkv's bias gradient: the queries' column sums, zero for the keys, and the values'
+                # from the projection's bias gradient of this backward (dproj_sum) through its weight
+                ops.qkv_bias_backward(lg.qkv_b, d_3C, a["dproj_sum"], lp.attproj_w)
             if layer_done is not None:
                 layer_done(layer)
             # dres becomes d(residual3) of the layer below, whose MLP projection added into it
@@ -260,6 +270,13 @@ class GPT2:
         the bias gradient of the layer below (fc), which the fp8 recipe takes with the GELU
         derivative."""
         weight, dweight = getattr(self.p_layers[layer], f"{m}_w"), getattr(self.g_layers[layer], f"{m}_w")
+        if self.fp8 is None and self.ones_column and m in ("qkv", "fc"):
+            # inp is a layernorm output beside its ones column: the bias gradient comes with the
+            # weight's, from one product (qkv's keys' rows left at their exact zero)
+            C = self.n_embd
+            self.ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate=accumulate,
+                                     inp_ones=with_ones_column(inp), exact_zero=(C, 2 * C) if m == "qkv" else None)
+            return
         if self.fp8 is None:
             self.ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp=gelu_inp,
                                      accumulate=accumulate)

@@ -147,6 +147,32 @@ def classifier_rows(B, T, chunk_rows=CLASSIFIER_CHUNK_ROWS):
     return min(B * T, max(T, chunk_rows))
 
 
+# The layernorm outputs the qkv and fc products read can sit beside a column of ones, rows
+# C + ONES_PAD apart (column C ones, the rest zeros, written once when the plan is made): the
+# weight-gradient product over them then also sums the output gradient over the tokens, which is
+# the bias gradient, with no pass of its own over a (B, T, 3C or 4C) gradient (the CUDA backend's
+# takes_bias_column says at which shapes that pays; matmul.weight_grad_bias_column). 8 keeps the rows 16 bytes apart;
+# with C + 1 rows cuBLASLt ran 4-5x slower, and rows 64 or 128 wider gained nothing at 124M or
+# 350M (benchmarks/bias_column_probe.py, H100, 2026-12-06).
+ONES_PAD = 8
+ONES_COLUMN_SLOTS = ("ln1", "ln2")
+
+
+def takes_ones_column(backend, fp8, B, T, C):
+    """Whether a model on this backend plans its layernorm outputs beside a column of ones: where
+    the backend takes bias gradients from the weight-gradient products at this shape (its
+    takes_bias_column(B * T, C); the fp8 path reads its own casts of those outputs, and keeps
+    the column-sum kernels)."""
+    takes = getattr(backend, "takes_bias_column", None)
+    return takes is not None and not fp8 and bool(takes(B * T, C))
+
+
+def with_ones_column(x):
+    """x (..., C), a layernorm output the plan keeps beside its ones column, as the (..., C +
+    ONES_PAD) tensor that includes the column: the same memory."""
+    return x.as_strided(tuple(x.shape[:-1]) + (x.stride(-2),), x.stride())
+
+
 # what each recompute level rebuilds in the backward instead of keeping per layer: the level
 # from which that activation is one buffer shared by the layers that rebuild it
 RECOMPUTED_FROM = {"fch_gelu": 1, "ln1": 2, "ln2": 2}
@@ -163,7 +189,7 @@ def recompute_levels(n_layer, recompute, recompute_layers=-1):
 
 
 def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
-                     chunk_rows=CLASSIFIER_CHUNK_ROWS, recompute_layers=-1):
+                     chunk_rows=CLASSIFIER_CHUNK_ROWS, recompute_layers=-1, ones_column=False):
     """(name, shape, is_statistic) of every activation buffer for a step at (B, T).
 
     Per-layer buffers are named `name.l`. A layer at recompute level 1 keeps no GELU output: the
@@ -171,8 +197,10 @@ def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute
     level 2 also shares the layernorm outputs, rebuilt from the saved residual, mean and rstd
     (levels per layer: recompute_levels). The buffers marked as statistics stay in fp32 on the
     GPU. `logits` is the lm head's (R, Vp) chunk scratch, R = classifier_rows(B, T, chunk_rows),
-    whatever the step's (b, t)."""
+    whatever the step's (b, t). ones_column: the layernorm outputs ln1 and ln2 are planned
+    ONES_PAD columns wider (ActivationPlan.view hands out their first C)."""
     C, NH, Vp = n_embd, n_head, padded_vocab_size
+    C_ln = C + ONES_PAD if ones_column else C
     R = classifier_rows(B, T, chunk_rows)
     levels = recompute_levels(n_layer, recompute, recompute_layers)
     slots = [("encoded", (B, T, C), False)]
@@ -181,7 +209,7 @@ def activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute
                  ("ln2_mean", (B, T), True), ("ln2_rstd", (B, T), True),
                  ("qkv", (B, T, 3 * C), False), ("atty", (B, T, C), False),
                  ("att_lse", (B, NH, T), True), ("fch", (B, T, 4 * C), False)]
-    rebuildable = [("fch_gelu", (B, T, 4 * C)), ("ln1", (B, T, C)), ("ln2", (B, T, C))]
+    rebuildable = [("fch_gelu", (B, T, 4 * C)), ("ln1", (B, T, C_ln)), ("ln2", (B, T, C_ln))]
     for layer in range(n_layer):
         slots += [(f"{name}.{layer}", shape, stat) for name, shape, stat in per_layer]
         slots += [(f"{name}.{layer}", shape, False) for name, shape in rebuildable
@@ -219,13 +247,21 @@ class ActivationPlan:
     buffers shaped for a smaller batch or sequence (validation, sampling) without allocating."""
 
     def __init__(self, n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
-                 dtype, stat_dtype, device, chunk_rows=CLASSIFIER_CHUNK_ROWS, recompute_layers=-1):
-        self.B, self.T, self.n_layer = B, T, n_layer
+                 dtype, stat_dtype, device, chunk_rows=CLASSIFIER_CHUNK_ROWS, recompute_layers=-1,
+                 ones_column=False):
+        self.B, self.T, self.n_layer, self.C = B, T, n_layer, n_embd
+        self.ones_column = ones_column
         self.slots = activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
-                                      chunk_rows, recompute_layers)
+                                      chunk_rows, recompute_layers, ones_column)
         self.offsets, sizes = pack_slots(self.slots)
         self.buffers = {False: torch.empty(sizes[False], dtype=dtype, device=device),
                         True: torch.empty(sizes[True], dtype=stat_dtype, device=device)}
+        for name, shape, stat in self.slots:  # the ones columns, once: nothing writes past C
+            if ones_column and name.split(".")[0] in ONES_COLUMN_SLOTS:
+                _, off = self.offsets[name]
+                padded = self.buffers[stat][off:off + _numel(shape)].view(shape)
+                padded[..., n_embd:].zero_()
+                padded[..., n_embd].fill_(1)
 
     def view(self, b, t):
         """name -> tensor for a (b, t) step, b <= B and t <= T. Every shape is (b, t, ...) except
@@ -241,6 +277,8 @@ class ActivationPlan:
                 shape = (b, t) + tuple(shape[2:])
             _, off = self.offsets[name]
             out[name] = self.buffers[stat][off:off + _numel(shape)].view(shape)
+            if self.ones_column and name.split(".")[0] in ONES_COLUMN_SLOTS:
+                out[name] = out[name][..., :self.C]  # with_ones_column() gives the whole rows
         out.setdefault("d_4C", out.get("fch_gelu"))  # one buffer when GELU is rebuilt (activation_slots)
         return out
 

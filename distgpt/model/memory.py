@@ -6,12 +6,13 @@ from distgpt.model.layout import ParameterLayout, activation_slots, pack_slots
 
 
 def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scratch=(), fp8=False,
-             recompute_layers=-1, master_dtype="fp32", fp8_weight_gradients=False):
+             recompute_layers=-1, master_dtype="fp32", fp8_weight_gradients=False, ones_column=False):
     """[(buffer, bytes)] for one rank: parameters, gradients, optimizer state, activations, the
     fp8 path's copies and scratch (fp8=True), and the backend's own scratch (backend_scratch:
     its estimate_scratch() rows, if it has any). master_dtype: how the backend stores AdamW's
     master weights (its master_dtype(dtype): None, or a torch dtype; "fp32": the reference's
-    fp32 masters for any dtype below fp32). fp8_weight_gradients: the fp8 path's larger scratch."""
+    fp32 masters for any dtype below fp32). fp8_weight_gradients: the fp8 path's larger scratch.
+    ones_column: the layernorm outputs planned beside a column of ones (layout.takes_ones_column)."""
     m = model_cfg
     layout = ParameterLayout(m.n_layer, m.n_embd, m.vocab_size, m.padded_vocab_size,
                              m.block_size, pad_multiple=world)
@@ -26,7 +27,8 @@ def estimate(model_cfg, B, T, recompute, dtype, world, zero_stage, backend_scrat
     kept = ("layernorm and GELU outputs in fp8 only" if fp8 and fp8_weight_gradients else
             f"recompute={recompute}{'' if recompute_layers < 0 else f' in {recompute_layers} layers'}")
     _, act_elems = pack_slots(activation_slots(m.n_layer, m.n_embd, m.n_head, m.padded_vocab_size,
-                                               B, T, plan_recompute, recompute_layers=plan_layers))
+                                               B, T, plan_recompute, recompute_layers=plan_layers,
+                                               ones_column=ones_column))
     return [("parameters", layout.total * elt),
             ("gradients", layout.total * elt),
             (f"AdamW m, v{master_name} (1/{world if zero_stage == 1 else 1} of the model)",

@@ -19,6 +19,25 @@ from distgpt.backends.cuda.encoder import EncoderGradients, encoder_forward, sor
 from distgpt.backends.cuda.matmul import WORKSPACE_BYTES, Matmuls, dgelu_line
 from distgpt.backends.cuda.norm import BLOCKS_PER_SM as NORM_BLOCKS_PER_SM, GlobalNorm, clip_scale, spike_guard
 from distgpt.backends.cuda.runtime import sm_count
+from distgpt.model.layout import ONES_PAD
+
+
+def bias_column_elements(C):
+    """The fp32 scratch of the widest bias-column product, fc's weight gradient: 4C rows of the
+    layernorm output's width with its ones column (layout.ONES_PAD)."""
+    return 4 * C * (C + ONES_PAD)
+
+
+# Where the fc and qkv bias gradients come from their weight-gradient products (over the
+# layernorm outputs with a column of ones beside them, layout.ONES_PAD) rather than the
+# column-sum kernels: from this many tokens of the micro-batch per channel on. What the ones save
+# grows with the tokens (the column sums' pass over a (B*T, 3C or 4C) gradient) and what they
+# cost with the width (a product ONES_PAD rows taller, whose answers cuBLASLt ranks otherwise,
+# and a pass over its (4C, C + ONES_PAD) result). Alternated on one H100 (2026-12-06, `distgpt
+# bench`, the ones against the column sums): 124M B=64 (85 tokens a channel) 107.9 / 107.6
+# against 108.4 / 109.9 ms; 350M B=32 (32) 153.7 against 153.9; 1558M B=16 (10) 317.0 / 320.9
+# against 315.8 / 312.9, where fc's weight gradient took 523 us a layer against 464.
+BIAS_COLUMN_TOKENS_PER_CHANNEL = 64
 
 
 class CudaBackend:
@@ -41,14 +60,23 @@ class CudaBackend:
         self.encoder_gradients = EncoderGradients(B * T, device)  # token sort buffers
         self.layernorm_gradients = layernorm.LayerNormGradients(C, device, self.bias_gradients)
         self.matmuls = self.make_matmuls()
-        # cuBLASLt handle and workspace, and the scratch the fc projection's weight (C, 4C) is
-        # transposed into where its dGELU product runs faster from the transpose (matmul.py)
-        self.matmuls.plan(device, transpose_elements=4 * C * C)
+        # cuBLASLt handle and workspace, the scratch the fc projection's weight (C, 4C) is
+        # transposed into where its dGELU product runs faster from the transpose, and the fp32
+        # scratch of the fc and qkv weight-gradient products over their ones columns (matmul.py)
+        self.matmuls.plan(device, transpose_elements=4 * C * C,
+                          bias_column_elements=bias_column_elements(C) if self.takes_bias_column(B * T, C) else 0)
         self.attention.plan(B, T, C, n_head, device)  # cuDNN graphs for (B, T) and their workspace
         self.norm = GlobalNorm(device)  # per-block squared-norm partials
         # fp8: the fused GELU cast's bias-gradient partials (fp8.gelu_partials_elements)
         self.fp8_gelu_partials = torch.empty(fp8.gelu_partials_elements(B * T, C), dtype=torch.float32,
                                              device=device)
+
+    @staticmethod
+    def takes_bias_column(tokens, C):
+        """Whether a model of width C planned for `tokens` a micro-batch (B * T) should keep ones
+        columns beside its layernorm outputs, for this backend to take the fc and qkv bias
+        gradients from the weight-gradient products (BIAS_COLUMN_TOKENS_PER_CHANNEL)."""
+        return tokens >= BIAS_COLUMN_TOKENS_PER_CHANNEL * C
 
     def make_matmuls(self):
         """The Matmuls for this backend's modes (no GPU work: plan() then plans its handle and
@@ -93,6 +121,7 @@ class CudaBackend:
         """[(what, bytes)] of the scratch plan() allocated."""
         parts = [("cuBLASLt workspace", self.matmuls),
                  ("fc projection weight transpose", None if self.matmuls is None else self.matmuls.weight_t),
+                 ("bias-column products", None if self.matmuls is None else self.matmuls.bias_column),
                  ("layernorm backward partials", self.layernorm_gradients),
                  ("bias gradient partials", self.bias_gradients), ("token sort buffers", self.encoder_gradients),
                  ("global norm partials", self.norm), ("fp8 GELU bias partials", self.fp8_gelu_partials)]
@@ -108,12 +137,14 @@ class CudaBackend:
         sms = sm_count(device)
         return [("cuBLASLt workspace", WORKSPACE_BYTES),
                 ("fc projection weight transpose", 2 * 4 * C * C),
+
                 ("layernorm backward partials", 4 * layernorm.partials_elements(C, sms)),
                 ("bias gradient partials", 4 * bias_partials(C, sms)),
                 ("token sort buffers", sort_buffer_bytes(B * T)),
                 ("global norm partials", 4 * NORM_BLOCKS_PER_SM * sms),
                 ("fp8 GELU bias partials", 4 * fp8.gelu_partials_elements(B * T, C)),
-                ("cuDNN attention workspace (estimate)", 4 * B * T * C)]
+                ("cuDNN attention workspace (estimate)", 4 * B * T * C)] + \
+            ([("bias-column products", 4 * bias_column_elements(C))] if CudaBackend.takes_bias_column(B * T, C) else [])
 
     def _planned(self, op, part):
         if part is None:
@@ -140,9 +171,10 @@ class CudaBackend:
     def matmul_forward(self, out, inp, weight, bias, gelu_out=None, residual=None):
         self._planned("matmul_forward", self.matmuls).forward(out, inp, weight, bias, gelu_out, residual)
 
-    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None, accumulate=True):
+    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None, accumulate=True, inp_ones=None,
+                        exact_zero=None):
         self._planned("matmul_backward", self.matmuls).backward(dinp, dweight, dbias, dout, inp, weight, gelu_inp,
-                                                                accumulate)
+                                                                accumulate, inp_ones, exact_zero)
 
     def bias_backward(self, dbias, dout):
         self._planned("bias_backward", self.bias_gradients).backward(dbias, dout)

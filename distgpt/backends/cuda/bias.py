@@ -17,7 +17,7 @@ gradient (reference.qkv_bias_backward says why), a third of the reads of summing
 import numpy as np
 import torch
 
-from distgpt.backends.cuda.runtime import KernelModule, check_tensor, ceil_div, i32, ptr, sm_count
+from distgpt.backends.cuda.runtime import KernelModule, check_tensor, ceil_div, i32, ptr, row_stride, sm_count
 
 COLS = 256          # columns per phase-1 block: 32 lanes x 8
 BIAS_WARPS = 8      # warps per phase-1 block
@@ -26,6 +26,7 @@ MIN_ROWS_PER_WARP = 4
 RED_Y = 16          # warp rows of the phase-2 reduction
 PROJ_WARPS = 32     # warps of a projected_bias_kernel block: C_out rows split 32 ways, one block per 256 columns
 PROJ_ROWS = 4       # rows each of its lanes loads before multiplying (loads in flight per lane)
+SPLIT_THREADS = 256  # threads a block of split_bias_column_*_kernel: a thread per 8 columns of a row
 KERNELS = KernelModule("bias", BIAS_WARPS=BIAS_WARPS, RED_Y=RED_Y, PROJ_WARPS=PROJ_WARPS, PROJ_ROWS=PROJ_ROWS)
 
 
@@ -54,6 +55,32 @@ def reduce_partials(dbias, partials, RB, OC, sums=None):
                    (ptr(dbias), ptr(sums), ptr(partials), i32(RB), i32(OC)))
 
 
+def split_bias_column(dweight, dbias, product, accumulate, exact_zero=None):
+    """dweight (OC, C) = (or += when accumulate) product[:, :C], dbias (OC,) += product[:, C]
+    except in rows exact_zero = (begin, end), left as they are: the weight and bias gradients
+    out of one product over an input with a column of ones at C (matmul.py's
+    weight_grad_bias_column). product (OC, ld) fp32 or bf16, ld > C."""
+    op = "split_bias_column"
+    check_tensor(op, "dweight", dweight)
+    check_tensor(op, "dbias", dbias)
+    OC, C = dweight.shape
+    if product.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{op}: product must be fp32 or bf16, got {product.dtype}")
+    check_tensor(op, "product", product, product.dtype)
+    if product.dim() != 2 or product.shape[0] != OC or product.shape[1] <= C or dbias.shape != (OC,):
+        raise ValueError(f"{op}: product {tuple(product.shape)} and dbias {tuple(dbias.shape)} must be (OC, > C) "
+                         f"and (OC,) for dweight {tuple(dweight.shape)}")
+    if C % 8 or (product.shape[1] * product.element_size()) % 16:
+        raise ValueError(f"{op}: C={C} and product's rows must be multiples of 16 bytes (128-bit access)")
+    skip_begin, skip_end = exact_zero or (0, 0)
+    if not 0 <= skip_begin <= skip_end <= OC:
+        raise ValueError(f"{op}: exact_zero rows {exact_zero} must lie within [0, {OC}]")
+    kind = "f32" if product.dtype == torch.float32 else "bf16"
+    KERNELS.launch(f"split_bias_column_{kind}_kernel", ceil_div(OC * (C // 8 + 1), SPLIT_THREADS), SPLIT_THREADS,
+                   (ptr(dweight), ptr(dbias), ptr(product), i32(OC), i32(C), np.int64(product.shape[1]),
+                    i32(bool(accumulate)), i32(skip_begin), i32(skip_end)))
+
+
 class BiasGradients:
     """The column-sum kernels and their partials, planned once for bias gradients up to 4C wide."""
 
@@ -75,7 +102,7 @@ class BiasGradients:
         OC = dout.shape[-1]
         if OC % 8:
             raise ValueError(f"{op}: OC={OC} must be a multiple of 8 (16-byte bf16 vectors)")
-        ld = _row_stride(op, dout)
+        ld = row_stride(op, "dout", dout)
         if sums is not None:
             check_tensor(op, "sums", sums, torch.float32)
             if sums.shape != dbias.shape:
@@ -109,21 +136,3 @@ class BiasGradients:
         self.backward(dbias[:C], dqkv[..., :C])
         KERNELS.launch("projected_bias_kernel", ceil_div(C, COLS), PROJ_WARPS * 32,
                        (ptr(dbias[2 * C:]), ptr(dproj_sum), ptr(attproj_weight), i32(C_out), i32(C)))
-
-
-def _row_stride(op, dout):
-    """Elements between dout's rows: dout (..., OC) bf16 on the GPU, its last dimension
-    contiguous and its rows evenly spaced (contiguous, or a column slice of a contiguous
-    tensor), 16-byte aligned."""
-    if dout.dtype != torch.bfloat16 or not dout.is_cuda:
-        raise ValueError(f"{op}: dout must be a bf16 CUDA tensor, got {dout.dtype} on {dout.device}")
-    if dout.dim() < 2:
-        check_tensor(op, "dout", dout)
-        return dout.shape[-1]
-    ld = dout.stride(-2)
-    evenly = dout.stride(-1) == 1 and all(dout.stride(d - 1) == dout.stride(d) * dout.shape[d]
-                                          for d in range(-2, -dout.dim(), -1))
-    if not evenly or ld < dout.shape[-1] or dout.data_ptr() % 16 or ld % 8:
-        raise ValueError(f"{op}: dout must be contiguous, or a column slice of a contiguous tensor with "
-                         f"16-byte aligned rows, got shape {tuple(dout.shape)}, strides {dout.stride()}")
-    return ld

@@ -32,10 +32,11 @@ at C = 768 (65536 rows) both ways, so the narrower models keep the row kernels.
 Measured on an H100 (kernel time, B*T = 32768, C = 768): layernorm_forward 36 us (2.8 TB/s;
 torch's layer_norm 70 us), layernorm_backward 73 + 3 us (2.7 TB/s counting inp, dout, dinp read
 and dinp written). At C = 1600, B*T = 16384: 40 and 93 + 3 us."""
+import numpy as np
 import torch
 
 from distgpt.backends.reference import LAYERNORM_EPS
-from distgpt.backends.cuda.runtime import KernelModule, check_scalars, check_tensor, ceil_div, i32, ptr
+from distgpt.backends.cuda.runtime import KernelModule, check_scalars, check_tensor, ceil_div, i32, ptr, row_stride
 
 CHUNK = 256          # channels one warp covers per 16-byte step (32 lanes x 8 bf16)
 MAX_C = 7 * CHUNK    # kernels exist for 1..7 chunks per lane (GPT-2 XL: C = 1600)
@@ -129,6 +130,7 @@ def _check_row_op(op, rows_like, stats, params):
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None, scale=None):
     """out (B,T,C) = (inp - mean) * rstd * weight + bias; mean, rstd (B,T) fp32 saved for backward.
+    A bf16 out may be a column slice of a wider tensor (rows evenly spaced, 16-byte aligned).
     amax (one fp32 element, fp8 runs): also amax = max(amax, max |out|). out float8_e4m3fn (with
     amax and scale, one fp32 element): out = fp8(bf16 output * scale), saturated, and the bf16
     output is never written (the reference's layernorm_forward with scale)."""
@@ -142,15 +144,18 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, amax=None, scale=None)
             raise ValueError(f"{op}: an e4m3 out must be a contiguous CUDA tensor of inp's shape, 8-byte aligned")
     elif scale is not None:
         raise ValueError(f"{op}: scale is for an e4m3 out (a bf16 out is not scaled)")
-    N, C = _check_row_op(op, [("inp", inp)] + ([] if out8 else [("out", out)]), [("mean", mean), ("rstd", rstd)],
-                         [("weight", weight), ("bias", bias)])
+    N, C = _check_row_op(op, [("inp", inp)], [("mean", mean), ("rstd", rstd)], [("weight", weight), ("bias", bias)])
+    # a bf16 out may be a column slice: the plan's layernorm outputs sit beside a column of ones
+    out_ld = C if out8 else row_stride(op, "out", out)
+    if not out8 and out.shape != inp.shape:
+        raise ValueError(f"{op}: out {tuple(out.shape)} must match inp {tuple(inp.shape)}")
     if amax is not None:
         check_scalars(op, amax=amax)
     if N == 0:
         return
     kind = "_fp8_kernel" if out8 else _kind(amax)
     args = (ptr(out), ptr(mean), ptr(rstd), ptr(inp), ptr(weight), ptr(bias), ptr(amax)) + \
-        ((ptr(scale),) if out8 else ()) + (i32(N), i32(C))
+        ((ptr(scale),) if out8 else ()) + (i32(N), i32(C)) + (() if out8 else (np.int64(out_ld),))
     KERNELS.launch(f"layernorm_forward{kind}_{ceil_div(C, CHUNK)}", ceil_div(N, FWD_WARPS), FWD_WARPS * 32, args)
 
 

@@ -10,8 +10,11 @@ do in the matmul what would otherwise be separate passes over the (B, T, 4C) act
   buffer than D): out = inp @ W^T + b + residual, so the next layernorm reads the sum alone
   (1558M B=16: layernorm forwards 22.1 -> 18.9 ms a step, about 1 ms of it back in the two
   products' reads of C; H100, 2026-11-23).
-The bias gradients stay on our column-sum kernel (bias.cu) or inside layernorm_backward:
-cuBLASLt's BGRADB epilogue runs as a separate reduction kernel that took 5.6 ms a step at 124M
+The bias gradients come from our column-sum kernel (bias.cu), from inside layernorm_backward, or,
+where the micro-batch has many tokens per channel (124M B=64), from the weight-gradient product
+itself: over the layernorm output with a column of ones beside it, the product's row C is the
+column sums (weight_grad_bias_column; layout.ONES_PAD says why the column is there, and the
+backend's takes_bias_column where it pays). cuBLASLt's BGRADB epilogue runs as a separate reduction kernel that took 5.6 ms a step at 124M
 B=64 against our 4.0 (H100, 2026-11-22), and it cannot write fp32 beside bf16 operands; its
 DGELU_BGRAD (the fc bias gradient with the dGELU product) took 1776 us against 633 + 160 for
 DGELU and our kernel at N = 65536, C = 768, and 1580 against 742 + 123 at N = 32768, C = 1024
@@ -65,8 +68,9 @@ could differ between two runs) and no atomics in cuBLASLt's reductions."""
 import numpy as np
 import torch
 
+from distgpt.backends.cuda.bias import split_bias_column
 from distgpt.backends.cuda.gelu import gelu_backward
-from distgpt.backends.cuda.runtime import check_tensor, interleaved_median_ms, median_ms
+from distgpt.backends.cuda.runtime import check_tensor, interleaved_median_ms, median_ms, row_stride
 from distgpt.backends.cuda.transpose import transpose
 from distgpt.config import DGELU_FORMS
 
@@ -138,8 +142,9 @@ class _Plan:
                  candidates=None):
         """attributes: further (MatmulDescAttribute, numpy scalar) pairs set before the heuristic;
         types: the data types of A and B (bf16, or fp8 with their scale pointers set), and of D
-        when a third is given (bf16 otherwise; C stays bf16: an fp8 D takes a bf16 C in cuBLASLt's
-        table of fp8 products); candidates: how many of the heuristic's answers to keep (the first
+        when a third is given (bf16 otherwise; C has D's type, but stays bf16 under an fp8 D,
+        which takes a bf16 C in cuBLASLt's table of fp8 products; an fp32 D over bf16 operands
+        is the bias-column product's); candidates: how many of the heuristic's answers to keep (the first
         is the default algorithm)."""
         (epilogue, transa, transb, m, n, k, lda, ldb, ldd, aux_ld, aligns) = key
         candidates = CANDIDATES if candidates is None else candidates  # read at plan time (probes change it)
@@ -162,8 +167,11 @@ class _Plan:
         rows_b, cols_b = (k, n) if transb == OP_N else (n, k)
         self.a = lt.matrix_layout_create(types[0], rows_a, cols_a, lda)
         self.b = lt.matrix_layout_create(types[1], rows_b, cols_b, ldb)
-        self.c = lt.matrix_layout_create(CUDA_R_16BF, m, n, ldd)
-        self.d = self.c if len(types) < 3 else lt.matrix_layout_create(types[2], m, n, ldd)
+        # C is D's type, except under an fp8 D, which takes a bf16 C in cuBLASLt's table
+        d_type = CUDA_R_16BF if len(types) < 3 else types[2]
+        c_type = CUDA_R_16BF if d_type in FP8_TYPES.values() else d_type
+        self.c = lt.matrix_layout_create(c_type, m, n, ldd)
+        self.d = self.c if c_type == d_type else lt.matrix_layout_create(d_type, m, n, ldd)
         pref = lt.matmul_preference_create()
         P = lt.MatmulPreferenceAttribute
         self._set_pref(pref, P.MAX_WORKSPACE_BYTES, np.uint64(workspace_bytes))
@@ -219,6 +227,7 @@ class Matmuls:
         self.plans = {}
         self.workspace = None
         self.weight_t = None  # planned scratch for a weight's transpose (the "transposed" dGELU form)
+        self.bias_column = None  # planned fp32 scratch for the bias-column product (weight_grad_bias_column)
         self._one = np.ones(1, dtype=np.float32)
         self._zero = np.zeros(1, dtype=np.float32)
 
@@ -226,7 +235,7 @@ class Matmuls:
     def nbytes(self):
         return 0 if self.workspace is None else self.workspace.nbytes
 
-    def plan(self, device, transpose_elements=0):
+    def plan(self, device, transpose_elements=0, bias_column_elements=0):
         """The handle and the workspace (32 MiB), shared by every matmul; with transpose_elements,
         also the scratch a weight of up to that many elements is transposed into for the
         "transposed" dGELU form (the model's largest: the fc projection's 4C * C). Without it
@@ -236,6 +245,8 @@ class Matmuls:
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.weight_t = (torch.empty(transpose_elements, dtype=torch.bfloat16, device=device)
                          if transpose_elements else None)
+        self.bias_column = (torch.empty(bias_column_elements, dtype=torch.float32, device=device)
+                            if bias_column_elements else None)
 
     def _require_plan(self, op):
         if self.lt is None:
@@ -319,11 +330,13 @@ class Matmuls:
     def forward(self, out, inp, weight, bias, gelu_out=None, residual=None):
         """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (+ residual (..., OC), added in
         the epilogue as cuBLASLt's C with beta = 1: the projections write the residual sum);
-        with gelu_out also gelu(out)."""
+        with gelu_out also gelu(out). inp may be a column slice (rows evenly spaced: the
+        layernorm outputs beside their ones column)."""
         OC, C = weight.shape
         N = inp.numel() // C
-        for name, t in (("out", out), ("inp", inp), ("weight", weight)):
+        for name, t in (("out", out), ("weight", weight)):
             check_tensor("matmul_forward", name, t)
+        ld_inp = row_stride("matmul_forward", "inp", inp)  # a layernorm output beside its ones column
         self._check_residual("matmul_forward", residual, out, gelu_out)
         if N == 0:
             return
@@ -337,7 +350,7 @@ class Matmuls:
             epilogue = Lt.GELU_AUX_BIAS
         else:
             epilogue = Lt.DEFAULT if bias is None else Lt.BIAS
-        key = (int(epilogue), OP_T, OP_N, OC, N, C, C, C, OC, OC if gelu_out is not None else 0,
+        key = (int(epilogue), OP_T, OP_N, OC, N, C, C, ld_inp, OC, OC if gelu_out is not None else 0,
                tuple(_alignment(t) for t in (weight, inp, result if residual is None else residual, result)))
         A = self.lt.MatmulDescAttribute
         pointers = {}
@@ -491,19 +504,30 @@ class Matmuls:
                   c=residual if residual is not None else c)
 
     # ---------------------------------------------------------------- backward
-    def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None, accumulate=True):
+    def backward(self, dinp, dweight, dbias, dout, inp, weight, gelu_inp=None, accumulate=True, inp_ones=None,
+                 exact_zero=None):
         """dinp = dout @ weight (overwrites; times gelu'(gelu_inp) when given); dweight += dout^T @
         inp; dbias += the column sums of dout (bias.cu). dinp None: dweight and dbias only (fp8
         runs take dinp from backward_input_fp8). dinp is written last, so it may be inp.
-        accumulate False: dweight = dout^T @ inp (beta 0: overwritten, never read)."""
+        accumulate False: dweight = dout^T @ inp (beta 0: overwritten, never read).
+        inp_ones (..., ld), inp's memory with its column of ones at C: dweight and dbias then come
+        from one fp32 product over it (weight_grad_bias_column), and dbias's rows exact_zero =
+        (begin, end) are left as they are (qkv's keys, whose sums are exactly zero)."""
         OC, C = weight.shape
         N = dout.numel() // OC
-        for name, t in (("dinp", dinp), ("dweight", dweight), ("dout", dout), ("inp", inp), ("weight", weight)):
+        for name, t in (("dinp", dinp), ("dweight", dweight), ("dout", dout), ("weight", weight)):
             if t is not None or name != "dinp":
                 check_tensor("matmul_backward", name, t)
+        row_stride("matmul_backward", "inp", inp)
         if N == 0:
             return
         self._require_plan("matmul_backward")
+        if inp_ones is not None and dbias is not None:
+            self.weight_grad_bias_column(dweight, dbias, dout, inp_ones, accumulate, exact_zero=exact_zero)
+            if dinp is not None:
+                self._input_gradient(dinp, dout, weight, gelu_inp)
+            return
+        check_tensor("matmul_backward", "inp", inp)
         E = self.lt.Epilogue
         # dW^T (C, OC) += inp^T (C, N) @ dout (N, OC): beta = 1 accumulates (an fp32 sum inside
         # cuBLASLt, one rounding to bf16); beta = 0 writes, the same plan and algorithm. First:
@@ -517,6 +541,46 @@ class Matmuls:
             self.bias_gradients.backward(dbias, dout)
         if dinp is not None:
             self._input_gradient(dinp, dout, weight, gelu_inp)
+
+    def weight_grad_bias_column(self, dweight, dbias, dout, inp_ones, accumulate=True, product=None,
+                                exact_zero=None):
+        """dweight (OC, C) += dout^T @ inp and dbias (OC,) += the column sums of dout, both from one
+        product: inp_ones (..., ld) holds inp in its first C columns and ones in column C (the
+        activation plan keeps such a column beside the layernorm outputs the fc and qkv
+        products read), so row C of the product inp_ones^T @ dout sums dout over the tokens.
+        The product goes to planned fp32 scratch (OC, ld) (or `product`, fp32 or bf16: probes),
+        and one pass (bias.split_bias_column) moves it into dweight (= when not accumulate) and
+        adds its bias column into dbias: no pass over dout of its own, which the column-sum
+        kernel spends on a (B, T, OC) gradient. An fp32 product keeps the rounding of
+        backward()'s: one fp32 sum, with dweight's old value when accumulating, rounded once; so
+        writing dweight is bitwise adding to zeros, as with the plain product (a bf16 product
+        ran 20 us faster at 124M's fc, but would round twice when accumulating and take
+        another algorithm when writing).
+        exact_zero = (begin, end): rows of dbias left as they are."""
+        op = "matmul_weight_grad_bias_column"
+        for name, t in (("dweight", dweight), ("dbias", dbias), ("dout", dout), ("inp_ones", inp_ones)):
+            check_tensor(op, name, t)
+        OC, C = dweight.shape
+        ld = inp_ones.shape[-1]
+        N = inp_ones.numel() // ld
+        if ld <= C or ld % 8 or dout.numel() != N * OC or dbias.shape != (OC,):
+            raise ValueError(f"{op}: inp_ones (..., {ld}), dout (..., {dout.shape[-1]}) and dbias {tuple(dbias.shape)} "
+                             f"do not fit dweight {tuple(dweight.shape)}: want ld > C a multiple of 8, N x OC, (OC,)")
+        if N == 0:
+            return
+        self._require_plan(op)
+        if product is None:
+            if self.bias_column is None or self.bias_column.numel() < OC * ld:
+                raise RuntimeError(f"{op}: plan(bias_column_elements=...) planned no scratch for {OC} x {ld}")
+            product = self.bias_column[:OC * ld].view(OC, ld)
+        # product^T (ld, OC) = inp_ones^T (ld, N) @ dout (N, OC), column-major. All ld rows, the
+        # zeros past the ones too: with C + 1 rows (not a multiple of 8) cuBLASLt's answers ran
+        # 4-5x slower at every GPT-2 shape (benchmarks/bias_column_probe.py, H100, 2026-12-06)
+        key = (int(self.lt.Epilogue.DEFAULT), OP_N, OP_T, ld, OC, N, ld, OC, ld, 0,
+               tuple(_alignment(t) for t in (inp_ones, dout, product, product)))
+        d_type = CUDA_R_32F if product.dtype == torch.float32 else CUDA_R_16BF
+        self._run(self._get(key, {}, types=(CUDA_R_16BF, CUDA_R_16BF, d_type)), inp_ones, dout, product, beta=False)
+        split_bias_column(dweight, dbias, product, accumulate, exact_zero)
 
     def _input_gradient(self, dinp, dout, weight, gelu_inp):
         """dinp = dout @ weight, times gelu'(gelu_inp) when given (the DGELU epilogue on the

@@ -139,6 +139,24 @@ def check_tensor(op, name, t, dtype=torch.bfloat16):
         raise ValueError(f"{op}: {name} must be 16-byte aligned for 128-bit access")
 
 
+def row_stride(op, name, t):
+    """Elements between t's rows: t (..., C) bf16 on the GPU, its last dimension contiguous and
+    its rows evenly spaced (contiguous, or a column slice of a contiguous tensor: the queries'
+    part of dqkv, a layernorm output beside its ones column), 16-byte aligned."""
+    if t.dtype != torch.bfloat16 or not t.is_cuda:
+        raise ValueError(f"{op}: {name} must be a bf16 CUDA tensor, got {t.dtype} on {t.device}")
+    if t.dim() < 2:
+        check_tensor(op, name, t)
+        return t.shape[-1]
+    ld = t.stride(-2)
+    evenly = t.stride(-1) == 1 and all(t.stride(d - 1) == t.stride(d) * t.shape[d]
+                                       for d in range(-2, -t.dim(), -1))
+    if not evenly or ld < t.shape[-1] or t.data_ptr() % 16 or ld % 8:
+        raise ValueError(f"{op}: {name} must be contiguous, or a column slice of a contiguous tensor with "
+                         f"16-byte aligned rows, got shape {tuple(t.shape)}, strides {t.stride()}")
+    return ld
+
+
 def check_scalars(op, **tensors):
     """Device scalars the kernels read or merge into (fp8 amaxes, scales, inverse scales): each
     one fp32 CUDA element."""
