@@ -149,6 +149,9 @@ def test_weight_grad_bias_column_refuses_what_it_cannot_do(mm):
         mm.weight_grad_bias_column(bf16(64, 32), bf16(64), bf16(16, 64), bf16(16, 32))  # no room for ones
     with pytest.raises(RuntimeError, match="planned no scratch"):
         mm.weight_grad_bias_column(bf16(64, 32), bf16(64), bf16(16, 64), bf16(16, 40))
+    inp = bf16(16, 40)
+    with pytest.raises(ValueError, match="inp's own rows"):  # a ones column that is not beside inp
+        mm.backward(None, bf16(64, 32), bf16(64), bf16(16, 64), inp[:, :32], bf16(64, 32), inp_ones=bf16(16, 40))
 
 
 def test_dgelu_auto_measures_once_and_keeps_its_choice(mm, monkeypatch):

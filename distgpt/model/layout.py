@@ -150,10 +150,11 @@ def classifier_rows(B, T, chunk_rows=CLASSIFIER_CHUNK_ROWS):
 # The layernorm outputs the qkv and fc products read can sit beside a column of ones, rows
 # C + ONES_PAD apart (column C ones, the rest zeros, written once when the plan is made): the
 # weight-gradient product over them then also sums the output gradient over the tokens, which is
-# the bias gradient, with no pass of its own over a (B, T, 3C or 4C) gradient (the CUDA backend's
-# takes_bias_column says at which shapes that pays; matmul.weight_grad_bias_column). 8 keeps the rows 16 bytes apart;
-# with C + 1 rows cuBLASLt ran 4-5x slower, and rows 64 or 128 wider gained nothing at 124M or
-# 350M (benchmarks/bias_column_probe.py, H100, 2026-12-06).
+# the bias gradient, with no pass of its own over a (B, T, 3C or 4C) gradient
+# (matmul.weight_grad_bias_column; the CUDA backend's takes_bias_column says at which shapes that
+# pays). 8 keeps the rows 16 bytes apart; with C + 1 rows cuBLASLt ran 4-5x slower, and rows 64
+# or 128 wider were slower than 8 at 124M and 350M (benchmarks/bias_column_probe.py, H100,
+# 2026-12-06).
 ONES_PAD = 8
 ONES_COLUMN_SLOTS = ("ln1", "ln2")
 

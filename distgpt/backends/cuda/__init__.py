@@ -137,7 +137,6 @@ class CudaBackend:
         sms = sm_count(device)
         return [("cuBLASLt workspace", WORKSPACE_BYTES),
                 ("fc projection weight transpose", 2 * 4 * C * C),
-
                 ("layernorm backward partials", 4 * layernorm.partials_elements(C, sms)),
                 ("bias gradient partials", 4 * bias_partials(C, sms)),
                 ("token sort buffers", sort_buffer_bytes(B * T)),

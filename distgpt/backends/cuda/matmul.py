@@ -14,9 +14,10 @@ The bias gradients come from our column-sum kernel (bias.cu), from inside layern
 where the micro-batch has many tokens per channel (124M B=64), from the weight-gradient product
 itself: over the layernorm output with a column of ones beside it, the product's row C is the
 column sums (weight_grad_bias_column; layout.ONES_PAD says why the column is there, and the
-backend's takes_bias_column where it pays). cuBLASLt's BGRADB epilogue runs as a separate reduction kernel that took 5.6 ms a step at 124M
-B=64 against our 4.0 (H100, 2026-11-22), and it cannot write fp32 beside bf16 operands; its
-DGELU_BGRAD (the fc bias gradient with the dGELU product) took 1776 us against 633 + 160 for
+backend's takes_bias_column where it pays). cuBLASLt's BGRADB epilogue runs as a separate
+reduction kernel that took 5.6 ms a step at 124M B=64 against our 4.0 (H100, 2026-11-22), and it
+cannot write fp32 beside bf16 operands; its DGELU_BGRAD (the fc bias gradient with the dGELU
+product) took 1776 us against 633 + 160 for
 DGELU and our kernel at N = 65536, C = 768, and 1580 against 742 + 123 at N = 32768, C = 1024
 (benchmarks/matmul_epilogue_probe.py, H100, 2026-11-22). Timing every one of the heuristic's
 answers does not change that (H100, 2026-11-23): DGELU_BGRAD 1796 us against 613 + 178, and the
@@ -523,6 +524,9 @@ class Matmuls:
             return
         self._require_plan("matmul_backward")
         if inp_ones is not None and dbias is not None:
+            if inp_ones.data_ptr() != inp.data_ptr() or inp_ones.shape[:-1] != inp.shape[:-1]:
+                raise ValueError("matmul_backward: inp_ones must be inp's own rows with their ones column "
+                                 "(layout.with_ones_column(inp))")
             self.weight_grad_bias_column(dweight, dbias, dout, inp_ones, accumulate, exact_zero=exact_zero)
             if dinp is not None:
                 self._input_gradient(dinp, dout, weight, gelu_inp)
