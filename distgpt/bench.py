@@ -41,7 +41,8 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
                     deterministic=False, profile_steps=0, profile_trace=None, cuda_graphs=True,
                     pause_s=0.0, rendezvous="", overlap="auto", bucket_mb=None, gather_in_forward="auto",
                     fp8=False, fp8_gradients="e4m3", tune_matmuls=True, recompute_layers=-1,
-                    fp8_weight_gradients=None, fp8_scaling=None, fp8_switches=None, dgelu=None):
+                    fp8_weight_gradients=None, fp8_scaling=None, fp8_switches=None, dgelu=None,
+                    bias_column=None):
     from distgpt.backends import get_backend
     from distgpt.parallel.bootstrap import bootstrap
     from distgpt.model.gpt2 import GPT2
@@ -61,6 +62,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
     dist = dist or bootstrap("cuda", comm_timeout_s=cfg.comm_timeout_s, rendezvous=rendezvous)
     backend = get_backend("cuda")
     backend.set_deterministic(deterministic)
+    backend.set_bias_column(bias_column or cfg.matmul_bias_column)  # before the model: its plan depends on it
     torch.cuda.reset_peak_memory_stats()
     model = GPT2(cfg.model, backend, B, T, torch.bfloat16, dist.device, recompute,
                  pad_multiple=dist.world, fp8=fp8, fp8_gradients=fp8_gradients, recompute_layers=recompute_layers,
@@ -150,7 +152,7 @@ def measure_distgpt(model_name, B, T, steps, warmup, recompute, accum=1, zero_st
             "recompute_layers": recompute_layers,
             "accum": accum, "world": dist.world, "zero_stage": zero_stage, "deterministic": deterministic,
             "cuda_graphs": cuda_graphs, "fp8": fp8, "fp8_weight_gradients": fp8_weight_gradients, "fp8_scaling": fp8_scaling, **fp8_switches, "tune_matmuls": backend.matmuls.tune,
-            "dgelu": backend.matmuls.dgelu, "dgelu_choices": backend.matmuls.dgelu_report(), "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
+            "dgelu": backend.matmuls.dgelu, "dgelu_choices": backend.matmuls.dgelu_report(), "bias_column": model.ones_column, "overlap": overlap, "gather_in_forward": gather_in_forward, "buckets": len(dp.buckets), "step_s": statistics.median(slowest), "steps": steps,
             "step_ms_each": [round(1000 * t, 3) for t in slowest], "pause_s": pause_s,
             "num_params": model.num_parameters, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
             "device_used_gb": max(r["device_used_gb"] for r in ranks),
@@ -252,6 +254,10 @@ def main(argv=None):
                         "epilogue on the stored weight (fused), on its transpose (transposed), or the plain "
                         "product and our GELU-derivative kernel (split); default: the config's matmul_dgelu, "
                         "auto: each timed once per shape (fused when --deterministic)")
+    p.add_argument("--bias-column", choices=("auto", "true", "false"), default=None,
+                   help="the fc and qkv bias gradients from their weight-gradient products over ones "
+                        "columns (true) or a column-sum pass (false); default: the config's "
+                        "matmul_bias_column, auto: from 64 tokens of the micro-batch a channel")
     p.add_argument("--overlap", choices=("auto", "true", "false"), default="auto",
                    help="sum each gradient bucket over ranks during the backward (overlap_comm; auto: "
                         "when the ranks span nodes or NCCL runs over its socket transport)")
@@ -294,7 +300,8 @@ def main(argv=None):
                                   bucket_mb=a.bucket_mb, gather_in_forward=a.gather_in_forward, fp8=a.fp8,
                                   fp8_gradients=a.fp8_gradients, tune_matmuls=not a.no_tune,
                                   recompute_layers=a.recompute_layers, fp8_weight_gradients=a.fp8_wgrad,
-                                  fp8_scaling=a.fp8_scaling, fp8_switches=fp8_switches, dgelu=a.dgelu))
+                                  fp8_scaling=a.fp8_scaling, fp8_switches=fp8_switches, dgelu=a.dgelu,
+                                  bias_column=a.bias_column))
     if not r.pop("is_main"):
         return 0
     if a.json:
@@ -313,6 +320,8 @@ def main(argv=None):
         from distgpt.backends.cuda.matmul import dgelu_line
         for choice in r["dgelu_choices"]:
             print(dgelu_line(choice), flush=True)
+        print("fc and qkv bias gradients: " + ("from the weight-gradient products (ones columns)" if r["bias_column"]
+                                               else "column sums"), flush=True)
         if "profile" in r:
             from distgpt.profile import format_profile
             rank = " (rank 0)" if r["world"] > 1 else ""

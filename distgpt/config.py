@@ -114,6 +114,11 @@ class Config:
     #                            derivative: auto (each form timed once per shape, the fastest
     #                            kept; fused when deterministic) | fused | transposed | split, to
     #                            pin one where `distgpt bench` shows auto misjudging your GPU
+    matmul_bias_column: str = "auto"  # backend=cuda: the fc and qkv bias gradients from their
+    #                                  weight-gradient products, over the layernorm outputs kept
+    #                                  beside a column of ones (true), or from a column-sum pass
+    #                                  (false); auto: from 64 tokens of the micro-batch a channel
+    #                                  (124M at B=64), where it measured faster
     fp8: bool = False  # the transformer blocks' matmuls with fp8 operands (e4m3 weights and
     #                    activations, per-tensor scales; the lm head, master weights and AdamW
     #                    unchanged); backend=cuda needs Hopper/Ada. The fp8_* defaults below are the
@@ -294,7 +299,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"seed={cfg.seed} must be >= 0 (it seeds the weights and the data order)")
     if cfg.zero_stage not in (0, 1):
         raise ConfigError(f"zero_stage={cfg.zero_stage}: choose 0 (all-reduce) or 1 (sharded AdamW)")
-    for name in ("overlap_comm", "gather_in_forward"):
+    for name in ("overlap_comm", "gather_in_forward", "matmul_bias_column"):
         if str(getattr(cfg, name)).lower() not in ("auto", "true", "false"):
             raise ConfigError(f"{name}={getattr(cfg, name)}: choose auto, true or false")
     if not cfg.bucket_mb > 0:

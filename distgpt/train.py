@@ -90,6 +90,7 @@ class Trainer:
         self.backend = get_backend(cfg.backend)  # allocates nothing until the model plans it
         self.backend.set_deterministic(cfg.deterministic)
         self.backend.set_dgelu(cfg.matmul_dgelu)
+        self.backend.set_bias_column(cfg.matmul_bias_column)  # before the memory plan: it changes it
         scratch = getattr(self.backend, "estimate_scratch", None)
         scratch_rows = [] if scratch is None else scratch(self.B, self.T, cfg.model.n_embd, cfg.model.n_head,
                                                            dist.device)

@@ -258,7 +258,7 @@ def test_scratch_estimate_is_what_plan_takes(Bs):
     from distgpt.backends.cuda import CudaBackend
     backend = CudaBackend()
     Ts, C, n_head = 1024, 768, 12
-    assert CudaBackend.takes_bias_column(Bs * Ts, C) == (Bs == 64)
+    assert backend.takes_bias_column(Bs * Ts, C) == (Bs == 64)
     estimate = dict(backend.estimate_scratch(Bs, Ts, C, n_head, "cuda"))
     backend.plan(Bs, Ts, C, n_head, "cuda")
     taken = dict(backend.scratch())

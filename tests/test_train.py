@@ -310,6 +310,7 @@ def test_finished_run_says_so(tmp_path, shards, capsys):
     ("train.recompute=2 train.recompute_layers=99", "choose 0 to n_layer="),
     ("fp8_scaling=late", "fp8_scaling=late: choose current or delayed"),
     ("matmul_dgelu=epilogue", "matmul_dgelu=epilogue: choose one of auto, fused, transposed, split"),
+    ("matmul_bias_column=sometimes", "matmul_bias_column=sometimes: choose auto, true or false"),
     ("fp8_amax_history=0", "fp8_amax_history=0 must be >= 1"),
     ("fp8_margin=-1", "fp8_margin=-1 must be in 0..8"),
     ("fp8=true fp8_weight_gradients=true train.micro_batch=1 train.seq_len=20 train.total_batch_tokens=20",

@@ -177,6 +177,11 @@ def set_dgelu(form):
     computes that product one way, exactly."""
 
 
+def set_bias_column(mode):
+    """matmul_bias_column: where the CUDA backend takes the fc and qkv bias gradients from; the
+    reference sums the columns (a model built on it keeps no ones columns)."""
+
+
 def timed_choices():
     """The reference times nothing: no choices to report (the CUDA backend's, for the run log)."""
     return []

@@ -38,6 +38,7 @@ def bias_column_elements(C):
 # against 108.4 / 109.9 ms; 350M B=32 (32) 153.7 against 153.9; 1558M B=16 (10) 317.0 / 320.9
 # against 315.8 / 312.9, where fc's weight gradient took 523 us a layer against 464.
 BIAS_COLUMN_TOKENS_PER_CHANNEL = 64
+BIAS_COLUMN_MODES = ("auto", "true", "false")
 
 
 class CudaBackend:
@@ -47,6 +48,7 @@ class CudaBackend:
         self.attention = Attention()
         self.deterministic = False
         self.dgelu = "auto"  # the dGELU form asked for (matmul_dgelu); Matmuls.dgelu_mode resolves it
+        self.bias_column = "auto"  # matmul_bias_column: where the fc and qkv bias gradients come from
         self.matmuls = None  # made by plan(), with the bias gradients' kernels
         self.encoder_gradients = self.layernorm_gradients = self.bias_gradients = self.norm = None
         self.fp8_gelu_partials = None
@@ -71,12 +73,22 @@ class CudaBackend:
         self.fp8_gelu_partials = torch.empty(fp8.gelu_partials_elements(B * T, C), dtype=torch.float32,
                                              device=device)
 
-    @staticmethod
-    def takes_bias_column(tokens, C):
+    def takes_bias_column(self, tokens, C):
         """Whether a model of width C planned for `tokens` a micro-batch (B * T) should keep ones
         columns beside its layernorm outputs, for this backend to take the fc and qkv bias
-        gradients from the weight-gradient products (BIAS_COLUMN_TOKENS_PER_CHANNEL)."""
+        gradients from the weight-gradient products: as matmul_bias_column says, and under
+        "auto" from BIAS_COLUMN_TOKENS_PER_CHANNEL tokens a channel on."""
+        if self.bias_column != "auto":
+            return self.bias_column == "true"
         return tokens >= BIAS_COLUMN_TOKENS_PER_CHANNEL * C
+
+    def set_bias_column(self, mode):
+        """matmul_bias_column: auto | true | false, before the model is built (its activation
+        plan depends on it)."""
+        mode = str(mode).lower()
+        if mode not in BIAS_COLUMN_MODES:
+            raise ValueError(f"matmul_bias_column={mode}: choose one of {', '.join(BIAS_COLUMN_MODES)}")
+        self.bias_column = mode
 
     def make_matmuls(self):
         """The Matmuls for this backend's modes (no GPU work: plan() then plans its handle and
@@ -128,8 +140,7 @@ class CudaBackend:
         rows = [(name, part.nbytes) for name, part in parts if part is not None]
         return rows + [("cuDNN attention workspace", self.attention.workspace_bytes)]
 
-    @staticmethod
-    def estimate_scratch(B, T, C, n_head, device):
+    def estimate_scratch(self, B, T, C, n_head, device):
         """[(what, bytes)] plan() will allocate, from the shapes alone. cuDNN sizes its attention
         workspace itself when it builds the graphs; its backward accumulates dQ in fp32, B*T*C
         floats, which is what it asked for at GPT-2's shapes on an H100 (195 MiB at 124M, B=64),
@@ -143,7 +154,7 @@ class CudaBackend:
                 ("global norm partials", 4 * NORM_BLOCKS_PER_SM * sms),
                 ("fp8 GELU bias partials", 4 * fp8.gelu_partials_elements(B * T, C)),
                 ("cuDNN attention workspace (estimate)", 4 * B * T * C)] + \
-            ([("bias-column products", 4 * bias_column_elements(C))] if CudaBackend.takes_bias_column(B * T, C) else [])
+            ([("bias-column products", 4 * bias_column_elements(C))] if self.takes_bias_column(B * T, C) else [])
 
     def _planned(self, op, part):
         if part is None:
