@@ -17,7 +17,7 @@ Measured on an H100 (2026-12-06, --pads 8 64 128; one run, about +-30 us between
 B=64 the fc form 672 us with the column sums against 582 (fp32) / 560 (bf16) with the ones at
 pad 8, qkv 530 (the step's form) against 435 / 471; at 1558M B=16 fc 645 against 700 / 642, and
 in the step itself the ones lost there (layout.py, backends/cuda/__init__.py's
-BIAS_COLUMN_TOKENS_PER_CHANNEL). With C + 1 rows (no padding) every product ran 4-5x slower.
+BIAS_COLUMN_MAX_C). With C + 1 rows (no padding) every product ran 4-5x slower.
 """
 import argparse
 

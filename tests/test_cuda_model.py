@@ -249,16 +249,17 @@ def test_fp8_recipe_with_delayed_weight_scales_trains_as_with_current_ones():
     recipe_trains_as_without("delayed_weights", first_equal=2, accum=2, reuse_weights=True)
 
 
-@pytest.mark.parametrize("Bs", [4, 64])
-def test_scratch_estimate_is_what_plan_takes(Bs):
+@pytest.mark.parametrize("ones", ["false", "auto"])
+def test_scratch_estimate_is_what_plan_takes(ones):
     """The memory plan a run prints counts the backend's scratch before anything exists: each
     kernel's partials and the cuBLASLt workspace exactly, cuDNN's attention workspace (which
-    cuDNN sizes when it builds the graphs) within a quarter of the estimate, at 124M shapes
-    without and with the bias-column products' scratch (B=64 takes the bias columns)."""
+    cuDNN sizes when it builds the graphs) within a quarter of the estimate, at a 124M shape,
+    without and with the bias-column products' scratch (auto takes the bias columns at 124M)."""
     from distgpt.backends.cuda import CudaBackend
     backend = CudaBackend()
-    Ts, C, n_head = 1024, 768, 12
-    assert backend.takes_bias_column(Bs * Ts, C) == (Bs == 64)
+    backend.set_bias_column(ones)
+    Bs, Ts, C, n_head = 4, 1024, 768, 12
+    assert backend.takes_bias_column(Bs * Ts, C) == (ones == "auto")
     estimate = dict(backend.estimate_scratch(Bs, Ts, C, n_head, "cuda"))
     backend.plan(Bs, Ts, C, n_head, "cuda")
     taken = dict(backend.scratch())

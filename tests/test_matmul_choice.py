@@ -184,21 +184,21 @@ def test_cuda_backend_keeps_a_pinned_dgelu_form_across_plan_and_the_deterministi
     assert backend.matmuls.dgelu == "auto" and backend.matmuls.tune is True
 
 
-def test_cuda_backend_takes_the_bias_column_where_the_micro_batch_has_many_tokens_a_channel(monkeypatch):
-    """matmul_bias_column=auto: ones columns from 64 tokens a channel (124M at B=64, not at B=32;
-    not 1558M at B=16); true and false pin it either way, and the scratch estimate follows (the
-    fp32 product of fc's weight gradient, 4C x (C + 8)). No GPU is touched."""
+def test_cuda_backend_takes_the_bias_column_up_to_its_width(monkeypatch):
+    """matmul_bias_column=auto: ones columns up to 1024 channels (124M and 350M at any batch, not
+    1558M); true and false pin it either way, and the scratch estimate follows (the fp32 product
+    of fc's weight gradient, 4C x (C + 8)). No GPU is touched."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     import distgpt.backends.cuda as cuda
     monkeypatch.setattr(cuda, "sm_count", lambda device: 132)  # the estimate's partials: an H100's SMs
     from distgpt.backends.cuda import CudaBackend
     backend = CudaBackend()
-    assert backend.takes_bias_column(64 * 1024, 768) and not backend.takes_bias_column(32 * 1024, 768)
-    assert not backend.takes_bias_column(16 * 1024, 1600)
+    assert backend.takes_bias_column(8 * 1024, 768) and backend.takes_bias_column(32 * 1024, 1024)
+    assert not backend.takes_bias_column(16 * 1024, 1600) and not backend.takes_bias_column(64 * 1024, 1280)
 
     def planned(B, C):
         return dict(backend.estimate_scratch(B, 1024, C, 12, "cuda")).get("bias-column products", 0)
-    assert planned(64, 768) == 4 * 4 * 768 * (768 + 8) and planned(32, 768) == 0
+    assert planned(64, 768) == 4 * 4 * 768 * (768 + 8) and planned(16, 1600) == 0
     backend.set_bias_column("true")
     assert backend.takes_bias_column(1, 1600) and planned(16, 1600) == 4 * 4 * 1600 * 1608
     backend.set_bias_column(False)  # Hydra may hand over a bool

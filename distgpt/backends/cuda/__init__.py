@@ -30,14 +30,14 @@ def bias_column_elements(C):
 
 # Where the fc and qkv bias gradients come from their weight-gradient products (over the
 # layernorm outputs with a column of ones beside them, layout.ONES_PAD) rather than the
-# column-sum kernels: from this many tokens of the micro-batch per channel on. What the ones save
-# grows with the tokens (the column sums' pass over a (B*T, 3C or 4C) gradient) and what they
-# cost with the width (a product ONES_PAD rows taller, whose answers cuBLASLt ranks otherwise,
-# and a pass over its (4C, C + ONES_PAD) result). Alternated on one H100 (2026-12-06, `distgpt
-# bench`, the ones against the column sums): 124M B=64 (85 tokens a channel) 107.9 / 107.6
-# against 108.4 / 109.9 ms; 350M B=32 (32) 153.7 against 153.9; 1558M B=16 (10) 317.0 / 320.9
-# against 315.8 / 312.9, where fc's weight gradient took 523 us a layer against 464.
-BIAS_COLUMN_TOKENS_PER_CHANNEL = 64
+# column-sum kernels: up to this width. The ones save the column sums' pass over a (B*T, 3C or 4C)
+# gradient; they cost a product ONES_PAD rows taller, whose answers cuBLASLt ranks otherwise, and
+# at C = 1600 the best of them ran slower. Alternated on H100s (2026-12-06, `distgpt bench
+# --bias-column true|false`): 124M (C = 768) B=64 107.9 / 107.6 / 108.3 / 108.0 / 107.7 ms
+# against 108.4 / 109.9 / 109.4 / 109.0 / 109.9, B=16 28.3 against 28.6, B=8 15.3 against 15.4;
+# 350M (C = 1024) B=32 153.7 against 153.9; 1558M (C = 1600) B=16 317.0 / 320.9 against 315.8 /
+# 312.9, where fc's weight gradient took 523 us a layer over 1608 rows against 464 over 1600.
+BIAS_COLUMN_MAX_C = 1024
 BIAS_COLUMN_MODES = ("auto", "true", "false")
 
 
@@ -77,10 +77,10 @@ class CudaBackend:
         """Whether a model of width C planned for `tokens` a micro-batch (B * T) should keep ones
         columns beside its layernorm outputs, for this backend to take the fc and qkv bias
         gradients from the weight-gradient products: as matmul_bias_column says, and under
-        "auto" from BIAS_COLUMN_TOKENS_PER_CHANNEL tokens a channel on."""
+        "auto" up to BIAS_COLUMN_MAX_C channels, whatever the tokens (the measured widths)."""
         if self.bias_column != "auto":
             return self.bias_column == "true"
-        return tokens >= BIAS_COLUMN_TOKENS_PER_CHANNEL * C
+        return C <= BIAS_COLUMN_MAX_C
 
     def set_bias_column(self, mode):
         """matmul_bias_column: auto | true | false, before the model is built (its activation
