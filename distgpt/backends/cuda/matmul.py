@@ -11,10 +11,10 @@ do in the matmul what would otherwise be separate passes over the (B, T, 4C) act
   (1558M B=16: layernorm forwards 22.1 -> 18.9 ms a step, about 1 ms of it back in the two
   products' reads of C; H100, 2026-11-23).
 The bias gradients come from our column-sum kernel (bias.cu), from inside layernorm_backward, or,
-at the narrower widths (124M, 350M), from the weight-gradient product
-itself: over the layernorm output with a column of ones beside it, the product's row C is the
-column sums (weight_grad_bias_column; layout.ONES_PAD says why the column is there, and the
-backend's takes_bias_column where it pays). cuBLASLt's BGRADB epilogue runs as a separate
+at the narrower widths (124M, 350M), from the weight-gradient product itself: over the
+layernorm output with a column of ones beside it, the product's row C is the column sums
+(weight_grad_bias_column; layout.ONES_PAD says why the column is there, and the backend's
+takes_bias_column where it pays). cuBLASLt's BGRADB epilogue runs as a separate
 reduction kernel that took 5.6 ms a step at 124M B=64 against our 4.0 (H100, 2026-11-22), and it
 cannot write fp32 beside bf16 operands; its DGELU_BGRAD (the fc bias gradient with the dGELU
 product) took 1776 us against 633 + 160 for
