@@ -135,6 +135,22 @@ def test_layernorm_forward(ops, B, T, C):
     check("ln_rstd", rstd, want_rstd)
 
 
+@pytest.mark.parametrize("B,T,C", SHAPES)
+def test_layernorm_forward_into_rows_beside_a_ones_column(ops, B, T, C):
+    """out a column slice of (B, T, C + 8), as the plan keeps the layernorm outputs the qkv and
+    fc products read (layout.ONES_PAD): bitwise what a contiguous out gets, mean and rstd too,
+    and nothing written past column C."""
+    inp, weight, bias = ln_inputs(B, T, C)
+    whole = torch.full((B, T, C + 8), 7.0, dtype=torch.bfloat16, device="cuda")
+    stats = [poisoned(B, T, dtype=torch.float32) for _ in range(4)]
+    ops["layernorm"].layernorm_forward(whole[..., :C], stats[0], stats[1], inp, weight, bias)
+    out = poisoned(B, T, C)
+    ops["layernorm"].layernorm_forward(out, stats[2], stats[3], inp, weight, bias)
+    assert torch.equal(whole[..., :C], out), "a strided out differs from a contiguous one"
+    assert torch.equal(stats[0], stats[2]) and torch.equal(stats[1], stats[3])
+    assert bool((whole[..., C:] == 7.0).all()), "layernorm_forward wrote past column C"
+
+
 @pytest.fixture(params=["rows", "cols"])
 def ln_form(ops, request):
     """Each layernorm backward test runs on both phase-1 kernels: a warp per row with the column

@@ -144,6 +144,24 @@ def test_weight_grad_bias_column_fp32_rounds_as_the_plain_product():
                 [nan(OC, C), bf16(OC)])
 
 
+@pytest.mark.parametrize("N,C,OC", SHAPES[1:])
+@pytest.mark.parametrize("form", ["bias", "gelu"])
+def test_forward_reads_rows_beside_a_ones_column(mm, N, C, OC, form):
+    """inp a column slice of (N, C + 8), the plan's layernorm outputs beside their ones column:
+    the qkv (bias) and fc (GELU) products against the reference, as from a contiguous inp; the
+    ones are never read (K = C)."""
+    inp, weight, bias = bf16(N, C), bf16(OC, C, scale=C ** -0.5), bf16(OC)
+    wide = ones_column(inp)
+    out, gelu_out = nan(N, OC), (nan(N, OC) if form == "gelu" else None)
+    mm.forward(out, wide[:, :C], weight, bias, gelu_out)
+    want, want_gelu = torch.empty(N, OC, device="cuda"), torch.empty(N, OC, device="cuda")
+    reference.matmul_forward(want, inp.float(), weight.float(), bias.float(),
+                             gelu_out=None if gelu_out is None else want_gelu)
+    assert_close(f"out ({form}, rows C + 8 apart)", out, want, 2e-3, RTOL)
+    if gelu_out is not None:
+        assert_close("gelu_out (rows C + 8 apart)", gelu_out, want_gelu, 2e-3, RTOL)
+
+
 def test_weight_grad_bias_column_refuses_what_it_cannot_do(mm):
     with pytest.raises(ValueError, match="do not fit"):
         mm.weight_grad_bias_column(bf16(64, 32), bf16(64), bf16(16, 64), bf16(16, 32))  # no room for ones
