@@ -29,6 +29,9 @@
 #   STAGE=dgelu                   benchmarks/device_run.sh gpt2_350m:32:1::2 gpt2_1558m:16:2:20   (the transposed
 #                                 dGELU form: matmul/model GPU tests, the layout probe, bench without/with it,
 #                                 model:batch:recompute:layers:rounds)
+#   STAGE=biascolumn              benchmarks/device_run.sh gpt2_774m:32:1::2 gpt2_1558m:16:2:20:2   (the bias
+#                                 gradients from the weight-gradient products: GPU tests, bias_column_probe.py,
+#                                 bench --bias-column false / true alternated, model:batch:recompute:layers:rounds)
 #   STAGE=fp8parity               benchmarks/device_run.sh        (val loss, fp8 against bf16, 124M and 350M;
 #                                 first: cp ../shared/data/shakespeare.txt benchmarks/; more runs beside:
 #                                 PARITY_ARGS="--set deterministic=true --variant current=fp8=true,fp8_scaling=current")
@@ -123,11 +126,27 @@ if [ "$STAGE" = dgelu ]; then  # the transposed dGELU form: its GPU tests, the l
     args=(bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" --recompute-layers "${layers:--1}")
     for _ in $(seq "${rounds:-1}"); do
       python3 -c "import sys, distgpt.backends.cuda.matmul as m; plan = m.Matmuls.plan
-m.Matmuls.plan = lambda self, device, transpose_elements=0: plan(self, device)
+m.Matmuls.plan = lambda self, device, transpose_elements=0, **kw: plan(self, device, **kw)
 from distgpt.cli import main; sys.exit(main(sys.argv[1:]))" "${args[@]}" 2>&1 | grep "tok/s" | sed 's/^/without: /'
       python3 -m distgpt "${args[@]}" 2>&1 | grep "tok/s" | sed 's/^/with:    /'
     done
   done 2>&1 | tee "$OUT/dgelu_bench.log"
+fi
+if [ "$STAGE" = biascolumn ]; then  # the fc and qkv bias gradients from the weight-gradient products: their GPU
+  # tests, the probe (PROBE_ARGS, e.g. --models gpt2_774m:32), then bench with the column sums and with the ones
+  # columns, alternated (ROUNDS times)
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_matmul.py tests/test_cuda_model.py \
+      tests/test_cuda_layers.py 2>&1 | tee "$OUT/biascolumn_tests.log" | tail -5
+  python3 benchmarks/bias_column_probe.py ${PROBE_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/biascolumn_probe.log"
+  for item in "$@"; do
+    IFS=: read -r model batch recompute layers rounds <<< "$item"
+    args=(bench --model "$model" --batch "$batch" --recompute "${recompute:-0}" --recompute-layers "${layers:--1}")
+    for _ in $(seq "${rounds:-1}"); do
+      for ones in false true; do
+        python3 -m distgpt "${args[@]}" --bias-column "$ones" 2>&1 | grep "tok/s" | sed "s/^/bias-column $ones: /"
+      done
+    done
+  done 2>&1 | tee "$OUT/biascolumn_bench.log"
 fi
 if [ "$STAGE" = fp8parity ]; then
   python3 benchmarks/fp8_parity.py "${TEXT:-benchmarks/shakespeare.txt}" ${PARITY_ARGS:-} 2>&1 \
