@@ -251,14 +251,17 @@ class ActivationPlan:
                  dtype, stat_dtype, device, chunk_rows=CLASSIFIER_CHUNK_ROWS, recompute_layers=-1,
                  ones_column=False):
         self.B, self.T, self.n_layer, self.C = B, T, n_layer, n_embd
-        self.ones_column = ones_column
         self.slots = activation_slots(n_layer, n_embd, n_head, padded_vocab_size, B, T, recompute,
                                       chunk_rows, recompute_layers, ones_column)
         self.offsets, sizes = pack_slots(self.slots)
         self.buffers = {False: torch.empty(sizes[False], dtype=dtype, device=device),
                         True: torch.empty(sizes[True], dtype=stat_dtype, device=device)}
-        for name, shape, stat in self.slots:  # the ones columns, once: nothing writes past C
-            if ones_column and name.split(".")[0] in ONES_COLUMN_SLOTS:
+        # the slots planned beside a ones column, and their columns past C written once: nothing
+        # writes there again
+        self.padded = {name for name, _, _ in self.slots
+                       if ones_column and name.split(".")[0] in ONES_COLUMN_SLOTS}
+        for name, shape, stat in self.slots:
+            if name in self.padded:
                 _, off = self.offsets[name]
                 padded = self.buffers[stat][off:off + _numel(shape)].view(shape)
                 padded[..., n_embd:].zero_()
@@ -278,7 +281,7 @@ class ActivationPlan:
                 shape = (b, t) + tuple(shape[2:])
             _, off = self.offsets[name]
             out[name] = self.buffers[stat][off:off + _numel(shape)].view(shape)
-            if self.ones_column and name.split(".")[0] in ONES_COLUMN_SLOTS:
+            if name in self.padded:
                 out[name] = out[name][..., :self.C]  # with_ones_column() gives the whole rows
         out.setdefault("d_4C", out.get("fch_gelu"))  # one buffer when GELU is rebuilt (activation_slots)
         return out
